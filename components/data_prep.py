@@ -1,0 +1,107 @@
+"""Data preparation step: load a dataset spec, split it, write Parquet artifacts + manifest.
+
+Pure core: :func:`prepare`. The leave-last-out split of interaction logs
+(:func:`kuberank.datasets.assign_leave_last_out`) runs in-process for small inputs or on Ray
+Data (Parquet in, Parquet out, one group per user) so the same code scales on a Ray cluster.
+Thin wrappers: the kfp component :func:`data_prep_op` and ``kuberank data prep``.
+
+Output directory (written to a temporary sibling, then renamed: never half-written)::
+
+    items.parquet            item_id, text
+    queries.parquet          query_id, text                      (search)
+    qrels.parquet            query_id, item_id, relevance, split (search)
+    interactions.parquet     user_id, item_id, timestamp, rating, query, split (recommendation)
+    manifest.json            format, name, kind, source, rows, content_hash, engine
+"""
+
+import datetime as _dt
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from kfp import dsl
+
+from kuberank import datasets, storage
+from kuberank.config import IMAGE
+from kuberank.errors import KuberankError
+
+RAY_THRESHOLD_ROWS = 2_000_000  # engine="auto" uses Ray Data above this many interactions
+ENGINES = ("auto", "local", "ray")
+
+
+def split_on_ray(interactions: pd.DataFrame, ray_address: str | None = None) -> pd.DataFrame:
+    """The leave-last-out split on Ray Data: Parquet in, one group per user, Parquet out."""
+    import ray
+
+    from kuberank.raycluster import ensure_ray
+
+    ensure_ray(ray_address)
+    with tempfile.TemporaryDirectory(prefix="kuberank-prep-") as tmp:
+        source, sink = Path(tmp) / "in", Path(tmp) / "out"
+        source.mkdir()
+        interactions.drop(columns=["split"], errors="ignore").to_parquet(source / "part-0.parquet", index=False)
+        (
+            ray.data.read_parquet(str(source))
+            .groupby("user_id")
+            .map_groups(datasets.assign_leave_last_out, batch_format="pandas")
+            .write_parquet(str(sink))
+        )
+        result = pd.read_parquet(sink)
+    result = result.sort_values(["user_id", "timestamp"], kind="mergesort")
+    # Re-apply on the whole table: same function, restores the canonical row order.
+    return datasets.assign_leave_last_out(result.drop(columns="split"))
+
+
+def prepare(spec: str, out: str, engine: str = "auto", ray_address: str | None = None) -> dict:
+    """Load ``spec``, split it and write the artifacts to ``out`` (a directory or s3:// URI).
+    Returns the manifest."""
+    if engine not in ENGINES:
+        raise KuberankError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    data = datasets.load(spec)
+    used = "local"
+    if data.kind == datasets.RECOMMENDATION and (
+        engine == "ray" or (engine == "auto" and len(data.interactions) > RAY_THRESHOLD_ROWS)
+    ):
+        data.interactions = split_on_ray(data.interactions, ray_address)
+        used = "ray"
+    local_out = Path(tempfile.mkdtemp(prefix="kuberank-out-")) / "prepared" if storage.is_s3(out) else Path(out)
+    with storage.atomic_dir(local_out) as tmp:
+        paths = []
+        for name, table in data.tables().items():
+            path = tmp / f"{name}.parquet"
+            table.to_parquet(path, index=False)
+            paths.append(path)
+        manifest = {
+            "format": datasets.MANIFEST_FORMAT,
+            "version": 1,
+            "name": data.name,
+            "kind": data.kind,
+            "spec": spec,
+            "source": data.source,
+            "rows": {name: len(table) for name, table in data.tables().items()},
+            "splits": _split_counts(data),
+            "content_hash": storage.sha256_files(paths),
+            "engine": used,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        storage.write_json(tmp / "manifest.json", manifest)
+    if storage.is_s3(out):
+        storage.publish(local_out, out)
+    return manifest
+
+
+def _split_counts(data: datasets.Dataset) -> dict[str, int]:
+    if data.kind == datasets.SEARCH:
+        return data.qrels.groupby("split")["query_id"].nunique().astype(int).to_dict()
+    return data.interactions["split"].value_counts().astype(int).to_dict()
+
+
+@dsl.component(base_image=IMAGE)
+def data_prep_op(dataset_spec: str, prepared: dsl.Output[dsl.Dataset], engine: str = "auto"):
+    """kfp wrapper around :func:`prepare`; the manifest's counts become artifact metadata."""
+    from kuberank.components.data_prep import prepare
+
+    manifest = prepare(dataset_spec, prepared.path, engine=engine)
+    prepared.metadata.update(
+        {"kind": manifest["kind"], "rows": manifest["rows"], "content_hash": manifest["content_hash"]}
+    )

