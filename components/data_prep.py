@@ -22,7 +22,7 @@ import pandas as pd
 from kfp import dsl
 
 from kuberank import datasets, storage
-from kuberank.config import IMAGE
+from kuberank.kfp_component import step_component
 from kuberank.errors import KuberankError
 
 RAY_THRESHOLD_ROWS = 2_000_000  # engine="auto" uses Ray Data above this many interactions
@@ -96,7 +96,7 @@ def _split_counts(data: datasets.Dataset) -> dict[str, int]:
     return data.interactions["split"].value_counts().astype(int).to_dict()
 
 
-@dsl.component(base_image=IMAGE)
+@step_component()
 def data_prep_op(dataset_spec: str, prepared: dsl.Output[dsl.Dataset], engine: str = "auto"):
     """kfp wrapper around :func:`prepare`; the manifest's counts become artifact metadata."""
     from kuberank.components.data_prep import prepare

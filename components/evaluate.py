@@ -17,7 +17,7 @@ import numpy as np
 from kfp import dsl
 
 from kuberank import datasets, metrics
-from kuberank.config import IMAGE
+from kuberank.kfp_component import step_component
 from kuberank.errors import KuberankError
 from kuberank.progress import bar
 
@@ -167,7 +167,7 @@ def evaluate(dataset: datasets.Dataset | str, model: str | Ranker, split: str = 
     return result
 
 
-@dsl.component(base_image=IMAGE)
+@step_component()
 def evaluate_op(dataset: dsl.Input[dsl.Dataset], model: str, split: str, scores: dsl.Output[dsl.Metrics]):
     """kfp wrapper: evaluate ``model`` on a prepared dataset; metrics are logged to the UI."""
     from kuberank.components.evaluate import evaluate

@@ -1,0 +1,156 @@
+"""Dataset loaders, split rules and their errors."""
+
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kuberank import datasets
+from kuberank.errors import DataError, KuberankError
+from tests.fixtures import QRELS, interaction_rows, write_beir, write_jsonl
+
+
+def test_movielens_100k_leave_last_out():
+    data = datasets.load("movielens-100k")
+    assert data.kind == datasets.RECOMMENDATION
+    assert len(data.items) == 1682 and len(data.interactions) == 100_000
+    counts = data.interactions["split"].value_counts()
+    assert counts["test"] == counts["validation"] == 943
+    assert data.items.loc[0, "text"] == "Toy Story (1995). Genres: Animation, Children's, Comedy"
+    # The test item is each user's latest interaction (ties broken by numeric item id).
+    user = data.interactions[data.interactions["user_id"] == "1"]
+    last = user.assign(k=user["item_id"].astype(int)).sort_values(["timestamp", "k"]).iloc[-1]
+    assert user[user["split"] == "test"]["item_id"].item() == last["item_id"]
+
+
+def test_eval_task_excludes_seen_items_and_keeps_history_order():
+    data = datasets.load("movielens-100k")
+    task = datasets.eval_task(data, "test")
+    assert len(task) == 943
+    row = task.query_ids.index("1")
+    inter = data.interactions[data.interactions["user_id"] == "1"]
+    known = inter[inter["split"] != "test"]["item_id"].tolist()
+    index_of = {iid: i for i, iid in enumerate(data.item_ids)}
+    assert task.histories[row].tolist() == [index_of[i] for i in known]  # train + validation
+    assert set(task.exclude[row].tolist()) == {index_of[i] for i in known}
+    target = next(iter(task.qrels["1"]))
+    assert index_of[target] not in set(task.exclude[row].tolist())
+    valid = datasets.eval_task(data, "validation")
+    assert len(valid.histories[row]) == len(task.histories[row]) - 1
+
+
+def test_beir_without_train_qrels_splits_by_stable_hash(tmp_path):
+    data = datasets.load(f"beir:{write_beir(tmp_path / 'c')}")
+    assert data.kind == datasets.SEARCH and len(data.items) == 6
+    assert data.items.set_index("item_id").loc["d1", "text"].startswith("Neural ranking Transformers")
+    for qid, split in zip(data.qrels["query_id"], data.qrels["split"]):
+        assert split == datasets.hash_split(qid)
+    train, test = datasets.eval_task(data, "train"), datasets.eval_task(data, "test")
+    assert set(train.query_ids).isdisjoint(test.query_ids)
+    assert sorted(train.query_ids + test.query_ids) == sorted(datasets.eval_task(data, "all").query_ids)
+    assert datasets.hash_split("1") == datasets.hash_split("1")
+
+
+def test_hash_split_is_roughly_half():
+    shares = [datasets.hash_split(str(i)) == "train" for i in range(2000)]
+    assert 0.45 < np.mean(shares) < 0.55
+
+
+def test_beir_train_qrels_take_precedence(tmp_path):
+    root = write_beir(tmp_path / "c", {"train": {"q1": "d1", "q2": "d2"}, "test": {"q3": "d3"}})
+    data = datasets.load(f"beir:{root}")
+    assert datasets.eval_task(data, "train").query_ids == ["q1", "q2"]
+    assert datasets.eval_task(data, "test").query_ids == ["q3"]
+    assert len(datasets.eval_task(data, "all")) == 3
+
+
+@pytest.mark.parametrize(
+    "breakage, file, line, problem",
+    [
+        (lambda r: (r / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": \n'), "corpus.jsonl", 2, "malformed JSON"),
+        (lambda r: (r / "corpus.jsonl").write_text(""), "corpus.jsonl", None, "empty corpus"),
+        (lambda r: (r / "queries.jsonl").unlink(), "queries.jsonl", None, "file not found"),
+        (lambda r: write_jsonl(r / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}]), "corpus.jsonl", 2, "duplicate id 'd1'"),
+        (lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tnope\t1\n"), "test.tsv", 2, "corpus-id 'nope' is not in corpus.jsonl"),
+        (lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n"), "test.tsv", 2, "expected 3 tab-separated fields"),
+    ],
+)
+def test_beir_bad_input_names_file_line_and_problem(tmp_path, breakage, file, line, problem):
+    root = write_beir(tmp_path / "c")
+    breakage(root)
+    with pytest.raises(DataError) as err:
+        datasets.load(f"beir:{root}")
+    assert err.value.path.endswith(file)
+    assert err.value.line == line
+    assert problem in str(err.value)
+
+
+def _write_interactions(path, rows):
+    if path.name.endswith(".jsonl.gz"):
+        with gzip.open(path, "wt") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    elif path.name.endswith(".csv"):
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.name.endswith(".parquet"):
+        pd.DataFrame(rows).to_parquet(path, index=False)
+    else:
+        write_jsonl(path, rows)
+    return path
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "log.jsonl.gz", "log.csv", "log.parquet"])
+def test_interaction_formats_load_identically(tmp_path, name):
+    rows = interaction_rows()
+    data = datasets.load(f"interactions:{_write_interactions(tmp_path / name, rows)}")
+    reference = datasets.load(f"interactions:{_write_interactions(tmp_path / 'ref.jsonl', rows)}")
+    pd.testing.assert_frame_equal(data.interactions, reference.interactions, check_dtype=False)
+    assert data.items.set_index("item_id").loc["3", "text"] == "item number 3"
+    user0 = data.interactions[data.interactions["user_id"] == "u0"]
+    assert user0["split"].tolist() == ["train", "train", "train", "validation", "test"]
+
+
+def test_interactions_with_iso_timestamps_and_short_histories(tmp_path):
+    rows = [
+        {"user_id": "a", "item_id": "x", "timestamp": "2024-01-02T00:00:00Z"},
+        {"user_id": "a", "item_id": "y", "timestamp": "2024-01-01T00:00:00Z"},
+        {"user_id": "b", "item_id": "x", "timestamp": "2024-01-01T00:00:00Z"},
+        {"user_id": "b", "item_id": "y", "timestamp": "2024-01-03T00:00:00Z"},
+        {"user_id": "b", "item_id": "z", "timestamp": "2024-01-02T00:00:00Z"},
+    ]
+    data = datasets.load(f"interactions:{write_jsonl(tmp_path / 'l.jsonl', rows)}")
+    by_user = data.interactions.groupby("user_id")["split"].apply(list).to_dict()
+    assert by_user["a"] == ["train", "train"]  # fewer than three: training only
+    b = data.interactions[data.interactions["user_id"] == "b"]
+    assert b["item_id"].tolist() == ["x", "z", "y"] and b["split"].tolist() == ["train", "validation", "test"]
+
+
+@pytest.mark.parametrize(
+    "rows, line, problem",
+    [
+        ([{"user_id": "a", "item_id": "x"}], None, "missing column(s) timestamp"),
+        ([{"user_id": "a", "item_id": "x", "timestamp": 1}, {"user_id": "a", "item_id": "y", "timestamp": "soon"}], 2, "timestamp 'soon'"),
+        ([{"user_id": "a", "item_id": "x", "timestamp": 1}, {"user_id": "", "item_id": "y", "timestamp": 2}], 2, "empty user_id"),
+    ],
+)
+def test_interactions_bad_input(tmp_path, rows, line, problem):
+    with pytest.raises(DataError) as err:
+        datasets.load(f"interactions:{write_jsonl(tmp_path / 'l.jsonl', rows)}")
+    assert err.value.line == line and problem in str(err.value)
+
+
+def test_malformed_interaction_line_is_named(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text('{"user_id": "a", "item_id": "x", "timestamp": 1}\n\n{"user_id": oops}\n')
+    with pytest.raises(DataError, match=r"l.jsonl:3: malformed JSON"):
+        datasets.load(f"interactions:{path}")
+
+
+def test_unknown_spec_and_split_are_clear_errors(tmp_path):
+    with pytest.raises(KuberankError, match="unknown dataset spec 'nope'"):
+        datasets.load("nope")
+    data = datasets.load(f"beir:{write_beir(tmp_path / 'c')}")
+    with pytest.raises(KuberankError, match="split 'validation' does not exist"):
+        datasets.eval_task(data, "validation")
+    assert set(QRELS) == set(datasets.eval_task(data, "all").query_ids)
