@@ -180,3 +180,13 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* PromQL label matchers selecting this release's app metrics (the ServiceMonitor adds
+namespace, service and track labels to every scraped series). */}}
+{{- define "kuberank.metricsSelector" -}}
+{{- printf "namespace=\"%s\",service=\"%s-serve-metrics\"" .Release.Namespace (include "kuberank.fullname" .) -}}
+{{- end -}}
+
+{{- define "kuberank.tritonMetricsSelector" -}}
+{{- printf "namespace=\"%s\",service=~\"%s(-canary)?-triton\"" .Release.Namespace (include "kuberank.fullname" .) -}}
+{{- end -}}
