@@ -107,6 +107,59 @@ class EncoderRanker(Ranker):
         return self.query_vecs[rows] @ self.item_vecs.T
 
 
+class ModelRanker(Ranker):
+    """A fine-tuned kuberank model: the towers embed queries and items, F scores them
+    (for search F reduces to Q·I; for recommendation the behaviour and collaborative terms
+    use the user's history and id)."""
+
+    def __init__(self, path: str):
+        from kuberank.encoder import TextEncoder
+        from kuberank.model import item_tower_path, load_scorer, read_info
+
+        self.path = path
+        self.name = Path(path).name
+        self.info = read_info(path)
+        self.scorer = load_scorer(path, self.info)
+        self.query_encoder = TextEncoder(path)
+        separate = item_tower_path(path)
+        self.item_encoder = TextEncoder(str(separate)) if separate != Path(path) else self.query_encoder
+
+    def prepare(self, task):
+        import torch
+
+        data = task.dataset
+        self.item_text = torch.from_numpy(self.item_encoder.encode(data.item_texts, desc="encode items"))
+        model_items = {iid: i for i, iid in enumerate(self.info.item_ids)}
+        unknown = self.info.scorer.n_items
+        self.item_index = torch.tensor([model_items.get(i, unknown) for i in data.item_ids], dtype=torch.long)
+        model_users = {u: i for i, u in enumerate(self.info.user_ids)}
+        self.user_index = [model_users.get(u, self.info.scorer.n_users) for u in task.users]
+        with_text = [i for i, t in enumerate(task.texts) if t]
+        self.query_vecs = torch.zeros(len(task), self.item_text.shape[1])
+        if with_text:
+            encoded = self.query_encoder.encode([task.texts[i] for i in with_text], desc="encode queries")
+            self.query_vecs[with_text] = torch.from_numpy(encoded)
+        self.has_text = np.array([t is not None for t in task.texts])
+
+    def scores(self, task, rows):
+        import torch
+
+        from kuberank.model import pad_histories
+
+        if self.info.kind == datasets.SEARCH:
+            return (self.query_vecs[rows] @ self.item_text.T).numpy()
+        hist = torch.from_numpy(pad_histories([task.histories[r] for r in rows], self.info.scorer.max_history))
+        # History positions index the dataset's items; map them to the model's id rows.
+        hist_model = torch.where(hist >= 0, self.item_index[hist.clamp(min=0)], torch.full_like(hist, -1))
+        query = self.query_vecs[rows] if self.has_text[rows].all() else None
+        with torch.no_grad():
+            return self.scorer(
+                self.item_text, self.item_index, query=query, history=hist_model,
+                history_text=self.item_text[hist.clamp(min=0)],
+                users=torch.tensor([self.user_index[r] for r in rows], dtype=torch.long),
+            ).numpy()
+
+
 def load_ranker(model: str) -> Ranker:
     """``bm25``, ``popularity``, ``zero-shot`` or a model directory."""
     if model == "bm25":
@@ -117,7 +170,9 @@ def load_ranker(model: str) -> Ranker:
         return EncoderRanker()
     path = Path(model)
     if path.exists():
-        return EncoderRanker(str(path), name=path.name)
+        from kuberank.model import is_kuberank_model
+
+        return ModelRanker(str(path)) if is_kuberank_model(path) else EncoderRanker(str(path), name=path.name)
     raise KuberankError(f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory")
 
 

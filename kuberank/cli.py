@@ -37,6 +37,27 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from kuberank.components.finetune import TrainConfig, train
+    from kuberank.model import read_info
+
+    config = TrainConfig(
+        dataset=args.dataset, out=args.out, workers=args.workers, epochs=args.epochs,
+        max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr, towers=args.towers,
+        lora=args.lora, hard_negatives=args.hard_negatives, warm_start=args.warm_start,
+        replay_fraction=args.replay_fraction, storage=args.storage, ray_address=args.ray_address,
+        grad_accumulation=args.grad_accumulation, seed=args.seed,
+    )
+    out = train(config)
+    info = read_info(out)
+    summary = {"model": str(out), "kind": info.kind, "fingerprint": info.fingerprint,
+               "trainable_parameters": info.training["trainable_parameters"],
+               "total_parameters": info.training["total_parameters"],
+               "epochs_run": info.training["epochs_run"], **info.metrics}
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from kuberank.demo import run_demo
 
@@ -84,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train | validation | test | all (default: test)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)
+
+    tr = sub.add_parser(
+        "train", help="fine-tune the two-tower ranker on Ray Train",
+        description="Distributed fine-tuning (DDP on Ray Train) on the dataset's train split; "
+                    "writes a model directory (safetensors, tokenizer, config, kuberank.json).",
+    )
+    tr.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
+    tr.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    tr.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    tr.add_argument("--epochs", type=int, help="epochs (default: 1 for search, 12 for recommendation)")
+    tr.add_argument("--max-minutes", type=float, metavar="M", help="stop after the epoch that crosses M minutes")
+    tr.add_argument("--batch-size", type=int, help="per-worker batch size")
+    tr.add_argument("--lr", type=float, help="learning rate")
+    tr.add_argument("--towers", default="shared", choices=["shared", "separate"], help="query/item tower weights")
+    tr.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    tr.add_argument("--hard-negatives", action="store_true", help="add one BM25 hard negative per pair (search)")
+    tr.add_argument("--warm-start", metavar="DIR", help="continue from a previous model directory")
+    tr.add_argument("--replay-fraction", type=float, default=0.2, help="share of the previous data replayed")
+    tr.add_argument("--storage", metavar="URI", help="checkpoint storage (default: <out>.checkpoints)")
+    tr.add_argument("--ray-address", metavar="ADDR", help="Ray cluster (default: local on 127.0.0.1)")
+    tr.add_argument("--grad-accumulation", type=int, default=1, help="gradient accumulation steps")
+    tr.add_argument("--seed", type=int, default=0, help="random seed")
+    tr.add_argument("--json", action="store_true", help="one-line JSON summary")
+    tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="run the embedded demo on MovieLens-100K",
                           description="Prepare MovieLens-100K, evaluate, write runs/<timestamp>/report.md.")

@@ -79,3 +79,25 @@ class TextEncoder:
                 pooled = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
                 out[idx] = pooled.float().numpy()
         return out
+
+
+FINGERPRINT_FILES = ("model.safetensors", "tokenizer.json", "vocab.txt", "config.json")
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of an encoder: sha256 over its weights, tokenizer and config (and those of a
+    separate item tower). An index records the fingerprint of the model that embedded its
+    items; serving refuses an index whose fingerprint differs from its encoder's."""
+    import hashlib
+
+    root = Path(path)
+    digest = hashlib.sha256()
+    for tower in (root, root / "item_tower"):
+        for name in FINGERPRINT_FILES:
+            file = tower / name
+            if file.is_file():
+                digest.update(f"{tower.name}/{name}".encode())
+                with open(file, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+    return digest.hexdigest()[:32]
