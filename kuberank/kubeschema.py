@@ -253,10 +253,32 @@ def _pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def validate_serve_config(text: str) -> dict[str, Any]:
     """Parse serveConfigV2 and validate it with Ray Serve's own schema (ServeDeploySchema)."""
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
     config = yaml.safe_load(text)
     ServeDeploySchema.model_validate(config)
+    # Ray accepts unknown keys for forward compatibility (and ignores them); a typo there would
+    # silently drop a setting, so keys the installed Ray does not know are errors here.
+    def known(model: Any) -> set[str]:
+        return {k for name, f in model.model_fields.items() for k in (name, f.alias) if k}
+
+    def check(where: str, mapping: dict[str, Any], model: Any) -> None:
+        unknown = sorted(set(mapping) - known(model))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown} (not in Ray Serve's {model.__name__})")
+
+    check("<root>", config, ServeDeploySchema)
+    for i, app in enumerate(config.get("applications", [])):
+        check(f"applications[{i}]", app, ServeApplicationSchema)
+        for j, dep in enumerate(app.get("deployments", [])):
+            where = f"applications[{i}].deployments[{j}]({dep.get('name')})"
+            check(where, dep, DeploymentSchema)
+            if isinstance(dep.get("autoscaling_config"), dict):
+                auto = dep["autoscaling_config"]
+                check(f"{where}.autoscaling_config", auto, AutoscalingConfig)
+                if auto.get("min_replicas", 0) > auto.get("max_replicas", float("inf")):
+                    raise ValueError(f"{where}.autoscaling_config: min_replicas > max_replicas")
     return config
 
 
