@@ -1,0 +1,591 @@
+"""charts/kuberank: helm lint --strict and render with the real Helm library for every ci/ values
+file, strict schema validation of every object, policy checks, and the monitoring rules through
+Prometheus' own promtool. No Kubernetes API server is involved anywhere."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import helm_python
+import pytest
+import yaml
+
+from kuberank import kubechart, kubeschema
+from tests.conftest import require_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kuberank"
+CI_FILES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+VARIANTS = ["defaults", *CI_FILES]
+KUBE_VERSION = "v" + kubeschema.KUBERNETES_VERSION
+GPU = "nvidia.com/gpu"
+
+
+def values_for(variant: str) -> dict:
+    if variant == "defaults":
+        return {}
+    return kubechart.load_values_files(CHART / "ci" / variant)
+
+
+@functools.cache
+def _rendered(variant: str, overrides: str = "{}") -> tuple:
+    values = values_for(variant)
+    kubechart._deep_merge(values, json.loads(overrides))
+    return tuple(json.dumps(o) for o in kubechart.render(CHART, values))
+
+
+def render(variant: str = "defaults", **overrides) -> list[dict]:
+    return [json.loads(o) for o in _rendered(variant, json.dumps(overrides, sort_keys=True))]
+
+
+def by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {[o['metadata']['name'] for o in by_kind(objs, kind)]}"
+    return found[0]
+
+
+def test_ci_values_files_exist():
+    assert CI_FILES == ["canary-values.yaml", "cpu-dev-values.yaml", "gpu-prod-values.yaml"]
+
+
+# --- lint and render --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_helm_lint_strict(variant):
+    report = helm_python.lint(str(CHART), values_for(variant), strict=True, kube_version=KUBE_VERSION)
+    assert report["errors"] == []
+    # severity 2 = warning, 3 = error; info (1) is only "icon is recommended"
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_render_validates_strictly(variant):
+    objs = render(variant)
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "RayService", "HTTPRoute", "ServiceMonitor", "PrometheusRule",
+            "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding",
+            "ConfigMap"} <= kinds
+    for obj in objs:
+        kubeschema.validate(obj)  # core kinds: kubernetes-validate strict; CRs: own schemas
+
+
+def test_validation_catches_broken_objects():
+    """The validators are not vacuous: a misspelt field fails with the field named."""
+    objs = render()
+    deploy = copy.deepcopy(by_kind(objs, "Deployment")[0])
+    deploy["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubeschema.ManifestError, match="resource"):
+        kubeschema.validate(deploy)
+    route = copy.deepcopy(by_kind(objs, "HTTPRoute")[0])
+    route["spec"]["rules"][0]["backendRefs"][0]["weigth"] = 5
+    with pytest.raises(kubeschema.ManifestError, match="weigth"):
+        kubeschema.validate(route)
+    rs = copy.deepcopy(by_kind(objs, "RayService")[0])
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "x"
+    with pytest.raises(kubeschema.ManifestError, match="workerGroupSpecs\\[0\\].template.*imagePullPolcy"):
+        kubeschema.validate(rs)
+    rs = copy.deepcopy(by_kind(objs, "RayService")[0])
+    rs["spec"]["serveConfigV2"] = rs["spec"]["serveConfigV2"].replace("max_ongoing_requests", "max_ongoing_request")
+    with pytest.raises(kubeschema.ManifestError, match="max_ongoing_request"):
+        kubeschema.validate(rs)
+    sm = copy.deepcopy(by_kind(objs, "ServiceMonitor")[0])
+    sm["spec"]["endpoints"][0]["relabelings"][0]["action"] = "rename"
+    with pytest.raises(kubeschema.ManifestError, match="relabelings"):
+        kubeschema.validate(sm)
+    rule = copy.deepcopy(by_kind(objs, "PrometheusRule")[0])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    with pytest.raises(kubeschema.ManifestError, match="for"):
+        kubeschema.validate(rule)
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"canary": {"weight": 120}}, "/canary/weight"),
+        ({"triton": {"containerSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
+        ({"serve": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
+        ({"tritn": {}}, "tritn"),
+        ({"modelStore": {"s3": {"secretAccessKey": "hunter2"}}}, "secretAccessKey"),
+        ({"modelStore": {"uri": "/local/dir"}}, "/modelStore/uri"),
+        ({"modelStore": {"s3": {"endpoint": "http://minio"}}}, "endpoint"),
+        ({"serve": {"importPath": "no-colon"}}, "importPath"),
+    ],
+)
+def test_values_schema_rejects_with_field_named(values, field):
+    chart = helm_python.Chart.load(str(CHART))
+    with pytest.raises(helm_python.HelmError, match=re.escape(field)):
+        chart.render(values, name="kuberank", namespace="kuberank")
+
+
+def test_pvc_mode_requires_claim_name():
+    chart = helm_python.Chart.load(str(CHART))
+    with pytest.raises(helm_python.HelmError, match="modelStore.pvc.claimName is required"):
+        chart.render({"modelStore": {"pvc": {"enabled": True}}}, name="kuberank", namespace="kuberank")
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+
+def _containers(pod_spec: dict) -> list[dict]:
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_policy_non_root_read_only_drop_all_seccomp(variant):
+    pods = [p for o in render(variant) for p in kubeschema.pod_specs(o)]
+    assert len(pods) >= 3
+    for where, spec in pods:
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, where
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        for c in _containers(spec):
+            sc = c.get("securityContext", {})
+            tag = f"{where} container {c['name']}"
+            assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, tag
+            assert sc.get("readOnlyRootFilesystem") is True, tag
+            assert sc.get("allowPrivilegeEscalation") is False, tag
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], tag
+            assert sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") == "RuntimeDefault", tag
+            assert "privileged" not in sc or sc["privileged"] is False, tag
+            # a read-only root needs a writable /tmp
+            assert any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), tag
+    for rs in by_kind(render(variant), "RayService"):
+        auto = rs["spec"]["rayClusterConfig"].get("autoscalerOptions")
+        if rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]:
+            assert auto["securityContext"]["readOnlyRootFilesystem"] is True
+            assert auto["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            assert auto["resources"]["limits"]["cpu"] and auto["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_policy_limits_set(variant):
+    for obj in render(variant):
+        for where, spec in kubeschema.pod_specs(obj):
+            for c in _containers(spec):
+                limits = c.get("resources", {}).get("limits", {})
+                assert limits.get("cpu") and limits.get("memory"), f"{where} {c['name']} has no cpu/memory limit"
+                requests = c.get("resources", {}).get("requests", {})
+                assert requests.get("cpu") and requests.get("memory"), f"{where} {c['name']} has no requests"
+
+
+def _gpu_users(objs: list[dict]) -> list[str]:
+    users = []
+    for obj in objs:
+        for where, spec in kubeschema.pod_specs(obj):
+            for c in _containers(spec):
+                res = c.get("resources", {})
+                if GPU in res.get("limits", {}) or GPU in res.get("requests", {}):
+                    users.append(f"{where}:{c['name']}")
+    return users
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_policy_gpus_only_on_triton(variant):
+    objs = render(variant)
+    gpu_enabled = values_for(variant).get("triton", {}).get("gpu", {}).get("enabled", True)
+    tritons = [d for d in by_kind(objs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"]
+    expected = sorted(f"Deployment/{d['metadata']['name']}:triton" for d in tritons) if gpu_enabled else []
+    assert sorted(_gpu_users(objs)) == expected
+    for d in tritons:
+        spec = d["spec"]["template"]["spec"]
+        args = spec["containers"][0]["args"]
+        if gpu_enabled:
+            assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            assert "--allow-gpu-metrics=true" in args
+        else:
+            assert "nodeSelector" not in spec and "tolerations" not in spec
+            assert "--allow-gpu-metrics=false" in args
+    # Ray Serve replicas never ask Ray for GPUs either.
+    for rs in by_kind(objs, "RayService"):
+        config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+        for dep in config["applications"][0]["deployments"]:
+            assert not dep.get("ray_actor_options", {}).get("num_gpus"), dep["name"]
+
+
+def test_gpu_products_become_required_node_affinity():
+    objs = render("gpu-prod-values.yaml")
+    spec = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In",
+                                         "values": ["NVIDIA-L4", "NVIDIA-A10G"]}]
+    assert spec["containers"][0]["resources"]["limits"][GPU] == "1"
+
+
+_CREDENTIAL_KEY = re.compile(r"(?i)(password|passwd|secret|token|credential|apikey|accesskey|privatekey)")
+_CREDENTIAL_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}|-----BEGIN|ghp_[0-9A-Za-z]{20,}|xox[bp]-")
+
+
+def _walk(node, path=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+@pytest.mark.parametrize("variant", ["values.yaml", *CI_FILES])
+def test_policy_no_secret_values_in_values_files(variant):
+    path = CHART / variant if variant == "values.yaml" else CHART / "ci" / variant
+    for key_path, value in _walk(yaml.safe_load(path.read_text())):
+        leaf = key_path.rsplit(".", 1)[-1]
+        if _CREDENTIAL_KEY.search(leaf):
+            # only references: the name of an existing Secret, or the name of a key inside it
+            assert leaf == "existingSecret" or leaf.endswith("Key"), f"{variant}: {key_path} looks like a credential"
+        assert not (isinstance(value, str) and _CREDENTIAL_VALUE.search(value)), f"{variant}: {key_path}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_policy_credentials_only_through_secret_refs(variant):
+    objs = render(variant)
+    assert by_kind(objs, "Secret") == []
+    for obj in objs:
+        for where, spec in kubeschema.pod_specs(obj):
+            for c in _containers(spec):
+                for env in c.get("env", []):
+                    if _CREDENTIAL_KEY.search(env["name"].replace("_", "")):
+                        assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{where} {env['name']}"
+
+
+def test_existing_secret_feeds_aws_credentials():
+    objs = render("cpu-dev-values.yaml")
+    env = {e["name"]: e for e in one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "kuberank-minio-credentials", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "kuberank-minio-credentials"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc.cluster.local:9000"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_policy_minimal_rbac(variant):
+    objs = render(variant)
+    assert by_kind(objs, "ClusterRole") == [] and by_kind(objs, "ClusterRoleBinding") == []
+    for role in by_kind(objs, "Role"):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+            assert "secrets" not in rule["resources"]
+            assert not {"create", "delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
+    sas = {sa["metadata"]["name"]: sa for sa in by_kind(objs, "ServiceAccount")}
+    assert all(sa["automountServiceAccountToken"] is False for sa in sas.values())
+    for obj in objs:
+        for where, spec in kubeschema.pod_specs(obj):
+            assert spec["serviceAccountName"] in sas, where
+            mounts_token = spec.get("automountServiceAccountToken", True)
+            # only the Ray head (its autoscaler sidecar talks to the API server) gets a token
+            assert mounts_token is False or "headGroupSpec" in where, where
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_policies_default_deny_and_allowed_flows(variant):
+    objs = render(variant)
+    policies = {p["metadata"]["name"]: p for p in by_kind(objs, "NetworkPolicy")}
+    deny = policies["kuberank-default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
+    pod_labels = []
+    for obj in objs:
+        if obj["kind"] == "Deployment":
+            pod_labels.append(obj["spec"]["template"]["metadata"]["labels"])
+        if obj["kind"] == "RayService":
+            cluster = obj["spec"]["rayClusterConfig"]
+            pod_labels.append(cluster["headGroupSpec"]["template"]["metadata"]["labels"])
+            pod_labels += [g["template"]["metadata"]["labels"] for g in cluster["workerGroupSpecs"]]
+    for labels in pod_labels:  # every pod is under the default deny
+        assert _selects(deny["podSelector"]["matchLabels"], labels)
+    serve = policies["kuberank-serve"]["spec"]
+    gateway_rule = serve["ingress"][0]
+    assert gateway_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway-system"}
+    assert gateway_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    triton = policies["kuberank-triton"]["spec"]
+    sources = [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+               for r in triton["ingress"] for f in r["from"] if "podSelector" in f]
+    assert sources == ["serve"]  # only Ray Serve reaches Triton's inference ports
+    assert {p["port"] for p in triton["ingress"][0]["ports"]} == {8000, 8001}
+    assert triton["ingress"][1]["ports"] == [{"port": 8002, "protocol": "TCP"}]  # prometheus: metrics only
+    serve_egress_to_triton = [r for r in serve["egress"] if any(
+        f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "triton" for f in r.get("to", []))]
+    assert len(serve_egress_to_triton) == 1
+
+
+# --- wiring between the objects ----------------------------------------------------------------
+
+
+def _serve_config(rs: dict) -> dict:
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_services_select_their_pods(variant):
+    objs = render(variant)
+    for svc in by_kind(objs, "Service"):
+        sel = svc["spec"]["selector"]
+        matched = [d for d in by_kind(objs, "Deployment") if _selects(sel, d["spec"]["template"]["metadata"]["labels"])]
+        matched += [rs for rs in by_kind(objs, "RayService")
+                    if _selects(sel, rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"])]
+        assert matched, f"Service {svc['metadata']['name']} selects no pods"
+        for d in by_kind(objs, "Deployment"):
+            if d in matched:
+                names = {p["name"] for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]}
+                assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names
+    for pdb in by_kind(objs, "PodDisruptionBudget"):
+        assert pdb["spec"]["selector"]["matchLabels"]["kuberank.io/track"] in ("stable", "canary")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serve_config_contract(variant):
+    objs = render(variant)
+    tritons = {s["metadata"]["labels"]["kuberank.io/track"]: s for s in by_kind(objs, "Service")
+               if s["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"}
+    for rs in by_kind(objs, "RayService"):
+        track = rs["metadata"]["labels"]["kuberank.io/track"]
+        config = kubeschema.validate_serve_config(rs["spec"]["serveConfigV2"])
+        (app,) = config["applications"]
+        assert app["import_path"] == "kuberank.serving.app:build_app"
+        assert {d["name"] for d in app["deployments"]} == {"Ingress", "QueryEncoder", "Retriever", "Ranker"}
+        for d in app["deployments"]:
+            assert d["autoscaling_config"]["min_replicas"] >= 1 and "num_replicas" not in d
+        assert config["http_options"]["port"] == 8000
+        svc = tritons[track]
+        grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        assert app["args"]["triton_url"] == f"{svc['metadata']['name']}.kuberank.svc.cluster.local:{grpc}"
+        cluster = rs["spec"]["rayClusterConfig"]
+        assert cluster["enableInTreeAutoscaling"] is True
+        images = {c["image"] for t in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in t["template"]["spec"]["containers"]}
+        assert images == {"ghcr.io/kuberank/kuberank:0.1.0"}
+
+
+def test_triton_deployment_contract():
+    objs = render()
+    triton = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
+    c = triton["containers"][0]
+    assert c["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert "--model-repository=s3://kuberank-models/prod/triton" in c["args"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    shm = next(v for v in triton["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert one(objs, "Deployment", "kuberank-triton")["spec"]["replicas"] == 1
+
+
+def test_triton_s3_endpoint_and_pvc_model_repository():
+    c = one(render("cpu-dev-values.yaml"), "Deployment", "kuberank-triton")["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=s3://http://minio.minio.svc.cluster.local:9000/kuberank-dev/models/triton" in c["args"]
+    objs = render(modelStore={"pvc": {"enabled": True, "claimName": "models", "subPath": "v3"}})
+    spec = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
+    assert "--model-repository=/models/triton" in spec["containers"][0]["args"]
+    assert {"name": "model-store", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec["volumes"]
+    assert {"name": "model-store", "mountPath": "/models", "readOnly": True, "subPath": "v3"} in spec["containers"][0]["volumeMounts"]
+    assert not any(e["name"].startswith("AWS_") for e in spec["containers"][0]["env"])
+    rs = by_kind(objs, "RayService")[0]
+    assert _serve_config(rs)["applications"][0]["args"]["model_store"] == "/models"
+
+
+def test_hpa_on_triton_queue_time():
+    objs = render("gpu-prod-values.yaml")
+    hpa = one(objs, "HorizontalPodAutoscaler", "kuberank-triton")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "kuberank-triton"}
+    metric = hpa["spec"]["metrics"][0]["pods"]
+    assert metric["metric"]["name"] == "triton_queue_time_us_per_request"
+    assert metric["target"] == {"type": "AverageValue", "averageValue": "10000"}
+    assert "replicas" not in one(objs, "Deployment", "kuberank-triton")["spec"]  # the HPA owns it
+    assert by_kind(render(), "HorizontalPodAutoscaler") == []
+
+
+# --- gateway route and canary track ------------------------------------------------------------
+
+
+def test_route_without_canary_sends_everything_to_stable():
+    objs = render()
+    route = one(objs, "HTTPRoute", "kuberank")
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"name": "kuberank-serve-svc", "port": 8000, "weight": 100}]
+    assert [m["path"]["value"] for m in rule["matches"]] == ["/search", "/recommend"]  # no /metrics outside
+    assert route["metadata"]["annotations"]["kuberank.io/stable-backend"] == "kuberank-serve-svc"
+    assert "kuberank.io/canary-backend" not in route["metadata"]["annotations"]
+    assert len(by_kind(objs, "RayService")) == 1
+
+
+def test_canary_track_and_weighted_route():
+    objs = render("canary-values.yaml")
+    route = one(objs, "HTTPRoute", "kuberank")
+    refs = route["spec"]["rules"][0]["backendRefs"]
+    assert refs == [{"name": "kuberank-serve-svc", "port": 8000, "weight": 90},
+                    {"name": "kuberank-canary-serve-svc", "port": 8000, "weight": 10}]
+    ann = route["metadata"]["annotations"]
+    assert ann["kuberank.io/canary-backend"] == "kuberank-canary-serve-svc"
+    assert ann["kuberank.io/metrics-selector"] == 'namespace="kuberank",service="kuberank-serve-metrics"'
+    # KubeRay names a RayService's serve Service <rayservice>-serve-svc
+    for rs in by_kind(objs, "RayService"):
+        assert f"{rs['metadata']['name']}-serve-svc" in {r["name"] for r in refs}
+    canary = one(objs, "RayService", "kuberank-canary")
+    args = _serve_config(canary)["applications"][0]["args"]
+    assert args["model_store"] == "s3://kuberank-models/candidate-2024-11-28"
+    assert args["triton_url"].startswith("kuberank-canary-triton.")
+    ctriton = one(objs, "Deployment", "kuberank-canary-triton")["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=s3://kuberank-models/candidate-2024-11-28/triton" in ctriton["args"]
+    assert canary["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1
+    stable = one(objs, "RayService", "kuberank")
+    assert _serve_config(stable)["applications"][0]["args"]["model_store"] == "s3://kuberank-models/prod"
+
+
+def test_service_monitors_label_the_track():
+    objs = render("canary-values.yaml")
+    for sm in by_kind(objs, "ServiceMonitor"):
+        for ep in sm["spec"]["endpoints"]:
+            assert {"sourceLabels": ["__meta_kubernetes_pod_label_kuberank_io_track"], "targetLabel": "track",
+                    "action": "replace"} in ep["relabelings"]
+    serve_sm = one(objs, "ServiceMonitor", "kuberank-serve")
+    svc = one(objs, "Service", "kuberank-serve-metrics")
+    assert _selects(serve_sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert {ep["port"] for ep in serve_sm["spec"]["endpoints"]} == {p["name"] for p in svc["spec"]["ports"]}
+    assert serve_sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_notes_explain_the_canary():
+    notes = kubechart.render_notes(CHART, values_for("canary-values.yaml"))
+    assert "kubectl kuberank -n kuberank canary start --route kuberank" in notes
+    assert "/v2/health" not in notes and "kuberank-serve-svc" in notes
+
+
+# --- monitoring rules through promtool ---------------------------------------------------------
+
+
+def _rules_file(tmp_path: Path, groups: list[dict]) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess:
+    promtool = require_binary("promtool", "apt-get install prometheus")
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_prometheus_rules_pass_promtool(tmp_path):
+    rule = one(render("canary-values.yaml"), "PrometheusRule", "kuberank")
+    result = _promtool("check", "rules", str(_rules_file(tmp_path, rule["spec"]["groups"])))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
+
+
+def test_dashboard_queries_pass_promtool(tmp_path):
+    cm = one(render(), "ConfigMap", "kuberank-dashboard")
+    dash = json.loads(cm["data"]["kuberank-serving.json"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 6
+    substituted = [e.replace("$namespace", "kuberank").replace("$service", "kuberank-serve-metrics")
+                   .replace("$triton_service", ".*-triton") for e in exprs]
+    rules = [{"record": f"kuberank:dashboard_panel_{i}", "expr": e} for i, e in enumerate(substituted)]
+    result = _promtool("check", "rules", str(_rules_file(tmp_path, [{"name": "dashboard", "rules": rules}])))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
+    """promtool's rule unit tests: synthetic series for a healthy stable and a faulty canary."""
+    rule = copy.deepcopy(one(render("canary-values.yaml"), "PrometheusRule", "kuberank"))
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            r.pop("annotations")  # promtool compares annotations verbatim; the exprs are under test
+    rules = _rules_file(tmp_path, rule["spec"]["groups"])
+    app = 'namespace="kuberank",service="kuberank-serve-metrics",route="/search"'
+    tri = 'namespace="kuberank",service="kuberank-canary-triton",pod="t-0",track="canary"'
+    buckets = ["0.05", "0.1", "0.25", "0.5", "1", "2.5", "+Inf"]
+    series = [
+        # stable: 10 req/s, 0.1% errors, everything under 100 ms
+        {"series": f'kuberank_requests_total{{{app},track="stable",status="200"}}', "values": "0+599x20"},
+        {"series": f'kuberank_requests_total{{{app},track="stable",status="500"}}', "values": "0+1x20"},
+        # canary: 10 req/s, 20% errors, half of the requests take over 500 ms
+        {"series": f'kuberank_requests_total{{{app},track="canary",status="200"}}', "values": "0+480x20"},
+        {"series": f'kuberank_requests_total{{{app},track="canary",status="503"}}', "values": "0+120x20"},
+        # Triton canary: 100 ms queue per request, GPU memory at 95%
+        {"series": f"nv_inference_queue_duration_us{{{tri}}}", "values": "0+60000000x20"},
+        {"series": f"nv_inference_request_success{{{tri}}}", "values": "0+600x20"},
+        {"series": f'nv_gpu_memory_used_bytes{{{tri},gpu_uuid="GPU-1"}}', "values": "95x20"},
+        {"series": f'nv_gpu_memory_total_bytes{{{tri},gpu_uuid="GPU-1"}}', "values": "100x20"},
+    ]
+    for le in buckets:
+        stable = 600 if le != "0.05" else 300
+        canary = {"0.05": 0, "0.1": 100, "0.25": 200, "0.5": 300}.get(le, 600)
+        series.append({"series": f'kuberank_request_latency_seconds_bucket{{{app},track="stable",le="{le}"}}',
+                       "values": f"0+{stable}x20"})
+        series.append({"series": f'kuberank_request_latency_seconds_bucket{{{app},track="canary",le="{le}"}}',
+                       "values": f"0+{canary}x20"})
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": "15m", "alertname": "KuberankHighErrorRate",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical", "track": "canary"}}]},
+                {"eval_time": "15m", "alertname": "KuberankHighP99Latency",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary"}}]},
+                {"eval_time": "15m", "alertname": "KuberankTritonQueueTimeHigh",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary", "pod": "t-0"}}]},
+                {"eval_time": "15m", "alertname": "KuberankTritonGPUMemoryHigh",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary", "pod": "t-0",
+                                                "gpu_uuid": "GPU-1"}}]},
+                # `for: 5m` holds the alerts back early on
+                {"eval_time": "3m", "alertname": "KuberankHighErrorRate", "exp_alerts": []},
+            ],
+        }],
+    }
+    test_file = tmp_path / "rules_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = _promtool("test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- README parameter table ---------------------------------------------------------------------
+
+
+def test_readme_parameter_table_matches_values():
+    assert kubechart.update_readme(CHART, check=True), (
+        "charts/kuberank/README.md is stale: run python -m kuberank.kubechart readme charts/kuberank")
+    readme = (CHART / "README.md").read_text()
+    for p in kubechart.parse_params((CHART / "values.yaml").read_text()):
+        assert f"| `{p.key}` |" in readme
+
+
+def test_readme_generator_refuses_undocumented_values():
+    text = "## @section S\n## @param a.b documented\na:\n  b: 1\n  c: 2\n"
+    with pytest.raises(kubechart.ChartDocError, match="value a.c has no ## @param"):
+        kubechart.params_table(text)
+    with pytest.raises(kubechart.ChartDocError, match="@param a.x names no value"):
+        kubechart.params_table("## @section S\n## @param a Whole map\n## @param a.x ghost\na:\n  b: 1\n")
+    table = kubechart.params_table("## @section S\n## @param a Whole map\na:\n  b: 1\n")
+    assert '| `a` | Whole map | `{"b":1}` |' in table
+
+
+def test_kubechart_cli_check_reports_stale_readme(tmp_path):
+    import shutil
+
+    chart = tmp_path / "kuberank"
+    shutil.copytree(CHART, chart)
+    values = chart / "values.yaml"
+    values.write_text(values.read_text().replace("Number of Triton replicas", "How many Triton pods"))
+    assert kubechart.main(["readme", str(chart), "--check"]) == 1
+    assert kubechart.main(["readme", str(chart)]) == 0
+    assert "How many Triton pods" in (chart / "README.md").read_text()
+    assert kubechart.main(["readme", str(chart), "--check"]) == 0
