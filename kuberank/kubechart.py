@@ -201,16 +201,25 @@ def render_notes(chart_dir: str | Path, values: dict[str, Any] | None = None, **
     import helm_python
 
     chart = helm_python.Chart.load(str(chart_dir))
-    rendered = chart.render(values or {}, name=kw.get("name", "kuberank"),
-                            namespace=kw.get("namespace", "kuberank"), is_install=True)
+    rendered = chart.render(
+        values or {},
+        name=kw.get("name", "kuberank"),
+        namespace=kw.get("namespace", "kuberank"),
+        is_install=True,
+    )
     return next((t for k, t in rendered.items() if k.endswith("NOTES.txt")), "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kuberank.kubechart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kuberank.kubechart",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    readme = sub.add_parser("readme", help="regenerate (or --check) the chart README's parameter table")
+    readme = sub.add_parser(
+        "readme", help="regenerate (or --check) the chart README's parameter table"
+    )
     readme.add_argument("chart", help="chart directory, e.g. charts/kuberank")
     readme.add_argument("--check", action="store_true", help="only check; exit 1 when stale")
     args = parser.parse_args(argv)
@@ -220,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check and not fresh:
-        print(f"{args.chart}/README.md is stale: run python -m kuberank.kubechart readme {args.chart}",
-              file=sys.stderr)
+        print(
+            f"{args.chart}/README.md is stale: run python -m kuberank.kubechart readme {args.chart}",
+            file=sys.stderr,
+        )
         return 1
     print(f"{args.chart}/README.md is up to date" if fresh else f"updated {args.chart}/README.md")
     return 0

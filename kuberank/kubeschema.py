@@ -32,15 +32,27 @@ _NONEMPTY = {"type": "string", "minLength": 1}
 _INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
 _STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_DNS1123 = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
-            "maxLength": 253}
-_DURATION_PROM = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_DNS1123 = {
+    "type": "string",
+    "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    "maxLength": 253,
+}
+_DURATION_PROM = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 _DURATION_GW = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
 
 
-def _obj(props: dict[str, Any], required: Iterable[str] = (), extra: bool = False) -> dict[str, Any]:
-    return {"type": "object", "properties": props, "required": list(required),
-            "additionalProperties": extra}
+def _obj(
+    props: dict[str, Any], required: Iterable[str] = (), extra: bool = False
+) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": props,
+        "required": list(required),
+        "additionalProperties": extra,
+    }
 
 
 def _metadata(namespaced: bool = True) -> dict[str, Any]:
@@ -51,135 +63,259 @@ def _metadata(namespaced: bool = True) -> dict[str, Any]:
 
 
 def _resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return _obj({"apiVersion": {"const": api_version}, "kind": {"const": kind},
-                 "metadata": _metadata(), "spec": spec},
-                required=["apiVersion", "kind", "metadata", "spec"])
+    return _obj(
+        {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": _metadata(),
+            "spec": spec,
+        },
+        required=["apiVersion", "kind", "metadata", "spec"],
+    )
 
 
 # --- KubeRay ray.io/v1 ------------------------------------------------------------------------
 _POD_TEMPLATE = {"type": "object"}  # validated separately as a core PodTemplate
 _RESOURCES = {"type": "object"}  # corev1.ResourceRequirements, validated via the pod template
-_HEAD_GROUP = _obj({
-    "rayStartParams": _STRMAP,
-    "template": _POD_TEMPLATE,
-    "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-    "headService": {"type": "object"},
-    "enableIngress": _BOOL,
-}, required=["rayStartParams", "template"])
-_WORKER_GROUP = _obj({
-    "groupName": _NONEMPTY,
-    "replicas": {"type": "integer", "minimum": 0},
-    "minReplicas": {"type": "integer", "minimum": 0},
-    "maxReplicas": {"type": "integer", "minimum": 0},
-    "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
-    "rayStartParams": _STRMAP,
-    "template": _POD_TEMPLATE,
-    "numOfHosts": {"type": "integer", "minimum": 1},
-    "suspend": _BOOL,
-}, required=["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"])
-_AUTOSCALER_OPTIONS = _obj({
-    "resources": _RESOURCES,
-    "image": _STR,
-    "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
-    "securityContext": {"type": "object"},
-    "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
-    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-    "env": {"type": "array"},
-    "envFrom": {"type": "array"},
-    "volumeMounts": {"type": "array"},
-})
-_RAY_CLUSTER_SPEC = _obj({
-    "rayVersion": _STR,
-    "enableInTreeAutoscaling": _BOOL,
-    "autoscalerOptions": _AUTOSCALER_OPTIONS,
-    "headServiceAnnotations": _STRMAP,
-    "headGroupSpec": _HEAD_GROUP,
-    "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
-    "suspend": _BOOL,
-}, required=["headGroupSpec"])
+_HEAD_GROUP = _obj(
+    {
+        "rayStartParams": _STRMAP,
+        "template": _POD_TEMPLATE,
+        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+        "headService": {"type": "object"},
+        "enableIngress": _BOOL,
+    },
+    required=["rayStartParams", "template"],
+)
+_WORKER_GROUP = _obj(
+    {
+        "groupName": _NONEMPTY,
+        "replicas": {"type": "integer", "minimum": 0},
+        "minReplicas": {"type": "integer", "minimum": 0},
+        "maxReplicas": {"type": "integer", "minimum": 0},
+        "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+        "rayStartParams": _STRMAP,
+        "template": _POD_TEMPLATE,
+        "numOfHosts": {"type": "integer", "minimum": 1},
+        "suspend": _BOOL,
+    },
+    required=["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
+)
+_AUTOSCALER_OPTIONS = _obj(
+    {
+        "resources": _RESOURCES,
+        "image": _STR,
+        "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+        "securityContext": {"type": "object"},
+        "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "env": {"type": "array"},
+        "envFrom": {"type": "array"},
+        "volumeMounts": {"type": "array"},
+    }
+)
+_RAY_CLUSTER_SPEC = _obj(
+    {
+        "rayVersion": _STR,
+        "enableInTreeAutoscaling": _BOOL,
+        "autoscalerOptions": _AUTOSCALER_OPTIONS,
+        "headServiceAnnotations": _STRMAP,
+        "headGroupSpec": _HEAD_GROUP,
+        "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
+        "suspend": _BOOL,
+    },
+    required=["headGroupSpec"],
+)
 
-RAYSERVICE_SCHEMA = _resource("ray.io/v1", "RayService", _obj({
-    "serveConfigV2": _NONEMPTY,
-    "rayClusterConfig": _RAY_CLUSTER_SPEC,
-    "serveService": {"type": "object"},
-    "upgradeStrategy": _obj({"type": {"enum": ["NewCluster", "None"]}}),
-}, required=["serveConfigV2", "rayClusterConfig"]))
+RAYSERVICE_SCHEMA = _resource(
+    "ray.io/v1",
+    "RayService",
+    _obj(
+        {
+            "serveConfigV2": _NONEMPTY,
+            "rayClusterConfig": _RAY_CLUSTER_SPEC,
+            "serveService": {"type": "object"},
+            "upgradeStrategy": _obj({"type": {"enum": ["NewCluster", "None"]}}),
+        },
+        required=["serveConfigV2", "rayClusterConfig"],
+    ),
+)
 
-RAYJOB_SCHEMA = _resource("ray.io/v1", "RayJob", _obj({
-    "entrypoint": _NONEMPTY,
-    "runtimeEnvYAML": _STR,
-    "rayClusterSpec": _RAY_CLUSTER_SPEC,
-    "shutdownAfterJobFinishes": _BOOL,
-    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-    "backoffLimit": {"type": "integer", "minimum": 0},
-    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
-    "submitterPodTemplate": {"type": "object"},
-    "submitterConfig": _obj({"backoffLimit": {"type": "integer", "minimum": 0}}),
-    "entrypointNumCpus": {"type": "number", "minimum": 0},
-    "entrypointNumGpus": {"type": "number", "minimum": 0},
-    "metadata": _STRMAP,
-    "jobId": _STR,
-    "suspend": _BOOL,
-}, required=["entrypoint", "rayClusterSpec"]))
+RAYJOB_SCHEMA = _resource(
+    "ray.io/v1",
+    "RayJob",
+    _obj(
+        {
+            "entrypoint": _NONEMPTY,
+            "runtimeEnvYAML": _STR,
+            "rayClusterSpec": _RAY_CLUSTER_SPEC,
+            "shutdownAfterJobFinishes": _BOOL,
+            "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+            "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+            "backoffLimit": {"type": "integer", "minimum": 0},
+            "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+            "submitterPodTemplate": {"type": "object"},
+            "submitterConfig": _obj({"backoffLimit": {"type": "integer", "minimum": 0}}),
+            "entrypointNumCpus": {"type": "number", "minimum": 0},
+            "entrypointNumGpus": {"type": "number", "minimum": 0},
+            "metadata": _STRMAP,
+            "jobId": _STR,
+            "suspend": _BOOL,
+        },
+        required=["entrypoint", "rayClusterSpec"],
+    ),
+)
 
 # --- Gateway API gateway.networking.k8s.io/v1 HTTPRoute ---------------------------------------
-_PARENT_REF = _obj({
-    "group": _STR, "kind": _STR, "namespace": _DNS1123, "name": _DNS1123,
-    "sectionName": _DNS1123, "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-}, required=["name"])
-_BACKEND_REF = _obj({
-    "group": _STR, "kind": _STR, "name": _DNS1123, "namespace": _DNS1123,
-    "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-    "weight": {"type": "integer", "minimum": 0, "maximum": 1000000},
-    "filters": {"type": "array"},
-}, required=["name"])
-_MATCH = _obj({
-    "path": _obj({"type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
-                  "value": {"type": "string", "pattern": "^/", "maxLength": 1024}}),
-    "headers": {"type": "array", "maxItems": 16},
-    "queryParams": {"type": "array", "maxItems": 16},
-    "method": {"enum": ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]},
-})
-HTTPROUTE_SCHEMA = _resource("gateway.networking.k8s.io/v1", "HTTPRoute", _obj({
-    "parentRefs": {"type": "array", "items": _PARENT_REF, "minItems": 1, "maxItems": 32},
-    "hostnames": {"type": "array", "maxItems": 16,
-                  "items": {"type": "string", "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}},
-    "rules": {"type": "array", "maxItems": 16, "items": _obj({
-        "name": _STR,
-        "matches": {"type": "array", "items": _MATCH, "maxItems": 64},
-        "filters": {"type": "array", "maxItems": 16},
-        "backendRefs": {"type": "array", "items": _BACKEND_REF, "maxItems": 16},
-        "timeouts": _obj({"request": _DURATION_GW, "backendRequest": _DURATION_GW}),
-    })},
-}, required=["parentRefs", "rules"]))
+_PARENT_REF = _obj(
+    {
+        "group": _STR,
+        "kind": _STR,
+        "namespace": _DNS1123,
+        "name": _DNS1123,
+        "sectionName": _DNS1123,
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    },
+    required=["name"],
+)
+_BACKEND_REF = _obj(
+    {
+        "group": _STR,
+        "kind": _STR,
+        "name": _DNS1123,
+        "namespace": _DNS1123,
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "weight": {"type": "integer", "minimum": 0, "maximum": 1000000},
+        "filters": {"type": "array"},
+    },
+    required=["name"],
+)
+_MATCH = _obj(
+    {
+        "path": _obj(
+            {
+                "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+                "value": {"type": "string", "pattern": "^/", "maxLength": 1024},
+            }
+        ),
+        "headers": {"type": "array", "maxItems": 16},
+        "queryParams": {"type": "array", "maxItems": 16},
+        "method": {
+            "enum": ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+        },
+    }
+)
+HTTPROUTE_SCHEMA = _resource(
+    "gateway.networking.k8s.io/v1",
+    "HTTPRoute",
+    _obj(
+        {
+            "parentRefs": {"type": "array", "items": _PARENT_REF, "minItems": 1, "maxItems": 32},
+            "hostnames": {
+                "type": "array",
+                "maxItems": 16,
+                "items": {
+                    "type": "string",
+                    "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+                },
+            },
+            "rules": {
+                "type": "array",
+                "maxItems": 16,
+                "items": _obj(
+                    {
+                        "name": _STR,
+                        "matches": {"type": "array", "items": _MATCH, "maxItems": 64},
+                        "filters": {"type": "array", "maxItems": 16},
+                        "backendRefs": {"type": "array", "items": _BACKEND_REF, "maxItems": 16},
+                        "timeouts": _obj({"request": _DURATION_GW, "backendRequest": _DURATION_GW}),
+                    }
+                ),
+            },
+        },
+        required=["parentRefs", "rules"],
+    ),
+)
 
 # --- Prometheus operator monitoring.coreos.com/v1 ---------------------------------------------
-_RELABEL = _obj({
-    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
-    "separator": _STR, "targetLabel": _STR, "regex": _STR, "modulus": _INT, "replacement": _STR,
-    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod",
-                        "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep",
-                        "lowercase", "Lowercase", "uppercase", "Uppercase", "keepequal", "KeepEqual",
-                        "dropequal", "DropEqual"]},
-})
+_RELABEL = _obj(
+    {
+        "sourceLabels": {
+            "type": "array",
+            "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+        },
+        "separator": _STR,
+        "targetLabel": _STR,
+        "regex": _STR,
+        "modulus": _INT,
+        "replacement": _STR,
+        "action": {
+            "enum": [
+                "replace",
+                "Replace",
+                "keep",
+                "Keep",
+                "drop",
+                "Drop",
+                "hashmod",
+                "HashMod",
+                "labelmap",
+                "LabelMap",
+                "labeldrop",
+                "LabelDrop",
+                "labelkeep",
+                "LabelKeep",
+                "lowercase",
+                "Lowercase",
+                "uppercase",
+                "Uppercase",
+                "keepequal",
+                "KeepEqual",
+                "dropequal",
+                "DropEqual",
+            ]
+        },
+    }
+)
 _LABEL_SELECTOR = _obj({"matchLabels": _STRMAP, "matchExpressions": {"type": "array"}})
-SERVICEMONITOR_SCHEMA = _resource("monitoring.coreos.com/v1", "ServiceMonitor", _obj({
-    "jobLabel": _STR,
-    "targetLabels": {"type": "array", "items": _STR},
-    "podTargetLabels": {"type": "array", "items": _STR},
-    "selector": _LABEL_SELECTOR,
-    "namespaceSelector": _obj({"any": _BOOL, "matchNames": {"type": "array", "items": _STR}}),
-    "endpoints": {"type": "array", "minItems": 1, "items": _obj({
-        "port": _STR, "targetPort": {"type": ["string", "integer"]}, "path": {"type": "string", "pattern": "^/"},
-        "scheme": {"enum": ["http", "https"]}, "interval": _DURATION_PROM, "scrapeTimeout": _DURATION_PROM,
-        "honorLabels": _BOOL, "honorTimestamps": _BOOL, "params": {"type": "object"},
-        "relabelings": {"type": "array", "items": _RELABEL},
-        "metricRelabelings": {"type": "array", "items": _RELABEL},
-        "tlsConfig": {"type": "object"}, "bearerTokenSecret": {"type": "object"},
-    })},
-    "sampleLimit": _INT,
-}, required=["selector", "endpoints"]))
+SERVICEMONITOR_SCHEMA = _resource(
+    "monitoring.coreos.com/v1",
+    "ServiceMonitor",
+    _obj(
+        {
+            "jobLabel": _STR,
+            "targetLabels": {"type": "array", "items": _STR},
+            "podTargetLabels": {"type": "array", "items": _STR},
+            "selector": _LABEL_SELECTOR,
+            "namespaceSelector": _obj(
+                {"any": _BOOL, "matchNames": {"type": "array", "items": _STR}}
+            ),
+            "endpoints": {
+                "type": "array",
+                "minItems": 1,
+                "items": _obj(
+                    {
+                        "port": _STR,
+                        "targetPort": {"type": ["string", "integer"]},
+                        "path": {"type": "string", "pattern": "^/"},
+                        "scheme": {"enum": ["http", "https"]},
+                        "interval": _DURATION_PROM,
+                        "scrapeTimeout": _DURATION_PROM,
+                        "honorLabels": _BOOL,
+                        "honorTimestamps": _BOOL,
+                        "params": {"type": "object"},
+                        "relabelings": {"type": "array", "items": _RELABEL},
+                        "metricRelabelings": {"type": "array", "items": _RELABEL},
+                        "tlsConfig": {"type": "object"},
+                        "bearerTokenSecret": {"type": "object"},
+                    }
+                ),
+            },
+            "sampleLimit": _INT,
+        },
+        required=["selector", "endpoints"],
+    ),
+)
 
 _RULE = {
     "type": "object",
@@ -196,13 +332,29 @@ _RULE = {
     "additionalProperties": False,
     "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
 }
-PROMETHEUSRULE_SCHEMA = _resource("monitoring.coreos.com/v1", "PrometheusRule", _obj({
-    "groups": {"type": "array", "minItems": 1, "items": _obj({
-        "name": _NONEMPTY, "interval": _DURATION_PROM, "limit": _INT,
-        "partial_response_strategy": _STR,
-        "rules": {"type": "array", "minItems": 1, "items": _RULE},
-    }, required=["name", "rules"])},
-}, required=["groups"]))
+PROMETHEUSRULE_SCHEMA = _resource(
+    "monitoring.coreos.com/v1",
+    "PrometheusRule",
+    _obj(
+        {
+            "groups": {
+                "type": "array",
+                "minItems": 1,
+                "items": _obj(
+                    {
+                        "name": _NONEMPTY,
+                        "interval": _DURATION_PROM,
+                        "limit": _INT,
+                        "partial_response_strategy": _STR,
+                        "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                    },
+                    required=["name", "rules"],
+                ),
+            },
+        },
+        required=["groups"],
+    ),
+)
 
 CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("ray.io/v1", "RayService"): RAYSERVICE_SCHEMA,
@@ -258,6 +410,7 @@ def validate_serve_config(text: str) -> dict[str, Any]:
 
     config = yaml.safe_load(text)
     ServeDeploySchema.model_validate(config)
+
     # Ray accepts unknown keys for forward compatibility (and ignores them); a typo there would
     # silently drop a setting, so keys the installed Ray does not know are errors here.
     def known(model: Any) -> set[str]:
@@ -266,7 +419,9 @@ def validate_serve_config(text: str) -> dict[str, Any]:
     def check(where: str, mapping: dict[str, Any], model: Any) -> None:
         unknown = sorted(set(mapping) - known(model))
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown} (not in Ray Serve's {model.__name__})")
+            raise ValueError(
+                f"{where}: unknown field(s) {unknown} (not in Ray Serve's {model.__name__})"
+            )
 
     check("<root>", config, ServeDeploySchema)
     for i, app in enumerate(config.get("applications", [])):
@@ -288,13 +443,19 @@ def validate_custom(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> N
     schema = CUSTOM_SCHEMAS.get(key)
     if schema is None:
         raise ManifestError(f"{_describe(obj)}: no schema for {key[0]} {key[1]}")
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.absolute_path)
+    )
     if errors:
         raise ManifestError("; ".join(f"{_describe(obj)}: {_path(e)}: {e.message}" for e in errors))
     if obj["kind"] in ("RayService", "RayJob"):
         for where, template in _pod_templates(obj):
-            wrapped = {"apiVersion": "v1", "kind": "PodTemplate",
-                       "metadata": {"name": obj["metadata"]["name"]}, "template": copy.deepcopy(template)}
+            wrapped = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": obj["metadata"]["name"]},
+                "template": copy.deepcopy(template),
+            }
             try:
                 validate_core(wrapped, version)
             except ManifestError as exc:
@@ -308,7 +469,9 @@ def validate_custom(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> N
         for i, rule in enumerate(obj["spec"]["rules"]):
             refs = rule.get("backendRefs", [])
             if refs and sum(r.get("weight", 1) for r in refs) == 0:
-                raise ManifestError(f"{_describe(obj)}: spec.rules[{i}].backendRefs: all weights are 0")
+                raise ManifestError(
+                    f"{_describe(obj)}: spec.rules[{i}].backendRefs: all weights are 0"
+                )
 
 
 def validate(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> None:

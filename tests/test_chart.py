@@ -49,7 +49,9 @@ def by_kind(objs: list[dict], kind: str) -> list[dict]:
 
 def one(objs: list[dict], kind: str, name: str) -> dict:
     found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind}/{name}, found {[o['metadata']['name'] for o in by_kind(objs, kind)]}"
+    assert len(found) == 1, (
+        f"expected one {kind}/{name}, found {[o['metadata']['name'] for o in by_kind(objs, kind)]}"
+    )
     return found[0]
 
 
@@ -62,7 +64,9 @@ def test_ci_values_files_exist():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_helm_lint_strict(variant):
-    report = helm_python.lint(str(CHART), values_for(variant), strict=True, kube_version=KUBE_VERSION)
+    report = helm_python.lint(
+        str(CHART), values_for(variant), strict=True, kube_version=KUBE_VERSION
+    )
     assert report["errors"] == []
     # severity 2 = warning, 3 = error; info (1) is only "icon is recommended"
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
@@ -72,9 +76,20 @@ def test_helm_lint_strict(variant):
 def test_render_validates_strictly(variant):
     objs = render(variant)
     kinds = {o["kind"] for o in objs}
-    assert {"Deployment", "Service", "RayService", "HTTPRoute", "ServiceMonitor", "PrometheusRule",
-            "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding",
-            "ConfigMap"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "RayService",
+        "HTTPRoute",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+    } <= kinds
     for obj in objs:
         kubeschema.validate(obj)  # core kinds: kubernetes-validate strict; CRs: own schemas
 
@@ -91,11 +106,17 @@ def test_validation_catches_broken_objects():
     with pytest.raises(kubeschema.ManifestError, match="weigth"):
         kubeschema.validate(route)
     rs = copy.deepcopy(by_kind(objs, "RayService")[0])
-    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "x"
-    with pytest.raises(kubeschema.ManifestError, match="workerGroupSpecs\\[0\\].template.*imagePullPolcy"):
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "imagePullPolcy"
+    ] = "x"
+    with pytest.raises(
+        kubeschema.ManifestError, match="workerGroupSpecs\\[0\\].template.*imagePullPolcy"
+    ):
         kubeschema.validate(rs)
     rs = copy.deepcopy(by_kind(objs, "RayService")[0])
-    rs["spec"]["serveConfigV2"] = rs["spec"]["serveConfigV2"].replace("max_ongoing_requests", "max_ongoing_request")
+    rs["spec"]["serveConfigV2"] = rs["spec"]["serveConfigV2"].replace(
+        "max_ongoing_requests", "max_ongoing_request"
+    )
     with pytest.raises(kubeschema.ManifestError, match="max_ongoing_request"):
         kubeschema.validate(rs)
     sm = copy.deepcopy(by_kind(objs, "ServiceMonitor")[0])
@@ -130,7 +151,9 @@ def test_values_schema_rejects_with_field_named(values, field):
 def test_pvc_mode_requires_claim_name():
     chart = helm_python.Chart.load(str(CHART))
     with pytest.raises(helm_python.HelmError, match="modelStore.pvc.claimName is required"):
-        chart.render({"modelStore": {"pvc": {"enabled": True}}}, name="kuberank", namespace="kuberank")
+        chart.render(
+            {"modelStore": {"pvc": {"enabled": True}}}, name="kuberank", namespace="kuberank"
+        )
 
 
 # --- policies ---------------------------------------------------------------------------------
@@ -155,7 +178,10 @@ def test_policy_non_root_read_only_drop_all_seccomp(variant):
             assert sc.get("readOnlyRootFilesystem") is True, tag
             assert sc.get("allowPrivilegeEscalation") is False, tag
             assert sc.get("capabilities", {}).get("drop") == ["ALL"], tag
-            assert sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") == "RuntimeDefault", tag
+            assert (
+                sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+                == "RuntimeDefault"
+            ), tag
             assert "privileged" not in sc or sc["privileged"] is False, tag
             # a read-only root needs a writable /tmp
             assert any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), tag
@@ -173,9 +199,13 @@ def test_policy_limits_set(variant):
         for where, spec in kubeschema.pod_specs(obj):
             for c in _containers(spec):
                 limits = c.get("resources", {}).get("limits", {})
-                assert limits.get("cpu") and limits.get("memory"), f"{where} {c['name']} has no cpu/memory limit"
+                assert limits.get("cpu") and limits.get("memory"), (
+                    f"{where} {c['name']} has no cpu/memory limit"
+                )
                 requests = c.get("resources", {}).get("requests", {})
-                assert requests.get("cpu") and requests.get("memory"), f"{where} {c['name']} has no requests"
+                assert requests.get("cpu") and requests.get("memory"), (
+                    f"{where} {c['name']} has no requests"
+                )
 
 
 def _gpu_users(objs: list[dict]) -> list[str]:
@@ -193,8 +223,14 @@ def _gpu_users(objs: list[dict]) -> list[str]:
 def test_policy_gpus_only_on_triton(variant):
     objs = render(variant)
     gpu_enabled = values_for(variant).get("triton", {}).get("gpu", {}).get("enabled", True)
-    tritons = [d for d in by_kind(objs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"]
-    expected = sorted(f"Deployment/{d['metadata']['name']}:triton" for d in tritons) if gpu_enabled else []
+    tritons = [
+        d
+        for d in by_kind(objs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"
+    ]
+    expected = (
+        sorted(f"Deployment/{d['metadata']['name']}:triton" for d in tritons) if gpu_enabled else []
+    )
     assert sorted(_gpu_users(objs)) == expected
     for d in tritons:
         spec = d["spec"]["template"]["spec"]
@@ -216,13 +252,18 @@ def test_policy_gpus_only_on_triton(variant):
 def test_gpu_products_become_required_node_affinity():
     objs = render("gpu-prod-values.yaml")
     spec = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
-    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
-    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In",
-                                         "values": ["NVIDIA-L4", "NVIDIA-A10G"]}]
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0]
+    assert term["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4", "NVIDIA-A10G"]}
+    ]
     assert spec["containers"][0]["resources"]["limits"][GPU] == "1"
 
 
-_CREDENTIAL_KEY = re.compile(r"(?i)(password|passwd|secret|token|credential|apikey|accesskey|privatekey)")
+_CREDENTIAL_KEY = re.compile(
+    r"(?i)(password|passwd|secret|token|credential|apikey|accesskey|privatekey)"
+)
 _CREDENTIAL_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}|-----BEGIN|ghp_[0-9A-Za-z]{20,}|xox[bp]-")
 
 
@@ -244,8 +285,12 @@ def test_policy_no_secret_values_in_values_files(variant):
         leaf = key_path.rsplit(".", 1)[-1]
         if _CREDENTIAL_KEY.search(leaf):
             # only references: the name of an existing Secret, or the name of a key inside it
-            assert leaf == "existingSecret" or leaf.endswith("Key"), f"{variant}: {key_path} looks like a credential"
-        assert not (isinstance(value, str) and _CREDENTIAL_VALUE.search(value)), f"{variant}: {key_path}"
+            assert leaf == "existingSecret" or leaf.endswith("Key"), (
+                f"{variant}: {key_path} looks like a credential"
+            )
+        assert not (isinstance(value, str) and _CREDENTIAL_VALUE.search(value)), (
+            f"{variant}: {key_path}"
+        )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -257,14 +302,27 @@ def test_policy_credentials_only_through_secret_refs(variant):
             for c in _containers(spec):
                 for env in c.get("env", []):
                     if _CREDENTIAL_KEY.search(env["name"].replace("_", "")):
-                        assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{where} {env['name']}"
+                        assert "value" not in env and "secretKeyRef" in env["valueFrom"], (
+                            f"{where} {env['name']}"
+                        )
 
 
 def test_existing_secret_feeds_aws_credentials():
     objs = render("cpu-dev-values.yaml")
-    env = {e["name"]: e for e in one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "kuberank-minio-credentials", "key": "AWS_ACCESS_KEY_ID"}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "kuberank-minio-credentials"
+    env = {
+        e["name"]: e
+        for e in one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+    }
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kuberank-minio-credentials",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    assert (
+        env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+        == "kuberank-minio-credentials"
+    )
     assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc.cluster.local:9000"
 
 
@@ -274,9 +332,20 @@ def test_policy_minimal_rbac(variant):
     assert by_kind(objs, "ClusterRole") == [] and by_kind(objs, "ClusterRoleBinding") == []
     for role in by_kind(objs, "Role"):
         for rule in role["rules"]:
-            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+            assert (
+                "*" not in rule["verbs"]
+                and "*" not in rule["resources"]
+                and "*" not in rule["apiGroups"]
+            )
             assert "secrets" not in rule["resources"]
-            assert not {"create", "delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
+            assert not {
+                "create",
+                "delete",
+                "deletecollection",
+                "escalate",
+                "bind",
+                "impersonate",
+            } & set(rule["verbs"])
     sas = {sa["metadata"]["name"]: sa for sa in by_kind(objs, "ServiceAccount")}
     assert all(sa["automountServiceAccountToken"] is False for sa in sas.values())
     for obj in objs:
@@ -296,7 +365,11 @@ def test_network_policies_default_deny_and_allowed_flows(variant):
     objs = render(variant)
     policies = {p["metadata"]["name"]: p for p in by_kind(objs, "NetworkPolicy")}
     deny = policies["kuberank-default-deny"]["spec"]
-    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
+    assert (
+        deny["policyTypes"] == ["Ingress", "Egress"]
+        and "ingress" not in deny
+        and "egress" not in deny
+    )
     pod_labels = []
     for obj in objs:
         if obj["kind"] == "Deployment":
@@ -309,16 +382,31 @@ def test_network_policies_default_deny_and_allowed_flows(variant):
         assert _selects(deny["podSelector"]["matchLabels"], labels)
     serve = policies["kuberank-serve"]["spec"]
     gateway_rule = serve["ingress"][0]
-    assert gateway_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway-system"}
+    assert gateway_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "gateway-system"
+    }
     assert gateway_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
     triton = policies["kuberank-triton"]["spec"]
-    sources = [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-               for r in triton["ingress"] for f in r["from"] if "podSelector" in f]
+    sources = [
+        f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for r in triton["ingress"]
+        for f in r["from"]
+        if "podSelector" in f
+    ]
     assert sources == ["serve"]  # only Ray Serve reaches Triton's inference ports
     assert {p["port"] for p in triton["ingress"][0]["ports"]} == {8000, 8001}
-    assert triton["ingress"][1]["ports"] == [{"port": 8002, "protocol": "TCP"}]  # prometheus: metrics only
-    serve_egress_to_triton = [r for r in serve["egress"] if any(
-        f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "triton" for f in r.get("to", []))]
+    assert triton["ingress"][1]["ports"] == [
+        {"port": 8002, "protocol": "TCP"}
+    ]  # prometheus: metrics only
+    serve_egress_to_triton = [
+        r
+        for r in serve["egress"]
+        if any(
+            f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+            == "triton"
+            for f in r.get("to", [])
+        )
+    ]
     assert len(serve_egress_to_triton) == 1
 
 
@@ -334,9 +422,19 @@ def test_services_select_their_pods(variant):
     objs = render(variant)
     for svc in by_kind(objs, "Service"):
         sel = svc["spec"]["selector"]
-        matched = [d for d in by_kind(objs, "Deployment") if _selects(sel, d["spec"]["template"]["metadata"]["labels"])]
-        matched += [rs for rs in by_kind(objs, "RayService")
-                    if _selects(sel, rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"])]
+        matched = [
+            d
+            for d in by_kind(objs, "Deployment")
+            if _selects(sel, d["spec"]["template"]["metadata"]["labels"])
+        ]
+        matched += [
+            rs
+            for rs in by_kind(objs, "RayService")
+            if _selects(
+                sel,
+                rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"],
+            )
+        ]
         assert matched, f"Service {svc['metadata']['name']} selects no pods"
         for d in by_kind(objs, "Deployment"):
             if d in matched:
@@ -349,24 +447,38 @@ def test_services_select_their_pods(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_config_contract(variant):
     objs = render(variant)
-    tritons = {s["metadata"]["labels"]["kuberank.io/track"]: s for s in by_kind(objs, "Service")
-               if s["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"}
+    tritons = {
+        s["metadata"]["labels"]["kuberank.io/track"]: s
+        for s in by_kind(objs, "Service")
+        if s["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"
+    }
     for rs in by_kind(objs, "RayService"):
         track = rs["metadata"]["labels"]["kuberank.io/track"]
         config = kubeschema.validate_serve_config(rs["spec"]["serveConfigV2"])
         (app,) = config["applications"]
         assert app["import_path"] == "kuberank.serving.app:build_app"
-        assert {d["name"] for d in app["deployments"]} == {"Ingress", "QueryEncoder", "Retriever", "Ranker"}
+        assert {d["name"] for d in app["deployments"]} == {
+            "Ingress",
+            "QueryEncoder",
+            "Retriever",
+            "Ranker",
+        }
         for d in app["deployments"]:
             assert d["autoscaling_config"]["min_replicas"] >= 1 and "num_replicas" not in d
         assert config["http_options"]["port"] == 8000
         svc = tritons[track]
         grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-        assert app["args"]["triton_url"] == f"{svc['metadata']['name']}.kuberank.svc.cluster.local:{grpc}"
+        assert (
+            app["args"]["triton_url"]
+            == f"{svc['metadata']['name']}.kuberank.svc.cluster.local:{grpc}"
+        )
         cluster = rs["spec"]["rayClusterConfig"]
         assert cluster["enableInTreeAutoscaling"] is True
-        images = {c["image"] for t in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-                  for c in t["template"]["spec"]["containers"]}
+        images = {
+            c["image"]
+            for t in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+            for c in t["template"]["spec"]["containers"]
+        }
         assert images == {"ghcr.io/kuberank/kuberank:0.1.0"}
 
 
@@ -376,7 +488,11 @@ def test_triton_deployment_contract():
     c = triton["containers"][0]
     assert c["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
     assert "--model-repository=s3://kuberank-models/prod/triton" in c["args"]
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 8000,
+        "grpc": 8001,
+        "metrics": 8002,
+    }
     assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
@@ -387,13 +503,26 @@ def test_triton_deployment_contract():
 
 
 def test_triton_s3_endpoint_and_pvc_model_repository():
-    c = one(render("cpu-dev-values.yaml"), "Deployment", "kuberank-triton")["spec"]["template"]["spec"]["containers"][0]
-    assert "--model-repository=s3://http://minio.minio.svc.cluster.local:9000/kuberank-dev/models/triton" in c["args"]
+    c = one(render("cpu-dev-values.yaml"), "Deployment", "kuberank-triton")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert (
+        "--model-repository=s3://http://minio.minio.svc.cluster.local:9000/kuberank-dev/models/triton"
+        in c["args"]
+    )
     objs = render(modelStore={"pvc": {"enabled": True, "claimName": "models", "subPath": "v3"}})
     spec = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
     assert "--model-repository=/models/triton" in spec["containers"][0]["args"]
-    assert {"name": "model-store", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec["volumes"]
-    assert {"name": "model-store", "mountPath": "/models", "readOnly": True, "subPath": "v3"} in spec["containers"][0]["volumeMounts"]
+    assert {
+        "name": "model-store",
+        "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
+    } in spec["volumes"]
+    assert {
+        "name": "model-store",
+        "mountPath": "/models",
+        "readOnly": True,
+        "subPath": "v3",
+    } in spec["containers"][0]["volumeMounts"]
     assert not any(e["name"].startswith("AWS_") for e in spec["containers"][0]["env"])
     rs = by_kind(objs, "RayService")[0]
     assert _serve_config(rs)["applications"][0]["args"]["model_store"] == "/models"
@@ -402,7 +531,11 @@ def test_triton_s3_endpoint_and_pvc_model_repository():
 def test_hpa_on_triton_queue_time():
     objs = render("gpu-prod-values.yaml")
     hpa = one(objs, "HorizontalPodAutoscaler", "kuberank-triton")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "kuberank-triton"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "kuberank-triton",
+    }
     metric = hpa["spec"]["metrics"][0]["pods"]
     assert metric["metric"]["name"] == "triton_queue_time_us_per_request"
     assert metric["target"] == {"type": "AverageValue", "averageValue": "10000"}
@@ -418,7 +551,10 @@ def test_route_without_canary_sends_everything_to_stable():
     route = one(objs, "HTTPRoute", "kuberank")
     (rule,) = route["spec"]["rules"]
     assert rule["backendRefs"] == [{"name": "kuberank-serve-svc", "port": 8000, "weight": 100}]
-    assert [m["path"]["value"] for m in rule["matches"]] == ["/search", "/recommend"]  # no /metrics outside
+    assert [m["path"]["value"] for m in rule["matches"]] == [
+        "/search",
+        "/recommend",
+    ]  # no /metrics outside
     assert route["metadata"]["annotations"]["kuberank.io/stable-backend"] == "kuberank-serve-svc"
     assert "kuberank.io/canary-backend" not in route["metadata"]["annotations"]
     assert len(by_kind(objs, "RayService")) == 1
@@ -428,11 +564,16 @@ def test_canary_track_and_weighted_route():
     objs = render("canary-values.yaml")
     route = one(objs, "HTTPRoute", "kuberank")
     refs = route["spec"]["rules"][0]["backendRefs"]
-    assert refs == [{"name": "kuberank-serve-svc", "port": 8000, "weight": 90},
-                    {"name": "kuberank-canary-serve-svc", "port": 8000, "weight": 10}]
+    assert refs == [
+        {"name": "kuberank-serve-svc", "port": 8000, "weight": 90},
+        {"name": "kuberank-canary-serve-svc", "port": 8000, "weight": 10},
+    ]
     ann = route["metadata"]["annotations"]
     assert ann["kuberank.io/canary-backend"] == "kuberank-canary-serve-svc"
-    assert ann["kuberank.io/metrics-selector"] == 'namespace="kuberank",service="kuberank-serve-metrics"'
+    assert (
+        ann["kuberank.io/metrics-selector"]
+        == 'namespace="kuberank",service="kuberank-serve-metrics"'
+    )
     # KubeRay names a RayService's serve Service <rayservice>-serve-svc
     for rs in by_kind(objs, "RayService"):
         assert f"{rs['metadata']['name']}-serve-svc" in {r["name"] for r in refs}
@@ -440,23 +581,33 @@ def test_canary_track_and_weighted_route():
     args = _serve_config(canary)["applications"][0]["args"]
     assert args["model_store"] == "s3://kuberank-models/candidate-2024-11-28"
     assert args["triton_url"].startswith("kuberank-canary-triton.")
-    ctriton = one(objs, "Deployment", "kuberank-canary-triton")["spec"]["template"]["spec"]["containers"][0]
+    ctriton = one(objs, "Deployment", "kuberank-canary-triton")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     assert "--model-repository=s3://kuberank-models/candidate-2024-11-28/triton" in ctriton["args"]
     assert canary["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1
     stable = one(objs, "RayService", "kuberank")
-    assert _serve_config(stable)["applications"][0]["args"]["model_store"] == "s3://kuberank-models/prod"
+    assert (
+        _serve_config(stable)["applications"][0]["args"]["model_store"]
+        == "s3://kuberank-models/prod"
+    )
 
 
 def test_service_monitors_label_the_track():
     objs = render("canary-values.yaml")
     for sm in by_kind(objs, "ServiceMonitor"):
         for ep in sm["spec"]["endpoints"]:
-            assert {"sourceLabels": ["__meta_kubernetes_pod_label_kuberank_io_track"], "targetLabel": "track",
-                    "action": "replace"} in ep["relabelings"]
+            assert {
+                "sourceLabels": ["__meta_kubernetes_pod_label_kuberank_io_track"],
+                "targetLabel": "track",
+                "action": "replace",
+            } in ep["relabelings"]
     serve_sm = one(objs, "ServiceMonitor", "kuberank-serve")
     svc = one(objs, "Service", "kuberank-serve-metrics")
     assert _selects(serve_sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
-    assert {ep["port"] for ep in serve_sm["spec"]["endpoints"]} == {p["name"] for p in svc["spec"]["ports"]}
+    assert {ep["port"] for ep in serve_sm["spec"]["endpoints"]} == {
+        p["name"] for p in svc["spec"]["ports"]
+    }
     assert serve_sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
@@ -492,10 +643,18 @@ def test_dashboard_queries_pass_promtool(tmp_path):
     dash = json.loads(cm["data"]["kuberank-serving.json"])
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert len(exprs) >= 6
-    substituted = [e.replace("$namespace", "kuberank").replace("$service", "kuberank-serve-metrics")
-                   .replace("$triton_service", ".*-triton") for e in exprs]
-    rules = [{"record": f"kuberank:dashboard_panel_{i}", "expr": e} for i, e in enumerate(substituted)]
-    result = _promtool("check", "rules", str(_rules_file(tmp_path, [{"name": "dashboard", "rules": rules}])))
+    substituted = [
+        e.replace("$namespace", "kuberank")
+        .replace("$service", "kuberank-serve-metrics")
+        .replace("$triton_service", ".*-triton")
+        for e in exprs
+    ]
+    rules = [
+        {"record": f"kuberank:dashboard_panel_{i}", "expr": e} for i, e in enumerate(substituted)
+    ]
+    result = _promtool(
+        "check", "rules", str(_rules_file(tmp_path, [{"name": "dashboard", "rules": rules}]))
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
 
@@ -512,11 +671,23 @@ def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
     buckets = ["0.05", "0.1", "0.25", "0.5", "1", "2.5", "+Inf"]
     series = [
         # stable: 10 req/s, 0.1% errors, everything under 100 ms
-        {"series": f'kuberank_requests_total{{{app},track="stable",status="200"}}', "values": "0+599x20"},
-        {"series": f'kuberank_requests_total{{{app},track="stable",status="500"}}', "values": "0+1x20"},
+        {
+            "series": f'kuberank_requests_total{{{app},track="stable",status="200"}}',
+            "values": "0+599x20",
+        },
+        {
+            "series": f'kuberank_requests_total{{{app},track="stable",status="500"}}',
+            "values": "0+1x20",
+        },
         # canary: 10 req/s, 20% errors, half of the requests take over 500 ms
-        {"series": f'kuberank_requests_total{{{app},track="canary",status="200"}}', "values": "0+480x20"},
-        {"series": f'kuberank_requests_total{{{app},track="canary",status="503"}}', "values": "0+120x20"},
+        {
+            "series": f'kuberank_requests_total{{{app},track="canary",status="200"}}',
+            "values": "0+480x20",
+        },
+        {
+            "series": f'kuberank_requests_total{{{app},track="canary",status="503"}}',
+            "values": "0+120x20",
+        },
         # Triton canary: 100 ms queue per request, GPU memory at 95%
         {"series": f"nv_inference_queue_duration_us{{{tri}}}", "values": "0+60000000x20"},
         {"series": f"nv_inference_request_success{{{tri}}}", "values": "0+600x20"},
@@ -526,30 +697,62 @@ def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
     for le in buckets:
         stable = 600 if le != "0.05" else 300
         canary = {"0.05": 0, "0.1": 100, "0.25": 200, "0.5": 300}.get(le, 600)
-        series.append({"series": f'kuberank_request_latency_seconds_bucket{{{app},track="stable",le="{le}"}}',
-                       "values": f"0+{stable}x20"})
-        series.append({"series": f'kuberank_request_latency_seconds_bucket{{{app},track="canary",le="{le}"}}',
-                       "values": f"0+{canary}x20"})
+        series.append(
+            {
+                "series": f'kuberank_request_latency_seconds_bucket{{{app},track="stable",le="{le}"}}',
+                "values": f"0+{stable}x20",
+            }
+        )
+        series.append(
+            {
+                "series": f'kuberank_request_latency_seconds_bucket{{{app},track="canary",le="{le}"}}',
+                "values": f"0+{canary}x20",
+            }
+        )
     tests = {
         "rule_files": [str(rules)],
         "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": series,
-            "alert_rule_test": [
-                {"eval_time": "15m", "alertname": "KuberankHighErrorRate",
-                 "exp_alerts": [{"exp_labels": {"severity": "critical", "track": "canary"}}]},
-                {"eval_time": "15m", "alertname": "KuberankHighP99Latency",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary"}}]},
-                {"eval_time": "15m", "alertname": "KuberankTritonQueueTimeHigh",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary", "pod": "t-0"}}]},
-                {"eval_time": "15m", "alertname": "KuberankTritonGPUMemoryHigh",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary", "pod": "t-0",
-                                                "gpu_uuid": "GPU-1"}}]},
-                # `for: 5m` holds the alerts back early on
-                {"eval_time": "3m", "alertname": "KuberankHighErrorRate", "exp_alerts": []},
-            ],
-        }],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "15m",
+                        "alertname": "KuberankHighErrorRate",
+                        "exp_alerts": [{"exp_labels": {"severity": "critical", "track": "canary"}}],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "KuberankHighP99Latency",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary"}}],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "KuberankTritonQueueTimeHigh",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "track": "canary", "pod": "t-0"}}
+                        ],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "KuberankTritonGPUMemoryHigh",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "track": "canary",
+                                    "pod": "t-0",
+                                    "gpu_uuid": "GPU-1",
+                                }
+                            }
+                        ],
+                    },
+                    # `for: 5m` holds the alerts back early on
+                    {"eval_time": "3m", "alertname": "KuberankHighErrorRate", "exp_alerts": []},
+                ],
+            }
+        ],
     }
     test_file = tmp_path / "rules_test.yaml"
     test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
@@ -562,7 +765,8 @@ def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
 
 def test_readme_parameter_table_matches_values():
     assert kubechart.update_readme(CHART, check=True), (
-        "charts/kuberank/README.md is stale: run python -m kuberank.kubechart readme charts/kuberank")
+        "charts/kuberank/README.md is stale: run python -m kuberank.kubechart readme charts/kuberank"
+    )
     readme = (CHART / "README.md").read_text()
     for p in kubechart.parse_params((CHART / "values.yaml").read_text()):
         assert f"| `{p.key}` |" in readme
@@ -573,7 +777,9 @@ def test_readme_generator_refuses_undocumented_values():
     with pytest.raises(kubechart.ChartDocError, match="value a.c has no ## @param"):
         kubechart.params_table(text)
     with pytest.raises(kubechart.ChartDocError, match="@param a.x names no value"):
-        kubechart.params_table("## @section S\n## @param a Whole map\n## @param a.x ghost\na:\n  b: 1\n")
+        kubechart.params_table(
+            "## @section S\n## @param a Whole map\n## @param a.x ghost\na:\n  b: 1\n"
+        )
     table = kubechart.params_table("## @section S\n## @param a Whole map\na:\n  b: 1\n")
     assert '| `a` | Whole map | `{"b":1}` |' in table
 
@@ -584,7 +790,9 @@ def test_kubechart_cli_check_reports_stale_readme(tmp_path):
     chart = tmp_path / "kuberank"
     shutil.copytree(CHART, chart)
     values = chart / "values.yaml"
-    values.write_text(values.read_text().replace("Number of Triton replicas", "How many Triton pods"))
+    values.write_text(
+        values.read_text().replace("Number of Triton replicas", "How many Triton pods")
+    )
     assert kubechart.main(["readme", str(chart), "--check"]) == 1
     assert kubechart.main(["readme", str(chart)]) == 0
     assert "How many Triton pods" in (chart / "README.md").read_text()
