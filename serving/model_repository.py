@@ -44,7 +44,11 @@ ENCODER_OUTPUT = "embedding"
 # serves, the instance kind it runs on)
 ENCODER_BACKENDS = {
     # python backend (model.py) running model.onnx in ONNX Runtime in the stub process
-    "python_onnxruntime": ('backend: "python"\ndefault_model_filename: "model.py"', "model.onnx", "KIND_CPU"),
+    "python_onnxruntime": (
+        'backend: "python"\ndefault_model_filename: "model.py"',
+        "model.onnx",
+        "KIND_CPU",
+    ),
     # Triton's ONNX Runtime backend (production, GPU nodes)
     "onnxruntime_onnx": (
         'backend: "onnxruntime"\nplatform: "onnxruntime_onnx"\ndefault_model_filename: "model.onnx"',
@@ -86,7 +90,9 @@ class RepositorySpec:
             )
         if self.dim <= 0 or self.max_length <= 0 or self.version <= 0:
             raise KuberankError("dim, max_length and version must be positive")
-        if self.max_batch_size < 1 or any(b > self.max_batch_size for b in self.preferred_batch_sizes):
+        if self.max_batch_size < 1 or any(
+            b > self.max_batch_size for b in self.preferred_batch_sizes
+        ):
             raise KuberankError(
                 f"preferred_batch_sizes {self.preferred_batch_sizes} must not exceed "
                 f"max_batch_size {self.max_batch_size}"
@@ -224,12 +230,16 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, object]:
         cfg = parse_config(cfg_path.read_text(), str(cfg_path))
         model_dir = cfg_path.parent
         if cfg.name and cfg.name != model_dir.name:
-            raise KuberankError(f"{cfg_path}: name {cfg.name!r} differs from its directory {model_dir.name!r}")
+            raise KuberankError(
+                f"{cfg_path}: name {cfg.name!r} differs from its directory {model_dir.name!r}"
+            )
         versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         if not versions:
             raise KuberankError(f"{model_dir}: no version directory (e.g. {model_dir}/1)")
         if cfg.platform != "ensemble":
-            model_file = cfg.default_model_filename or ("model.py" if cfg.backend == "python" else "")
+            model_file = cfg.default_model_filename or (
+                "model.py" if cfg.backend == "python" else ""
+            )
             for version in versions:
                 if model_file and not (version / model_file).is_file():
                     raise KuberankError(f"{version / model_file}: missing model file")
@@ -239,7 +249,9 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, object]:
     for name, cfg in configs.items():
         for step in cfg.ensemble_scheduling.step:
             if step.model_name not in configs:
-                raise KuberankError(f"{repo / name / 'config.pbtxt'}: step model {step.model_name!r} is not in {repo}")
+                raise KuberankError(
+                    f"{repo / name / 'config.pbtxt'}: step model {step.model_name!r} is not in {repo}"
+                )
     return configs
 
 
@@ -372,9 +384,13 @@ def write_repository(
         if not path.is_file():
             raise KuberankError(f"{path}: no such file (needed for the Triton model repository)")
     if spec.encoder_file == "model.plan" and encoder_file.suffix == ".onnx":
-        raise KuberankError(f"{encoder_file}: the tensorrt_plan backend needs a TensorRT plan, not ONNX")
+        raise KuberankError(
+            f"{encoder_file}: the tensorrt_plan backend needs a TensorRT plan, not ONNX"
+        )
     if spec.encoder_file == "model.onnx" and encoder_file.suffix != ".onnx":
-        raise KuberankError(f"{encoder_file}: the {spec.encoder_backend} backend needs an .onnx model")
+        raise KuberankError(
+            f"{encoder_file}: the {spec.encoder_backend} backend needs an .onnx model"
+        )
 
     configs = render_configs(spec)
     for name, text in configs.items():
