@@ -85,7 +85,9 @@ def load_tokenizer(path: str | os.PathLike, max_length: int = MAX_LENGTH):
     return tokenizer
 
 
-def tokenize(tokenizer, texts: list[str], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(
+    tokenizer, texts: list[str], pad_to: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, attention_mask)`` int64 arrays, padded to the longest text (or ``pad_to``)."""
     encodings = tokenizer.encode_batch(list(texts))
     longest = max((len(e.ids) for e in encodings), default=1)
@@ -169,7 +171,9 @@ class OnnxEncoder:
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feed["token_type_ids"] = np.zeros_like(ids)
-        return self.session.run([OUTPUT_NAME], {k: v for k, v in feed.items() if k in self.input_names})[0]
+        return self.session.run(
+            [OUTPUT_NAME], {k: v for k, v in feed.items() if k in self.input_names}
+        )[0]
 
     def encode(self, texts: list[str], batch_size: int = 64, desc: str | None = None) -> np.ndarray:
         """Embeddings of ``texts`` in the caller's order (batches sorted by length)."""
