@@ -36,7 +36,10 @@ from kuberank.errors import KuberankError
 HOST = "127.0.0.1"
 ENV_BINARY = "KUBERANK_TRITONSERVER"
 # CPU-only machines: the server logs these as errors although nothing is wrong
-_LOG_NOISE = ("CudaDriverHelper has not been initialized", "Unable to allocate pinned system memory")
+_LOG_NOISE = (
+    "CudaDriverHelper has not been initialized",
+    "Unable to allocate pinned system memory",
+)
 _LOG_ERROR = re.compile(r"^E\d{4} |error|failed|Invalid argument|Unexpected", re.IGNORECASE)
 
 
@@ -153,6 +156,8 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.stop_timeout = stop_timeout
         self.process: subprocess.Popen | None = None
+        # a unique shared-memory prefix: several servers (tests, a dev server) can coexist
+        self.shm_prefix = f"kuberank-{uuid.uuid4().hex[:10]}"
         self._workdir: Path | None = None
         self.log_path: Path | None = None
 
@@ -183,8 +188,7 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
-            # a unique shared-memory prefix: several servers (tests, a dev server) can coexist
-            f"--backend-config=python,shm-region-prefix-name=kuberank-{uuid.uuid4().hex[:10]}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if backend_dir is not None:
             cmd.append(f"--backend-directory={backend_dir}")
@@ -296,6 +300,9 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        # a server that failed to load a model leaves its python-backend regions behind
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

@@ -1,0 +1,165 @@
+"""The real tritonserver (bundled in nvidia-pytriton, python backend) serving the generated local
+repository: HTTP and gRPC inference match the in-process PyTorch model; a repository the
+server refuses is a clear error carrying the server's own message."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import require
+from kuberank.serving import model_repository as mr
+from kuberank.serving.triton import TritonServer, TritonStartError, find_tritonserver
+from test_export import MAX_LENGTH, exported_store
+
+from kuberank.config import base_model_path
+from kuberank.errors import KuberankError
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "space adventure with robots",
+    "a",
+    "Die Hard (1988) Action|Thriller",
+    # longer than MAX_LENGTH tokens: truncated the same way on both sides
+    "an epic, sprawling family saga that follows three generations of winemakers through war, "
+    "drought, betrayal and reconciliation in the hills of northern italy, with a lot of food",
+]
+
+
+def _tritonserver_available() -> bool:
+    try:
+        find_tritonserver()
+    except KuberankError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    require(_tritonserver_available(), "tritonserver not found (install nvidia-pytriton)")
+    return exported_store(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    with TritonServer(store / "triton-local") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from kuberank.encoder import TextEncoder
+
+    return TextEncoder(base_model_path(), max_length=MAX_LENGTH).encode(TEXTS)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _infer(module, url: str, texts: list[str]) -> np.ndarray:
+    client = module.InferenceServerClient(url)
+    try:
+        batch = np.array([[t.encode()] for t in texts], dtype=object)
+        text = module.InferInput("TEXT", list(batch.shape), "BYTES")
+        text.set_data_from_numpy(batch)
+        result = client.infer(
+            "query_encoder", [text], outputs=[module.InferRequestedOutput("EMBEDDING")]
+        )
+        return result.as_numpy("EMBEDDING")
+    finally:
+        client.close()
+
+
+def test_server_binds_loopback_and_reports_the_models(server):
+    import tritonclient.http as http
+
+    assert server.http_url.startswith("127.0.0.1:") and server.grpc_url.startswith("127.0.0.1:")
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        assert client.is_server_ready()
+        states = {m["name"]: m["state"] for m in client.get_model_repository_index()}
+        assert states == {"tokenizer": "READY", "encoder": "READY", "query_encoder": "READY"}
+        meta = client.get_model_metadata("query_encoder")
+        assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [("TEXT", "BYTES")]
+        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
+            ("EMBEDDING", "FP32", [-1, 384])
+        ]
+    finally:
+        client.close()
+
+
+def test_http_and_grpc_embeddings_match_pytorch(server, reference):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    over_http = _infer(http, server.http_url, TEXTS)
+    over_grpc = _infer(grpc, server.grpc_url, TEXTS)
+    assert over_http.shape == over_grpc.shape == (len(TEXTS), 384)
+    assert _cosine(over_http, reference).min() >= 0.999
+    assert _cosine(over_grpc, reference).min() >= 0.999
+    np.testing.assert_allclose(over_http, over_grpc, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(over_http, axis=1), 1.0, atol=1e-5)
+
+
+def test_concurrent_single_text_requests_are_batched_correctly(server, reference):
+    """Requests of different lengths (different sequence buckets) in flight together."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url, concurrency=len(TEXTS))
+    try:
+        pending = []
+        for _ in range(3):
+            for i, t in enumerate(TEXTS):
+                text = http.InferInput("TEXT", [1, 1], "BYTES")
+                text.set_data_from_numpy(np.array([[t.encode()]], dtype=object))
+                pending.append((i, client.async_infer("query_encoder", [text])))
+        for i, request in pending:
+            got = request.get_result(timeout=60).as_numpy("EMBEDDING")
+            assert _cosine(got, reference[i : i + 1])[0] >= 0.999, TEXTS[i]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("damage", ["config", "model_file"])
+def test_refused_repository_is_an_error_with_the_servers_message(store, tmp_path, damage):
+    import glob
+
+    repo = tmp_path / "repo"
+    shutil.copytree(store / "triton-local" / "tokenizer", repo / "tokenizer")
+    cfg = repo / "tokenizer" / "config.pbtxt"
+    if damage == "config":
+        # valid protobuf text, but a batching setting the server rejects
+        cfg.write_text(
+            cfg.read_text().replace(
+                "preferred_batch_size: [ 8, 16, 32 ]", "preferred_batch_size: [ 8, 128 ]"
+            )
+        )
+        mr.parse_config(cfg.read_text())
+        expected = "dynamic batching preferred size must be <= max batch size for tokenizer"
+    else:  # the python model's initialize() fails in the stub process
+        version = next(p for p in (repo / "tokenizer").iterdir() if p.name.isdigit())
+        (version / "tokenizer.json").write_text("{not json")
+        expected = f"failed to load 'tokenizer' version {version.name}"
+    server = TritonServer(repo)
+    with pytest.raises(TritonStartError) as err:
+        with server:
+            pass
+    message = str(err.value)
+    assert str(repo) in message and expected in message, message
+    assert server.process is None  # stopped
+    assert not glob.glob(f"/dev/shm/{server.shm_prefix}*")  # no shared memory left behind
+
+
+def test_missing_binary_and_repository_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBERANK_TRITONSERVER", str(tmp_path / "no-tritonserver"))
+    with pytest.raises(
+        KuberankError, match="KUBERANK_TRITONSERVER=.*no-tritonserver: no such file"
+    ):
+        TritonServer(tmp_path)
+    monkeypatch.delenv("KUBERANK_TRITONSERVER")
+    require(_tritonserver_available(), "tritonserver not found (install nvidia-pytriton)")
+    with pytest.raises(KuberankError, match="no such model repository"):
+        TritonServer(tmp_path / "nowhere").start()
