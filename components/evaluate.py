@@ -22,7 +22,7 @@ from kuberank.errors import KuberankError
 from kuberank.progress import bar
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
-BASELINES = ("bm25", "popularity", "zero-shot")
+BASELINES = ("bm25", "popularity", "zero-shot", "ease", "bpr")
 BM25_PARAMS = {"k1": 0.9, "b": 0.4}
 
 
@@ -79,6 +79,63 @@ class PopularityRanker(Ranker):
 
     def scores(self, task, rows):
         return np.broadcast_to(self.counts, (len(rows), len(self.counts)))
+
+
+def _user_item_matrix(task: datasets.EvalTask):
+    """Binary users x items matrix of the task's known interactions (CSR)."""
+    from scipy import sparse
+
+    rows = np.repeat(np.arange(len(task)), [len(h) for h in task.histories])
+    cols = np.concatenate(task.histories) if len(task) else np.zeros(0, dtype=np.int64)
+    matrix = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)),
+                               shape=(len(task), len(task.dataset.items)))
+    matrix.data[:] = 1.0
+    return matrix
+
+
+class EASERanker(Ranker):
+    """EASE^R (Steck, 2019): a closed-form item-item model, B = I - P / diag(P) with
+    P = (X^T X + lambda I)^-1. A strong non-sequential collaborative baseline."""
+
+    name = "ease"
+
+    def __init__(self, l2: float = 500.0):
+        self.l2 = l2
+
+    def prepare(self, task):
+        if task.dataset.kind != datasets.RECOMMENDATION:
+            raise KuberankError("--model ease: a recommendation baseline; this dataset is a search collection")
+        self.matrix = _user_item_matrix(task)
+        gram = (self.matrix.T @ self.matrix).toarray().astype(np.float64)
+        gram[np.diag_indices_from(gram)] += self.l2
+        inverse = np.linalg.inv(gram)
+        self.weights = -inverse / np.diag(inverse)
+        self.weights[np.diag_indices_from(self.weights)] = 0.0
+
+    def scores(self, task, rows):
+        return np.asarray(self.matrix[rows] @ self.weights)
+
+
+class BPRRanker(Ranker):
+    """Bayesian personalised ranking from the maintained ``implicit`` library."""
+
+    name = "bpr"
+
+    def __init__(self, factors: int = 64, iterations: int = 100, seed: int = 0):
+        self.params = {"factors": factors, "iterations": iterations, "random_state": seed}
+
+    def prepare(self, task):
+        if task.dataset.kind != datasets.RECOMMENDATION:
+            raise KuberankError("--model bpr: a recommendation baseline; this dataset is a search collection")
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+        from threadpoolctl import threadpool_limits
+
+        self.model = BayesianPersonalizedRanking(**self.params, num_threads=1)
+        with threadpool_limits(1, "blas"):
+            self.model.fit(_user_item_matrix(task), show_progress=False)
+
+    def scores(self, task, rows):
+        return np.asarray(self.model.user_factors[rows] @ self.model.item_factors.T)
 
 
 class EncoderRanker(Ranker):
@@ -168,6 +225,10 @@ def load_ranker(model: str) -> Ranker:
         return PopularityRanker()
     if model == "zero-shot":
         return EncoderRanker()
+    if model == "ease":
+        return EASERanker()
+    if model == "bpr":
+        return BPRRanker()
     path = Path(model)
     if path.exists():
         from kuberank.model import is_kuberank_model

@@ -448,6 +448,8 @@ def train(config: TrainConfig) -> Path:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     loop_config["threads_per_worker"] = max(1, cpus // config.workers)
     storage_uri = config.storage or f"{Path(config.out).resolve()}.checkpoints"
+    storage.check_writable(storage_uri)
+    filesystem, storage_path = storage.arrow_filesystem(storage_uri)
     run_name = f"kuberank-{data.name}".replace(":", "-").replace("/", "-")
     Progress = _progress_actor()
     actor_name = f"kuberank-progress-{os.getpid()}-{time.time_ns()}"
@@ -460,7 +462,8 @@ def train(config: TrainConfig) -> Path:
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_uri if storage.is_s3(storage_uri) else str(Path(storage_uri).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -18,6 +18,7 @@ describe, so a misspelt field fails here instead of being pruned silently by the
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -474,12 +475,35 @@ def validate_custom(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> N
                 )
 
 
+_QUANTITY = re.compile(
+    r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+)
+
+
+def quantity_errors(obj: dict[str, Any]) -> list[str]:
+    """Container resource quantities that the API server would reject (the OpenAPI schema
+    types them as int-or-string, so kubernetes-validate does not look inside)."""
+    errors = []
+    for where, spec in pod_specs(obj):
+        for c in list(spec.get("initContainers", [])) + list(spec.get("containers", [])):
+            for kind, values in (c.get("resources") or {}).items():
+                for name, value in (values or {}).items():
+                    if not _QUANTITY.match(str(value)):
+                        errors.append(
+                            f"{where} container {c.get('name')}: resources.{kind}.{name}: {value!r} is not a quantity"
+                        )
+    return errors
+
+
 def validate(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> None:
     """Validate any object kuberank renders: custom resources here, core kinds strictly."""
     if is_custom(obj):
         validate_custom(obj, version)
     else:
         validate_core(obj, version)
+    problems = quantity_errors(obj)
+    if problems:
+        raise ManifestError("; ".join(problems))
 
 
 def pod_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -495,3 +519,58 @@ def pod_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     if kind in ("RayService", "RayJob"):
         return [(f"{kind}/{name} {where}", t["spec"]) for where, t in _pod_templates(obj)]
     return []
+
+
+# --- policy checks shared by the chart and manifest tests ---------------------------------------
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(spec.get("initContainers", [])) + list(spec.get("containers", []))
+
+
+def security_violations(obj: dict[str, Any]) -> list[str]:
+    """Pods that may run as root, write their root filesystem, keep capabilities, escalate,
+    run without the RuntimeDefault seccomp profile, or lack cpu/memory requests and limits."""
+    problems: list[str] = []
+    for where, spec in pod_specs(obj):
+        psc = spec.get("securityContext", {})
+        if psc.get("runAsNonRoot") is not True:
+            problems.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+        for c in _containers(spec):
+            tag = f"{where} container {c.get('name')}"
+            sc = c.get("securityContext", {})
+            if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+                problems.append(f"{tag}: runAsNonRoot is not true")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{tag}: readOnlyRootFilesystem is not true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{tag}: allowPrivilegeEscalation is not false")
+            if sc.get("privileged"):
+                problems.append(f"{tag}: privileged")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []) or sc.get(
+                "capabilities", {}
+            ).get("add"):
+                problems.append(f"{tag}: capabilities do not drop ALL (or add some)")
+            seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {}))
+            if seccomp.get("type") != "RuntimeDefault":
+                problems.append(f"{tag}: seccompProfile is not RuntimeDefault")
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if not res.get(kind, {}).get(r):
+                        problems.append(f"{tag}: no {r} {kind[:-1]}")
+    return problems
+
+
+def gpu_consumers(objs: Iterable[dict[str, Any]]) -> list[str]:
+    """``<object> <where>:<container>`` for every container that asks for a GPU."""
+    users = []
+    for obj in objs:
+        for where, spec in pod_specs(obj):
+            for c in _containers(spec):
+                res = c.get("resources", {})
+                if GPU_RESOURCE in res.get("limits", {}) or GPU_RESOURCE in res.get("requests", {}):
+                    users.append(f"{where}:{c.get('name')}")
+    return users

@@ -64,6 +64,45 @@ def _s3_keys(client, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
+def check_writable(uri: str | os.PathLike) -> None:
+    """Fail fast with a clear error when ``uri`` cannot take writes (bucket missing, endpoint
+    unreachable, read-only directory)."""
+    uri = str(uri)
+    if not is_s3(uri):
+        path = Path(uri)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot create directory: {exc.strerror}") from exc
+        if not os.access(path, os.W_OK):
+            raise StorageError(f"{uri}: directory is not writable")
+        return
+    bucket, _ = split_s3(uri)
+    with _s3_errors(uri):
+        s3_client().head_bucket(Bucket=bucket)
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path) for ``uri``: what Ray Train's checkpoint storage takes, with
+    the same S3 endpoint and credentials as boto3."""
+    if not is_s3(uri):
+        return None, str(Path(uri).resolve())
+    import boto3
+    from pyarrow import fs
+
+    credentials = boto3.Session().get_credentials()
+    frozen = credentials.get_frozen_credentials() if credentials else None
+    endpoint = os.environ.get("KUBERANK_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if frozen:
+        options.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    bucket, key = split_s3(uri)
+    return fs.S3FileSystem(**options), f"{bucket}/{key}".rstrip("/")
+
+
 def _cache_root() -> Path:
     root = Path(os.environ.get("KUBERANK_CACHE", Path.home() / ".cache" / "kuberank")) / "s3"
     root.mkdir(parents=True, exist_ok=True)

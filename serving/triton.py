@@ -283,6 +283,13 @@ class TritonServer:
             f"tritonserver not ready after {timeout:.0f}s on {self.repository}:\n{messages}"
         )
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the server exits (e.g. ``kuberank serve`` in the foreground); its exit
+        code. ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+        if self.process is None:
+            raise KuberankError("tritonserver not started")
+        return self.process.wait(timeout=timeout)
+
     def stop(self) -> None:
         """Stop the server and its stub processes; bounded."""
         process, self.process = self.process, None

@@ -1,0 +1,142 @@
+"""Fine-tuning on a real local Ray cluster (127.0.0.1): DDP, checkpoints, fault tolerance,
+LoRA, warm start, recommendation with the F(Q,B,I) scorer, and bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kuberank.components.evaluate import evaluate
+from kuberank.components.finetune import TrainConfig, train
+from kuberank.errors import KuberankError, StorageError
+from kuberank.model import read_info
+from tests.fixtures import interaction_rows, write_beir, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from kuberank.raycluster import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beir") / "toy"
+    # With train.tsv present the split is explicit: train on every query, test on a few.
+    qrels = {"q1": "d1", "q2": "d2", "q3": "d3", "q4": "d5", "q5": "d4", "q6": "d6"}
+    return f"beir:{write_beir(root, {'train': qrels, 'test': {'q1': 'd1', 'q4': 'd5'}})}"
+
+
+def small(dataset, out, **kwargs):
+    defaults = dict(dataset=dataset, out=str(out), workers=2, epochs=2, batch_size=3, max_length=32, query_max_length=16)
+    return TrainConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def search_model(ray_cluster, collection, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "search"
+    return train(small(collection, out))
+
+
+def test_search_model_directory_and_manifest(search_model, collection):
+    names = {p.name for p in search_model.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "kuberank.json"} <= names
+    info = read_info(search_model)
+    assert info.kind == "search" and len(info.fingerprint) == 32
+    assert info.dataset["spec"] == collection and len(info.dataset["content_hash"]) == 64
+    assert info.training["workers"] == 2 and info.training["epochs_run"] == 2
+    assert info.training["trainable_parameters"] == info.training["total_parameters"] > 20_000_000
+    events = list(Path(f"{search_model}.tensorboard").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard event files are written"
+    assert evaluate(collection, str(search_model), "test")["ndcg@10"] > 0.9
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, collection, tmp_path):
+    marker = tmp_path / "killed"
+    out = train(small(collection, tmp_path / "m", epochs=3, fault_injection={"kill_after_epoch": 0, "marker": str(marker)}))
+    assert marker.exists(), "a worker was killed after its first checkpoint"
+    info = read_info(out)
+    assert info.training["resumed_from_epoch"] == 1  # the new worker group started from the checkpoint
+    assert [row["epoch"] for row in info.training["history"]][-1] == 2
+    assert any(Path(f"{out}.checkpoints").rglob("state.pt")), "the last good checkpoint is kept"
+
+
+def test_lora_trains_few_parameters_and_exports_a_plain_model(ray_cluster, collection, tmp_path):
+    out = train(small(collection, tmp_path / "lora", epochs=1, lora=True, workers=1))
+    info = read_info(out)
+    assert info.training["trainable_parameters"] < 0.1 * info.training["total_parameters"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bert"  # adapters merged: a plain transformer for export
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_warm_start_with_replay(ray_cluster, search_model, collection, tmp_path):
+    out = train(small(collection, tmp_path / "warm", epochs=1, workers=1, warm_start=str(search_model), replay_fraction=0.5))
+    info = read_info(out)
+    assert info.base_model == str(search_model)
+    assert info.training["replay_fraction"] == 0.5
+
+
+def test_checkpoints_to_s3(ray_cluster, s3_endpoint, collection, tmp_path):
+    from kuberank import storage
+
+    storage.s3_client().create_bucket(Bucket="kuberank-ckpt")
+    train(small(collection, tmp_path / "s3m", epochs=1, workers=1, storage="s3://kuberank-ckpt/runs"))
+    keys = [o["Key"] for o in storage.s3_client().list_objects_v2(Bucket="kuberank-ckpt", Prefix="runs/")["Contents"]]
+    assert any(k.endswith("state.pt") for k in keys)
+
+
+def test_recommendation_with_behaviour_term(ray_cluster, tmp_path):
+    log = write_jsonl(tmp_path / "log.jsonl", interaction_rows(users=12, per_user=8))
+    spec = f"interactions:{log}"
+    out = train(TrainConfig(dataset=spec, out=str(tmp_path / "rec"), workers=2, epochs=3, batch_size=16))
+    info = read_info(out)
+    assert info.kind == "recommendation" and info.scorer.use_behaviour and info.scorer.use_collaborative
+    assert "val_ndcg@10" in info.metrics and len(info.item_ids) == 8
+    assert (out / "scorer.safetensors").is_file()
+    result = evaluate(spec, str(out), "test")
+    assert result["queries"] == 12
+
+
+def test_bad_input_is_refused_before_training(ray_cluster, tmp_path, collection):
+    only_test = write_beir(tmp_path / "t", {"test": {"q1": "d1"}})
+    # Without train.tsv, q1 hashes into one split; make sure the train side is empty.
+    from kuberank.datasets import hash_split
+
+    assert hash_split("q1") == "test"
+    with pytest.raises(KuberankError, match="train split has no"):
+        train(small(f"beir:{only_test}", tmp_path / "x"))
+    unjudged = write_beir(tmp_path / "u", {"train": {"q1": "d1"}})
+    (tmp_path / "u" / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\n")
+    with pytest.raises(KuberankError, match="train split has no"):
+        train(small(f"beir:{unjudged}", tmp_path / "y"))
+    with pytest.raises(StorageError, match="s3://kuberank-missing"):
+        import os
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "x")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "x")
+        old = os.environ.get("KUBERANK_S3_ENDPOINT_URL")
+        os.environ["KUBERANK_S3_ENDPOINT_URL"] = "http://127.0.0.1:9"
+        try:
+            train(small(collection, tmp_path / "z", storage="s3://kuberank-missing/ckpt"))
+        finally:
+            os.environ.pop("KUBERANK_S3_ENDPOINT_URL") if old is None else os.environ.update(KUBERANK_S3_ENDPOINT_URL=old)
+
+
+def test_mismatched_item_tower_tokenizer_is_refused(ray_cluster, search_model, collection, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(search_model, broken)
+    shutil.copytree(search_model, broken / "item_tower", ignore=shutil.ignore_patterns("item_tower"))
+    vocab = broken / "item_tower" / "vocab.txt"
+    vocab.write_text(vocab.read_text().replace("[unused0]", "[unused-x]", 1))
+    with pytest.raises(KuberankError, match="item tower's tokenizer does not match"):
+        train(small(collection, tmp_path / "w", towers="separate", warm_start=str(broken)))
