@@ -797,3 +797,21 @@ def test_kubechart_cli_check_reports_stale_readme(tmp_path):
     assert kubechart.main(["readme", str(chart)]) == 0
     assert "How many Triton pods" in (chart / "README.md").read_text()
     assert kubechart.main(["readme", str(chart), "--check"]) == 0
+
+
+def test_prometheus_adapter_rule_matches_the_hpa(tmp_path):
+    """The adapter rule shipped for the Triton HPA names the HPA's metric and is valid PromQL."""
+    adapter = yaml.safe_load((CHART / "files" / "prometheus-adapter-rules.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    hpa = one(render("gpu-prod-values.yaml"), "HorizontalPodAutoscaler", "kuberank-triton")
+    assert rule["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    expr = (
+        rule["metricsQuery"]
+        .replace("<<.LabelMatchers>>", 'namespace="kuberank",pod=~"kuberank-triton-.*"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    rules = _rules_file(
+        tmp_path, [{"name": "adapter", "rules": [{"record": "adapter:q", "expr": expr}]}]
+    )
+    result = _promtool("check", "rules", str(rules))
+    assert result.returncode == 0, result.stdout + result.stderr
