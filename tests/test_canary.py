@@ -6,6 +6,7 @@ synthetic kuberank exporters on loopback (a healthy, a failing and a slow canary
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -596,3 +597,217 @@ def test_canary_without_metrics_is_rolled_back_after_inconclusive_analyses(
     assert weights(route)["nobody-kuberank-canary-serve-svc"] == 0
     assert route["metadata"]["annotations"][kc.ANN_REASON].startswith("no verdict after 2 analyses")
     assert capsys.readouterr().err.count("-> wait") == 2
+
+
+# --- cluster mode through real kubectl against a minimal loopback API endpoint ----------------
+
+
+def _merge_patch(target, patch):
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
+
+
+class TinyAPIServer:
+    """Just enough of the Kubernetes API for `kubectl get/patch httproutes...`: legacy discovery
+    and GET/PATCH (merge patch) of HTTPRoutes kept in memory. Not a Kubernetes API server: it
+    stands in for the cluster so that the plugin's real kubectl invocations can be observed."""
+
+    GROUP = "gateway.networking.k8s.io"
+
+    def __init__(self, routes: list[dict]):
+        self.routes = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in routes}
+        self.requests: list[tuple[str, str, str]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route_key(self):
+                parts = urllib.parse.urlparse(self.path).path.strip("/").split("/")
+                # apis/<group>/v1/namespaces/<ns>/httproutes/<name>
+                if (
+                    len(parts) == 7
+                    and parts[:3] == ["apis", api.GROUP, "v1"]
+                    and parts[5] == "httproutes"
+                ):
+                    return parts[4], parts[6]
+                return None
+
+            def do_GET(self):  # noqa: N802
+                path = urllib.parse.urlparse(self.path).path.rstrip("/")
+                api.requests.append(("GET", path, ""))
+                if path == "/api":
+                    return self._send(
+                        200,
+                        {
+                            "kind": "APIVersions",
+                            "versions": ["v1"],
+                            "serverAddressByClientCIDRs": [],
+                        },
+                    )
+                if path == "/apis":
+                    gv = {"groupVersion": f"{api.GROUP}/v1", "version": "v1"}
+                    return self._send(
+                        200,
+                        {
+                            "kind": "APIGroupList",
+                            "apiVersion": "v1",
+                            "groups": [
+                                {"name": api.GROUP, "versions": [gv], "preferredVersion": gv}
+                            ],
+                        },
+                    )
+                if path == "/api/v1":
+                    return self._send(
+                        200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": []}
+                    )
+                if path == f"/apis/{api.GROUP}/v1":
+                    return self._send(
+                        200,
+                        {
+                            "kind": "APIResourceList",
+                            "apiVersion": "v1",
+                            "groupVersion": f"{api.GROUP}/v1",
+                            "resources": [
+                                {
+                                    "name": "httproutes",
+                                    "singularName": "httproute",
+                                    "namespaced": True,
+                                    "kind": "HTTPRoute",
+                                    "verbs": ["get", "list", "patch", "update", "watch"],
+                                }
+                            ],
+                        },
+                    )
+                key = self._route_key()
+                if key in api.routes:
+                    return self._send(200, api.routes[key])
+                return self._send(
+                    404,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "reason": "NotFound",
+                        "code": 404,
+                        "message": f"{path} not found",
+                    },
+                )
+
+            def do_PATCH(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ctype = self.headers.get("Content-Type", "")
+                api.requests.append(("PATCH", urllib.parse.urlparse(self.path).path, ctype))
+                key = self._route_key()
+                if key not in api.routes or ctype != "application/merge-patch+json":
+                    return self._send(
+                        415,
+                        {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "code": 415,
+                            "message": f"unsupported {ctype}",
+                        },
+                    )
+                api.routes[key] = _merge_patch(api.routes[key], json.loads(body))
+                return self._send(200, api.routes[key])
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_cluster_mode_gets_and_merge_patches_the_route_through_kubectl(tmp_path, capsys):
+    route = next(o for o in rendered_objects() if o["kind"] == "HTTPRoute")
+    api = TinyAPIServer([route])
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "test",
+                    "clusters": [{"name": "test", "cluster": {"server": api.url}}],
+                    "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+                    "contexts": [
+                        {
+                            "name": "test",
+                            "context": {"cluster": "test", "user": "u", "namespace": "default"},
+                        }
+                    ],
+                }
+            )
+        )
+        base = ["--kubeconfig", str(kubeconfig), "--context", "test", "-n", "kuberank"]
+        assert kc.main([*base, "canary", "start", "--weight", "30", "--no-wait"]) == 0
+        live = api.routes[("kuberank", "kuberank")]
+        assert weights(live) == {"kuberank-serve-svc": 70, "kuberank-canary-serve-svc": 30}
+        assert live["metadata"]["annotations"][kc.ANN_PHASE] == "Progressing"
+        assert live["metadata"]["annotations"][kc.ANN_STABLE] == "kuberank-serve-svc"
+        assert kc.main([*base, "canary", "rollback"]) == 0
+        assert weights(api.routes[("kuberank", "kuberank")])["kuberank-canary-serve-svc"] == 0
+        capsys.readouterr()
+        assert kc.main([*base, "canary", "status", "-o", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["phase"] == "RolledBack"
+        path = f"/apis/{TinyAPIServer.GROUP}/v1/namespaces/kuberank/httproutes/kuberank"
+        patches = [r for r in api.requests if r[0] == "PATCH"]
+        assert patches == [("PATCH", path, "application/merge-patch+json")] * 2
+        assert ("GET", path, "") in api.requests
+        # the wrong namespace is an error that names the route
+        assert kc.main(["--kubeconfig", str(kubeconfig), "canary", "status"]) == 2
+        assert "not found" in capsys.readouterr().err.lower()
+    finally:
+        api.stop()
+
+
+def test_kubectl_finds_and_runs_the_plugin(tmp_path):
+    """`kubectl kuberank ...` through kubectl's plugin mechanism, with a console-script shim
+    like the one pip generates for the `kubectl-kuberank` entry point."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shim = bindir / "kubectl-kuberank"
+    shim.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom kuberank.canary import main\nsys.exit(main())\n"
+    )
+    shim.chmod(0o755)
+    manifests = write_manifests(tmp_path / "all.yaml")
+    env = {**os.environ, "PATH": f"{bindir}:/usr/bin:/bin"}
+    kubectl = kc.find_kubectl()
+    listed = subprocess.run(
+        [kubectl, "plugin", "list"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert str(shim) in listed.stdout
+    proc = subprocess.run(
+        [kubectl, "kuberank", "canary", "status", "-f", str(manifests), "-o", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["canaryWeight"] == 10
