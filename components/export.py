@@ -181,22 +181,27 @@ def quantize_int8(
     op_types: tuple[str, ...] = INT8_OP_TYPES,
 ) -> Path:
     """Dynamic int8 quantisation of the weights (activations quantised at run time).
-    Per-channel keeps the embeddings' cosine to fp32 at ~0.99; per-tensor only ~0.97."""
+    Per-channel keeps the mean cosine to fp32 at ~0.994 on MiniLM; per-tensor fell to 0.91."""
     import logging
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # pre-process hint
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=list(op_types),
-        # fused contrib ops have no inferred output types
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # quantize_dynamic warns "consider pre-processing"
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types),
+            # fused contrib ops have no inferred output types
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
     return Path(dst)
 
 

@@ -133,9 +133,10 @@ def load_session(model_path: str | os.PathLike, intra_op_threads: int | None = 1
 class OnnxEncoder:
     """Encodes texts into L2-normalised float32 vectors with an exported ONNX model.
 
-    ``path`` is a directory holding ``model.onnx`` and ``tokenizer.json`` (an edge bundle, a
-    Triton encoder version directory with the tokenizer beside it, an export work dir) or an
-    ``.onnx`` file with ``tokenizer`` given separately.
+    ``path`` is a directory holding ``model.onnx`` and ``tokenizer.json`` (the store's
+    ``onnx/`` or ``edge/``) or an ``.onnx`` / ``.ort`` file, with ``tokenizer`` (the file or its
+    directory) given separately when it is not beside the model. ``intra_op_threads`` bounds
+    ONNX Runtime's thread pool (None: ORT's default, one per core).
     """
 
     def __init__(

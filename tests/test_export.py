@@ -236,3 +236,20 @@ def test_export_op_compiles_to_a_kfp_component(tmp_path):
     assert set(component["inputDefinitions"]["artifacts"]) == {"model"}
     assert set(component["inputDefinitions"]["parameters"]) == {"store"}
     assert set(component["outputDefinitions"]["artifacts"]) == {"parity"}
+
+
+def test_store_on_s3_is_readable_by_serving(exported, s3_endpoint):
+    """An exported store published to S3 (moto on 127.0.0.1): the manifest and the edge
+    encoder are read back through the storage URI."""
+    from kuberank.storage import materialize, publish, s3_client
+
+    store, manifest, _ = exported
+    s3_client().create_bucket(Bucket="models")
+    uri = "s3://models/stores/v5"
+    with pytest.raises(KuberankError, match="manifest.json"):
+        export.read_manifest(uri)
+    publish(store / "manifest.json", f"{uri}/manifest.json")
+    publish(store / "edge", f"{uri}/edge")
+    assert export.read_manifest(uri) == json.loads(json.dumps(manifest))
+    encoder = OnnxEncoder(materialize(f"{uri}/edge"), max_length=MAX_LENGTH)
+    assert encoder.encode(["toy story"]).shape == (1, 384)
