@@ -778,6 +778,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CanaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the route keeps its current weights and phase; continue with "
+            "`canary analyze --apply` or `canary start --force`, or undo with `canary rollback`",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -160,14 +160,15 @@ def load_values_files(*paths: str | Path) -> dict[str, Any]:
     """Merge values files the way `helm -f a -f b` does (later files win, maps merge deeply)."""
     merged: dict[str, Any] = {}
     for p in paths:
-        _deep_merge(merged, yaml.safe_load(Path(p).read_text()) or {})
+        deep_merge(merged, yaml.safe_load(Path(p).read_text()) or {})
     return merged
 
 
-def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+def deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    """Merge ``src`` into ``dst`` in place (maps deeply, everything else replaced)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
+            deep_merge(dst[k], v)
         else:
             dst[k] = v
 
@@ -188,12 +189,7 @@ def render(
     for template, text in sorted(rendered.items()):
         if template.endswith("NOTES.txt"):
             continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                doc.setdefault("metadata", {}).setdefault("annotations", None)
-                if doc["metadata"]["annotations"] is None:
-                    del doc["metadata"]["annotations"]
-                objects.append(doc)
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return objects
 
 

@@ -101,7 +101,7 @@ def test_steps():
 
 def rendered_objects(release: str = "kuberank", **overrides) -> list[dict]:
     values = kubechart.load_values_files(CANARY_VALUES)
-    kubechart._deep_merge(values, overrides)
+    kubechart.deep_merge(values, overrides)
     return kubechart.render(CHART, values, name=release, namespace="kuberank")
 
 

@@ -35,7 +35,7 @@ def values_for(variant: str) -> dict:
 @functools.cache
 def _rendered(variant: str, overrides: str = "{}") -> tuple:
     values = values_for(variant)
-    kubechart._deep_merge(values, json.loads(overrides))
+    kubechart.deep_merge(values, json.loads(overrides))
     return tuple(json.dumps(o) for o in kubechart.render(CHART, values))
 
 
