@@ -217,3 +217,17 @@ def test_chart_policies_through_the_shared_checks():
     objs = kubechart.render(ROOT / "charts/kuberank", values)
     assert [p for o in objs for p in kubeschema.security_violations(o)] == []
     assert kubeschema.gpu_consumers(objs) == ["Deployment/kuberank-triton:triton"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_parses_with_the_real_training_cli(target):
+    """The RayJob's command line is accepted by kuberank's own CLI parser (the contract)."""
+    from kuberank import cli
+
+    argv = shlex.split(rayjob(target)["spec"]["entrypoint"])
+    args = cli.build_parser().parse_args(argv[3:])
+    assert args.command == "train"
+    assert args.workers == int(_train_args(rayjob(target))["--workers"])
+    assert (
+        args.ray_address is None
+    )  # the job's RAY_ADDRESS points the driver at the RayJob's cluster
