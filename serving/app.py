@@ -1,0 +1,800 @@
+"""The ranking application on Ray Serve: Ingress -> QueryEncoder -> Retriever -> Ranker.
+
+Contract (the Helm chart's RayService and the canary tooling use it): the application builder
+``kuberank.serving.app:build_app`` takes an args dict with ``model_store`` (a path or s3:// URI
+of an exported store with an index), ``triton_url`` (``host:port`` of Triton's gRPC endpoint;
+empty = encode queries in process with ONNX Runtime) and optional settings (see
+:class:`Settings`); the deployments are named ``Ingress``, ``QueryEncoder``, ``Retriever`` and
+``Ranker``.
+
+HTTP API (OpenAPI schema at ``/openapi.json``):
+
+- ``POST /search``    {query, user_id?, history?, k}  -> {model_version, fingerprint, kind, items}
+- ``POST /recommend`` {user_id?, history, k}          -> the same shape, history items excluded
+- ``GET /healthz`` (process up), ``GET /readyz`` (model loaded), ``GET /metrics`` (Prometheus)
+
+Every response carries the model version and each item's score F(Q, B, I). Bad input gets a
+4xx JSON body ``{"error": {"status", "message", "details"?}}``; overload gets a fast 503 (Serve's
+``max_queued_requests`` on the Ingress, and downstream back-pressure mapped to 503).
+
+Stages:
+
+- QueryEncoder: ``@serve.batch`` of query texts; Triton's ``query_encoder`` ensemble over gRPC
+  (one ``tritonclient.grpc.aio`` client per replica, so the channel is reused) or in-process
+  ONNX Runtime (int8 by default). When Triton fails, ``triton_fallback`` decides: ``onnx``
+  encodes in process (and skips Triton for ``triton_retry_s``), ``error`` answers 503.
+- Retriever: ``@serve.batch`` top-n over the item matrix, exact below the index's ANN threshold
+  and faiss HNSW above it; for recommendation (no query text) the query vector is the mean of
+  the history's item vectors, and small catalogues (``rank_all_max``) skip retrieval entirely.
+- Ranker: ``@serve.batch`` F(Q, B, I) of the model (kuberank.model.Scorer) over the candidates;
+  a store without a kuberank model manifest (the base MiniLM) is scored by Q·I.
+
+A model version is picked up with ``reconfigure`` (Serve ``user_config`` ``{"model_store",
+"revision"}``): each replica loads the new store beside the old one and swaps it in one
+assignment, so in-flight requests finish on the old one and none is dropped. Start-up (and
+reconfigure) refuses an index whose fingerprints differ from the store's encoder.
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from kuberank.serving.metrics import replica_metrics
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from kuberank.errors import KuberankError
+
+INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
+DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, RANKER)
+
+# Request limits (part of the OpenAPI schema)
+MAX_QUERY_CHARS = 512
+MAX_K = 100
+MAX_HISTORY = 200
+MAX_ID_CHARS = 128
+MAX_BODY_BYTES = 64 * 1024
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _default_deployments() -> dict[str, dict]:
+    """Per-deployment Ray Serve options for a local run; the chart passes its own through
+    serveConfigV2 (they override these). ``num_cpus`` 0 lets a laptop schedule every replica;
+    batching deployments take many ongoing requests (the default 5 would cap the batch)."""
+    scale = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 10, "downscale_delay_s": 60}
+    return {
+        INGRESS: {"max_ongoing_requests": 256, "max_queued_requests": 512,
+                  "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+                  "ray_actor_options": {"num_cpus": 0}},
+        ENCODER: {"max_ongoing_requests": 256, "max_queued_requests": -1,
+                  "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+                  "ray_actor_options": {"num_cpus": 0}},
+        RETRIEVER: {"max_ongoing_requests": 256, "max_queued_requests": -1,
+                    "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+                    "ray_actor_options": {"num_cpus": 0}},
+        RANKER: {"max_ongoing_requests": 256, "max_queued_requests": -1,
+                 "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+                 "ray_actor_options": {"num_cpus": 0}},
+    }
+
+
+@dataclass
+class Settings:
+    """Everything ``build_app`` accepts besides ``model_store`` and ``triton_url``."""
+
+    triton_model: str = "query_encoder"
+    triton_timeout_s: float = 2.0
+    triton_fallback: str = "onnx"  # "onnx": encode in process when Triton fails; "error": 503
+    triton_retry_s: float = 5.0  # after a Triton failure, go straight to the fallback this long
+    onnx_precision: str = "int8"  # in-process encoder: "int8" (model.int8.onnx) or "fp32"
+    onnx_threads: int = 1
+    candidates: int = 100  # retrieved per request before F re-ranks them
+    rank_all_max: int = 5000  # recommendation: score every item with F up to this catalogue size
+    # (max_batch_size, batch_wait_timeout_s): chosen by measurement (docs/serving.md)
+    encoder_batch: tuple[int, float] = (32, 0.003)
+    retriever_batch: tuple[int, float] = (32, 0.001)
+    ranker_batch: tuple[int, float] = (32, 0.001)
+    stage_timeout_s: float = 5.0  # one downstream call; past it the request gets 503
+    retries: int = 1  # retries of a downstream call whose replica died
+    revision: int = 0  # bump (user_config) to reload the same store URI
+    deployments: dict = field(default_factory=dict)  # per-deployment Serve option overrides
+
+    def __post_init__(self):
+        if self.triton_fallback not in ("onnx", "error"):
+            raise KuberankError(f"triton_fallback: {self.triton_fallback!r} is not 'onnx' or 'error'")
+        if self.onnx_precision not in ("int8", "fp32"):
+            raise KuberankError(f"onnx_precision: {self.onnx_precision!r} is not 'int8' or 'fp32'")
+        for name in ("encoder_batch", "retriever_batch", "ranker_batch"):
+            size, wait = getattr(self, name)
+            if int(size) < 1 or float(wait) < 0:
+                raise KuberankError(f"{name}: need (max_batch_size >= 1, batch_wait_timeout_s >= 0)")
+            setattr(self, name, (int(size), float(wait)))
+        unknown = set(self.deployments) - set(DEPLOYMENTS)
+        if unknown:
+            raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
+
+    @classmethod
+    def from_args(cls, args: dict) -> "Settings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(args) - names - {"model_store", "triton_url"}
+        if unknown:
+            raise KuberankError(f"build_app: unknown arguments {sorted(unknown)}")
+        return cls(**{k: v for k, v in args.items() if k in names})
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+class UnknownItemsError(KuberankError):
+    def __init__(self, ids: list[str]):
+        self.ids = ids
+        super().__init__(f"unknown item ids: {ids[:10]}")
+
+
+class EncoderUnavailableError(KuberankError):
+    """Triton failed and the fallback is off."""
+
+
+def _store_part(store: str, part: str) -> Path:
+    from kuberank.storage import is_s3, materialize
+
+    return materialize("/".join([store.rstrip("/"), part]) if is_s3(store) else str(Path(store) / part))
+
+
+def read_store_manifest(store: str) -> dict:
+    from kuberank.components.export import read_manifest
+
+    return read_manifest(store)
+
+
+def model_version(manifest: dict) -> str:
+    return str(manifest.get("version", "0"))
+
+
+@dataclass
+class ModelTables:
+    """What the Ingress and the Ranker need from STORE/model/kuberank.json."""
+
+    kind: str
+    user_row: dict[str, int]
+    info: Any | None  # kuberank.model.ModelInfo, None for a plain encoder (F = Q·I)
+
+
+def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | None]:
+    from kuberank.model import MANIFEST, MODEL_FORMAT, read_info
+
+    try:
+        model_dir = _store_part(store, "model")
+    except KuberankError:
+        return ModelTables(index_kind, {}, None), None
+    manifest = model_dir / MANIFEST
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("format") != MODEL_FORMAT:
+        return ModelTables(index_kind, {}, None), None
+    info = read_info(model_dir)
+    return ModelTables(info.kind, {u: i for i, u in enumerate(info.user_ids)}, info), model_dir
+
+
+def load_checked_index(store: str):
+    """The store's manifest and index, refusing an index made by another encoder."""
+    from kuberank.serving.index import check_index, load_index
+
+    manifest = read_store_manifest(store)
+    index = load_index(store)
+    check_index(index.meta, manifest, where=f"{store}/index")
+    return manifest, index
+
+
+class InProcessEncoder:
+    """ONNX Runtime on the store's exported model, without progress bars (hot path)."""
+
+    def __init__(self, store: str, manifest: dict, precision: str = "int8", threads: int = 1):
+        from kuberank.onnx_encoder import OnnxEncoder
+
+        onnx_dir = _store_part(store, "onnx")
+        name = "model.int8.onnx" if precision == "int8" else "model.onnx"
+        self.encoder = OnnxEncoder(onnx_dir / name, tokenizer=onnx_dir / "tokenizer.json",
+                                   max_length=int(manifest["embedding"]["max_length"]),
+                                   intra_op_threads=threads)
+        self.lock = threading.Lock()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        from kuberank.onnx_encoder import tokenize
+
+        with self.lock:
+            ids, mask = tokenize(self.encoder.tokenizer, texts)
+            return np.asarray(self.encoder._run(ids, mask), dtype=np.float32)
+
+
+class TritonEncoder:
+    """The ``query_encoder`` ensemble over gRPC; one aio client (one channel) per replica."""
+
+    def __init__(self, url: str, model: str = "query_encoder", timeout_s: float = 2.0):
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self._client = None
+
+    def _get_client(self):
+        if self._client is None:
+            import tritonclient.grpc.aio as grpcclient
+
+            self._client = grpcclient.InferenceServerClient(self.url)
+        return self._client
+
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        import tritonclient.grpc.aio as grpcclient
+
+        client = self._get_client()
+        data = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+        text = grpcclient.InferInput("TEXT", list(data.shape), "BYTES")
+        text.set_data_from_numpy(data)
+        result = await asyncio.wait_for(
+            client.infer(self.model, [text], outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
+                         client_timeout=self.timeout_s),
+            self.timeout_s + 0.5,
+        )
+        return np.asarray(result.as_numpy("EMBEDDING"), dtype=np.float32)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.close()
+            except Exception:
+                pass
+
+
+def history_query(index, history_rows: np.ndarray) -> np.ndarray:
+    """Recommendation without query text: the normalised mean of the history's item vectors."""
+    if len(history_rows) == 0:
+        return np.zeros(index.dim, dtype=np.float32)
+    mean = index.embeddings[history_rows].mean(0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-9)).astype(np.float32)
+
+
+@dataclass
+class RetrieveRequest:
+    query: np.ndarray | None  # [D] or None (recommendation)
+    history: list[str]
+    n: int
+    exclude_history: bool
+
+
+def retrieve_batch(index, requests: list[RetrieveRequest], rank_all_max: int
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Candidate rows and their Q·I (or history-mean) scores for each request."""
+    vectors, excludes, out = [], [], [None] * len(requests)
+    todo = []
+    for i, req in enumerate(requests):
+        rows, unknown = index.rows_of(req.history)
+        if unknown:
+            raise UnknownItemsError(unknown)
+        exclude = rows if req.exclude_history else np.zeros(0, dtype=np.int64)
+        if req.query is None and len(index) <= rank_all_max:
+            everything = np.setdiff1d(np.arange(len(index)), exclude)
+            out[i] = (everything, np.zeros(len(everything), dtype=np.float32))
+            continue
+        vectors.append(req.query if req.query is not None else history_query(index, rows))
+        excludes.append(exclude)
+        todo.append(i)
+    if todo:
+        found_rows, found_scores = index.search(np.stack(vectors), max(r.n for r in requests), excludes)
+        for j, i in enumerate(todo):
+            n = requests[i].n
+            out[i] = (found_rows[j][:n], found_scores[j][:n])
+    return out
+
+
+@dataclass
+class RankRequest:
+    query: np.ndarray | None
+    candidates: np.ndarray  # index rows
+    history: list[str]
+    user_id: str | None
+    k: int
+
+
+class RankerCore:
+    """F(Q, B, I) over candidate rows; Q·I when the store has no kuberank model."""
+
+    def __init__(self, store: str, index, tables: ModelTables, model_dir: Path | None):
+        import torch
+
+        torch.set_num_threads(1)
+        self.torch, self.index, self.tables = torch, index, tables
+        self.scorer = None
+        if tables.info is not None:
+            from kuberank.model import load_scorer
+
+            self.scorer = load_scorer(model_dir, tables.info)
+            model_items = {iid: i for i, iid in enumerate(tables.info.item_ids)}
+            unknown = tables.info.scorer.n_items
+            self.model_rows = torch.tensor([model_items.get(i, unknown) for i in index.ids],
+                                           dtype=torch.long)
+            self.text = torch.from_numpy(index.embeddings)
+
+    def rank(self, req: RankRequest) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        cands = np.asarray(req.candidates, dtype=np.int64)
+        if len(cands) == 0:
+            return cands, np.zeros(0, dtype=np.float32)
+        if self.scorer is None:
+            if req.query is None:
+                query = history_query(self.index, self.index.rows_of(req.history)[0])
+            else:
+                query = req.query
+            scores = self.index.embeddings[cands] @ query
+        else:
+            from kuberank.model import pad_histories
+
+            info = self.tables.info
+            hist_rows = self.index.rows_of(req.history)[0]
+            hist = torch.from_numpy(pad_histories([hist_rows], info.scorer.max_history))
+            hist_model = torch.where(hist >= 0, self.model_rows[hist.clamp(min=0)],
+                                     torch.full_like(hist, -1))
+            user = self.tables.user_row.get(req.user_id, info.scorer.n_users) if req.user_id else info.scorer.n_users
+            cand_t = torch.from_numpy(cands)
+            query = None if req.query is None else torch.from_numpy(np.asarray(req.query)[None, :])
+            with torch.no_grad():
+                scores = self.scorer(
+                    self.text[cand_t], self.model_rows[cand_t], query=query, history=hist_model,
+                    history_text=self.text[hist.clamp(min=0)],
+                    users=torch.tensor([user], dtype=torch.long),
+                )[0].numpy()
+        scores = np.asarray(scores, dtype=np.float64)
+        top = np.lexsort((cands, -scores))[: req.k]
+        return cands[top], scores[top].astype(np.float32)
+
+
+# --------------------------------------------------------------------------- HTTP schema
+
+QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: QueryText = Field(description="query text (1-512 characters, not blank)")
+    user_id: ItemId | None = Field(None, description="a user the model knows (personalisation)")
+    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
+                                  description="item ids the user interacted with, most recent last")
+    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user_id: ItemId | None = Field(None, description="a user the model knows")
+    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
+                                  description="item ids the user interacted with, most recent last")
+    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+
+
+class ScoredItem(BaseModel):
+    id: str
+    score: float
+
+
+class RankResponse(BaseModel):
+    model_version: str
+    fingerprint: str
+    kind: str
+    items: list[ScoredItem]
+
+
+class ErrorBody(BaseModel):
+    status: int
+    message: str
+    details: list[dict] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_response(status: int, message: str, details: list | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body: dict = {"status": status, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+class RequestProblem(Exception):
+    def __init__(self, status: int, message: str, details: list | None = None):
+        self.status, self.message, self.details = status, message, details
+        super().__init__(message)
+
+
+ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+          413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+          503: {"model": ErrorResponse}}
+
+api = FastAPI(title="kuberank", version="1", description="Real-time search and recommendation ranking")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    problems = exc.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return error_response(400, "malformed JSON body")
+    details = [{"field": ".".join(str(x) for x in p.get("loc", ())[1:]) or "body",
+                "problem": str(p.get("msg", "invalid")), "type": str(p.get("type", ""))}
+               for p in problems]
+    fields = ", ".join(d["field"] for d in details)
+    return error_response(422, f"invalid request: {fields}", details)
+
+
+@api.exception_handler(RequestProblem)
+async def _request_problem(request: Request, exc: RequestProblem):
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return error_response(exc.status, exc.message, exc.details, headers)
+
+
+ROUTES = {"/search", "/recommend", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+
+
+@api.middleware("http")
+async def _limits_and_metrics(request: Request, call_next):
+    started = time.perf_counter()
+    route = request.url.path if request.url.path in ROUTES else "other"
+    length = request.headers.get("content-length")
+    too_big = error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        response = too_big
+    elif length is None and request.method == "POST" and len(await request.body()) > MAX_BODY_BYTES:
+        response = too_big
+    else:
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug, not the client's fault: JSON 500, counted, logged
+            import logging
+
+            logging.getLogger("ray.serve").exception("kuberank: request failed")
+            response = error_response(500, f"internal error: {type(exc).__name__}")
+    if route != "/metrics":  # requests refused before a route runs (413, 400, 422) count too
+        replica_metrics().observe_request(route, response.status_code, time.perf_counter() - started)
+    return response
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+async def _await(response):
+    return await response
+
+
+try:
+    from ray import serve
+except ImportError:  # pragma: no cover - ray is a dependency; keeps the pure core importable
+    serve = None
+
+
+if serve is not None:
+
+    @serve.deployment(name=ENCODER)
+    class QueryEncoder:
+        def __init__(self, triton_url: str, settings: dict):
+            self.settings = Settings(**settings)
+            self.triton = (TritonEncoder(triton_url, self.settings.triton_model,
+                                         self.settings.triton_timeout_s) if triton_url else None)
+            self.local: InProcessEncoder | None = None
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+            self.triton_down_until = 0.0
+            self.state = None
+            size, wait = self.settings.encoder_batch
+            self._encode_batch.set_max_batch_size(size)
+            self._encode_batch.set_batch_wait_timeout_s(wait)
+
+        def reconfigure(self, config: dict):
+            store = config["model_store"]
+            manifest = read_store_manifest(store)
+            local = None
+            if self.triton is None or self.settings.triton_fallback == "onnx":
+                local = InProcessEncoder(store, manifest, self.settings.onnx_precision,
+                                         self.settings.onnx_threads)
+            self.local, self.state = local, {"version": model_version(manifest)}
+
+        async def _encode_local(self, texts: list[str]) -> np.ndarray:
+            local = self.local
+            return await asyncio.get_running_loop().run_in_executor(self.pool, local.encode, texts)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
+        async def _encode_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
+            started = time.perf_counter()
+            texts = [t for t, _ in items]
+            fallback = 0
+            if self.triton is not None and time.monotonic() >= self.triton_down_until:
+                try:
+                    vectors = await self.triton.encode(texts)
+                except Exception as exc:
+                    self.triton_down_until = time.monotonic() + self.settings.triton_retry_s
+                    await self.triton.close()
+                    if self.settings.triton_fallback != "onnx":
+                        raise EncoderUnavailableError(f"Triton at {self.triton.url}: {exc}") from None
+                    vectors, fallback = await self._encode_local(texts), len(texts)
+            elif self.triton is not None and self.settings.triton_fallback != "onnx":
+                raise EncoderUnavailableError(f"Triton at {self.triton.url} failed recently")
+            else:
+                vectors = await self._encode_local(texts)
+                fallback = len(texts) if self.triton is not None else 0
+            return [(vectors[i], {"batch": len(items), "queue_s": started - t0,
+                                  "fallback": fallback / len(items)})
+                    for i, (_, t0) in enumerate(items)]
+
+        async def encode(self, text: str) -> tuple[np.ndarray, dict]:
+            return await self._encode_batch((text, time.perf_counter()))
+
+    @serve.deployment(name=RETRIEVER)
+    class Retriever:
+        def __init__(self, settings: dict):
+            self.settings = Settings(**settings)
+            self.index = None
+            size, wait = self.settings.retriever_batch
+            self._retrieve_batch.set_max_batch_size(size)
+            self._retrieve_batch.set_batch_wait_timeout_s(wait)
+
+        def reconfigure(self, config: dict):
+            _, index = load_checked_index(config["model_store"])
+            self.index = index
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+        async def _retrieve_batch(self, items: list[tuple[RetrieveRequest, float]]) -> list:
+            started = time.perf_counter()
+            index = self.index
+            reqs = [r for r, _ in items]
+            try:
+                results = retrieve_batch(index, reqs, self.settings.rank_all_max)
+            except UnknownItemsError:  # answer the good requests of the batch one by one
+                results = []
+                for req in reqs:
+                    try:
+                        results.append(retrieve_batch(index, [req], self.settings.rank_all_max)[0])
+                    except UnknownItemsError as exc:
+                        results.append(exc)
+            out = []
+            for result, (_, t0) in zip(results, items, strict=True):
+                if isinstance(result, Exception):
+                    out.append(result)
+                else:
+                    out.append((result[0], result[1],
+                                {"batch": len(items), "queue_s": started - t0}))
+            return out
+
+        async def retrieve(self, req: RetrieveRequest):
+            result = await self._retrieve_batch((req, time.perf_counter()))
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+    @serve.deployment(name=RANKER)
+    class Ranker:
+        def __init__(self, settings: dict):
+            self.settings = Settings(**settings)
+            self.core = None
+            size, wait = self.settings.ranker_batch
+            self._rank_batch.set_max_batch_size(size)
+            self._rank_batch.set_batch_wait_timeout_s(wait)
+
+        def reconfigure(self, config: dict):
+            store = config["model_store"]
+            manifest, index = load_checked_index(store)
+            tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
+            core = RankerCore(store, index, tables, model_dir)
+            self.core = core
+            self.version = (model_version(manifest), manifest["embedding"]["fingerprint"])
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+        async def _rank_batch(self, items: list[tuple[RankRequest, float]]) -> list:
+            started = time.perf_counter()
+            core, version = self.core, self.version
+            out = []
+            for req, t0 in items:
+                rows, scores = core.rank(req)
+                out.append(([core.index.ids[r] for r in rows], scores.tolist(), version,
+                            {"batch": len(items), "queue_s": started - t0}))
+            return out
+
+        async def rank(self, req: RankRequest):
+            return await self._rank_batch((req, time.perf_counter()))
+
+    @serve.deployment(name=INGRESS)
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, encoder, retriever, ranker, settings: dict):
+            # One registry per replica process, shared with the HTTP middleware (Serve pickles
+            # this class by value, so a module global here would be a copy).
+            self.settings = Settings(**settings)
+            self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
+            self.metrics = replica_metrics()
+            self.state: dict | None = None
+
+        def reconfigure(self, config: dict):
+            store = config["model_store"]
+            manifest, index = load_checked_index(store)
+            tables, _ = read_model_tables(store, index.meta.get("kind", "search"))
+            state = {"version": model_version(manifest),
+                     "fingerprint": manifest["embedding"]["fingerprint"],
+                     "kind": tables.kind, "users": tables.user_row, "items": index.row,
+                     "store": store}
+            self.state = state
+            self.metrics.set_model(state["version"], state["fingerprint"], state["kind"])
+
+        # -- plumbing
+
+        async def _call(self, stage: str, method, *args):
+            """One downstream call: bounded by stage_timeout_s, retried when its replica
+            died, back-pressure and unavailability mapped to 503."""
+            from ray.exceptions import (
+                ActorDiedError,
+                ActorUnavailableError,
+                RayActorError,
+                RayTaskError,
+            )
+            from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+            attempts = 1 + max(0, self.settings.retries)
+            for attempt in range(attempts):
+                response = method.remote(*args)
+                try:
+                    return await asyncio.wait_for(_await(response), self.settings.stage_timeout_s)
+                except TimeoutError:
+                    response.cancel()
+                    self.metrics.error(stage, "timeout")
+                    raise RequestProblem(503, f"{stage}: no answer within "
+                                              f"{self.settings.stage_timeout_s}s") from None
+                except (BackPressureError, DeploymentUnavailableError):
+                    self.metrics.error(stage, "overloaded")
+                    raise RequestProblem(503, f"{stage}: overloaded, retry later") from None
+                except (ActorDiedError, ActorUnavailableError, RayActorError):
+                    self.metrics.error(stage, "replica_died")
+                    if attempt + 1 >= attempts:
+                        raise RequestProblem(503, f"{stage}: replica unavailable") from None
+                except EncoderUnavailableError as exc:
+                    self.metrics.error(stage, "triton_unavailable")
+                    raise RequestProblem(503, f"query encoder unavailable: {exc}") from None
+                except RayTaskError as exc:  # a stage's own error that Ray could not re-type
+                    self.metrics.error(stage, type(exc.cause).__name__ if exc.cause else "error")
+                    if isinstance(exc.cause, EncoderUnavailableError):
+                        raise RequestProblem(503, f"query encoder unavailable: {exc.cause}") from None
+                    if isinstance(exc.cause, UnknownItemsError):
+                        raise RequestProblem(422, "history: unknown item ids") from None
+                    raise
+                except UnknownItemsError as exc:
+                    raise RequestProblem(422, "history: unknown item ids",
+                                         [{"field": "history", "problem": f"unknown item id {i!r}"}
+                                          for i in exc.ids[:20]]) from None
+
+        def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> dict:
+            state = self.state
+            if state is None:
+                raise RequestProblem(503, "model not loaded yet")
+            unknown = [h for h in history if h not in state["items"]]
+            if unknown:
+                raise RequestProblem(422, "history: unknown item ids",
+                                     [{"field": "history", "problem": f"unknown item id {i!r}"}
+                                      for i in unknown[:20]])
+            if user_id is not None and state["users"] and user_id not in state["users"]:
+                raise RequestProblem(404, f"unknown user_id {user_id!r}",
+                                     [{"field": "user_id", "problem": "not a user of this model"}])
+            if need_signal and not history and not (user_id and state["users"]):
+                raise RequestProblem(422, "history: empty and no known user_id",
+                                     [{"field": "history", "problem": "give at least one item id"}])
+            return state
+
+        async def _rank(self, state: dict, query: str | None, user_id: str | None,
+                        history: list[str], k: int, exclude_history: bool) -> dict:
+            vector = None
+            if query is not None:
+                t = time.perf_counter()
+                vector, meta = await self._call("encode", self.encoder.encode, query)
+                self.metrics.observe_stage("encode", time.perf_counter() - t, meta["batch"],
+                                           meta["queue_s"])
+                if meta.get("fallback"):
+                    self.metrics.encoder_fallbacks(1)
+            n = max(k, self.settings.candidates)
+            t = time.perf_counter()
+            rows, _, meta = await self._call(
+                "retrieve", self.retriever.retrieve,
+                RetrieveRequest(vector, history, n, exclude_history))
+            self.metrics.observe_stage("retrieve", time.perf_counter() - t, meta["batch"],
+                                       meta["queue_s"])
+            t = time.perf_counter()
+            ids, scores, version, meta = await self._call(
+                "rank", self.ranker.rank, RankRequest(vector, rows, history, user_id, k))
+            self.metrics.observe_stage("rank", time.perf_counter() - t, meta["batch"],
+                                       meta["queue_s"])
+            return {"model_version": version[0], "fingerprint": version[1], "kind": state["kind"],
+                    "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)]}
+
+        # -- routes
+
+        @api.post("/search", response_model=RankResponse, responses=ERRORS)
+        async def search(self, body: SearchRequest) -> dict:
+            if not body.query.strip():
+                raise RequestProblem(422, "query: blank",
+                                     [{"field": "query", "problem": "must contain text"}])
+            state = self._check(body.user_id, body.history, need_signal=False)
+            return await self._rank(state, body.query, body.user_id, body.history, body.k, False)
+
+        @api.post("/recommend", response_model=RankResponse, responses=ERRORS)
+        async def recommend(self, body: RecommendRequest) -> dict:
+            state = self._check(body.user_id, body.history, need_signal=True)
+            return await self._rank(state, None, body.user_id, body.history, body.k, True)
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict:
+            return {"status": "ok"}
+
+        @api.get("/readyz", responses={503: {"model": ErrorResponse}})
+        async def readyz(self):
+            state = self.state
+            if state is None:
+                return error_response(503, "model not loaded yet")
+            return {"status": "ready", "model_version": state["version"],
+                    "fingerprint": state["fingerprint"], "kind": state["kind"]}
+
+        @api.get("/metrics")
+        async def metrics(self) -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in (override or {}).items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    if "num_replicas" in (override or {}):
+        out.pop("autoscaling_config", None)
+    return out
+
+
+def build_app(args: dict):
+    """Ray Serve application builder (``kuberank.serving.app:build_app``).
+
+    ``args``: ``model_store`` (required), ``triton_url`` ("" = in-process ONNX Runtime) and any
+    :class:`Settings` field. The store is checked here (manifest, index fingerprints) so that a
+    bad store fails the deploy, not the first request.
+    """
+    if serve is None:  # pragma: no cover
+        raise KuberankError("ray[serve] is not installed")
+    args = dict(args or {})
+    store = str(args.get("model_store") or "")
+    if not store:
+        raise KuberankError("build_app: model_store is required (a path or s3:// URI)")
+    triton_url = str(args.get("triton_url") or "")
+    settings = Settings.from_args(args)
+    load_checked_index(store)  # refuse a mismatched index before any replica starts
+    plain = dataclasses.asdict(settings)
+    plain["encoder_batch"], plain["retriever_batch"], plain["ranker_batch"] = (
+        list(settings.encoder_batch), list(settings.retriever_batch), list(settings.ranker_batch))
+    user_config = {"model_store": store, "revision": settings.revision}
+    options = {name: _merge(opts, settings.deployments.get(name, {}))
+               for name, opts in _default_deployments().items()}
+
+    def bind(deployment, name, *init):
+        return deployment.options(user_config=user_config, **options[name]).bind(*init)
+
+    encoder = bind(QueryEncoder, ENCODER, triton_url, plain)
+    retriever = bind(Retriever, RETRIEVER, plain)
+    ranker = bind(Ranker, RANKER, plain)
+    return bind(Ingress, INGRESS, encoder, retriever, ranker, plain)
+
+
+def describe(args: dict) -> dict:
+    """What build_app would deploy (for the launcher and docs): settings and options."""
+    settings = Settings.from_args(args)
+    return {"settings": dataclasses.asdict(settings),
+            "deployments": {n: _merge(o, settings.deployments.get(n, {}))
+                            for n, o in _default_deployments().items()},
+            "pid": os.getpid()}
