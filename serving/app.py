@@ -495,8 +495,11 @@ if serve is not None:
             self._encode_batch.set_max_batch_size(size)
             self._encode_batch.set_batch_wait_timeout_s(wait)
 
-        def reconfigure(self, config: dict):
-            store = config["model_store"]
+        async def reconfigure(self, config: dict):
+            # loads off the event loop: requests keep being served by the old state meanwhile
+            await asyncio.to_thread(self._load, config["model_store"])
+
+        def _load(self, store: str):
             manifest = read_store_manifest(store)
             local = None
             if self.triton is None or self.settings.triton_fallback == "onnx":
@@ -543,8 +546,8 @@ if serve is not None:
             self._retrieve_batch.set_max_batch_size(size)
             self._retrieve_batch.set_batch_wait_timeout_s(wait)
 
-        def reconfigure(self, config: dict):
-            _, index = load_checked_index(config["model_store"])
+        async def reconfigure(self, config: dict):
+            _, index = await asyncio.to_thread(load_checked_index, config["model_store"])
             self.index = index
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
@@ -585,13 +588,15 @@ if serve is not None:
             self._rank_batch.set_max_batch_size(size)
             self._rank_batch.set_batch_wait_timeout_s(wait)
 
-        def reconfigure(self, config: dict):
-            store = config["model_store"]
+        async def reconfigure(self, config: dict):
+            self.core, self.version = await asyncio.to_thread(self._load, config["model_store"])
+
+        @staticmethod
+        def _load(store: str):
             manifest, index = load_checked_index(store)
             tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
             core = RankerCore(store, index, tables, model_dir)
-            self.core = core
-            self.version = (model_version(manifest), manifest["embedding"]["fingerprint"])
+            return core, (model_version(manifest), manifest["embedding"]["fingerprint"])
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
         async def _rank_batch(self, items: list[tuple[RankRequest, float]]) -> list:
@@ -618,8 +623,10 @@ if serve is not None:
             self.metrics = replica_metrics()
             self.state: dict | None = None
 
-        def reconfigure(self, config: dict):
-            store = config["model_store"]
+        async def reconfigure(self, config: dict):
+            await asyncio.to_thread(self._load, config["model_store"])
+
+        def _load(self, store: str):
             manifest, index = load_checked_index(store)
             tables, _ = read_model_tables(store, index.meta.get("kind", "search"))
             state = {"version": model_version(manifest),

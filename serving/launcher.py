@@ -152,10 +152,12 @@ def serve_forever(store: str, port: int | None = None, use_triton: bool = True,
                   settings: dict | None = None, on_ready=print) -> int:
     """``kuberank serve``: start, print the URL, block until SIGINT/SIGTERM, stop cleanly."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     running = LocalServing(store, port=port, use_triton=use_triton, settings=settings)
+    previous: dict = {}
     try:
-        running.start()
+        running.start()  # Ctrl-C during start-up: KeyboardInterrupt, then the same clean stop
+        # installed after ray.init, which sets its own SIGTERM handler in the driver
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         ready = running.wait_ready()
         on_ready(json.dumps({"url": running.url, "model_version": ready.get("model_version"),
                              "triton": running.triton.grpc_url if running.triton else None,

@@ -1,0 +1,449 @@
+"""``kuberank bench``: load benchmark of the ranking app against its baselines, loopback only.
+
+One run compares, on the same machine and in the same run (so only ratios are meaningful):
+
+(a) ``kuberank-triton``  Ray Serve app + the bundled tritonserver (query encoder over gRPC)
+(b) ``kuberank-onnx``    Ray Serve app, queries encoded in process by ONNX Runtime (int8)
+(c) ``naive``            one FastAPI/uvicorn process, transformers fp32 per request
+(d) ``limit``            the raw model's batched throughput in process (encode + retrieve +
+                         rank in batches, no HTTP): the ceiling
+and ``bare-triton``      the Triton ensemble alone over gRPC (the best serving peer measured
+                         in the issue), when (a) runs.
+
+Load: closed loop (``concurrency`` clients, each sends its next request when the last one
+answers) or open loop (fixed ``rate`` of arrivals; latency counted from the scheduled send
+time, so a slow server is not flattered by coordinated omission). Every level is bounded by a
+request count and a time limit. Results: p50/p95/p99/max latency, QPS, errors by status; a
+JSON document and a PNG of latency versus achieved throughput.
+
+Pure core: :func:`run_load` (a request factory + a level -> stats), :func:`summarize`
+(targets and ratios), :func:`format_table`; :func:`serve_and_bench` starts the targets one
+after another and measures them (what ``kuberank bench`` and ``make demo`` call).
+"""
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kuberank.errors import KuberankError
+from kuberank.progress import bar
+
+HOST = "127.0.0.1"
+TARGETS = ("kuberank-triton", "kuberank-onnx", "naive", "limit")
+P99_BUDGET_S = 0.050
+_WORDS = ("library", "catalog", "information", "retrieval", "indexing", "science", "search",
+          "classification", "documents", "citation", "journal", "research", "computer",
+          "language", "users", "query", "evaluation", "relevance", "system", "automatic",
+          "medical", "history", "education", "public", "university", "analysis", "data",
+          "storage", "book", "abstract")
+
+
+def bench_queries(count: int = 200, seed: int = 0) -> list[str]:
+    """``count`` short distinct queries (two or three words)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < count:
+        words = rng.sample(_WORDS, rng.choice((2, 3)))
+        text = " ".join(words)
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+@dataclass
+class Level:
+    mode: str  # "closed" | "open"
+    value: float  # concurrency or rate (requests per second)
+    requests: int
+    max_seconds: float
+
+
+def stats(latencies: list[float], statuses: list[int], seconds: float, level: Level) -> dict:
+    ok = np.array([s for s, st in zip(latencies, statuses, strict=True) if st == 200])
+    errors: dict[str, int] = {}
+    for st in statuses:
+        if st != 200:
+            errors[str(st)] = errors.get(str(st), 0) + 1
+
+    def q(p):
+        return round(float(np.percentile(ok, p)) * 1000, 2) if len(ok) else None
+
+    return {
+        "mode": level.mode, "level": level.value, "requests": len(statuses), "ok": int(len(ok)),
+        "errors": errors, "error_rate": round(1 - len(ok) / max(1, len(statuses)), 4),
+        "seconds": round(seconds, 3), "qps": round(len(ok) / seconds, 1) if seconds > 0 else 0.0,
+        "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
+        "max_ms": round(float(ok.max()) * 1000, 2) if len(ok) else None,
+    }
+
+
+async def _load(url: str, make_body: Callable[[int], dict], level: Level) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: list[int] = []
+    limit = int(level.value) if level.mode == "closed" else 1024
+    timeout = aiohttp.ClientTimeout(total=10)
+    connector = aiohttp.TCPConnector(limit=limit, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(i: int, scheduled: float) -> None:
+            try:
+                async with session.post(url, json=make_body(i)) as resp:
+                    await resp.read()
+                    status = resp.status
+            except (TimeoutError, aiohttp.ClientError):
+                status = 599
+            latencies.append(time.perf_counter() - scheduled)
+            statuses.append(status)
+
+        started = time.perf_counter()
+        deadline = started + level.max_seconds
+        if level.mode == "closed":
+            counter = iter(range(level.requests))
+
+            async def client() -> None:
+                for i in counter:
+                    if time.perf_counter() >= deadline:
+                        return
+                    await one(i, time.perf_counter())
+
+            await asyncio.gather(*(client() for _ in range(limit)))
+        else:
+            tasks = []
+            interval = 1.0 / level.value
+            for i in range(level.requests):
+                scheduled = started + i * interval
+                if scheduled >= deadline:
+                    break
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i, scheduled)))
+            await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - started
+    return stats(latencies, statuses, seconds, level)
+
+
+def run_load(url: str, make_body: Callable[[int], dict], level: Level) -> dict:
+    """One load level against ``url`` (POST JSON); bounded by ``level.requests`` and
+    ``level.max_seconds`` (plus the 10 s timeout of the requests in flight)."""
+    if not url.startswith(f"http://{HOST}:"):
+        raise KuberankError(f"bench: only loopback targets (http://{HOST}:PORT), got {url}")
+    return asyncio.run(_load(url, make_body, level))
+
+
+def sweep(name: str, url: str, make_body, levels: list[Level], warmup: int = 20) -> list[dict]:
+    if warmup:
+        run_load(url, make_body, Level("closed", 4, warmup, 30))
+    out = []
+    for level in bar(levels, desc=f"bench {name}", unit="level"):
+        out.append({"target": name, **run_load(url, make_body, level)})
+    return out
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def request_factory(kind: str, ids: list[str], queries: list[str], k: int = 10, seed: int = 0):
+    """Request bodies: search queries, or recommendation histories of 5-20 index items."""
+    rng = random.Random(seed)
+    if kind == "recommendation":
+        histories = [rng.sample(ids, min(len(ids), rng.randint(5, 20))) for _ in range(len(queries))]
+        return "/recommend", lambda i: {"history": histories[i % len(histories)], "k": k}
+    return "/search", lambda i: {"query": queries[i % len(queries)], "k": k}
+
+
+def in_process_limit(store: str, queries: list[str], batch_size: int = 32, precision: str = "int8",
+                     candidates: int = 100, k: int = 10, seconds: float = 10.0) -> dict:
+    """(d): encode + retrieve + rank in batches in this process, no serving: queries per second."""
+    from kuberank.serving.app import (
+        InProcessEncoder,
+        RankerCore,
+        RankRequest,
+        RetrieveRequest,
+        load_checked_index,
+        read_model_tables,
+        retrieve_batch,
+    )
+
+    manifest, index = load_checked_index(store)
+    tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
+    encoder = InProcessEncoder(store, manifest, precision, threads=1)
+    ranker = RankerCore(store, index, tables, model_dir)
+    done, started = 0, time.perf_counter()
+    while done < len(queries) or time.perf_counter() - started < 1.0:
+        texts = [queries[(done + j) % len(queries)] for j in range(batch_size)]
+        vectors = encoder.encode(texts)
+        found = retrieve_batch(index, [RetrieveRequest(v, [], max(k, candidates), False) for v in vectors], 5000)
+        for v, (rows, _) in zip(vectors, found, strict=True):
+            ranker.rank(RankRequest(v, rows, [], None, k))
+        done += batch_size
+        if time.perf_counter() - started > seconds:
+            break
+    elapsed = time.perf_counter() - started
+    return {"target": "limit", "mode": "batched", "level": batch_size, "requests": done, "ok": done,
+            "errors": {}, "error_rate": 0.0, "seconds": round(elapsed, 3),
+            "qps": round(done / elapsed, 1), "p50_ms": None, "p95_ms": None, "p99_ms": None,
+            "max_ms": None}
+
+
+def bare_triton(grpc_url: str, queries: list[str], concurrency: int, requests: int,
+                max_seconds: float, model: str = "query_encoder") -> dict:
+    """The Triton ensemble alone (closed loop over gRPC): the serving peer to compare with."""
+    import tritonclient.grpc.aio as grpcclient
+
+    async def main() -> dict:
+        client = grpcclient.InferenceServerClient(grpc_url)
+        latencies, statuses = [], []
+        counter = iter(range(requests))
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def worker():
+            for i in counter:
+                if time.perf_counter() >= deadline:
+                    return
+                data = np.array([queries[i % len(queries)].encode()], dtype=object).reshape(1, 1)
+                text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+                text.set_data_from_numpy(data)
+                t = time.perf_counter()
+                try:
+                    await client.infer(model, [text], client_timeout=10)
+                    statuses.append(200)
+                except Exception:
+                    statuses.append(599)
+                latencies.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+        await client.close()
+        return stats(latencies, statuses, seconds, Level("closed", concurrency, requests, max_seconds))
+
+    return {"target": "bare-triton", **asyncio.run(main())}
+
+
+def _free_port() -> int:
+    from kuberank.serving.triton import free_port
+
+    return free_port()
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
+    from kuberank.serving.launcher import http_json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise KuberankError(f"naive server exited with code {process.returncode}")
+        try:
+            if http_json("GET", url, timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise KuberankError(f"naive server not ready at {url} after {timeout:.0f}s")
+
+
+def naive_model_dir(store: str, manifest: dict) -> str:
+    """The transformers model of the store (the export's source) or the base MiniLM."""
+    source = (manifest.get("model") or {}).get("source")
+    if source and Path(source, "config.json").is_file():
+        return source
+    from kuberank.config import base_model_path
+
+    return base_model_path()
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def best_under(results: list[dict], p99_ms: float) -> dict | None:
+    """The highest-QPS level whose p99 is within ``p99_ms`` and that had no errors."""
+    good = [r for r in results if r.get("p99_ms") is not None and r["p99_ms"] <= p99_ms
+            and r["error_rate"] == 0]
+    return max(good, key=lambda r: r["qps"]) if good else None
+
+
+def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_S * 1000) -> dict:
+    """Targets of the issue: (a) or (b) sustains >= 50% of (d) with p99 <= budget, and >= 5x
+    (c)'s throughput at the same p99; and how far the best kuberank is from bare Triton."""
+    limit = (results.get("limit") or [{}])[0].get("qps")
+    best = None
+    for name in ("kuberank-triton", "kuberank-onnx"):
+        level = best_under(results.get(name, []), p99_budget_ms)
+        if level and (best is None or level["qps"] > best["qps"]):
+            best = {**level, "target": name}
+    out: dict = {"p99_budget_ms": p99_budget_ms, "limit_qps": limit, "best": best}
+    if best:
+        naive = best_under(results.get("naive", []), max(best["p99_ms"], p99_budget_ms))
+        naive_any = max((r["qps"] for r in results.get("naive", [])), default=None)
+        out["naive_qps_same_p99"] = naive["qps"] if naive else None
+        out["naive_best_qps"] = naive_any
+        out["vs_limit"] = round(best["qps"] / limit, 3) if limit else None
+        base = naive["qps"] if naive else naive_any
+        out["vs_naive"] = round(best["qps"] / base, 2) if base else None
+        out["target_half_of_limit"] = bool(limit and best["qps"] >= 0.5 * limit)
+        out["target_5x_naive"] = bool(base and best["qps"] >= 5 * base)
+    peer = results.get("bare-triton")
+    if peer and best:
+        p = max(peer, key=lambda r: r["qps"])
+        out["bare_triton_qps"] = p["qps"]
+        out["bare_triton_p99_ms"] = p["p99_ms"]
+        out["vs_bare_triton"] = round(best["qps"] / p["qps"], 3) if p["qps"] else None
+    return out
+
+
+def format_table(result: dict) -> str:
+    """A markdown latency table of a :func:`serve_and_bench` result, then the verdicts."""
+    cols = ("target", "mode", "level", "requests", "qps", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+            "error_rate")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for rows in result["results"].values():
+        for r in rows:
+            lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+    s = result.get("summary") or {}
+    if s.get("best"):
+        b = s["best"]
+        lines.append("")
+        lines.append(f"best kuberank under p99 <= {s['p99_budget_ms']:.0f} ms: {b['target']} "
+                     f"{b['qps']} req/s (p99 {b['p99_ms']} ms) at {b['mode']} {b['level']}")
+        if s.get("vs_limit") is not None:
+            lines.append(f"  vs in-process batched limit {s['limit_qps']} q/s: {s['vs_limit']:.0%} "
+                         f"(target >= 50%: {'met' if s['target_half_of_limit'] else 'NOT met'})")
+        if s.get("vs_naive") is not None:
+            lines.append(f"  vs naive FastAPI+PyTorch: {s['vs_naive']}x "
+                         f"(target >= 5x: {'met' if s['target_5x_naive'] else 'NOT met'})")
+        if s.get("vs_bare_triton") is not None:
+            lines.append(f"  vs bare Triton ensemble {s['bare_triton_qps']} req/s (p99 "
+                         f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it")
+    elif result["results"]:
+        lines.append(f"\nno kuberank level met p99 <= {s.get('p99_budget_ms', 50):.0f} ms without errors")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | os.PathLike) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in result["results"].items():
+        rows = [r for r in rows if r.get("p99_ms") is not None]
+        if rows:
+            rows = sorted(rows, key=lambda r: r["qps"])
+            ax.plot([r["qps"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{name} p99")
+            ax.plot([r["qps"] for r in rows], [r["p50_ms"] for r in rows], "x--", alpha=0.5,
+                    label=f"{name} p50")
+    limit = (result.get("summary") or {}).get("limit_qps")
+    if limit:
+        ax.axvline(limit, color="grey", linestyle=":", label=f"in-process limit {limit:.0f} q/s")
+    ax.axhline(P99_BUDGET_S * 1000, color="red", linestyle=":", linewidth=0.8, label="p99 budget")
+    ax.set_xlabel("achieved throughput (req/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("kuberank: latency versus load")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def serve_and_bench(
+    store: str,
+    *,
+    targets: tuple[str, ...] = TARGETS,
+    mode: str = "closed",
+    levels: tuple[float, ...] = (1, 8, 32),
+    requests: int = 200,
+    max_seconds: float = 15.0,
+    queries: int = 200,
+    out_dir: str | os.PathLike | None = None,
+    settings: dict | None = None,
+    model_dir: str | None = None,
+) -> dict:
+    """Start each target in turn on 127.0.0.1, load it at each level, stop it; return
+    ``{"config", "results": {target: [level stats]}, "summary", "plot"?}``. The demo calls this
+    and prints :func:`format_table` of the result."""
+    from kuberank.serving.app import load_checked_index
+    from kuberank.serving.launcher import LocalServing
+
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise KuberankError(f"bench: unknown targets {sorted(unknown)}; choose from {TARGETS}")
+    if mode not in ("closed", "open"):
+        raise KuberankError(f"bench: mode {mode!r} is not 'closed' or 'open'")
+    if requests < 1 or max_seconds <= 0 or not levels or min(levels) <= 0:
+        raise KuberankError("bench: requests, max_seconds and every level must be positive")
+    store = str(store)
+    manifest, index = load_checked_index(store)
+    kind = index.meta.get("kind", "search")
+    texts = bench_queries(queries)
+    route, make_body = request_factory(kind, index.ids, texts)
+    plan = [Level(mode, float(v), requests, max_seconds) for v in levels]
+    results: dict[str, list[dict]] = {}
+    for name in ("kuberank-triton", "kuberank-onnx"):
+        if name not in targets:
+            continue
+        with LocalServing(store, use_triton=name == "kuberank-triton", settings=settings) as running:
+            results[name] = sweep(name, running.url + route, make_body, plan)
+            if running.triton is not None and kind == "search":
+                top = int(max(levels)) if mode == "closed" else 32
+                results["bare-triton"] = [bare_triton(running.triton.grpc_url, texts, top, requests, max_seconds)]
+                from kuberank.serving.metrics import scrape, triton_summary
+
+                results["kuberank-triton"][-1]["triton"] = triton_summary(scrape(running.triton.metrics_url))
+    if "naive" in targets:
+        if kind != "search":
+            results["naive"] = []
+        else:
+            port = _free_port()
+            cmd = [sys.executable, "-m", "kuberank.serving.naive_server", "--model",
+                   model_dir or naive_model_dir(store, manifest), "--store", store, "--port", str(port),
+                   "--max-length", str(manifest["embedding"]["max_length"])]
+            env = {**os.environ, "KUBERANK_PROGRESS": "0"}
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                _wait_http(f"http://{HOST}:{port}/readyz", proc, 120)
+                results["naive"] = sweep("naive", f"http://{HOST}:{port}/search", make_body, plan)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+    if "limit" in targets and kind == "search":
+        results["limit"] = [in_process_limit(store, texts, seconds=max_seconds)]
+    result = {
+        "config": {"store": store, "kind": kind, "route": route, "mode": mode, "levels": list(levels),
+                   "requests_per_level": requests, "max_seconds_per_level": max_seconds,
+                   "queries": len(texts), "items": len(index), "model_version": manifest.get("version"),
+                   "cpus": os.cpu_count()},
+        "results": results,
+    }
+    result["summary"] = summarize(results)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plot"] = str(plot(result, out / "latency_vs_load.png"))
+        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,76 @@
+"""The load benchmark: the load generator against the real app (counts, percentiles, errors),
+the loopback-only guard, the verdicts of the summary, and a bounded serve_and_bench run of the
+naive baseline and the in-process limit with its JSON, table and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kuberank.serving import bench
+from test_app import serving  # noqa: F401 - the shared session fixture
+from test_index import serving_store
+
+from kuberank.errors import KuberankError
+
+
+def _row(target, level, qps, p99, errors=0.0):
+    return {"target": target, "mode": "closed", "level": level, "requests": 100, "qps": qps,
+            "p50_ms": p99 / 2, "p95_ms": p99 * 0.9, "p99_ms": p99, "max_ms": p99 * 1.2,
+            "error_rate": errors, "errors": {}}
+
+
+def test_summary_verdicts_and_table():
+    results = {
+        "kuberank-onnx": [_row("kuberank-onnx", 1, 50, 10), _row("kuberank-onnx", 32, 400, 45),
+                          _row("kuberank-onnx", 64, 500, 90), _row("kuberank-onnx", 16, 450, 30, 0.1)],
+        "naive": [_row("naive", 1, 40, 30), _row("naive", 8, 70, 120)],
+        "limit": [{**_row("limit", 32, 700, 0), "p99_ms": None}],
+        "bare-triton": [_row("bare-triton", 32, 800, 60)],
+    }
+    s = bench.summarize(results)
+    assert s["best"]["qps"] == 400 and s["best"]["target"] == "kuberank-onnx"  # 500 is over budget, 450 had errors
+    assert s["naive_qps_same_p99"] == 40 and s["vs_naive"] == 10.0 and s["target_5x_naive"]
+    assert s["vs_limit"] == round(400 / 700, 3) and s["target_half_of_limit"]
+    assert s["vs_bare_triton"] == 0.5
+    table = bench.format_table({"results": results, "summary": s})
+    assert "| kuberank-onnx | closed | 32 | 100 | 400 |" in table and "50% of it" in table
+    slow = bench.summarize({"kuberank-onnx": [_row("kuberank-onnx", 8, 100, 80)], "limit": results["limit"]})
+    assert slow["best"] is None
+    assert "no kuberank level met" in bench.format_table({"results": {"x": []}, "summary": slow})
+
+
+def test_queries_are_distinct_and_bounded():
+    queries = bench.bench_queries(200)
+    assert len(set(queries)) == 200 and all(2 <= len(q.split()) <= 3 for q in queries)
+
+
+def test_loopback_only():
+    with pytest.raises(KuberankError, match="loopback"):
+        bench.run_load("http://10.0.0.1:8000/search", lambda i: {}, bench.Level("closed", 1, 1, 1))
+
+
+@pytest.mark.slow
+def test_load_levels_against_the_app(serving):  # noqa: F811
+    url = serving["base"] + "/search"
+    make = lambda i: {"query": f"pasta {i % 5}", "k": 3}  # noqa: E731
+    closed = bench.run_load(url, make, bench.Level("closed", 4, 40, 30))
+    assert closed["requests"] == closed["ok"] == 40 and closed["errors"] == {}
+    assert closed["p50_ms"] <= closed["p95_ms"] <= closed["p99_ms"] <= closed["max_ms"]
+    opened = bench.run_load(url, make, bench.Level("open", 20, 20, 30))
+    assert opened["requests"] == 20 and opened["ok"] == 20
+    bad = bench.run_load(url, lambda i: {"query": ""}, bench.Level("closed", 2, 6, 30))
+    assert bad["ok"] == 0 and bad["errors"] == {"422": 6} and bad["p99_ms"] is None
+
+
+@pytest.mark.slow
+def test_serve_and_bench_naive_and_limit(tmp_path_factory, tmp_path):
+    store, _, _ = serving_store(tmp_path_factory)
+    result = bench.serve_and_bench(str(store), targets=("naive", "limit"), levels=(2,), requests=20,
+                                   max_seconds=20, queries=20, out_dir=tmp_path)
+    naive = result["results"]["naive"][0]
+    assert naive["ok"] == 20 and naive["qps"] > 0
+    assert result["results"]["limit"][0]["qps"] > 0
+    assert (tmp_path / "latency_vs_load.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["items"] == 6
+    assert "| naive | closed | 2.0 | 20 |" in bench.format_table(result)

@@ -1,0 +1,126 @@
+"""The item index: written next to the export of the same model, exact search equals brute force,
+the faiss HNSW path beyond the threshold, and a clear refusal of an index made by another model.
+
+``serving_store`` (a copy of the session's exported base MiniLM store, indexed over the small
+BEIR fixture) is shared with tests/test_app.py, test_reliability.py and test_bench.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures import DOCS, write_beir
+from kuberank.serving import index as ix
+from test_export import exported_store
+
+from kuberank.errors import KuberankError
+
+_SHARED: dict = {}
+
+
+def serving_store(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(store, model_dir, dataset spec): the exported base model with an index of the BEIR
+    fixture, built once per session in a copy of the export (the export's own store stays
+    as tests/test_export.py expects it)."""
+    if "store" not in _SHARED:
+        exported, _, model_dir = exported_store(tmp_path_factory)
+        root = tmp_path_factory.mktemp("serving")
+        store = root / "store"
+        shutil.copytree(exported, store, symlinks=True)
+        shutil.rmtree(store / "index")
+        dataset = f"beir:{write_beir(root / 'beir')}"
+        ix.build_index(model_dir, dataset, store)
+        _SHARED.update(store=store, model_dir=model_dir, dataset=dataset)
+    return _SHARED["store"], _SHARED["model_dir"], _SHARED["dataset"]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    return serving_store(tmp_path_factory)
+
+
+def test_index_layout_and_fingerprints(indexed):
+    from kuberank.components.export import read_manifest
+
+    from kuberank.encoder import model_fingerprint
+
+    store, model_dir, _ = indexed
+    meta = json.loads((store / "index" / ix.META_FILE).read_text())
+    manifest = read_manifest(store)
+    assert meta["format"] == ix.INDEX_FORMAT
+    assert meta["count"] == len(DOCS) and meta["dim"] == 384 and meta["kind"] == "search"
+    assert meta["model_fingerprint"] == model_fingerprint(model_dir) == manifest["model"]["fingerprint"]
+    assert meta["embedding_fingerprint"] == manifest["embedding"]["fingerprint"]
+    assert meta["ann"] is None and not (store / "index" / ix.ANN_FILE).exists()
+    loaded = ix.load_index(store)
+    assert loaded.ids == list(DOCS)
+    assert np.allclose(np.linalg.norm(loaded.embeddings, axis=1), 1.0, atol=1e-4)
+    ix.check_index(loaded.meta, manifest)  # no error
+
+
+def test_exact_search_is_brute_force_with_exclusions(indexed):
+    store, _, _ = indexed
+    index = ix.load_index(store)
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(3, index.dim)).astype(np.float32)
+    rows, scores = index.search(queries, 4, exclude=[np.array([0]), np.zeros(0, np.int64), np.array([1, 2])])
+    for q, r, s, ex in zip(queries, rows, scores, ([0], [], [1, 2]), strict=True):
+        full = index.embeddings @ q
+        expected = [i for i in np.argsort(-full, kind="stable") if i not in ex][:4]
+        assert list(r) == expected
+        assert np.allclose(s, full[expected], atol=1e-5)
+    known, unknown = index.rows_of(["d2", "zzz", "d1"])
+    assert list(known) == [1, 0] and unknown == ["zzz"]
+
+
+def test_ann_index_beyond_the_threshold(indexed, tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu is the ANN library (pin faiss-cpu==1.15.1)")
+    store, model_dir, dataset = indexed
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    meta = ix.build_index(model_dir, dataset, copy, ann_threshold=2)
+    assert meta["ann"]["type"] == "faiss-hnsw-ip" and (copy / "index" / ix.ANN_FILE).is_file()
+    ann, exact = ix.load_index(copy), ix.load_index(store)
+    assert ann.ann is not None and exact.ann is None
+    queries = exact.embeddings[[0, 3, 5]]  # each item's own vector finds itself first
+    ann_rows, _ = ann.search(queries, 3)
+    exact_rows, _ = exact.search(queries, 3)
+    assert [r[0] for r in ann_rows] == [0, 3, 5]
+    # six items, ef_search 128: the graph search is exhaustive, so it equals exact search
+    assert [list(r) for r in ann_rows] == [list(r) for r in exact_rows]
+
+
+def test_index_of_another_model_is_refused(indexed, tmp_path):
+    from kuberank.components.export import read_manifest
+
+    store, model_dir, dataset = indexed
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for item in Path(model_dir).iterdir():
+        if item.name != "config.json":
+            (other / item.name).symlink_to(item.resolve())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "kuberank_variant": 2}))
+    with pytest.raises(ix.IndexMismatchError, match="holds an export of another model"):
+        ix.build_index(other, dataset, store)
+    meta = ix.load_index(store).meta
+    manifest = read_manifest(store)
+    bad = {**meta, "embedding_fingerprint": "sha256:someone-else"}
+    with pytest.raises(ix.IndexMismatchError, match="embedding_fingerprint"):
+        ix.check_index(bad, manifest)
+
+
+def test_index_cli(indexed, tmp_path, capsys):
+    from kuberank.cli import main
+
+    store, model_dir, dataset = indexed
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    assert main(["index", "--model", str(model_dir), "--dataset", dataset, "--out", str(copy), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["count"] == len(DOCS)
+    with pytest.raises(KuberankError, match="no such file|manifest"):
+        ix.build_index(model_dir, dataset, tmp_path / "empty-store")

@@ -1,0 +1,150 @@
+"""Reliability of the ranking app under failure (outcomes, not timings of the work):
+overload gets fast 503s and admitted requests are answered; a killed Serve replica costs under
+1% of requests and is replaced; Triton stopped under load falls back in process (or answers
+503 when the fallback is off), never hangs; a fuzz run over the request schema gets no 5xx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kuberank.serving.bench import Level, run_load
+from kuberank.serving.launcher import http_json
+from test_app import deploy, post, serving  # noqa: F401 - the shared session fixture
+
+pytestmark = pytest.mark.slow
+
+
+def _search(i: int) -> dict:
+    return {"query": ["cook pasta", "gpu serving", "grow tomatoes", "ranking"][i % 4], "k": 3}
+
+
+def _load_with_statuses(url: str, make_body, concurrency: int, count: int) -> list[tuple[int, float]]:
+    """Closed-loop load that keeps every (status, seconds)."""
+    import asyncio
+
+    import aiohttp
+
+    out: list[tuple[int, float]] = []
+
+    async def main():
+        counter = iter(range(count))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            async def client():
+                for i in counter:
+                    t = time.perf_counter()
+                    try:
+                        async with session.post(url, json=make_body(i)) as resp:
+                            await resp.read()
+                            status = resp.status
+                    except (TimeoutError, aiohttp.ClientError):
+                        status = 599
+                    out.append((status, time.perf_counter() - t))
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+
+    asyncio.run(main())
+    return out
+
+
+def test_overload_at_twice_capacity_gets_fast_503s(serving):  # noqa: F811
+    # /rec admits 2 ongoing + 2 queued requests at its Ingress: 8 clients are twice that
+    url = serving["base"] + "/rec/recommend"
+    results = _load_with_statuses(url, lambda i: {"user_id": "u0", "history": ["d1"], "k": 3}, 8, 240)
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    rejected = [t for s, t in results if s == 503]
+    assert statuses.count(200) > 0 and rejected, (statuses.count(200), len(rejected))
+    assert float(np.median(rejected)) < 0.1, f"median 503 after {np.median(rejected):.3f}s"
+    assert http_json("GET", serving["base"] + "/rec/readyz")[0] == 200  # still alive
+    assert post(serving, "/rec/recommend", {"history": ["d2"], "k": 2})[0] == 200
+
+
+def test_replica_killed_under_load_is_replaced(serving):  # noqa: F811
+    import ray
+    from ray import serve
+
+    def retrievers():
+        return [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "main#Retriever" in a["name"]]
+
+    assert len(retrievers()) == 2
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(run_load(
+        serving["base"] + "/search", _search, Level("closed", 8, 400, 60))))
+    load.start()
+    time.sleep(1.0)
+    victim = retrievers()[0]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    load.join(timeout=90)
+    failed = result["requests"] - result["ok"]
+    assert result["requests"] >= 100 and failed / result["requests"] < 0.01, result
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        status = serve.status().applications["main"]
+        replicas = status.deployments["Retriever"].replica_states.get("RUNNING", 0)
+        if status.status == "RUNNING" and replicas == 2 and len(retrievers()) == 2:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"Retriever not back to 2 replicas: {serve.status().applications['main']}")
+    assert victim["name"] not in {a["name"] for a in retrievers()}
+    assert post(serving, "/search", {"query": "pasta", "k": 1})[0] == 200
+
+
+def test_triton_stopped_under_load_falls_back_then_503_never_hangs(serving):  # noqa: F811
+    from kuberank.serving.metrics import metric_sum, parse_metrics
+
+    url = serving["base"] + "/tri/search"
+    assert post(serving, "/tri/search", {"query": "pasta", "k": 1})[0] == 200
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(run_load(
+        url, _search, Level("closed", 4, 300, 60))))
+    load.start()
+    time.sleep(1.0)
+    serving["triton"].stop()
+    load.join(timeout=90)
+    assert result["errors"] == {} and result["ok"] == result["requests"], result
+    samples = parse_metrics(http_json("GET", serving["base"] + "/tri/metrics")[1])
+    assert metric_sum(samples, "kuberank_encoder_fallback_total") > 0
+    assert metric_sum(samples, "kuberank_errors_total", stage="encode") == 0
+
+    # fallback off: Triton is still down, so the encoder answers 503 (bounded), never hangs
+    deploy("tri", "/tri", {**serving["tri_args"], "triton_fallback": "error"})
+    for _ in range(5):
+        started = time.perf_counter()
+        status, body = post(serving, "/tri/search", {"query": "pasta", "k": 1})
+        assert status == 503, body
+        assert "encoder" in json.dumps(body) and time.perf_counter() - started < 10
+
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
+                      st.text(max_size=40))
+JSON_ANY = st.recursive(JSON_LEAF, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=10)
+ITEM = st.one_of(st.sampled_from(["d1", "d2", "d3", "d4", "d5", "d6"]), st.text(max_size=8), JSON_LEAF)
+BODIES = st.one_of(
+    JSON_ANY,
+    st.fixed_dictionaries({}, optional={
+        "query": st.one_of(st.text(max_size=600), JSON_LEAF),
+        "user_id": st.one_of(st.text(max_size=10), JSON_LEAF),
+        "history": st.one_of(st.lists(ITEM, max_size=8), JSON_LEAF),
+        "k": st.one_of(st.integers(-5, 120), JSON_LEAF),
+    }),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/search", "/recommend"]), body=BODIES)
+def test_fuzzed_requests_never_get_5xx(serving, path, body):  # noqa: F811
+    status, payload = post(serving, path, body)
+    assert status < 500, (status, payload)
+    if status >= 400:
+        assert isinstance(payload, dict) and payload["error"]["status"] == status
+    else:
+        assert payload["model_version"] and all("score" in item for item in payload["items"])
