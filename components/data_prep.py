@@ -22,8 +22,8 @@ import pandas as pd
 from kfp import dsl
 
 from kuberank import datasets, storage
-from kuberank.kfp_component import step_component
 from kuberank.errors import KuberankError
+from kuberank.kfp_component import step_component
 
 RAY_THRESHOLD_ROWS = 2_000_000  # engine="auto" uses Ray Data above this many interactions
 ENGINES = ("auto", "local", "ray")

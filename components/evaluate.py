@@ -17,8 +17,8 @@ import numpy as np
 from kfp import dsl
 
 from kuberank import datasets, metrics
-from kuberank.kfp_component import step_component
 from kuberank.errors import KuberankError
+from kuberank.kfp_component import step_component
 from kuberank.progress import bar
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
@@ -138,54 +138,32 @@ class BPRRanker(Ranker):
         return np.asarray(self.model.user_factors[rows] @ self.model.item_factors.T)
 
 
-class EncoderRanker(Ranker):
-    """Cosine similarity of text embeddings. The query side is the query text; for a
-    recommendation without query text it is the mean embedding of the user's history."""
-
-    def __init__(self, path: str | None = None, name: str = "zero-shot"):
-        from kuberank.encoder import TextEncoder
-
-        self.name = name
-        self.encoder = TextEncoder(path)
-
-    def prepare(self, task):
-        self.item_vecs = self.encoder.encode(task.dataset.item_texts, desc="encode items")
-        with_text = [i for i, t in enumerate(task.texts) if t]
-        self.query_vecs = np.zeros((len(task), self.item_vecs.shape[1]), dtype=np.float32)
-        if with_text:
-            encoded = self.encoder.encode([task.texts[i] for i in with_text], desc="encode queries")
-            self.query_vecs[with_text] = encoded
-        for i, history in enumerate(task.histories):
-            if task.texts[i] is None and len(history):
-                mean = self.item_vecs[history].mean(0)
-                self.query_vecs[i] = mean / max(np.linalg.norm(mean), 1e-9)
-
-    def scores(self, task, rows):
-        return self.query_vecs[rows] @ self.item_vecs.T
-
-
 class ModelRanker(Ranker):
-    """A fine-tuned kuberank model: the towers embed queries and items, F scores them
-    (for search F reduces to Q·I; for recommendation the behaviour and collaborative terms
-    use the user's history and id)."""
+    """A model in any form (see :func:`kuberank.model.resolve_model`): the towers embed
+    queries and items and F scores them. For search F reduces to Q·I; for recommendation the
+    behaviour and collaborative terms use the user's history and id. A plain encoder without
+    F (the zero-shot baseline) scores a user without query text by the mean embedding of the
+    history."""
 
-    def __init__(self, path: str):
-        from kuberank.encoder import TextEncoder
-        from kuberank.model import item_tower_path, load_scorer, read_info
+    def __init__(self, path: str, name: str | None = None):
+        from kuberank.model import ScorerConfig, load_scorer, resolve_model
 
         self.path = path
-        self.name = Path(path).name
-        self.info = read_info(path)
-        self.scorer = load_scorer(path, self.info)
-        self.query_encoder = TextEncoder(path)
-        separate = item_tower_path(path)
-        self.item_encoder = TextEncoder(str(separate)) if separate != Path(path) else self.query_encoder
+        self.name = name or Path(path).name
+        resolved = resolve_model(path)
+        self.info = resolved.info
+        if self.info is None:  # a plain encoder or a store of one: F = Q·I
+            from kuberank.model import ModelInfo
+
+            self.info = ModelInfo(kind=datasets.SEARCH, base_model=path, scorer=ScorerConfig())
+        self.scorer = load_scorer(resolved.scorer_dir, self.info) if resolved.scorer_dir else None
+        self.query_encoder, self.item_encoder = resolved.query_encoder, resolved.item_encoder
 
     def prepare(self, task):
         import torch
 
         data = task.dataset
-        self.item_text = torch.from_numpy(self.item_encoder.encode(data.item_texts, desc="encode items"))
+        self.item_text = torch.from_numpy(np.array(self.item_encoder.encode(data.item_texts, desc="encode items")))
         model_items = {iid: i for i, iid in enumerate(self.info.item_ids)}
         unknown = self.info.scorer.n_items
         self.item_index = torch.tensor([model_items.get(i, unknown) for i in data.item_ids], dtype=torch.long)
@@ -195,15 +173,20 @@ class ModelRanker(Ranker):
         self.query_vecs = torch.zeros(len(task), self.item_text.shape[1])
         if with_text:
             encoded = self.query_encoder.encode([task.texts[i] for i in with_text], desc="encode queries")
-            self.query_vecs[with_text] = torch.from_numpy(encoded)
+            self.query_vecs[with_text] = torch.from_numpy(np.array(encoded))
         self.has_text = np.array([t is not None for t in task.texts])
+        if self.scorer is None:
+            for i, history in enumerate(task.histories):
+                if task.texts[i] is None and len(history):
+                    mean = self.item_text[history].mean(0)
+                    self.query_vecs[i] = mean / mean.norm().clamp(min=1e-9)
 
     def scores(self, task, rows):
         import torch
 
         from kuberank.model import pad_histories
 
-        if self.info.kind == datasets.SEARCH:
+        if self.info.kind == datasets.SEARCH or self.scorer is None:
             return (self.query_vecs[rows] @ self.item_text.T).numpy()
         hist = torch.from_numpy(pad_histories([task.histories[r] for r in rows], self.info.scorer.max_history))
         # History positions index the dataset's items; map them to the model's id rows.
@@ -224,16 +207,16 @@ def load_ranker(model: str) -> Ranker:
     if model == "popularity":
         return PopularityRanker()
     if model == "zero-shot":
-        return EncoderRanker()
+        from kuberank.config import base_model_path
+
+        return ModelRanker(base_model_path(), name="zero-shot")
     if model == "ease":
         return EASERanker()
     if model == "bpr":
         return BPRRanker()
     path = Path(model)
     if path.exists():
-        from kuberank.model import is_kuberank_model
-
-        return ModelRanker(str(path)) if is_kuberank_model(path) else EncoderRanker(str(path), name=path.name)
+        return ModelRanker(str(path))
     raise KuberankError(f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory")
 
 

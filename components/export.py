@@ -40,8 +40,9 @@ import numpy as np
 from kfp import dsl
 
 from kuberank import __version__
-from kuberank.config import IMAGE, MAX_LENGTH
+from kuberank.config import MAX_LENGTH
 from kuberank.errors import KuberankError, StorageError
+from kuberank.kfp_component import step_component
 from kuberank.progress import bar
 
 OPSET = 17
@@ -665,7 +666,7 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
     return manifest
 
 
-@dsl.component(base_image=IMAGE)
+@step_component()
 def export_op(model: dsl.Input[dsl.Model], store: str, parity: dsl.Output[dsl.Metrics]) -> str:
     """kfp wrapper: export a trained model directory into the model store ``store`` (a path or
     s3:// prefix); parity numbers and sizes are logged to the UI. Returns the fingerprint."""

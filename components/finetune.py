@@ -17,9 +17,11 @@ starts a local cluster) and ``kuberank train`` in the CLI.
 """
 
 import dataclasses
+import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -34,7 +36,7 @@ from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 
 SEARCH_DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 3e-5}
-RECOMMENDATION_DEFAULTS = {"epochs": 12, "batch_size": 256, "lr": 3e-3}
+RECOMMENDATION_DEFAULTS = {"epochs": 4, "batch_size": 256, "lr": 3e-3}
 
 
 @dataclasses.dataclass
@@ -55,13 +57,14 @@ class TrainConfig:
     max_length: int = 128  # training sequence length (evaluation uses 256)
     query_max_length: int = 64
     seed: int = 0
-    negatives: int = 4096  # sampled-softmax size; the full catalogue when it is smaller
+    negatives: int = 512  # sampled-softmax negatives; the full catalogue when it is smaller
+    max_history: int = 20  # behaviour sequence length (most recent items)
     warm_start: str | None = None  # a previous model directory
     replay_fraction: float = 0.2  # share of the previous model's training data replayed
     storage: str | None = None  # checkpoint storage (default: <out>.checkpoints)
     max_failures: int = 2
     ray_address: str | None = None
-    use_gpu: bool | None = None  # default: when CUDA is available
+    use_gpu: bool | None = None  # default: when the cluster has GPUs
     fault_injection: dict | None = None  # tests only: {"kill_after_epoch": n, "marker": path}
 
     def resolved(self, kind: str) -> "TrainConfig":
@@ -232,7 +235,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(steps_per_epoch * config["epochs"]) if config["kind"] == datasets.SEARCH else (lambda s: 1.0)
     )
-    start_epoch, best = 0, None
+    start_epoch, best, history = 0, None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
@@ -240,13 +243,19 @@ def train_loop_per_worker(config: dict) -> None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state.get("best")
+        start_epoch, best, history = state["epoch"] + 1, state.get("best"), state.get("history", [])
 
-    writer = None
-    if rank == 0 and config.get("tensorboard_dir"):
+    writer, events_dir = None, None
+    if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(config["tensorboard_dir"])
+        # Events travel inside every checkpoint, so they reach any storage (local or S3).
+        events_dir = Path(tempfile.mkdtemp(prefix="kuberank-tensorboard-"))
+        if checkpoint:
+            with checkpoint.as_directory() as ckpt:
+                if (Path(ckpt) / "tensorboard").is_dir():
+                    shutil.copytree(Path(ckpt) / "tensorboard", events_dir, dirs_exist_ok=True)
+        writer = SummaryWriter(str(events_dir))
     progress = ray.get_actor(config["progress_actor"]) if config.get("progress_actor") else None
     started = time.monotonic()
     for epoch in range(start_epoch, config["epochs"]):
@@ -286,11 +295,14 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         over_budget = config.get("max_minutes") and metrics["minutes"] >= config["max_minutes"]
         metrics["stopped_early"] = bool(over_budget and epoch + 1 < config["epochs"])
+        history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best},
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                            "history": history},
                            Path(tmp) / "state.pt")
+                shutil.copytree(events_dir, Path(tmp) / "tensorboard")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
@@ -443,14 +455,15 @@ def train(config: TrainConfig) -> Path:
     _check_tokenizer_matches(init_model, config.towers)
     loop_config, finalize = _prepare(data, config, init_model)
 
-    use_gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
     ensure_ray(config.ray_address)
+    gpus = ray.cluster_resources().get("GPU", 0) or (1 if torch.cuda.is_available() else 0)
+    use_gpu = gpus >= 1 if config.use_gpu is None else config.use_gpu
     cpus = int(ray.cluster_resources().get("CPU", 1))
     loop_config["threads_per_worker"] = max(1, cpus // config.workers)
     storage_uri = config.storage or f"{Path(config.out).resolve()}.checkpoints"
     storage.check_writable(storage_uri)
     filesystem, storage_path = storage.arrow_filesystem(storage_uri)
-    run_name = f"kuberank-{data.name}".replace(":", "-").replace("/", "-")
+    run_name = _run_name(data, config)
     Progress = _progress_actor()
     actor_name = f"kuberank-progress-{os.getpid()}-{time.time_ns()}"
     progress = Progress.options(name=actor_name).remote()
@@ -465,7 +478,13 @@ def train(config: TrainConfig) -> Path:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Recommendation keeps the best epochs by validation nDCG@10 (tuning on validation
+            # only); resuming after a failure always starts from the latest checkpoint.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute="val_ndcg@10" if data.kind == datasets.RECOMMENDATION else None,
+                checkpoint_score_order="max",
+            ),
         ),
     )
     outcome: dict = {}
@@ -482,7 +501,21 @@ def train(config: TrainConfig) -> Path:
     result = outcome.get("result")
     if isinstance(result, BaseException):
         raise KuberankError(f"training failed: {result}") from result
+    ray.kill(progress)
     return finalize(result)
+
+
+def _run_name(data: datasets.Dataset, config: TrainConfig) -> str:
+    """The same data and settings give the same run name, so re-running a crashed command
+    resumes from its latest checkpoint; any change starts a fresh run."""
+    import hashlib
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("workers", "ray_address", "max_failures", "storage", "fault_injection", "out")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(_data_hash(data).encode())
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in data.name)
+    return f"kuberank-{safe}-{digest.hexdigest()[:12]}"
 
 
 def _fit(trainer):
@@ -511,7 +544,6 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
         "temperature": config.temperature, "max_length": config.max_length,
         "query_max_length": config.query_max_length, "negatives": config.negatives,
         "max_minutes": config.max_minutes, "fault_injection": config.fault_injection,
-        "tensorboard_dir": str(Path(config.out).resolve()) + ".tensorboard",
     }
     if data.kind == datasets.SEARCH:
         examples = search_examples(data)
@@ -542,10 +574,11 @@ def _recommendation_loop(data: datasets.Dataset, config: TrainConfig, init_model
     from kuberank.encoder import TextEncoder
     from kuberank.model import ScorerConfig, is_kuberank_model, item_tower_path
 
-    examples = recommendation_examples(data, max_history=50)
+    examples = recommendation_examples(data, max_history=config.max_history)
     encoder = TextEncoder(str(item_tower_path(init_model)))
     item_text = encoder.encode(data.item_texts, desc="encode items")
     scorer = ScorerConfig(n_items=len(data.items), n_users=len(examples["users"]), text_dim=encoder.dim,
+                          max_history=config.max_history,
                           use_relevance=True, use_behaviour=True, use_collaborative=True)
     task = datasets.eval_task(data, "validation")
     user_index = {u: i for i, u in enumerate(examples["users"])}
@@ -599,6 +632,11 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
     checkpoint, chosen = _best_checkpoint(result, data.kind)
     with checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)["model"]
+    with result.checkpoint.as_directory() as ckpt:  # the latest holds every epoch's history
+        history = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)["history"]
+        events = Path(tempfile.mkdtemp(prefix="kuberank-events-"))
+        if (Path(ckpt) / "tensorboard").is_dir():
+            shutil.copytree(Path(ckpt) / "tensorboard", events, dirs_exist_ok=True)
     loop = dict(loop, lora=config.lora)
     tokenizer, query_tower, item_tower = _build_towers(loop)
     scorer = None
@@ -616,7 +654,6 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
         item_tower = item_tower.merge_and_unload() if item_tower is not None else None
     if data.kind == datasets.RECOMMENDATION:
         trainable, total = (sum(p.numel() for p in scorer.parameters()),) * 2
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     info = ModelInfo(
         kind=data.kind,
         base_model=init_model,
@@ -629,15 +666,20 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
             **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("fault_injection",)},
             "trainable_parameters": int(trainable), "total_parameters": int(total),
             "epochs_run": len(history), "chosen_epoch": int(chosen.get("epoch", -1)),
-            "resumed_from_epoch": int(result.metrics.get("start_epoch", 0)),
+            "resumed_from_epoch": max((int(row.get("start_epoch", 0)) for row in history), default=0),
             "history": [{k: v for k, v in row.items() if isinstance(v, (int, float, bool))} for row in history],
         },
         metrics={k: v for k, v in chosen.items() if k.startswith("val_")},
         version=time.strftime("%Y%m%d%H%M%S"),
     )
-    with storage.atomic_dir(Path(config.out)) as tmp:
+    local_out = Path(tempfile.mkdtemp(prefix="kuberank-model-")) / "model" if storage.is_s3(config.out) else Path(config.out)
+    with storage.atomic_dir(local_out) as tmp:
         save_model(tmp, query_tower, tokenizer, scorer, info, item_encoder=item_tower)
-    return Path(config.out)
+        shutil.copytree(events, tmp / "tensorboard")
+    shutil.rmtree(events, ignore_errors=True)
+    if storage.is_s3(config.out):
+        storage.publish(local_out, config.out)
+    return local_out
 
 
 def _data_hash(data: datasets.Dataset) -> str:

@@ -46,7 +46,7 @@ def _cmd_train(args) -> int:
         max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr, towers=args.towers,
         lora=args.lora, hard_negatives=args.hard_negatives, warm_start=args.warm_start,
         replay_fraction=args.replay_fraction, storage=args.storage, ray_address=args.ray_address,
-        grad_accumulation=args.grad_accumulation, seed=args.seed,
+        grad_accumulation=args.grad_accumulation, seed=args.seed, use_gpu=args.use_gpu,
     )
     out = train(config)
     info = read_info(out)
@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes a model directory (safetensors, tokenizer, config, kuberank.json).",
     )
     tr.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
-    tr.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    tr.add_argument("--out", required=True, metavar="URI", help="model directory to write (a path or s3://)")
     tr.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
-    tr.add_argument("--epochs", type=int, help="epochs (default: 1 for search, 12 for recommendation)")
+    tr.add_argument("--epochs", type=int, help="epochs (default: 1 for search, 4 for recommendation)")
     tr.add_argument("--max-minutes", type=float, metavar="M", help="stop after the epoch that crosses M minutes")
     tr.add_argument("--batch-size", type=int, help="per-worker batch size")
     tr.add_argument("--lr", type=float, help="learning rate")
@@ -127,8 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ray-address", metavar="ADDR", help="Ray cluster (default: local on 127.0.0.1)")
     tr.add_argument("--grad-accumulation", type=int, default=1, help="gradient accumulation steps")
     tr.add_argument("--seed", type=int, default=0, help="random seed")
+    tr.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                    help="one GPU per worker, NCCL and mixed precision (default: when the cluster has GPUs)")
     tr.add_argument("--json", action="store_true", help="one-line JSON summary")
     tr.set_defaults(func=_cmd_train)
+
+    from kuberank.serving.cli import register as register_serving
+
+    register_serving(sub, dataset_help)
 
     demo = sub.add_parser("demo", help="run the embedded demo on MovieLens-100K",
                           description="Prepare MovieLens-100K, evaluate, write runs/<timestamp>/report.md.")

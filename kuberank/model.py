@@ -44,7 +44,7 @@ class ScorerConfig:
     text_dim: int = 384
     dim: int = 64  # behaviour space
     cf_rank: int = 32
-    max_history: int = 50
+    max_history: int = 20
     use_relevance: bool = True
     use_behaviour: bool = False
     use_collaborative: bool = False
@@ -176,6 +176,50 @@ def load_scorer(path: str | os.PathLike, info: ModelInfo) -> Scorer:
 def item_tower_path(path: str | os.PathLike) -> Path:
     separate = Path(path) / ITEM_TOWER_DIR
     return separate if separate.is_dir() else Path(path)
+
+
+STORE_FORMAT_PREFIX = "kuberank-store/"
+INT8_ENCODER = Path("onnx") / "model.int8.onnx"
+
+
+@dataclass
+class ResolvedModel:
+    """Where a model's parts live, whatever form it takes."""
+
+    info: ModelInfo | None  # None: a plain transformers encoder (search, F = Q·I)
+    scorer_dir: Path | None  # holds kuberank.json and scorer.safetensors
+    query_encoder: object
+    item_encoder: object
+
+
+def resolve_model(path: str | os.PathLike, threads: int | None = None) -> ResolvedModel:
+    """Open any model form ``kuberank evaluate --model`` accepts:
+
+    - a model directory from ``kuberank train`` (PyTorch towers),
+    - a compressed one from ``kuberank compress`` (its ``onnx/model.int8.onnx`` is used),
+    - a model store from ``kuberank export`` (``onnx/model.onnx``, F's weights under ``model/``),
+    - a plain transformers encoder directory.
+    """
+    from kuberank.encoder import TextEncoder, check_model_dir
+    from kuberank.onnx_encoder import OnnxEncoder
+
+    root = Path(path)
+    store_manifest = root / "manifest.json"
+    if store_manifest.is_file() and str(json.loads(store_manifest.read_text()).get("format", "")).startswith(STORE_FORMAT_PREFIX):
+        extras = root / "model"
+        info = read_info(extras) if is_kuberank_model(extras) else None
+        encoder = OnnxEncoder(root / "onnx", intra_op_threads=threads)
+        item = TextEncoder(str(extras / ITEM_TOWER_DIR)) if (extras / ITEM_TOWER_DIR).is_dir() else encoder
+        return ResolvedModel(info, extras if info else None, encoder, item)
+    check_model_dir(root)
+    info = read_info(root) if is_kuberank_model(root) else None
+    if (root / INT8_ENCODER).is_file():
+        encoder = OnnxEncoder(root / INT8_ENCODER, tokenizer=root, intra_op_threads=threads)
+    else:
+        encoder = TextEncoder(str(root))
+    separate = item_tower_path(root)
+    item = TextEncoder(str(separate)) if separate != root else encoder
+    return ResolvedModel(info, root if info else None, encoder, item)
 
 
 def pad_histories(histories: list[np.ndarray], max_history: int) -> np.ndarray:

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from kuberank.components.evaluate import evaluate
 from kuberank.components.finetune import TrainConfig, train
+
 from kuberank.errors import KuberankError, StorageError
 from kuberank.model import read_info
 from tests.fixtures import interaction_rows, write_beir, write_jsonl
@@ -55,7 +55,7 @@ def test_search_model_directory_and_manifest(search_model, collection):
     assert info.dataset["spec"] == collection and len(info.dataset["content_hash"]) == 64
     assert info.training["workers"] == 2 and info.training["epochs_run"] == 2
     assert info.training["trainable_parameters"] == info.training["total_parameters"] > 20_000_000
-    events = list(Path(f"{search_model}.tensorboard").glob("events.out.tfevents.*"))
+    events = list((search_model / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "TensorBoard event files are written"
     assert evaluate(collection, str(search_model), "test")["ndcg@10"] > 0.9
 

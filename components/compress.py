@@ -1,0 +1,270 @@
+"""Compression step: distil -> prune -> int8, behind a quality gate.
+
+Pure core: :func:`compress` (teacher model directory + dataset -> compressed model directory).
+
+1. Distillation: the student keeps ``layers`` of the teacher's transformer layers (uniformly
+   spaced, the last one included: 3 of 6 -> layers 2, 4, 6), initialised from them, and learns
+   from the teacher on the dataset's own texts (items and queries): a cosine loss on the
+   embeddings plus a KL loss on the in-batch score distributions.
+2. Pruning: structured pruning of the feed-forward blocks (the intermediate neurons with the
+   smallest weight norms go), followed by a short recovery round of the same distillation.
+3. int8: ONNX Runtime dynamic quantisation, per channel (components/export.py).
+4. Quality gate: the compressed model is accepted only if its nDCG@10 on the evaluation split is
+   within ``max_ndcg_drop`` (absolute) of the teacher's; otherwise the step fails with both
+   numbers and writes nothing.
+
+The output is a model directory like the teacher's (kuberank.json, scorer weights and a
+tokenizer carried over) with the student's weights, plus ``onnx/model.int8.onnx``; ``kuberank
+evaluate --model DIR`` scores it through ONNX Runtime.
+
+Thin wrappers: the kfp component :func:`compress_op` and ``kuberank compress``.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from kfp import dsl
+
+from kuberank import datasets, storage
+from kuberank.errors import KuberankError
+from kuberank.kfp_component import step_component
+from kuberank.progress import bar
+
+ONNX_SUBDIR = "onnx"
+INT8_FILE = "model.int8.onnx"
+
+
+class QualityGateError(KuberankError):
+    """The compressed model lost more quality than allowed."""
+
+    def __init__(self, teacher: float, student: float, allowed: float, split: str):
+        self.teacher, self.student = teacher, student
+        super().__init__(
+            f"quality gate failed on the {split} split: compressed nDCG@10 {student:.4f} vs teacher "
+            f"{teacher:.4f} (drop {teacher - student:.4f} > allowed {allowed:.4f}); nothing written"
+        )
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    model: str
+    dataset: str
+    out: str
+    layers: int = 3
+    prune_ratio: float = 0.25  # share of feed-forward neurons removed (0 = no pruning)
+    epochs: int = 2
+    recovery_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-4
+    temperature: float = 0.05
+    max_length: int = 128
+    int8: bool = True
+    max_ndcg_drop: float = 0.01
+    split: str | None = None  # default: validation where it exists, else test
+    seed: int = 0
+
+
+def student_layers(teacher_layers: int, keep: int) -> list[int]:
+    """Uniformly spaced teacher layers, the last one always kept (6, 3 -> [1, 3, 5])."""
+    if not 1 <= keep <= teacher_layers:
+        raise KuberankError(f"--layers: must be between 1 and the teacher's {teacher_layers} layers")
+    step = teacher_layers / keep
+    return sorted({teacher_layers - 1 - int(round(i * step)) for i in range(keep)})
+
+
+def make_student(teacher, keep: int):
+    """A copy of ``teacher`` with only the chosen layers (a smaller, valid BERT model)."""
+    from torch import nn
+
+    chosen = student_layers(teacher.config.num_hidden_layers, keep)
+    student = copy.deepcopy(teacher)
+    student.encoder.layer = nn.ModuleList([copy.deepcopy(teacher.encoder.layer[i]) for i in chosen])
+    student.config.num_hidden_layers = len(chosen)
+    return student, chosen
+
+
+def prune_feed_forward(model, ratio: float) -> int:
+    """Remove the ``ratio`` of intermediate neurons with the smallest weight norms from every
+    feed-forward block (structured: the matrices shrink). Returns the new intermediate size."""
+    import torch
+    from torch import nn
+
+    size = model.config.intermediate_size
+    keep = max(1, int(round(size * (1 - ratio))))
+    if ratio <= 0 or keep == size:
+        return size
+    for layer in model.encoder.layer:
+        up, down = layer.intermediate.dense, layer.output.dense
+        importance = up.weight.norm(dim=1) * down.weight.norm(dim=0)
+        index = torch.sort(torch.topk(importance, keep).indices).values
+        new_up = nn.Linear(up.in_features, keep)
+        new_up.weight.data, new_up.bias.data = up.weight.data[index].clone(), up.bias.data[index].clone()
+        new_down = nn.Linear(keep, down.out_features)
+        new_down.weight.data, new_down.bias.data = down.weight.data[:, index].clone(), down.bias.data.clone()
+        layer.intermediate.dense, layer.output.dense = new_up, new_down
+    model.config.intermediate_size = keep
+    return keep
+
+
+def distil(teacher, student, tokenizer, texts: list[str], config: CompressConfig, epochs: int, desc: str) -> list[float]:
+    """Train ``student`` to reproduce ``teacher``'s embeddings and in-batch score
+    distributions on ``texts``. Returns the mean loss per epoch."""
+    import torch
+
+    from kuberank.encoder import mean_pool
+
+    def embed(model, batch):
+        hidden = model(**batch).last_hidden_state
+        return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+    torch.manual_seed(config.seed)
+    teacher.eval()
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
+    batches = math.ceil(len(texts) / config.batch_size)
+    losses = []
+    for epoch in range(epochs):
+        order = np.random.default_rng(config.seed + epoch).permutation(len(texts))
+        total = 0.0
+        for start in bar(range(0, len(texts), config.batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                         total=batches, unit="batch"):
+            chunk = [texts[i] for i in order[start : start + config.batch_size]]
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")
+            with torch.no_grad():
+                target = embed(teacher, batch)
+            output = embed(student, batch)
+            cosine = (1 - (output * target).sum(-1)).mean()
+            t_scores = target @ target.T / config.temperature
+            s_scores = output @ output.T / config.temperature
+            kl = torch.nn.functional.kl_div(
+                torch.log_softmax(s_scores, -1), torch.log_softmax(t_scores, -1), log_target=True, reduction="batchmean"
+            )
+            loss = cosine + kl
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.item()
+        losses.append(total / batches)
+    student.eval()
+    return losses
+
+
+def training_texts(data: datasets.Dataset) -> list[str]:
+    """The dataset's own texts: every item, plus the queries of the training split."""
+    texts = list(data.item_texts)
+    if data.kind == datasets.SEARCH and "train" in data.splits():
+        texts += [t for t in datasets.eval_task(data, "train").texts if t]
+    return texts
+
+
+def default_split(data: datasets.Dataset) -> str:
+    return "validation" if "validation" in data.splits() else "test"
+
+
+def compress(config: CompressConfig) -> dict:
+    """Distil, prune and quantise ``config.model``; write ``config.out`` only if the quality
+    gate passes. Returns the report (sizes, layers, both nDCG@10 values, timings)."""
+    from kuberank.components.evaluate import evaluate
+    from transformers import AutoModel, AutoTokenizer
+
+    from kuberank.encoder import check_model_dir
+    from kuberank.model import MANIFEST, is_kuberank_model
+
+    started = time.perf_counter()
+    teacher_dir = check_model_dir(config.model)
+    data = datasets.load(config.dataset)
+    split = config.split or default_split(data)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModel.from_pretrained(teacher_dir, add_pooling_layer=False)
+    student, chosen = make_student(teacher, config.layers)
+    texts = training_texts(data)
+    losses = distil(teacher, student, tokenizer, texts, config, config.epochs, "distil")
+    intermediate = prune_feed_forward(student, config.prune_ratio)
+    if config.prune_ratio > 0 and config.recovery_epochs > 0:
+        losses += distil(teacher, student, tokenizer, texts, config, config.recovery_epochs, "recover")
+
+    with tempfile.TemporaryDirectory(prefix="kuberank-compress-") as tmp:
+        candidate = Path(tmp) / "model"
+        shutil.copytree(teacher_dir, candidate, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", ONNX_SUBDIR, "item_tower"))
+        student.save_pretrained(candidate, safe_serialization=True)
+        tokenizer.save_pretrained(candidate)
+        if (teacher_dir / "scorer.safetensors").is_file():
+            shutil.copy2(teacher_dir / "scorer.safetensors", candidate / "scorer.safetensors")
+        sizes = {"teacher_bytes": _weights_bytes(teacher_dir), "student_bytes": _weights_bytes(candidate)}
+        if config.int8:
+            from kuberank.components.export import export_onnx, optimize_onnx, quantize_int8
+
+            onnx_dir = candidate / ONNX_SUBDIR
+            onnx_dir.mkdir()
+            fp32 = export_onnx(candidate, onnx_dir / "model.fp32.onnx")
+            fused = optimize_onnx(fp32, onnx_dir / "model.fused.onnx")
+            quantize_int8(fused, onnx_dir / INT8_FILE, per_channel=True)
+            for name in ("model.fp32.onnx", "model.fused.onnx"):
+                (onnx_dir / name).unlink()
+            sizes["int8_bytes"] = (onnx_dir / INT8_FILE).stat().st_size
+        report = {
+            "teacher": str(teacher_dir),
+            "layers": chosen,
+            "intermediate_size": intermediate,
+            "prune_ratio": config.prune_ratio,
+            "int8": config.int8,
+            "distil_losses": [round(x, 5) for x in losses],
+            **sizes,
+        }
+        if is_kuberank_model(teacher_dir):
+            doc = json.loads((teacher_dir / MANIFEST).read_text())
+            doc["compression"] = report
+            doc["base_model"] = str(teacher_dir)
+            (candidate / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+        else:
+            (candidate / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
+
+        teacher_score = evaluate(data, str(teacher_dir), split)["ndcg@10"]
+        student_score = evaluate(data, str(candidate), split)["ndcg@10"]
+        report.update(split=split, teacher_ndcg10=teacher_score, compressed_ndcg10=student_score,
+                      seconds=round(time.perf_counter() - started, 1))
+        if teacher_score - student_score > config.max_ndcg_drop:
+            raise QualityGateError(teacher_score, student_score, config.max_ndcg_drop, split)
+        _write_report(candidate, report)
+        with storage.atomic_dir(Path(config.out)) as out:
+            shutil.copytree(candidate, out, dirs_exist_ok=True)
+    return report
+
+
+def _write_report(model_dir: Path, report: dict) -> None:
+    target = model_dir / "kuberank.json"
+    if target.is_file():
+        doc = json.loads(target.read_text())
+        doc["compression"] = report
+        doc.setdefault("metrics", {})["ndcg@10"] = report["compressed_ndcg10"]
+        target.write_text(json.dumps(doc, indent=2) + "\n")
+    else:
+        (model_dir / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _weights_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def int8_encoder_path(model_dir: str) -> Path | None:
+    """The int8 ONNX encoder of a compressed model directory, if it has one."""
+    path = Path(model_dir) / ONNX_SUBDIR / INT8_FILE
+    return path if path.is_file() else None
+
+
+@step_component()
+def compress_op(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], compressed: dsl.Output[dsl.Model],
+                layers: int = 3, prune_ratio: float = 0.25, max_ndcg_drop: float = 0.01):
+    """kfp wrapper around :func:`compress`; the gate's numbers become artifact metadata."""
+    from kuberank.components.compress import CompressConfig, compress
+
+    report = compress(CompressConfig(model=model.path, dataset=f"prepared:{dataset.path}", out=compressed.path,
+                                     layers=layers, prune_ratio=prune_ratio, max_ndcg_drop=max_ndcg_drop))
+    compressed.metadata.update({k: report[k] for k in ("teacher_ndcg10", "compressed_ndcg10", "split", "layers")})
