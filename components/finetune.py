@@ -263,6 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         losses = []
         batch = config["batch_size"]
+        epoch_started = time.monotonic()
         for step, start in enumerate(range(0, per_worker, batch)):
             index = order[start : start + batch]
             if len(index) == 0:  # uneven shards: a zero-weight step keeps DDP in lockstep
@@ -283,7 +284,8 @@ def train_loop_per_worker(config: dict) -> None:
                 writer.add_scalar("train/loss", losses[-1], global_step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)), "start_epoch": start_epoch,
-                   "minutes": (time.monotonic() - started) / 60}
+                   "minutes": (time.monotonic() - started) / 60,
+                   "samples_per_s": rows / max(time.monotonic() - epoch_started, 1e-9)}
         if extra.get("validate") is not None:
             metrics.update(extra["validate"](_unwrap(model)))
             if best is None or metrics["val_ndcg@10"] > best:

@@ -58,6 +58,40 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_compress(args) -> int:
+    from kuberank.components.compress import CompressConfig, compress
+
+    report = compress(CompressConfig(
+        model=args.model, dataset=args.dataset, out=args.out, layers=args.layers,
+        prune_ratio=args.prune_ratio, int8=args.int8, max_ndcg_drop=args.max_ndcg_drop, split=args.split,
+    ))
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from kuberank.components.export import export_model, export_tensorrt
+
+    manifest = export_model(args.model, args.out, fp16=args.fp16)
+    if args.tensorrt:
+        manifest = export_tensorrt(args.out)
+    summary = {"store": args.out, "version": manifest.get("version"), "parity": manifest.get("parity"),
+               "sizes": manifest.get("sizes"), "fingerprint": manifest.get("embedding", {}).get("fingerprint")}
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
+def _cmd_edge_query(args) -> int:
+    from kuberank.components.edge import edge_query, edge_stats
+
+    results = edge_query(args.bundle, args.text, k=args.k)
+    out = {"query": args.text, "results": [{"item_id": i, "score": round(float(s), 6)} for i, s in results]}
+    if args.stats:
+        out["stats"] = edge_stats(args.bundle)
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from kuberank.demo import run_demo
 
@@ -131,6 +165,44 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one GPU per worker, NCCL and mixed precision (default: when the cluster has GPUs)")
     tr.add_argument("--json", action="store_true", help="one-line JSON summary")
     tr.set_defaults(func=_cmd_train)
+
+    co = sub.add_parser(
+        "compress", help="distil, prune and quantise a model behind a quality gate",
+        description="Distil into fewer layers, prune feed-forward blocks, quantise to int8; the "
+                    "result is written only if its nDCG@10 is within --max-ndcg-drop of the teacher's.",
+    )
+    co.add_argument("--model", required=True, metavar="DIR", help="teacher model directory")
+    co.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
+    co.add_argument("--out", required=True, metavar="DIR", help="compressed model directory to write")
+    co.add_argument("--layers", type=int, default=3, help="student layers (default: 3)")
+    co.add_argument("--prune-ratio", type=float, default=0.25, help="share of feed-forward neurons removed")
+    co.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 quantisation")
+    co.add_argument("--max-ndcg-drop", type=float, default=0.01, help="quality gate (absolute nDCG@10)")
+    co.add_argument("--split", metavar="SPLIT", help="gate split (default: validation, else test)")
+    co.add_argument("--json", action="store_true", help="one-line JSON report")
+    co.set_defaults(func=_cmd_compress)
+
+    ex = sub.add_parser(
+        "export", help="export a model to the model store (ONNX, Triton repositories, edge bundle)",
+        description="ONNX with parity checks, int8 and fp16, Triton model repositories (production and "
+                    "local), the edge bundle and manifest.json, into a directory or s3:// prefix.",
+    )
+    ex.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    ex.add_argument("--out", required=True, metavar="STORE", help="model store (a path or s3://)")
+    ex.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 GPU model")
+    ex.add_argument("--tensorrt", action="store_true", help="also build a TensorRT plan (GPU nodes only)")
+    ex.add_argument("--json", action="store_true", help="one-line JSON summary")
+    ex.set_defaults(func=_cmd_export)
+
+    edge = sub.add_parser("edge", help="query an edge bundle", description="The edge bundle's small runner.")
+    edge_sub = edge.add_subparsers(dest="edge_command", metavar="ACTION", required=True)
+    eq = edge_sub.add_parser("query", help="top-k items for a text", description="Rank the bundle's items for TEXT.")
+    eq.add_argument("--bundle", required=True, metavar="DIR", help="edge bundle (STORE/edge)")
+    eq.add_argument("--text", required=True, help="query text")
+    eq.add_argument("--k", type=int, default=10, help="results (default: 10)")
+    eq.add_argument("--stats", action="store_true", help="also report bundle size and single-thread latency")
+    eq.add_argument("--json", action="store_true", help="one-line JSON")
+    eq.set_defaults(func=_cmd_edge_query)
 
     from kuberank.serving.cli import register as register_serving
 

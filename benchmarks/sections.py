@@ -1,0 +1,193 @@
+"""The benchmark sections; each returns (result dict, Markdown)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from kuberank.components.evaluate import evaluate
+
+from kuberank import datasets, report
+
+ML = "movielens-100k"
+# Measured elsewhere under the same MovieLens-100K protocol (issue 3); not re-run here.
+REFERENCE_ML = {"SASRec (RecBole, 6 epochs)": 0.0637, "BPR (implicit)": 0.0398, "EASE^R": 0.0371}
+
+
+def _train(spec: str, out: Path, **kwargs) -> tuple[Path, float]:
+    from kuberank.components.finetune import TrainConfig, train
+
+    started = time.perf_counter()
+    path = train(TrainConfig(dataset=spec, out=str(out), **kwargs))
+    return path, time.perf_counter() - started
+
+
+def _history(model: Path) -> list[dict]:
+    return json.loads((model / "kuberank.json").read_text())["training"]["history"]
+
+
+def quality(out: Path, cisi: str | None):
+    data = datasets.load(ML)
+    rows = [evaluate(data, name, "test") for name in ("popularity", "ease", "bpr", "zero-shot")]
+    model, seconds = _train(ML, out / "models" / "movielens", workers=2)
+    tuned = evaluate(data, str(model), "test")
+    tuned["model"] = "F(Q,B,I) fine-tuned"
+    rows.append(tuned)
+    best_base = max(r["ndcg@10"] for r in rows[:3])
+    lines = [
+        f"MovieLens-100K, test split, full ranking over {len(data.items)} items (943 users).",
+        "",
+        report.format_table(rows, report.QUALITY_COLUMNS),
+        "",
+        f"F(Q,B,I) / best non-sequential baseline in this run: {tuned['ndcg@10'] / best_base:.2f}x "
+        f"(training {seconds / 60:.1f} min with 2 workers, epoch chosen on validation).",
+        "References measured elsewhere under the same protocol (not re-run): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in REFERENCE_ML.items())
+        + f"; F / SASRec = {tuned['ndcg@10'] / REFERENCE_ML['SASRec (RecBole, 6 epochs)']:.2f}x.",
+    ]
+    plot = report.bar_plot(rows, ["ndcg@10", "hit@10"], out / "quality-movielens.png", "MovieLens-100K test")
+    lines += ["", f"![movielens]({plot.name})"]
+    result = {"movielens": rows, "movielens_train_seconds": seconds}
+    print("\n".join(lines), flush=True)
+    if cisi:
+        cisi_rows = [evaluate(cisi, name, "test") for name in ("bm25", "zero-shot")]
+        cmodel, cseconds = _train(cisi, out / "models" / "cisi", workers=2)
+        ctuned = evaluate(cisi, str(cmodel), "test")
+        ctuned["model"] = "fine-tuned"
+        cisi_rows.append(ctuned)
+        delta = ctuned["ndcg@10"] - cisi_rows[1]["ndcg@10"]
+        extra = [
+            "",
+            "CISI, test split (hash split of the judged queries), fine-tuned on train with the defaults:",
+            "",
+            report.format_table(cisi_rows, report.QUALITY_COLUMNS),
+            "",
+            f"fine-tuned - zero-shot nDCG@10: {delta:+.4f} (target +0.03); training {cseconds / 60:.1f} min, 2 workers.",
+        ]
+        print("\n".join(extra), flush=True)
+        lines += extra
+        result.update(cisi=cisi_rows, cisi_train_seconds=cseconds, cisi_delta=delta)
+    return result, "\n".join(lines)
+
+
+def train(out: Path, cisi: str | None):
+    """Training throughput (samples/s) with 1 and 2 workers, one epoch each."""
+    specs = [(ML, {"epochs": 1})]
+    if cisi:
+        specs.append((cisi, {"epochs": 1, "max_length": 128}))
+    rows = []
+    for spec, extra in specs:
+        for workers in (1, 2):
+            model, seconds = _train(spec, out / "models" / f"throughput-{workers}", workers=workers, **extra)
+            rate = _history(model)[-1]["samples_per_s"]
+            rows.append({"model": f"{datasets.load(spec).name} x{workers}", "workers": workers,
+                         "samples/s": round(rate, 1), "wall s": round(seconds, 1)})
+    lines = [report.format_table(rows, ("workers", "samples/s", "wall s"), first="model")]
+    for i in range(0, len(rows), 2):
+        lines.append(f"{rows[i]['model'].split(' ')[0]}: 2 workers / 1 worker = "
+                     f"{rows[i + 1]['samples/s'] / rows[i]['samples/s']:.2f}x (2 cores: DDP splits the same CPUs)")
+    print("\n".join(lines), flush=True)
+    return {"rows": rows}, "\n".join(lines)
+
+
+def _matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def _encoder_flops(config: dict, tokens: int, seq: int) -> float:
+    """Forward FLOPs of a BERT encoder for ``tokens`` tokens in sequences of length ``seq``."""
+    h, ffn, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    per_token = layers * (2 * 4 * h * h + 2 * 2 * h * ffn + 2 * 2 * seq * h)
+    return float(per_token * tokens)
+
+
+def _throughput(encoder, texts: list[str], batch: int, seconds: float = 6.0) -> dict:
+    encoder.encode(texts[:batch], batch_size=batch)
+    done, started, latencies = 0, time.perf_counter(), []
+    while time.perf_counter() - started < seconds:
+        chunk = texts[(done % len(texts)) : (done % len(texts)) + batch] or texts[:batch]
+        t0 = time.perf_counter()
+        encoder.encode(chunk, batch_size=batch)
+        latencies.append(time.perf_counter() - t0)
+        done += len(chunk)
+    elapsed = time.perf_counter() - started
+    return {"texts/s": done / elapsed, "p50 ms": 1000 * float(np.median(latencies)),
+            "p95 ms": 1000 * float(np.percentile(latencies, 95))}
+
+
+def compression(out: Path, cisi: str | None):
+    """PyTorch fp32, ONNX Runtime fp32, ONNX Runtime int8 and distilled + int8: throughput at
+    batch 1 and 32, latency, nDCG@10 and achieved FLOP/s against the measured matmul peak."""
+    from kuberank.components.compress import CompressConfig, compress
+    from kuberank.components.export import export_model
+
+    from kuberank.model import resolve_model
+
+    teacher = out / "models" / "movielens"
+    if not teacher.is_dir():
+        teacher, _ = _train(ML, teacher, workers=2)
+    data = datasets.load(ML)
+    store = out / "store"
+    export_model(teacher, store, fp16=False)
+    int8 = out / "models" / "int8"
+    compress(CompressConfig(model=str(teacher), dataset=ML, out=str(int8), layers=6, prune_ratio=0.0, epochs=0,
+                            max_ndcg_drop=1.0))
+    distilled = out / "models" / "distilled-int8"
+    gate = compress(CompressConfig(model=str(teacher), dataset=ML, out=str(distilled)))
+    variants = [("PyTorch fp32", teacher), ("ONNX Runtime fp32", store), ("ONNX Runtime int8", int8),
+                ("distilled + int8", distilled)]
+    texts = data.item_texts
+    peak = _matmul_peak_flops()
+    from transformers import AutoTokenizer
+
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(teacher)(texts, truncation=True, max_length=256)["input_ids"]]
+    mean_tokens = float(np.mean(lengths))
+    rows = []
+    for name, path in variants:
+        encoder = resolve_model(path, threads=None).query_encoder
+        own = Path(path) / "config.json"
+        config = json.loads((own if own.is_file() else teacher / "config.json").read_text())
+        row = {"model": name}
+        for batch in (1, 32):
+            stats = _throughput(encoder, texts, batch)
+            row[f"b{batch} texts/s"] = round(stats["texts/s"], 1)
+            row[f"b{batch} p50 ms"] = round(stats["p50 ms"], 2)
+        flops = _encoder_flops(config, row["b32 texts/s"] * mean_tokens, int(mean_tokens))
+        row["FLOP/s % of peak"] = round(100 * flops / peak, 1)
+        row["ndcg@10"] = evaluate(data, str(path), "test")["ndcg@10"]
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["b32 speed-up"] = round(row["b32 texts/s"] / base["b32 texts/s"], 2)
+        row["ndcg@10 loss"] = round(base["ndcg@10"] - row["ndcg@10"], 4)
+    columns = ("b1 texts/s", "b1 p50 ms", "b32 texts/s", "b32 p50 ms", "b32 speed-up", "ndcg@10", "ndcg@10 loss",
+               "FLOP/s % of peak")
+    lines = [
+        f"Encoder of the MovieLens model on its 1682 item texts; matmul peak measured here: {peak / 1e9:.1f} GFLOP/s.",
+        "",
+        report.format_table(rows, columns),
+        "",
+        f"distilled + int8 vs PyTorch fp32 at batch 32: {rows[-1]['b32 speed-up']:.2f}x (target 6x), "
+        f"nDCG@10 loss {rows[-1]['ndcg@10 loss']:+.4f} (target <= 0.01). Gate: {json.dumps({k: gate[k] for k in ('teacher_ndcg10', 'compressed_ndcg10', 'split')})}",
+    ]
+    plot = report.bar_plot([{"model": r["model"], "b32 speed-up": r["b32 speed-up"]} for r in rows],
+                           ["b32 speed-up"], out / "compression.png", "batch-32 throughput vs PyTorch fp32")
+    lines += ["", f"![compression]({plot.name})"]
+    print("\n".join(lines), flush=True)
+    return {"rows": rows, "peak_flops": peak, "gate": gate}, "\n".join(lines)
+
+
+def serving(out: Path, cisi: str | None):
+    from kuberank.serving import bench as serving_bench
+
+    result = serving_bench.benchmark_report(out)
+    return result, result.get("markdown", "")
