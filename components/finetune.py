@@ -82,11 +82,13 @@ class TrainConfig:
 
 def search_examples(data: datasets.Dataset, split: str = "train") -> dict:
     """(query, positive document) pairs of ``split``, with every query's positive set."""
+    if split not in data.splits():
+        raise KuberankError(f"{data.name}: the {split} split is empty (no judged queries): nothing to train on")
     task = datasets.eval_task(data, split)
     index_of = {iid: i for i, iid in enumerate(data.item_ids)}
     pairs = [(q, index_of[d]) for q, qid in enumerate(task.query_ids) for d in task.qrels[qid]]
     if not pairs:
-        raise KuberankError(f"{data.name}: the {split} split has no (query, relevant document) pairs")
+        raise KuberankError(f"{data.name}: the {split} split has no (query, relevant document) pair: nothing to train on")
     return {"queries": [t or "" for t in task.texts], "pairs": pairs}
 
 
@@ -99,7 +101,7 @@ def recommendation_examples(data: datasets.Dataset, max_history: int) -> dict:
     sequences = {u: g["item_id"].map(index_of).to_numpy() for u, g in train.groupby("user_id", sort=False)}
     rows = [(user_index[u], t) for u, seq in sequences.items() for t in range(1, len(seq))]
     if not rows:
-        raise KuberankError(f"{data.name}: the train split has no user with two or more interactions")
+        raise KuberankError(f"{data.name}: the train split has no user with two or more interactions: nothing to train on")
     return {
         "users": users,
         "sequences": {user_index[u]: seq for u, seq in sequences.items()},
@@ -259,6 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = ray.get_actor(config["progress_actor"]) if config.get("progress_actor") else None
     started = time.monotonic()
     for epoch in range(start_epoch, config["epochs"]):
+        _maybe_inject_fault(config, epoch, rank)
         order = np.random.default_rng(config["seed"] + epoch).permutation(rows)[rank::world]
         model.train()
         losses = []
@@ -308,7 +311,6 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
-        _maybe_inject_fault(config, epoch, rank)
         if over_budget:
             break
     if writer is not None:
@@ -320,10 +322,12 @@ def _unwrap(model):
 
 
 def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
-    """Tests only: kill this worker process once, right after a checkpointed epoch."""
+    """Tests only: SIGKILL this worker once, mid-run, at the start of the epoch after
+    ``kill_after_epoch`` (whose checkpoint has had time to be registered)."""
     fault = config.get("fault_injection") or {}
     marker = fault.get("marker")
-    if rank == 0 and marker and epoch == fault.get("kill_after_epoch") and not os.path.exists(marker):
+    if rank == 0 and marker and epoch == fault.get("kill_after_epoch", -2) + 1 and not os.path.exists(marker):
+        time.sleep(3)
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), 9)
 
@@ -528,12 +532,16 @@ def _fit(trainer):
 
 
 def _check_tokenizer_matches(model_dir: str, towers: str) -> None:
+    """Separate towers must share one vocabulary: the query tower's tokenizer feeds both."""
+    from transformers import AutoTokenizer
+
     from kuberank.model import item_tower_path
 
     if towers != "separate" or item_tower_path(model_dir) == Path(model_dir):
         return
-    main, item = Path(model_dir) / "vocab.txt", item_tower_path(model_dir) / "vocab.txt"
-    if main.is_file() and item.is_file() and main.read_bytes() != item.read_bytes():
+    query_vocab = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    item_vocab = AutoTokenizer.from_pretrained(item_tower_path(model_dir)).get_vocab()
+    if query_vocab != item_vocab:
         raise KuberankError(f"--warm-start: {model_dir}: the item tower's tokenizer does not match the query tower's")
 
 

@@ -108,35 +108,34 @@ def test_recommendation_with_behaviour_term(ray_cluster, tmp_path):
 
 
 def test_bad_input_is_refused_before_training(ray_cluster, tmp_path, collection):
-    only_test = write_beir(tmp_path / "t", {"test": {"q1": "d1"}})
-    # Without train.tsv, q1 hashes into one split; make sure the train side is empty.
+    only_test = write_beir(tmp_path / "t", {"test": {"q2": "d2"}})
+    # Without train.tsv the queries of test.tsv are split by hash; q2 lands in "test", so
+    # the train split is empty.
     from kuberank.datasets import hash_split
 
-    assert hash_split("q1") == "test"
-    with pytest.raises(KuberankError, match="train split has no"):
+    assert hash_split("q2") == "test"
+    with pytest.raises(KuberankError, match="nothing to train on"):
         train(small(f"beir:{only_test}", tmp_path / "x"))
     unjudged = write_beir(tmp_path / "u", {"train": {"q1": "d1"}})
     (tmp_path / "u" / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\n")
-    with pytest.raises(KuberankError, match="train split has no"):
+    with pytest.raises(KuberankError, match="nothing to train on"):
         train(small(f"beir:{unjudged}", tmp_path / "y"))
-    with pytest.raises(StorageError, match="s3://kuberank-missing"):
-        import os
 
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "x")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "x")
-        old = os.environ.get("KUBERANK_S3_ENDPOINT_URL")
-        os.environ["KUBERANK_S3_ENDPOINT_URL"] = "http://127.0.0.1:9"
-        try:
-            train(small(collection, tmp_path / "z", storage="s3://kuberank-missing/ckpt"))
-        finally:
-            os.environ.pop("KUBERANK_S3_ENDPOINT_URL") if old is None else os.environ.update(KUBERANK_S3_ENDPOINT_URL=old)
+
+
+def test_unreachable_storage_is_refused(ray_cluster, collection, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("KUBERANK_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(StorageError, match="s3://kuberank-missing/ckpt"):
+        train(small(collection, tmp_path / "z", storage="s3://kuberank-missing/ckpt"))
 
 
 def test_mismatched_item_tower_tokenizer_is_refused(ray_cluster, search_model, collection, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(search_model, broken)
     shutil.copytree(search_model, broken / "item_tower", ignore=shutil.ignore_patterns("item_tower"))
-    vocab = broken / "item_tower" / "vocab.txt"
-    vocab.write_text(vocab.read_text().replace("[unused0]", "[unused-x]", 1))
+    tokenizer = broken / "item_tower" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"[unused0]"', '"[unused-x]"', 1))
     with pytest.raises(KuberankError, match="item tower's tokenizer does not match"):
         train(small(collection, tmp_path / "w", towers="separate", warm_start=str(broken)))
