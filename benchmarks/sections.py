@@ -187,7 +187,26 @@ def compression(out: Path, cisi: str | None):
 
 
 def serving(out: Path, cisi: str | None):
-    from kuberank.serving import bench as serving_bench
+    """(a) Ray Serve + Triton, (b) Ray Serve + in-process ONNX Runtime, (c) the naive FastAPI
+    server, (d) the in-process batched limit, and bare Triton; on the CISI documents when present
+    (search traffic), else on the MovieLens catalogue (recommendation traffic)."""
+    from kuberank.components.export import export_model
+    from kuberank.config import base_model_path
+    from kuberank.serving.bench import format_table, serve_and_bench
+    from kuberank.serving.index import build_index
 
-    result = serving_bench.benchmark_report(out)
-    return result, result.get("markdown", "")
+    if cisi:
+        model, spec = Path(base_model_path()), cisi
+    else:
+        model = out / "models" / "movielens"
+        if not model.is_dir():
+            model, _ = _train(ML, model, workers=2)
+        spec = ML
+    store = out / "serving-store"
+    export_model(model, store, fp16=False)
+    build_index(model, spec, store)
+    result = serve_and_bench(str(store), levels=(1, 8, 32), requests=300, max_seconds=15.0,
+                             out_dir=out / "serving", model_dir=str(model))
+    table = format_table(result)
+    print(table, flush=True)
+    return result, table + "\n\n![latency](serving/latency_vs_load.png)"

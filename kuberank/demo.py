@@ -21,11 +21,11 @@ TRAIN_BUDGET_MINUTES = 4.0
 
 
 def run_demo(out_root: str = "runs", split: str = "test", echo=print, train: bool = True,
-             workers: int = 2) -> Path:
+             workers: int = 2, serve: bool = True) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_root) / stamp
     prepared = run_dir / "data"
-    steps = 3 if train else 2
+    steps = 2 + (1 if train else 0) + (2 if train and serve else 0)
     echo(f"[1/{steps}] preparing {DEMO_DATASET} -> {prepared}")
     manifest = prepare(DEMO_DATASET, str(prepared))
     echo(f"      {manifest['rows']} rows, splits {manifest['splits']}")
@@ -45,6 +45,9 @@ def run_demo(out_root: str = "runs", split: str = "test", echo=print, train: boo
         tuned["model"] = "F(Q,B,I) fine-tuned"
         rows.append(tuned)
         training = read_info(model_dir).training
+    extra_sections: list[str] = []
+    if train and serve:
+        extra_sections = _compress_serve_and_bench(run_dir, model_dir, prepared, rows, echo, steps)
     table = report.format_table(rows, report.QUALITY_COLUMNS)
     echo("\n" + table + "\n")
     if training:
@@ -71,6 +74,42 @@ def run_demo(out_root: str = "runs", split: str = "test", echo=print, train: boo
         lines += ["## Fine-tuning", "", report.format_table(
             [{"model": f"epoch {h['epoch'] + 1}", **h} for h in training["history"]],
             ("loss", "val_ndcg@10", "samples_per_s", "minutes")), ""]
+    lines += extra_sections
     (run_dir / "report.md").write_text("\n".join(lines))
     echo(f"report: {run_dir / 'report.md'}")
     return run_dir
+
+
+def _compress_serve_and_bench(run_dir: Path, model_dir: Path, prepared: Path, rows: list[dict], echo,
+                              steps: int) -> list[str]:
+    """Compress behind the quality gate, export to a model store, index the catalogue, then
+    serve it on 127.0.0.1 and benchmark it against the naive server and the in-process limit."""
+    from kuberank.components.compress import CompressConfig, QualityGateError, compress
+    from kuberank.components.export import export_model
+    from kuberank.serving.bench import format_table, serve_and_bench
+    from kuberank.serving.index import build_index
+
+    spec = f"prepared:{prepared}"
+    echo(f"[4/{steps}] compressing (distil 6->3 layers, prune, int8) behind the quality gate")
+    served, lines = model_dir, ["## Compression", ""]
+    try:
+        gate = compress(CompressConfig(model=str(model_dir), dataset=spec, out=str(run_dir / "compressed")))
+        served = run_dir / "compressed"
+        tuned = evaluate(datasets.load_prepared(str(prepared)), str(served), "test")
+        tuned["model"] = "F(Q,B,I) distilled + int8"
+        rows.append(tuned)
+        lines.append(f"Accepted: nDCG@10 on {gate['split']} {gate['compressed_ndcg10']:.4f} vs teacher "
+                     f"{gate['teacher_ndcg10']:.4f}; layers {gate['layers']}, weights "
+                     f"{gate['teacher_bytes'] / 1e6:.0f} MB -> int8 ONNX {gate.get('int8_bytes', 0) / 1e6:.0f} MB.")
+    except QualityGateError as exc:
+        lines.append(f"Refused by the quality gate, serving the uncompressed model: {exc}")
+    echo("      " + lines[-1])
+    echo(f"[5/{steps}] exporting, indexing, serving on 127.0.0.1 and benchmarking")
+    store = run_dir / "store"
+    export_model(served, store, fp16=False)
+    build_index(served, spec, store)
+    result = serve_and_bench(str(store), targets=("kuberank-onnx", "naive", "limit"), levels=(1, 8, 32),
+                             requests=200, max_seconds=10.0, out_dir=run_dir / "bench", model_dir=str(served))
+    latency = format_table(result)
+    echo("\n" + latency + "\n")
+    return lines + ["", "## Serving latency", "", latency, "", "![latency](bench/latency_vs_load.png)", ""]
