@@ -191,9 +191,10 @@ def serving(out: Path, cisi: str | None):
     server, (d) the in-process batched limit, and bare Triton; on the CISI documents when present
     (search traffic), else on the MovieLens catalogue (recommendation traffic)."""
     from kuberank.components.export import export_model
-    from kuberank.config import base_model_path
     from kuberank.serving.bench import format_table, serve_and_bench
     from kuberank.serving.index import build_index
+
+    from kuberank.config import base_model_path
 
     if cisi:
         model, spec = Path(base_model_path()), cisi
