@@ -52,6 +52,12 @@ def quality(out: Path, cisi: str | None):
     result = {"movielens": rows, "movielens_train_seconds": seconds}
     print("\n".join(lines), flush=True)
     if cisi:
+        reference = {"bm25": 0.321, "zero-shot": 0.419}  # pytrec_eval, computed independently
+        checks = [evaluate(cisi, name, "all") for name in reference]
+        lines += ["", "CISI `--split all` against the independent pytrec_eval reference:", ""]
+        lines += [f"- {r['model']}: nDCG@10 {r['ndcg@10']:.4f} vs reference {reference[r['model']]:.3f} "
+                  f"(difference {r['ndcg@10'] - reference[r['model']]:+.4f}, tolerance 0.01)" for r in checks]
+        result["cisi_reference"] = checks
         cisi_rows = [evaluate(cisi, name, "test") for name in ("bm25", "zero-shot")]
         cmodel, cseconds = _train(cisi, out / "models" / "cisi", workers=2)
         ctuned = evaluate(cisi, str(cmodel), "test")
