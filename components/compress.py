@@ -204,7 +204,9 @@ def compress(config: CompressConfig) -> dict:
             onnx_dir = candidate / ONNX_SUBDIR
             onnx_dir.mkdir()
             fp32 = export_onnx(candidate, onnx_dir / "model.fp32.onnx")
-            fused = optimize_onnx(fp32, onnx_dir / "model.fused.onnx")
+            fused = onnx_dir / "model.fused.onnx"
+            optimize_onnx(fp32, fused, num_heads=student.config.num_attention_heads,
+                          hidden_size=student.config.hidden_size)
             quantize_int8(fused, onnx_dir / INT8_FILE, per_channel=True)
             for name in ("model.fp32.onnx", "model.fused.onnx"):
                 (onnx_dir / name).unlink()
