@@ -3,7 +3,8 @@ and the fingerprints of the model that embedded them.
 
 Pure core: :func:`build_index` (model directory + dataset + exported store -> STORE/index),
 :func:`load_index` / :class:`ItemIndex` (exact or ANN top-n search), :func:`check_index`
-(refuses an index embedded by another model). Thin wrapper: ``kuberank index``.
+(refuses an index embedded by another model). Thin wrappers: ``kuberank index`` and the kfp
+component :func:`index_op`.
 
 Layout::
 
@@ -23,8 +24,6 @@ PyTorch item tower (``DIR/item_tower``) when they are separate. The index record
 Serving compares both with the manifest it serves and refuses a mismatch.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import tempfile
@@ -33,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from kfp import dsl
 
 from kuberank.errors import KuberankError
+from kuberank.kfp_component import step_component
 from kuberank.progress import bar
 
 INDEX_DIR = "index"
@@ -263,3 +264,32 @@ def load_index(store: str | os.PathLike) -> ItemIndex:
         ann = _faiss().read_index(str(root / meta["ann"]["file"]))
         ann.hnsw.efSearch = int(meta["ann"].get("ef_search", HNSW_EF_SEARCH))
     return ItemIndex(meta=meta, ids=ids, embeddings=embeddings, ann=ann)
+
+
+@step_component()
+def index_op(
+    model: dsl.Input[dsl.Model],
+    dataset: dsl.Input[dsl.Dataset],
+    store: str,
+    export_fingerprint: str,
+    index: dsl.Output[dsl.Artifact],
+    ann_threshold: int = 50_000,  # DEFAULT_ANN_THRESHOLD (kfp runs this function's source alone)
+) -> str:
+    """kfp wrapper around :func:`build_index`: embed the prepared dataset's items with the
+    exported model into STORE/index. ``export_fingerprint`` (the export step's output) orders the
+    step after the export and must match the store. The output artifact holds index.json."""
+    import json
+    from pathlib import Path
+
+    from kuberank.serving.index import IndexMismatchError, build_index
+
+    meta = build_index(model.path, f"prepared:{dataset.path}", store, ann_threshold=ann_threshold)
+    if meta["embedding_fingerprint"] != export_fingerprint:
+        raise IndexMismatchError(
+            f"{store}: the store's embedding fingerprint {meta['embedding_fingerprint']} is not the "
+            f"export's {export_fingerprint}: another export wrote the store meanwhile"
+        )
+    Path(index.path).write_text(json.dumps(meta, indent=2) + "\n")
+    index.metadata.update({k: meta[k] for k in ("count", "dim", "kind", "embedding_fingerprint")})
+    index.metadata["store"] = store
+    return meta["embedding_fingerprint"]
