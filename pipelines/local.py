@@ -12,13 +12,17 @@ def init_local_runner(pipeline_root: str | os.PathLike) -> Path:
 
     Tasks run ``python3`` from PATH, so this interpreter's bin directory goes first; each task
     runs ``pip install kfp==<pinned> --no-deps``, a no-op since the pinned kfp is installed.
-    Task scratch (TMPDIR) stays under the pipeline root.
+    Task scratch (TMPDIR) goes to one short-named directory of its own: short, because Ray
+    (started by the fine-tuning task or later in this process) puts UNIX sockets under TMPDIR
+    and their paths may not exceed 107 bytes.
     """
+    import tempfile
+
     from kfp import local
 
     root = Path(pipeline_root).resolve()
-    scratch = root / ".tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="kuberank-kfp-", dir="/tmp" if Path("/tmp").is_dir() else None))
     bindir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
