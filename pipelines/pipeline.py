@@ -432,13 +432,15 @@ def tensorrt_op(store: str, fingerprint: str) -> str:
 @step_component()
 def publish_op(
     store: str,
-    index: dsl.Input[dsl.Artifact],
+    index_fingerprint: str,
     scores: dsl.Input[dsl.Metrics],
     release: dsl.Output[dsl.Artifact],
     report: dsl.Output[dsl.Markdown],
 ):
     """Check the store is complete and consistent (manifest, Triton repositories, an index
-    embedded by this encoder), then write STORE/release.json: the record deploys read."""
+    embedded by this encoder, the one the index step reported), then write STORE/release.json:
+    the record deploys read. (The join of the two branches is this string, not the index
+    artifact: kfp's local runner resolves ``dsl.OneOf`` for parameters only.)"""
     import json
     import tempfile
     from pathlib import Path
@@ -452,6 +454,9 @@ def publish_op(
     manifest = read_manifest(store)
     meta = load_index(store).meta
     check_index(meta, manifest, where=f"{store}/index")
+    if meta["embedding_fingerprint"] != index_fingerprint:
+        raise ValueError(f"{store}/index: embedding {meta['embedding_fingerprint']}, the index step "
+                         f"built {index_fingerprint}: another run wrote the store meanwhile")
     for part in ("triton", "triton-local"):
         root = Path(materialize(f"{store.rstrip('/')}/{part}"))
         if not (root / "query_encoder" / "config.pbtxt").is_file():
@@ -602,8 +607,8 @@ def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None
             index_small = serve(small.outputs["compressed"])
         with dsl.Else(name="compress-disabled"):
             index_full = serve(trained)
-        index = dsl.OneOf(index_small.outputs["index"], index_full.outputs["index"])
-        release = configure(publish_op(store=model_store, index=index,
+        index_fingerprint = dsl.OneOf(index_small.outputs["Output"], index_full.outputs["Output"])
+        release = configure(publish_op(store=model_store, index_fingerprint=index_fingerprint,
                                        scores=quality.outputs["scores"]), PUBLISH)
         with dsl.If(deploy_canary == True, name="deploy-canary"):  # noqa: E712
             configure(canary_op(release=release.outputs["release"], weight=canary_weight,

@@ -342,7 +342,7 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     assert 0.0 <= result["metrics"]["ndcg@10"] <= 1.0
     assert [r["model"] for r in result["quality_rows"]] == ["popularity", "fine-tuned"]
     assert "| popularity |" in Path(result["quality_report_path"]).read_text()
-    assert release["version"] in Path(result["release_report_path"]).read_text()
+    assert f"# Release {release['version']} -> {store}" in Path(result["release_report_path"]).read_text()
     index = load_index(store)
     assert index.meta["embedding_fingerprint"] == release["embedding_fingerprint"]
     assert len(index) == 8
