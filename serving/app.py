@@ -17,7 +17,9 @@ Every response carries the model version and each item's score F(Q, B, I). Bad i
 4xx JSON body ``{"error": {"status", "message", "details"?}}``; overload gets a fast 503 (Serve's
 ``max_queued_requests`` on the Ingress, and downstream back-pressure mapped to 503).
 
-Stages:
+Request path: colocated (``colocate``, the default for one node) the Ingress itself runs
+encode + retrieve + rank in one ``@serve.batch`` (one process, no handle hops; the three stage
+deployments stay in the application at 0 replicas); otherwise each stage is its own deployment:
 
 - QueryEncoder: ``@serve.batch`` of query texts; Triton's ``query_encoder`` ensemble over gRPC
   (one ``tritonclient.grpc.aio`` client per replica, so the channel is reused) or in-process
@@ -31,7 +33,9 @@ Stages:
 
 A model version is picked up with ``reconfigure`` (Serve ``user_config`` ``{"model_store",
 "revision"}``): each replica loads the new store beside the old one and swaps it in one
-assignment, so in-flight requests finish on the old one and none is dropped. Start-up (and
+assignment, so in-flight requests finish on the old one and none is dropped. A redeploy that
+Serve treats as new code replaces replicas; ``max_surge_percent: 100`` starts each replacement
+before its old replica stops. Start-up (and
 reconfigure) refuses an index whose fingerprints differ from the store's encoder.
 """
 
@@ -69,25 +73,55 @@ MAX_BODY_BYTES = 64 * 1024
 # --------------------------------------------------------------------------- settings
 
 
-def _default_deployments() -> dict[str, dict]:
+STAGE_ENV = {
+    # user code on the replica's own event loop: one loop hop less per request (the heavy work
+    # runs in a worker thread, never on the loop)
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # the retrieval product and F are small per batch; BLAS/OpenMP pools would only contend with
+    # ONNX Runtime's own intra-op threads
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _default_deployments(colocate: bool = True) -> dict[str, dict]:
     """Per-deployment Ray Serve options for a local run; the chart passes its own through
     serveConfigV2 (they override these). ``num_cpus`` 0 lets a laptop schedule every replica;
-    batching deployments take many ongoing requests (the default 5 would cap the batch)."""
+    batching deployments take many ongoing requests (the default 5 would cap the batch).
+    ``max_surge_percent`` 100: a restart (new code or builder args) starts the replacement
+    before the old replica stops, so a rollout never leaves a stage without a replica.
+
+    Colocated (the default for one node): the Ingress runs encode + retrieve + rank itself, and
+    ``QueryEncoder``/``Retriever``/``Ranker`` stay in the application (the chart names them) at
+    0 replicas until something routes to them."""
     scale = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 10, "downscale_delay_s": 60}
+    actor = {"num_cpus": 0, "runtime_env": {"env_vars": dict(STAGE_ENV)}}
+    quiet = {"enable_access_log": False}  # one log line per request costs the replica CPU
+    stage = {"max_ongoing_requests": 256, "max_queued_requests": -1, "max_surge_percent": 100,
+             "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+             "ray_actor_options": actor, "logging_config": quiet}
+    if colocate:
+        stage = {**stage, "autoscaling_config": {**scale, "min_replicas": 0, "initial_replicas": 0,
+                                                 "target_ongoing_requests": 64}}
     return {
-        INGRESS: {"max_ongoing_requests": 256, "max_queued_requests": 512,
+        INGRESS: {"max_ongoing_requests": 256, "max_queued_requests": 512, "max_surge_percent": 100,
                   "autoscaling_config": {**scale, "target_ongoing_requests": 64},
-                  "ray_actor_options": {"num_cpus": 0}},
-        ENCODER: {"max_ongoing_requests": 256, "max_queued_requests": -1,
-                  "autoscaling_config": {**scale, "target_ongoing_requests": 64},
-                  "ray_actor_options": {"num_cpus": 0}},
-        RETRIEVER: {"max_ongoing_requests": 256, "max_queued_requests": -1,
-                    "autoscaling_config": {**scale, "target_ongoing_requests": 64},
-                    "ray_actor_options": {"num_cpus": 0}},
-        RANKER: {"max_ongoing_requests": 256, "max_queued_requests": -1,
-                 "autoscaling_config": {**scale, "target_ongoing_requests": 64},
-                 "ray_actor_options": {"num_cpus": 0}},
+                  "ray_actor_options": actor, "logging_config": quiet},
+        ENCODER: stage,
+        RETRIEVER: stage,
+        RANKER: stage,
     }
+
+
+def onnx_thread_count(requested: int) -> int:
+    """``requested`` intra-op threads, or (0) the cores this process may run on."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -99,10 +133,14 @@ class Settings:
     triton_fallback: str = "onnx"  # "onnx": encode in process when Triton fails; "error": 503
     triton_retry_s: float = 5.0  # after a Triton failure, go straight to the fallback this long
     onnx_precision: str = "int8"  # in-process encoder: "int8" (model.int8.onnx) or "fp32"
-    onnx_threads: int = 1
+    onnx_threads: int = 0  # ONNX Runtime intra-op threads; 0 = the cores of the replica's process
+    # True: the Ingress runs encode + retrieve + rank in one @serve.batch (one process, no
+    # handle hops); False: each stage is its own deployment, scaled separately
+    colocate: bool = True
     candidates: int = 100  # retrieved per request before F re-ranks them
     rank_all_max: int = 5000  # recommendation: score every item with F up to this catalogue size
     # (max_batch_size, batch_wait_timeout_s): chosen by measurement (docs/serving.md)
+    pipeline_batch: tuple[int, float] = (32, 0.002)  # colocated: the whole request path
     encoder_batch: tuple[int, float] = (32, 0.003)
     retriever_batch: tuple[int, float] = (32, 0.001)
     ranker_batch: tuple[int, float] = (32, 0.001)
@@ -116,11 +154,12 @@ class Settings:
             raise KuberankError(f"triton_fallback: {self.triton_fallback!r} is not 'onnx' or 'error'")
         if self.onnx_precision not in ("int8", "fp32"):
             raise KuberankError(f"onnx_precision: {self.onnx_precision!r} is not 'int8' or 'fp32'")
-        for name in ("encoder_batch", "retriever_batch", "ranker_batch"):
+        for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
             size, wait = getattr(self, name)
             if int(size) < 1 or float(wait) < 0:
                 raise KuberankError(f"{name}: need (max_batch_size >= 1, batch_wait_timeout_s >= 0)")
             setattr(self, name, (int(size), float(wait)))
+        self.colocate = bool(self.colocate)
         unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
@@ -356,6 +395,125 @@ class RankerCore:
         return cands[top], scores[top].astype(np.float32)
 
 
+class QueryEncoding:
+    """Query texts -> vectors for one replica: Triton (when configured and not failed within
+    ``triton_retry_s``) or in-process ONNX Runtime, with the ``triton_fallback`` policy. Shared by
+    the QueryEncoder deployment and the colocated Ingress."""
+
+    def __init__(self, triton_url: str, settings: Settings):
+        self.settings = settings
+        self.triton = (TritonEncoder(triton_url, settings.triton_model, settings.triton_timeout_s)
+                       if triton_url else None)
+        self.triton_down_until = 0.0
+
+    def needs_local(self) -> bool:
+        return self.triton is None or self.settings.triton_fallback == "onnx"
+
+    def load_local(self, store: str, manifest: dict) -> "InProcessEncoder | None":
+        if not self.needs_local():
+            return None
+        return InProcessEncoder(store, manifest, self.settings.onnx_precision,
+                                onnx_thread_count(self.settings.onnx_threads))
+
+    async def remote(self, texts: list[str]) -> np.ndarray | None:
+        """Triton's vectors, or None: encode in process (no Triton, or it failed and the
+        fallback is on). Raises EncoderUnavailableError when it failed and the fallback is off."""
+        if self.triton is None:
+            return None
+        if time.monotonic() >= self.triton_down_until:
+            try:
+                return await self.triton.encode(texts)
+            except Exception as exc:
+                self.triton_down_until = time.monotonic() + self.settings.triton_retry_s
+                await self.triton.close()
+                if self.settings.triton_fallback != "onnx":
+                    raise EncoderUnavailableError(f"Triton at {self.triton.url}: {exc}") from None
+                return None
+        if self.settings.triton_fallback != "onnx":
+            raise EncoderUnavailableError(f"Triton at {self.triton.url} failed recently")
+        return None
+
+
+@dataclass
+class PipelineRequest:
+    """One request of the colocated path."""
+
+    query: str | None
+    history: list[str]
+    user_id: str | None
+    k: int
+    exclude_history: bool
+
+
+@dataclass
+class Pipeline:
+    """Everything one colocated Ingress replica serves a model version with; swapped in one
+    assignment on reload, so a batch runs on one consistent version."""
+
+    version: str
+    fingerprint: str
+    kind: str
+    users: dict[str, int]
+    items: dict[str, int]
+    store: str
+    index: Any = None
+    ranker: RankerCore | None = None
+    local: InProcessEncoder | None = None
+
+    def run(self, reqs: list[PipelineRequest], vectors: np.ndarray | None, candidates: int,
+            rank_all_max: int) -> tuple[list, dict]:
+        """Encode (unless ``vectors`` came from Triton) + retrieve + rank a batch; per request
+        (ids, scores) or the request's exception; and the seconds each stage took."""
+        timings = {"encode": 0.0, "retrieve": 0.0, "rank": 0.0}
+        texts = [r.query for r in reqs if r.query is not None]
+        t = time.perf_counter()
+        if texts and vectors is None:
+            vectors = self.local.encode(texts)
+        timings["encode"] = time.perf_counter() - t
+        queries, j = [], 0
+        for r in reqs:
+            if r.query is None:
+                queries.append(None)
+            else:
+                queries.append(vectors[j])
+                j += 1
+        t = time.perf_counter()
+        retrieve = [RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history)
+                    for q, r in zip(queries, reqs, strict=True)]
+        try:
+            found: list = retrieve_batch(self.index, retrieve, rank_all_max)
+        except UnknownItemsError:  # answer the good requests of the batch one by one
+            found = []
+            for one in retrieve:
+                try:
+                    found.append(retrieve_batch(self.index, [one], rank_all_max)[0])
+                except UnknownItemsError as exc:
+                    found.append(exc)
+        timings["retrieve"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out: list = []
+        for q, r, f in zip(queries, reqs, found, strict=True):
+            if isinstance(f, Exception):
+                out.append(f)
+                continue
+            rows, scores = self.ranker.rank(RankRequest(q, f[0], r.history, r.user_id, r.k))
+            out.append(([self.index.ids[i] for i in rows], scores.tolist()))
+        timings["rank"] = time.perf_counter() - t
+        return out, timings
+
+
+def load_pipeline(store: str, encoding: QueryEncoding | None) -> Pipeline:
+    """The colocated replica's model: checked index, F, and the in-process encoder."""
+    manifest, index = load_checked_index(store)
+    tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
+    pipe = Pipeline(model_version(manifest), manifest["embedding"]["fingerprint"], tables.kind,
+                    tables.user_row, index.row, store, index)
+    if encoding is not None:
+        pipe.ranker = RankerCore(store, index, tables, model_dir)
+        pipe.local = encoding.load_local(store, manifest)
+    return pipe
+
+
 # --------------------------------------------------------------------------- HTTP schema
 
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
@@ -485,11 +643,9 @@ if serve is not None:
     class QueryEncoder:
         def __init__(self, triton_url: str, settings: dict):
             self.settings = Settings(**settings)
-            self.triton = (TritonEncoder(triton_url, self.settings.triton_model,
-                                         self.settings.triton_timeout_s) if triton_url else None)
+            self.encoding = QueryEncoding(triton_url, self.settings)
             self.local: InProcessEncoder | None = None
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-            self.triton_down_until = 0.0
             self.state = None
             size, wait = self.settings.encoder_batch
             self._encode_batch.set_max_batch_size(size)
@@ -501,35 +657,19 @@ if serve is not None:
 
         def _load(self, store: str):
             manifest = read_store_manifest(store)
-            local = None
-            if self.triton is None or self.settings.triton_fallback == "onnx":
-                local = InProcessEncoder(store, manifest, self.settings.onnx_precision,
-                                         self.settings.onnx_threads)
+            local = self.encoding.load_local(store, manifest)
             self.local, self.state = local, {"version": model_version(manifest)}
-
-        async def _encode_local(self, texts: list[str]) -> np.ndarray:
-            local = self.local
-            return await asyncio.get_running_loop().run_in_executor(self.pool, local.encode, texts)
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
         async def _encode_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
             started = time.perf_counter()
             texts = [t for t, _ in items]
+            vectors = await self.encoding.remote(texts)
             fallback = 0
-            if self.triton is not None and time.monotonic() >= self.triton_down_until:
-                try:
-                    vectors = await self.triton.encode(texts)
-                except Exception as exc:
-                    self.triton_down_until = time.monotonic() + self.settings.triton_retry_s
-                    await self.triton.close()
-                    if self.settings.triton_fallback != "onnx":
-                        raise EncoderUnavailableError(f"Triton at {self.triton.url}: {exc}") from None
-                    vectors, fallback = await self._encode_local(texts), len(texts)
-            elif self.triton is not None and self.settings.triton_fallback != "onnx":
-                raise EncoderUnavailableError(f"Triton at {self.triton.url} failed recently")
-            else:
-                vectors = await self._encode_local(texts)
-                fallback = len(texts) if self.triton is not None else 0
+            if vectors is None:
+                local = self.local
+                vectors = await asyncio.get_running_loop().run_in_executor(self.pool, local.encode, texts)
+                fallback = len(texts) if self.encoding.triton is not None else 0
             return [(vectors[i], {"batch": len(items), "queue_s": started - t0,
                                   "fallback": fallback / len(items)})
                     for i, (_, t0) in enumerate(items)]
@@ -615,26 +755,50 @@ if serve is not None:
     @serve.deployment(name=INGRESS)
     @serve.ingress(api)
     class Ingress:
-        def __init__(self, encoder, retriever, ranker, settings: dict):
+        def __init__(self, encoder, retriever, ranker, settings: dict, triton_url: str = ""):
             # One registry per replica process, shared with the HTTP middleware (Serve pickles
             # this class by value, so a module global here would be a copy).
             self.settings = Settings(**settings)
             self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
             self.metrics = replica_metrics()
-            self.state: dict | None = None
+            self.state: Pipeline | None = None
+            self.encoding = QueryEncoding(triton_url, self.settings) if self.settings.colocate else None
+            # one worker thread runs a batch's encode + retrieve + rank (ONNX Runtime, numpy and
+            # torch release the GIL), so the event loop keeps parsing and answering requests
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+            size, wait = self.settings.pipeline_batch
+            self._pipeline_batch.set_max_batch_size(size)
+            self._pipeline_batch.set_batch_wait_timeout_s(wait)
 
         async def reconfigure(self, config: dict):
-            await asyncio.to_thread(self._load, config["model_store"])
-
-        def _load(self, store: str):
-            manifest, index = load_checked_index(store)
-            tables, _ = read_model_tables(store, index.meta.get("kind", "search"))
-            state = {"version": model_version(manifest),
-                     "fingerprint": manifest["embedding"]["fingerprint"],
-                     "kind": tables.kind, "users": tables.user_row, "items": index.row,
-                     "store": store}
+            # loads in a thread beside the old model; requests keep running on the old one
+            state = await asyncio.to_thread(load_pipeline, config["model_store"], self.encoding)
             self.state = state
-            self.metrics.set_model(state["version"], state["fingerprint"], state["kind"])
+            self.metrics.set_model(state.version, state.fingerprint, state.kind)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+        async def _pipeline_batch(self, items: list[tuple[PipelineRequest, float, Pipeline]]
+                                  ) -> list:
+            """The colocated request path: one batch of encode + retrieve + rank."""
+            started = time.perf_counter()
+            pipe = items[-1][2]  # the newest model any request of the batch was admitted on
+            reqs = [r for r, _, _ in items]
+            texts = [r.query for r in reqs if r.query is not None]
+            vectors, remote_s, fallback = None, 0.0, 0
+            try:
+                if texts and self.encoding.triton is not None:
+                    vectors = await self.encoding.remote(texts)
+                    remote_s = time.perf_counter() - started
+                    fallback = len(texts) if vectors is None else 0
+                results, timings = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, pipe.run, reqs, vectors, self.settings.candidates,
+                    self.settings.rank_all_max)
+            except EncoderUnavailableError as exc:  # Triton down and the fallback off
+                return [(exc, started - t0, None) for _, t0, _ in items]
+            timings["encode"] += remote_s
+            meta = {"batch": len(items), "timings": timings, "fallback": fallback,
+                    "version": (pipe.version, pipe.fingerprint)}
+            return [(result, started - t0, meta) for result, (_, t0, _) in zip(results, items, strict=True)]
 
         # -- plumbing
 
@@ -681,25 +845,27 @@ if serve is not None:
                                          [{"field": "history", "problem": f"unknown item id {i!r}"}
                                           for i in exc.ids[:20]]) from None
 
-        def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> dict:
+        def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> Pipeline:
             state = self.state
             if state is None:
                 raise RequestProblem(503, "model not loaded yet")
-            unknown = [h for h in history if h not in state["items"]]
+            unknown = [h for h in history if h not in state.items]
             if unknown:
                 raise RequestProblem(422, "history: unknown item ids",
                                      [{"field": "history", "problem": f"unknown item id {i!r}"}
                                       for i in unknown[:20]])
-            if user_id is not None and state["users"] and user_id not in state["users"]:
+            if user_id is not None and state.users and user_id not in state.users:
                 raise RequestProblem(404, f"unknown user_id {user_id!r}",
                                      [{"field": "user_id", "problem": "not a user of this model"}])
-            if need_signal and not history and not (user_id and state["users"]):
+            if need_signal and not history and not (user_id and state.users):
                 raise RequestProblem(422, "history: empty and no known user_id",
                                      [{"field": "history", "problem": "give at least one item id"}])
             return state
 
-        async def _rank(self, state: dict, query: str | None, user_id: str | None,
+        async def _rank(self, state: Pipeline, query: str | None, user_id: str | None,
                         history: list[str], k: int, exclude_history: bool) -> dict:
+            if self.settings.colocate:
+                return await self._rank_colocated(state, query, user_id, history, k, exclude_history)
             vector = None
             if query is not None:
                 t = time.perf_counter()
@@ -720,7 +886,36 @@ if serve is not None:
                 "rank", self.ranker.rank, RankRequest(vector, rows, history, user_id, k))
             self.metrics.observe_stage("rank", time.perf_counter() - t, meta["batch"],
                                        meta["queue_s"])
-            return {"model_version": version[0], "fingerprint": version[1], "kind": state["kind"],
+            return {"model_version": version[0], "fingerprint": version[1], "kind": state.kind,
+                    "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)]}
+
+        async def _rank_colocated(self, state: Pipeline, query: str | None, user_id: str | None,
+                                  history: list[str], k: int, exclude_history: bool) -> dict:
+            request = PipelineRequest(query, history, user_id, k, exclude_history)
+            try:
+                result, queue_s, meta = await asyncio.wait_for(
+                    self._pipeline_batch((request, time.perf_counter(), state)),
+                    self.settings.stage_timeout_s)
+            except TimeoutError:
+                self.metrics.error("pipeline", "timeout")
+                raise RequestProblem(503, f"no answer within {self.settings.stage_timeout_s}s") from None
+            if isinstance(result, EncoderUnavailableError):
+                self.metrics.error("encode", "triton_unavailable")
+                raise RequestProblem(503, f"query encoder unavailable: {result}")
+            if isinstance(result, UnknownItemsError):
+                raise RequestProblem(422, "history: unknown item ids",
+                                     [{"field": "history", "problem": f"unknown item id {i!r}"}
+                                      for i in result.ids[:20]])
+            timings, batch = meta["timings"], meta["batch"]
+            for stage in ("encode", "retrieve", "rank") if query is not None else ("retrieve", "rank"):
+                first = stage == "encode" or (query is None and stage == "retrieve")
+                self.metrics.observe_stage(stage, timings[stage] + (queue_s if first else 0.0), batch,
+                                           queue_s if first else 0.0)
+            if query is not None and meta["fallback"]:
+                self.metrics.encoder_fallbacks(1)
+            ids, scores = result
+            version = meta["version"]
+            return {"model_version": version[0], "fingerprint": version[1], "kind": state.kind,
                     "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)]}
 
         # -- routes
@@ -747,8 +942,8 @@ if serve is not None:
             state = self.state
             if state is None:
                 return error_response(503, "model not loaded yet")
-            return {"status": "ready", "model_version": state["version"],
-                    "fingerprint": state["fingerprint"], "kind": state["kind"]}
+            return {"status": "ready", "model_version": state.version,
+                    "fingerprint": state.fingerprint, "kind": state.kind}
 
         @api.get("/metrics")
         async def metrics(self) -> Response:
@@ -763,6 +958,10 @@ def _merge(base: dict, override: dict) -> dict:
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     if "num_replicas" in (override or {}):
         out.pop("autoscaling_config", None)
+    scale = out.get("autoscaling_config")
+    if isinstance(scale, dict) and scale.get("initial_replicas") is not None \
+            and scale["initial_replicas"] < scale.get("min_replicas", 1):
+        out["autoscaling_config"] = {**scale, "initial_replicas": scale.get("min_replicas", 1)}
     return out
 
 
@@ -783,11 +982,11 @@ def build_app(args: dict):
     settings = Settings.from_args(args)
     load_checked_index(store)  # refuse a mismatched index before any replica starts
     plain = dataclasses.asdict(settings)
-    plain["encoder_batch"], plain["retriever_batch"], plain["ranker_batch"] = (
-        list(settings.encoder_batch), list(settings.retriever_batch), list(settings.ranker_batch))
+    for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
+        plain[name] = list(getattr(settings, name))
     user_config = {"model_store": store, "revision": settings.revision}
     options = {name: _merge(opts, settings.deployments.get(name, {}))
-               for name, opts in _default_deployments().items()}
+               for name, opts in _default_deployments(settings.colocate).items()}
 
     def bind(deployment, name, *init):
         return deployment.options(user_config=user_config, **options[name]).bind(*init)
@@ -795,7 +994,7 @@ def build_app(args: dict):
     encoder = bind(QueryEncoder, ENCODER, triton_url, plain)
     retriever = bind(Retriever, RETRIEVER, plain)
     ranker = bind(Ranker, RANKER, plain)
-    return bind(Ingress, INGRESS, encoder, retriever, ranker, plain)
+    return bind(Ingress, INGRESS, encoder, retriever, ranker, plain, triton_url)
 
 
 def describe(args: dict) -> dict:
@@ -803,5 +1002,5 @@ def describe(args: dict) -> dict:
     settings = Settings.from_args(args)
     return {"settings": dataclasses.asdict(settings),
             "deployments": {n: _merge(o, settings.deployments.get(n, {}))
-                            for n, o in _default_deployments().items()},
+                            for n, o in _default_deployments(settings.colocate).items()},
             "pid": os.getpid()}

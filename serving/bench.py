@@ -8,7 +8,9 @@ One run compares, on the same machine and in the same run (so only ratios are me
 (d) ``limit``            the raw model's batched throughput in process (encode + retrieve +
                          rank in batches, no HTTP): the ceiling
 and ``bare-triton``      the Triton ensemble alone over gRPC (the best serving peer measured
-                         in the issue), when (a) runs.
+                         in the issue), when (a) runs, and ``serve-floor``: GET /healthz
+                         through Serve's HTTP proxy and the Ingress (no model work), the
+                         ceiling of any Ray Serve HTTP path on the machine.
 
 Load: closed loop (``concurrency`` clients, each sends its next request when the last one
 answers) or open loop (fixed ``rate`` of arrivals; latency counted from the scheduled send
@@ -88,7 +90,7 @@ def stats(latencies: list[float], statuses: list[int], seconds: float, level: Le
     }
 
 
-async def _load(url: str, make_body: Callable[[int], dict], level: Level) -> dict:
+async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -100,7 +102,8 @@ async def _load(url: str, make_body: Callable[[int], dict], level: Level) -> dic
 
         async def one(i: int, scheduled: float) -> None:
             try:
-                async with session.post(url, json=make_body(i)) as resp:
+                call = session.get(url) if make_body is None else session.post(url, json=make_body(i))
+                async with call as resp:
                     await resp.read()
                     status = resp.status
             except (TimeoutError, aiohttp.ClientError):
@@ -136,9 +139,10 @@ async def _load(url: str, make_body: Callable[[int], dict], level: Level) -> dic
     return stats(latencies, statuses, seconds, level)
 
 
-def run_load(url: str, make_body: Callable[[int], dict], level: Level) -> dict:
-    """One load level against ``url`` (POST JSON); bounded by ``level.requests`` and
-    ``level.max_seconds`` (plus the 10 s timeout of the requests in flight)."""
+def run_load(url: str, make_body: Callable[[int], dict] | None, level: Level) -> dict:
+    """One load level against ``url`` (POST JSON; GET when ``make_body`` is None); bounded by
+    ``level.requests`` and ``level.max_seconds`` (plus the 10 s timeout of the requests in
+    flight)."""
     if not url.startswith(f"http://{HOST}:"):
         raise KuberankError(f"bench: only loopback targets (http://{HOST}:PORT), got {url}")
     return asyncio.run(_load(url, make_body, level))
@@ -166,21 +170,24 @@ def request_factory(kind: str, ids: list[str], queries: list[str], k: int = 10, 
 
 
 def in_process_limit(store: str, queries: list[str], batch_size: int = 32, precision: str = "int8",
-                     candidates: int = 100, k: int = 10, seconds: float = 10.0) -> dict:
-    """(d): encode + retrieve + rank in batches in this process, no serving: queries per second."""
+                     candidates: int = 100, k: int = 10, seconds: float = 10.0,
+                     threads: int = 0) -> dict:
+    """(d): encode + retrieve + rank in batches in this process, no serving: queries per second.
+    ``threads``: ONNX Runtime intra-op threads, 0 = every core (as the app's replicas)."""
     from kuberank.serving.app import (
         InProcessEncoder,
         RankerCore,
         RankRequest,
         RetrieveRequest,
         load_checked_index,
+        onnx_thread_count,
         read_model_tables,
         retrieve_batch,
     )
 
     manifest, index = load_checked_index(store)
     tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
-    encoder = InProcessEncoder(store, manifest, precision, threads=1)
+    encoder = InProcessEncoder(store, manifest, precision, threads=onnx_thread_count(threads))
     ranker = RankerCore(store, index, tables, model_dir)
     done, started = 0, time.perf_counter()
     while done < len(queries) or time.perf_counter() - started < 1.0:
@@ -286,6 +293,9 @@ def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_
         if level and (best is None or level["qps"] > best["qps"]):
             best = {**level, "target": name}
     out: dict = {"p99_budget_ms": p99_budget_ms, "limit_qps": limit, "best": best}
+    fastest = [{**r, "target": name} for name in ("kuberank-triton", "kuberank-onnx")
+               for r in results.get(name, []) if r.get("error_rate") == 0 and r.get("qps")]
+    out["fastest"] = max(fastest, key=lambda r: r["qps"]) if fastest else None
     if best:
         naive = best_under(results.get("naive", []), max(best["p99_ms"], p99_budget_ms))
         naive_any = max((r["qps"] for r in results.get("naive", [])), default=None)
@@ -296,12 +306,18 @@ def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_
         out["vs_naive"] = round(best["qps"] / base, 2) if base else None
         out["target_half_of_limit"] = bool(limit and best["qps"] >= 0.5 * limit)
         out["target_5x_naive"] = bool(base and best["qps"] >= 5 * base)
+    floor = results.get("serve-floor")
+    if floor:
+        out["serve_floor_qps"] = max(r["qps"] for r in floor)
     peer = results.get("bare-triton")
-    if peer and best:
+    if peer:
         p = max(peer, key=lambda r: r["qps"])
         out["bare_triton_qps"] = p["qps"]
         out["bare_triton_p99_ms"] = p["p99_ms"]
-        out["vs_bare_triton"] = round(best["qps"] / p["qps"], 3) if p["qps"] else None
+        if best:
+            out["vs_bare_triton"] = round(best["qps"] / p["qps"], 3) if p["qps"] else None
+        if out["fastest"]:
+            out["fastest_vs_bare_triton"] = round(out["fastest"]["qps"] / p["qps"], 3) if p["qps"] else None
     return out
 
 
@@ -326,10 +342,25 @@ def format_table(result: dict) -> str:
             lines.append(f"  vs naive FastAPI+PyTorch: {s['vs_naive']}x "
                          f"(target >= 5x: {'met' if s['target_5x_naive'] else 'NOT met'})")
         if s.get("vs_bare_triton") is not None:
+            gap = round(s["bare_triton_qps"] - b["qps"], 1)
             lines.append(f"  vs bare Triton ensemble {s['bare_triton_qps']} req/s (p99 "
-                         f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it")
+                         f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it "
+                         f"({gap} req/s behind)")
+    if s.get("serve_floor_qps") is not None and result["results"]:
+        lines.append(f"  Ray Serve HTTP floor (proxy + Ingress, GET /healthz, no model work): "
+                     f"{s['serve_floor_qps']} req/s")
     elif result["results"]:
         lines.append(f"\nno kuberank level met p99 <= {s.get('p99_budget_ms', 50):.0f} ms without errors")
+    f = s.get("fastest")
+    if f and f is not s.get("best") and f != s.get("best"):
+        lines.append(f"fastest kuberank level: {f['target']} {f['qps']} req/s (p99 {f['p99_ms']} ms) "
+                     f"at {f['mode']} {f['level']}")
+        if s.get("limit_qps"):
+            lines.append(f"  {f['qps'] / s['limit_qps']:.0%} of the in-process limit {s['limit_qps']} q/s")
+        if s.get("fastest_vs_bare_triton") is not None:
+            lines.append(f"  {s['fastest_vs_bare_triton']:.0%} of bare Triton {s['bare_triton_qps']} req/s "
+                         f"(p99 {s['bare_triton_p99_ms']} ms), {round(s['bare_triton_qps'] - f['qps'], 1)} "
+                         f"req/s behind")
     return "\n".join(lines)
 
 
@@ -405,6 +436,10 @@ def serve_and_bench(
             continue
         with LocalServing(store, use_triton=name == "kuberank-triton", settings=settings) as running:
             results[name] = sweep(name, running.url + route, make_body, plan)
+            if "serve-floor" not in results:  # the HTTP proxy + Ingress with no model work
+                top = Level("closed", max(levels) if mode == "closed" else 32, requests, max_seconds)
+                results["serve-floor"] = [{"target": "serve-floor",
+                                           **run_load(running.url + "/healthz", None, top)}]
             if running.triton is not None and kind == "search":
                 top = int(max(levels)) if mode == "closed" else 32
                 results["bare-triton"] = [bare_triton(running.triton.grpc_url, texts, top, requests, max_seconds)]

@@ -41,6 +41,28 @@ def http_json(method: str, url: str, body: dict | None = None, timeout: float = 
         return status, text
 
 
+# Ray Serve's process-wide switches for a local cluster, read by the proxy and the replicas when
+# they start (so set before the cluster starts; an existing cluster keeps its own): user code and
+# the router on the replica's main event loop (no cross-thread hop per request), buffered
+# request-path logs, the garbage collector frozen after start-up. The proxy stays (one port,
+# 127.0.0.1); direct ingress would give each replica its own port.
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
+
+
+def apply_serve_env(env: dict | None = None) -> dict:
+    """Set the :data:`SERVE_ENV` defaults in ``env`` (``os.environ``) unless already set; the
+    values in effect."""
+    env = os.environ if env is None else env
+    for key, value in SERVE_ENV.items():
+        env.setdefault(key, value)
+    return {key: env[key] for key in SERVE_ENV}
+
+
 class LocalServing:
     """Triton (optional) + a local Ray cluster + Serve with the app, on 127.0.0.1."""
 
@@ -88,6 +110,7 @@ class LocalServing:
         from ray import serve
 
         if not ray.is_initialized():
+            apply_serve_env()
             ensure_ray(num_cpus=self.num_cpus)
             self._ray_started = True
         serve.start(http_options={"host": HOST, "port": self.port})

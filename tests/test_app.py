@@ -2,6 +2,9 @@
 applications of ``build_app`` (in-process ONNX Runtime; a recommendation model with users and
 tight Ingress limits; Triton over gRPC), and HTTP on loopback.
 
+``main`` and ``tri`` run the default colocated request path (one @serve.batch of encode + retrieve
++ rank in the Ingress); ``rec`` runs the stages as separate deployments.
+
 Proves: answers equal the in-process core (encoder, exact retrieval, F), history is excluded
 from recommendations, bad input gets clear 4xx JSON, the OpenAPI schema and metric names match
 the chart and the canary tooling, a new model version is picked up in place without a failed
@@ -107,20 +110,25 @@ def serving_session(request, tmp_path_factory) -> dict:
 
     request.session.addfinalizer(stop)
     triton.wait_ready()
+    from kuberank.serving.launcher import apply_serve_env
+
+    apply_serve_env()  # the same Serve switches as `kuberank serve`
     ensure_ray(num_cpus=2)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one = {"num_replicas": 1}
     _SERVING.update(base=f"http://127.0.0.1:{port}", store=store, model_dir=model_dir,
                     dataset=dataset, rec_store=rec_store, triton=triton)
-    deploy("main", "/", {"model_store": str(store), "triton_url": "", "deployments": {
-        "Ingress": one, "QueryEncoder": one, "Ranker": one, "Retriever": {"num_replicas": 2}}})
-    deploy("rec", "/rec", {"model_store": str(rec_store), "triton_url": "", "deployments": {
+    # main: the default colocated app (the Ingress runs encode + retrieve + rank; the stage
+    # deployments exist at 0 replicas); rec: the stages as separate deployments (scale-out)
+    _SERVING["main_args"] = {"model_store": str(store), "triton_url": "", "deployments": {"Ingress": one}}
+    deploy("main", "/", _SERVING["main_args"])
+    deploy("rec", "/rec", {"model_store": str(rec_store), "triton_url": "", "colocate": False, "deployments": {
         "Ingress": {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2},
-        "QueryEncoder": one, "Ranker": one, "Retriever": one}})
+        "QueryEncoder": one, "Ranker": one, "Retriever": {"num_replicas": 2}}})
     _SERVING["tri_args"] = {"model_store": str(store), "triton_url": triton.grpc_url,
                             "triton_fallback": "onnx", "triton_timeout_s": 1.0,
-                            "deployments": {n: one for n in ("Ingress", "QueryEncoder", "Ranker", "Retriever")}}
+                            "deployments": {"Ingress": one}}
     deploy("tri", "/tri", _SERVING["tri_args"])
     return _SERVING
 
@@ -287,9 +295,7 @@ def test_new_model_version_is_picked_up_without_dropping_requests(serving, tmp_p
         serving["base"] + "/search", body, Level("closed", 4, 400, 60))))
     load.start()
     try:
-        args = {"model_store": str(v2), "triton_url": "", "deployments": {
-            "Ingress": {"num_replicas": 1}, "QueryEncoder": {"num_replicas": 1},
-            "Ranker": {"num_replicas": 1}, "Retriever": {"num_replicas": 2}}}
+        args = {**serving["main_args"], "model_store": str(v2)}
         serve.run(build_app(args), name="main", route_prefix="/", blocking=False)
         import time
 

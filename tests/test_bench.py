@@ -27,6 +27,7 @@ def test_summary_verdicts_and_table():
         "naive": [_row("naive", 1, 40, 30), _row("naive", 8, 70, 120)],
         "limit": [{**_row("limit", 32, 700, 0), "p99_ms": None}],
         "bare-triton": [_row("bare-triton", 32, 800, 60)],
+        "serve-floor": [_row("serve-floor", 32, 900, 40)],
     }
     s = bench.summarize(results)
     assert s["best"]["qps"] == 400 and s["best"]["target"] == "kuberank-onnx"  # 500 is over budget, 450 had errors
@@ -35,9 +36,14 @@ def test_summary_verdicts_and_table():
     assert s["vs_bare_triton"] == 0.5
     table = bench.format_table({"results": results, "summary": s})
     assert "| kuberank-onnx | closed | 32 | 100 | 400 |" in table and "50% of it" in table
-    slow = bench.summarize({"kuberank-onnx": [_row("kuberank-onnx", 8, 100, 80)], "limit": results["limit"]})
+    assert "(400 req/s behind)" in table and "HTTP floor" in table and "900 req/s" in table
+    assert s["fastest"]["qps"] == 500 and s["fastest_vs_bare_triton"] == 0.625
+    slow = bench.summarize({"kuberank-onnx": [_row("kuberank-onnx", 8, 100, 80)], "limit": results["limit"],
+                            "bare-triton": results["bare-triton"]})
     assert slow["best"] is None
-    assert "no kuberank level met" in bench.format_table({"results": {"x": []}, "summary": slow})
+    table = bench.format_table({"results": {"x": []}, "summary": slow})
+    assert "no kuberank level met" in table and "fastest kuberank level: kuberank-onnx 100 req/s" in table
+    assert "12% of bare Triton 800 req/s" in table
 
 
 def test_queries_are_distinct_and_bounded():
@@ -59,6 +65,8 @@ def test_load_levels_against_the_app(serving):  # noqa: F811
     assert closed["p50_ms"] <= closed["p95_ms"] <= closed["p99_ms"] <= closed["max_ms"]
     opened = bench.run_load(url, make, bench.Level("open", 20, 20, 30))
     assert opened["requests"] == 20 and opened["ok"] == 20
+    health = bench.run_load(serving["base"] + "/healthz", None, bench.Level("closed", 2, 10, 30))
+    assert health["ok"] == 10  # GET when there is no body
     bad = bench.run_load(url, lambda i: {"query": ""}, bench.Level("closed", 2, 6, 30))
     assert bad["ok"] == 0 and bad["errors"] == {"422": 6} and bad["p99_ms"] is None
 
