@@ -204,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--json", action="store_true", help="one-line JSON")
     eq.set_defaults(func=_cmd_edge_query)
 
+    from kuberank.pipelines.cli import register as register_pipeline
     from kuberank.serving.cli import register as register_serving
 
     register_serving(sub, dataset_help)
+    register_pipeline(sub)
 
     demo = sub.add_parser("demo", help="run the embedded demo on MovieLens-100K",
                           description="Prepare MovieLens-100K, evaluate, write runs/<timestamp>/report.md.")

@@ -7,7 +7,7 @@ from kuberank.demo import run_demo
 
 def test_demo_writes_report_and_plot(tmp_path):
     lines = []
-    run_dir = run_demo(str(tmp_path), echo=lines.append, train=False)
+    run_dir = run_demo(str(tmp_path), echo=lines.append, pipeline=False)
     report = (run_dir / "report.md").read_text()
     assert "| popularity |" in report and "| zero-shot |" in report
     assert (run_dir / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
