@@ -59,7 +59,7 @@ class CompressConfig:
     out: str
     layers: int = 3
     prune_ratio: float = 0.25  # share of feed-forward neurons removed (0 = no pruning)
-    epochs: int = 2
+    epochs: int = 1
     recovery_epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-4

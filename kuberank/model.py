@@ -20,6 +20,7 @@ A model directory holds the query tower as a plain transformers model (so ONNX e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,7 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     fingerprint: str = ""
     version: str = ""
+    compression: dict = field(default_factory=dict)
 
 
 class Scorer(nn.Module):
@@ -157,7 +159,8 @@ def is_kuberank_model(path: str | os.PathLike) -> bool:
 
 def read_info(path: str | os.PathLike) -> ModelInfo:
     doc = json.loads((Path(path) / MANIFEST).read_text())
-    doc.pop("format", None)
+    known = {f.name for f in dataclasses.fields(ModelInfo)}
+    doc = {k: v for k, v in doc.items() if k in known}  # newer writers may add keys
     doc["scorer"] = ScorerConfig(**doc.get("scorer", {}))
     return ModelInfo(**doc)
 
