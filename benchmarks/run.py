@@ -23,10 +23,18 @@ ALL = ("quality", "train", "compression", "serving")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default=",".join(ALL), help=f"comma-separated subset of {', '.join(ALL)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--sections", default=",".join(ALL), help=f"comma-separated subset of {', '.join(ALL)}"
+    )
     parser.add_argument("--out", default="runs", help="where the report goes (default: runs)")
-    parser.add_argument("--cisi", default=os.environ.get("KUBERANK_CISI", str(CISI)), help="BEIR dir of CISI, if present")
+    parser.add_argument(
+        "--cisi",
+        default=os.environ.get("KUBERANK_CISI", str(CISI)),
+        help="BEIR dir of CISI, if present",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out) / f"bench-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)

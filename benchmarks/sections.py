@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from kuberank.components.evaluate import evaluate
 
 from kuberank import datasets, report
+from kuberank.components.evaluate import evaluate
 
 ML = "movielens-100k"
 # Measured elsewhere under the same MovieLens-100K protocol (issue 3); not re-run here.
@@ -47,7 +47,9 @@ def quality(out: Path, cisi: str | None):
         + ", ".join(f"{k} {v:.4f}" for k, v in REFERENCE_ML.items())
         + f"; F / SASRec = {tuned['ndcg@10'] / REFERENCE_ML['SASRec (RecBole, 6 epochs)']:.2f}x.",
     ]
-    plot = report.bar_plot(rows, ["ndcg@10", "hit@10"], out / "quality-movielens.png", "MovieLens-100K test")
+    plot = report.bar_plot(
+        rows, ["ndcg@10", "hit@10"], out / "quality-movielens.png", "MovieLens-100K test"
+    )
     lines += ["", f"![movielens]({plot.name})"]
     result = {"movielens": rows, "movielens_train_seconds": seconds}
     print("\n".join(lines), flush=True)
@@ -55,8 +57,11 @@ def quality(out: Path, cisi: str | None):
         reference = {"bm25": 0.321, "zero-shot": 0.419}  # pytrec_eval, computed independently
         checks = [evaluate(cisi, name, "all") for name in reference]
         lines += ["", "CISI `--split all` against the independent pytrec_eval reference:", ""]
-        lines += [f"- {r['model']}: nDCG@10 {r['ndcg@10']:.4f} vs reference {reference[r['model']]:.3f} "
-                  f"(difference {r['ndcg@10'] - reference[r['model']]:+.4f}, tolerance 0.01)" for r in checks]
+        lines += [
+            f"- {r['model']}: nDCG@10 {r['ndcg@10']:.4f} vs reference {reference[r['model']]:.3f} "
+            f"(difference {r['ndcg@10'] - reference[r['model']]:+.4f}, tolerance 0.01)"
+            for r in checks
+        ]
         result["cisi_reference"] = checks
         cisi_rows = [evaluate(cisi, name, "test") for name in ("bm25", "zero-shot")]
         cmodel, cseconds = _train(cisi, out / "models" / "cisi", workers=2)
@@ -86,14 +91,24 @@ def train(out: Path, cisi: str | None):
     rows = []
     for spec, extra in specs:
         for workers in (1, 2):
-            model, seconds = _train(spec, out / "models" / f"throughput-{workers}", workers=workers, **extra)
+            model, seconds = _train(
+                spec, out / "models" / f"throughput-{workers}", workers=workers, **extra
+            )
             rate = _history(model)[-1]["samples_per_s"]
-            rows.append({"model": f"{datasets.load(spec).name} x{workers}", "workers": workers,
-                         "samples/s": round(rate, 1), "wall s": round(seconds, 1)})
+            rows.append(
+                {
+                    "model": f"{datasets.load(spec).name} x{workers}",
+                    "workers": workers,
+                    "samples/s": round(rate, 1),
+                    "wall s": round(seconds, 1),
+                }
+            )
     lines = [report.format_table(rows, ("workers", "samples/s", "wall s"), first="model")]
     for i in range(0, len(rows), 2):
-        lines.append(f"{rows[i]['model'].split(' ')[0]}: 2 workers / 1 worker = "
-                     f"{rows[i + 1]['samples/s'] / rows[i]['samples/s']:.2f}x (2 cores: DDP splits the same CPUs)")
+        lines.append(
+            f"{rows[i]['model'].split(' ')[0]}: 2 workers / 1 worker = "
+            f"{rows[i + 1]['samples/s'] / rows[i]['samples/s']:.2f}x (2 cores: DDP splits the same CPUs)"
+        )
     print("\n".join(lines), flush=True)
     return {"rows": rows}, "\n".join(lines)
 
@@ -126,8 +141,11 @@ def _throughput(encoder, texts: list[str], batch: int, seconds: float = 6.0) -> 
         latencies.append(time.perf_counter() - t0)
         done += len(chunk)
     elapsed = time.perf_counter() - started
-    return {"texts/s": done / elapsed, "p50 ms": 1000 * float(np.median(latencies)),
-            "p95 ms": 1000 * float(np.percentile(latencies, 95))}
+    return {
+        "texts/s": done / elapsed,
+        "p50 ms": 1000 * float(np.median(latencies)),
+        "p95 ms": 1000 * float(np.percentile(latencies, 95)),
+    }
 
 
 def compression(out: Path, cisi: str | None):
@@ -135,7 +153,6 @@ def compression(out: Path, cisi: str | None):
     batch 1 and 32, latency, nDCG@10 and achieved FLOP/s against the measured matmul peak."""
     from kuberank.components.compress import CompressConfig, compress
     from kuberank.components.export import export_model
-
     from kuberank.model import resolve_model
 
     teacher = out / "models" / "movielens"
@@ -145,17 +162,35 @@ def compression(out: Path, cisi: str | None):
     store = out / "store"
     export_model(teacher, store, fp16=False)
     int8 = out / "models" / "int8"
-    compress(CompressConfig(model=str(teacher), dataset=ML, out=str(int8), layers=6, prune_ratio=0.0, epochs=0,
-                            max_ndcg_drop=1.0))
+    compress(
+        CompressConfig(
+            model=str(teacher),
+            dataset=ML,
+            out=str(int8),
+            layers=6,
+            prune_ratio=0.0,
+            epochs=0,
+            max_ndcg_drop=1.0,
+        )
+    )
     distilled = out / "models" / "distilled-int8"
     gate = compress(CompressConfig(model=str(teacher), dataset=ML, out=str(distilled)))
-    variants = [("PyTorch fp32", teacher), ("ONNX Runtime fp32", store), ("ONNX Runtime int8", int8),
-                ("distilled + int8", distilled)]
+    variants = [
+        ("PyTorch fp32", teacher),
+        ("ONNX Runtime fp32", store),
+        ("ONNX Runtime int8", int8),
+        ("distilled + int8", distilled),
+    ]
     texts = data.item_texts
     peak = _matmul_peak_flops()
     from transformers import AutoTokenizer
 
-    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(teacher)(texts, truncation=True, max_length=256)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in AutoTokenizer.from_pretrained(teacher)(texts, truncation=True, max_length=256)[
+            "input_ids"
+        ]
+    ]
     mean_tokens = float(np.mean(lengths))
     rows = []
     for name, path in variants:
@@ -175,8 +210,16 @@ def compression(out: Path, cisi: str | None):
     for row in rows:
         row["b32 speed-up"] = round(row["b32 texts/s"] / base["b32 texts/s"], 2)
         row["ndcg@10 loss"] = round(base["ndcg@10"] - row["ndcg@10"], 4)
-    columns = ("b1 texts/s", "b1 p50 ms", "b32 texts/s", "b32 p50 ms", "b32 speed-up", "ndcg@10", "ndcg@10 loss",
-               "FLOP/s % of peak")
+    columns = (
+        "b1 texts/s",
+        "b1 p50 ms",
+        "b32 texts/s",
+        "b32 p50 ms",
+        "b32 speed-up",
+        "ndcg@10",
+        "ndcg@10 loss",
+        "FLOP/s % of peak",
+    )
     lines = [
         f"Encoder of the MovieLens model on its 1682 item texts; matmul peak measured here: {peak / 1e9:.1f} GFLOP/s.",
         "",
@@ -185,8 +228,12 @@ def compression(out: Path, cisi: str | None):
         f"distilled + int8 vs PyTorch fp32 at batch 32: {rows[-1]['b32 speed-up']:.2f}x (target 6x), "
         f"nDCG@10 loss {rows[-1]['ndcg@10 loss']:+.4f} (target <= 0.01). Gate: {json.dumps({k: gate[k] for k in ('teacher_ndcg10', 'compressed_ndcg10', 'split')})}",
     ]
-    plot = report.bar_plot([{"model": r["model"], "b32 speed-up": r["b32 speed-up"]} for r in rows],
-                           ["b32 speed-up"], out / "compression.png", "batch-32 throughput vs PyTorch fp32")
+    plot = report.bar_plot(
+        [{"model": r["model"], "b32 speed-up": r["b32 speed-up"]} for r in rows],
+        ["b32 speed-up"],
+        out / "compression.png",
+        "batch-32 throughput vs PyTorch fp32",
+    )
     lines += ["", f"![compression]({plot.name})"]
     print("\n".join(lines), flush=True)
     return {"rows": rows, "peak_flops": peak, "gate": gate}, "\n".join(lines)
@@ -197,10 +244,9 @@ def serving(out: Path, cisi: str | None):
     server, (d) the in-process batched limit, and bare Triton; on the CISI documents when present
     (search traffic), else on the MovieLens catalogue (recommendation traffic)."""
     from kuberank.components.export import export_model
+    from kuberank.config import base_model_path
     from kuberank.serving.bench import format_table, serve_and_bench
     from kuberank.serving.index import build_index
-
-    from kuberank.config import base_model_path
 
     if cisi:
         model, spec = Path(base_model_path()), cisi
@@ -212,8 +258,14 @@ def serving(out: Path, cisi: str | None):
     store = out / "serving-store"
     export_model(model, store, fp16=False)
     build_index(model, spec, store)
-    result = serve_and_bench(str(store), levels=(1, 8, 32), requests=300, max_seconds=15.0,
-                             out_dir=out / "serving", model_dir=str(model))
+    result = serve_and_bench(
+        str(store),
+        levels=(1, 8, 32),
+        requests=300,
+        max_seconds=15.0,
+        out_dir=out / "serving",
+        model_dir=str(model),
+    )
     table = format_table(result)
     print(table, flush=True)
     return result, table + "\n\n![latency](serving/latency_vs_load.png)"

@@ -74,7 +74,9 @@ class CompressConfig:
 def student_layers(teacher_layers: int, keep: int) -> list[int]:
     """Uniformly spaced teacher layers, the last one always kept (6, 3 -> [1, 3, 5])."""
     if not 1 <= keep <= teacher_layers:
-        raise KuberankError(f"--layers: must be between 1 and the teacher's {teacher_layers} layers")
+        raise KuberankError(
+            f"--layers: must be between 1 and the teacher's {teacher_layers} layers"
+        )
     step = teacher_layers / keep
     return sorted({teacher_layers - 1 - int(round(i * step)) for i in range(keep)})
 
@@ -105,15 +107,23 @@ def prune_feed_forward(model, ratio: float) -> int:
         importance = up.weight.norm(dim=1) * down.weight.norm(dim=0)
         index = torch.sort(torch.topk(importance, keep).indices).values
         new_up = nn.Linear(up.in_features, keep)
-        new_up.weight.data, new_up.bias.data = up.weight.data[index].clone(), up.bias.data[index].clone()
+        new_up.weight.data, new_up.bias.data = (
+            up.weight.data[index].clone(),
+            up.bias.data[index].clone(),
+        )
         new_down = nn.Linear(keep, down.out_features)
-        new_down.weight.data, new_down.bias.data = down.weight.data[:, index].clone(), down.bias.data.clone()
+        new_down.weight.data, new_down.bias.data = (
+            down.weight.data[:, index].clone(),
+            down.bias.data.clone(),
+        )
         layer.intermediate.dense, layer.output.dense = new_up, new_down
     model.config.intermediate_size = keep
     return keep
 
 
-def distil(teacher, student, tokenizer, texts: list[str], config: CompressConfig, epochs: int, desc: str) -> list[float]:
+def distil(
+    teacher, student, tokenizer, texts: list[str], config: CompressConfig, epochs: int, desc: str
+) -> list[float]:
     """Train ``student`` to reproduce ``teacher``'s embeddings and in-batch score
     distributions on ``texts``. Returns the mean loss per epoch."""
     import torch
@@ -133,10 +143,20 @@ def distil(teacher, student, tokenizer, texts: list[str], config: CompressConfig
     for epoch in range(epochs):
         order = np.random.default_rng(config.seed + epoch).permutation(len(texts))
         total = 0.0
-        for start in bar(range(0, len(texts), config.batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                         total=batches, unit="batch"):
+        for start in bar(
+            range(0, len(texts), config.batch_size),
+            desc=f"{desc} epoch {epoch + 1}/{epochs}",
+            total=batches,
+            unit="batch",
+        ):
             chunk = [texts[i] for i in order[start : start + config.batch_size]]
-            batch = tokenizer(chunk, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")
+            batch = tokenizer(
+                chunk,
+                padding=True,
+                truncation=True,
+                max_length=config.max_length,
+                return_tensors="pt",
+            )
             with torch.no_grad():
                 target = embed(teacher, batch)
             output = embed(student, batch)
@@ -144,7 +164,10 @@ def distil(teacher, student, tokenizer, texts: list[str], config: CompressConfig
             t_scores = target @ target.T / config.temperature
             s_scores = output @ output.T / config.temperature
             kl = torch.nn.functional.kl_div(
-                torch.log_softmax(s_scores, -1), torch.log_softmax(t_scores, -1), log_target=True, reduction="batchmean"
+                torch.log_softmax(s_scores, -1),
+                torch.log_softmax(t_scores, -1),
+                log_target=True,
+                reduction="batchmean",
             )
             loss = cosine + kl
             loss.backward()
@@ -171,9 +194,9 @@ def default_split(data: datasets.Dataset) -> str:
 def compress(config: CompressConfig) -> dict:
     """Distil, prune and quantise ``config.model``; write ``config.out`` only if the quality
     gate passes. Returns the report (sizes, layers, both nDCG@10 values, timings)."""
-    from kuberank.components.evaluate import evaluate
     from transformers import AutoModel, AutoTokenizer
 
+    from kuberank.components.evaluate import evaluate
     from kuberank.encoder import check_model_dir
     from kuberank.model import MANIFEST, is_kuberank_model
 
@@ -188,16 +211,25 @@ def compress(config: CompressConfig) -> dict:
     losses = distil(teacher, student, tokenizer, texts, config, config.epochs, "distil")
     intermediate = prune_feed_forward(student, config.prune_ratio)
     if config.prune_ratio > 0 and config.recovery_epochs > 0:
-        losses += distil(teacher, student, tokenizer, texts, config, config.recovery_epochs, "recover")
+        losses += distil(
+            teacher, student, tokenizer, texts, config, config.recovery_epochs, "recover"
+        )
 
     with tempfile.TemporaryDirectory(prefix="kuberank-compress-") as tmp:
         candidate = Path(tmp) / "model"
-        shutil.copytree(teacher_dir, candidate, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", ONNX_SUBDIR, "item_tower"))
+        shutil.copytree(
+            teacher_dir,
+            candidate,
+            ignore=shutil.ignore_patterns("*.safetensors", "*.bin", ONNX_SUBDIR, "item_tower"),
+        )
         student.save_pretrained(candidate, safe_serialization=True)
         tokenizer.save_pretrained(candidate)
         if (teacher_dir / "scorer.safetensors").is_file():
             shutil.copy2(teacher_dir / "scorer.safetensors", candidate / "scorer.safetensors")
-        sizes = {"teacher_bytes": _weights_bytes(teacher_dir), "student_bytes": _weights_bytes(candidate)}
+        sizes = {
+            "teacher_bytes": _weights_bytes(teacher_dir),
+            "student_bytes": _weights_bytes(candidate),
+        }
         if config.int8:
             from kuberank.components.export import export_onnx, optimize_onnx, quantize_int8
 
@@ -205,8 +237,12 @@ def compress(config: CompressConfig) -> dict:
             onnx_dir.mkdir()
             fp32 = export_onnx(candidate, onnx_dir / "model.fp32.onnx")
             fused = onnx_dir / "model.fused.onnx"
-            optimize_onnx(fp32, fused, num_heads=student.config.num_attention_heads,
-                          hidden_size=student.config.hidden_size)
+            optimize_onnx(
+                fp32,
+                fused,
+                num_heads=student.config.num_attention_heads,
+                hidden_size=student.config.hidden_size,
+            )
             quantize_int8(fused, onnx_dir / INT8_FILE, per_channel=True)
             for name in ("model.fp32.onnx", "model.fused.onnx"):
                 (onnx_dir / name).unlink()
@@ -230,8 +266,12 @@ def compress(config: CompressConfig) -> dict:
 
         teacher_score = evaluate(data, str(teacher_dir), split)["ndcg@10"]
         student_score = evaluate(data, str(candidate), split)["ndcg@10"]
-        report.update(split=split, teacher_ndcg10=teacher_score, compressed_ndcg10=student_score,
-                      seconds=round(time.perf_counter() - started, 1))
+        report.update(
+            split=split,
+            teacher_ndcg10=teacher_score,
+            compressed_ndcg10=student_score,
+            seconds=round(time.perf_counter() - started, 1),
+        )
         if teacher_score - student_score > config.max_ndcg_drop:
             raise QualityGateError(teacher_score, student_score, config.max_ndcg_drop, split)
         _write_report(candidate, report)
@@ -262,11 +302,27 @@ def int8_encoder_path(model_dir: str) -> Path | None:
 
 
 @step_component()
-def compress_op(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], compressed: dsl.Output[dsl.Model],
-                layers: int = 3, prune_ratio: float = 0.25, max_ndcg_drop: float = 0.01):
+def compress_op(
+    model: dsl.Input[dsl.Model],
+    dataset: dsl.Input[dsl.Dataset],
+    compressed: dsl.Output[dsl.Model],
+    layers: int = 3,
+    prune_ratio: float = 0.25,
+    max_ndcg_drop: float = 0.01,
+):
     """kfp wrapper around :func:`compress`; the gate's numbers become artifact metadata."""
     from kuberank.components.compress import CompressConfig, compress
 
-    report = compress(CompressConfig(model=model.path, dataset=f"prepared:{dataset.path}", out=compressed.path,
-                                     layers=layers, prune_ratio=prune_ratio, max_ndcg_drop=max_ndcg_drop))
-    compressed.metadata.update({k: report[k] for k in ("teacher_ndcg10", "compressed_ndcg10", "split", "layers")})
+    report = compress(
+        CompressConfig(
+            model=model.path,
+            dataset=f"prepared:{dataset.path}",
+            out=compressed.path,
+            layers=layers,
+            prune_ratio=prune_ratio,
+            max_ndcg_drop=max_ndcg_drop,
+        )
+    )
+    compressed.metadata.update(
+        {k: report[k] for k in ("teacher_ndcg10", "compressed_ndcg10", "split", "layers")}
+    )

@@ -39,7 +39,9 @@ def split_on_ray(interactions: pd.DataFrame, ray_address: str | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="kuberank-prep-") as tmp:
         source, sink = Path(tmp) / "in", Path(tmp) / "out"
         source.mkdir()
-        interactions.drop(columns=["split"], errors="ignore").to_parquet(source / "part-0.parquet", index=False)
+        interactions.drop(columns=["split"], errors="ignore").to_parquet(
+            source / "part-0.parquet", index=False
+        )
         (
             ray.data.read_parquet(str(source))
             .groupby("user_id")
@@ -64,7 +66,11 @@ def prepare(spec: str, out: str, engine: str = "auto", ray_address: str | None =
     ):
         data.interactions = split_on_ray(data.interactions, ray_address)
         used = "ray"
-    local_out = Path(tempfile.mkdtemp(prefix="kuberank-out-")) / "prepared" if storage.is_s3(out) else Path(out)
+    local_out = (
+        Path(tempfile.mkdtemp(prefix="kuberank-out-")) / "prepared"
+        if storage.is_s3(out)
+        else Path(out)
+    )
     with storage.atomic_dir(local_out) as tmp:
         paths = []
         for name, table in data.tables().items():
@@ -103,5 +109,9 @@ def data_prep_op(dataset_spec: str, prepared: dsl.Output[dsl.Dataset], engine: s
 
     manifest = prepare(dataset_spec, prepared.path, engine=engine)
     prepared.metadata.update(
-        {"kind": manifest["kind"], "rows": manifest["rows"], "content_hash": manifest["content_hash"]}
+        {
+            "kind": manifest["kind"],
+            "rows": manifest["rows"],
+            "content_hash": manifest["content_hash"],
+        }
     )

@@ -9,7 +9,6 @@ Contract: ``kuberank evaluate --dataset SPEC --model zero-shot|bm25|popularity|D
 ``mrr@10``, ``recall@100`` and ``queries``.
 """
 
-
 import time
 from pathlib import Path
 
@@ -71,7 +70,9 @@ class PopularityRanker(Ranker):
 
     def prepare(self, task):
         if task.dataset.kind != datasets.RECOMMENDATION:
-            raise KuberankError("--model popularity: a recommendation baseline; this dataset is a search collection")
+            raise KuberankError(
+                "--model popularity: a recommendation baseline; this dataset is a search collection"
+            )
         counts = np.zeros(len(task.dataset.items), dtype=np.float32)
         for history in task.histories:
             np.add.at(counts, history, 1.0)
@@ -87,8 +88,10 @@ def _user_item_matrix(task: datasets.EvalTask):
 
     rows = np.repeat(np.arange(len(task)), [len(h) for h in task.histories])
     cols = np.concatenate(task.histories) if len(task) else np.zeros(0, dtype=np.int64)
-    matrix = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)),
-                               shape=(len(task), len(task.dataset.items)))
+    matrix = sparse.csr_matrix(
+        (np.ones(len(cols), dtype=np.float32), (rows, cols)),
+        shape=(len(task), len(task.dataset.items)),
+    )
     matrix.data[:] = 1.0
     return matrix
 
@@ -104,7 +107,9 @@ class EASERanker(Ranker):
 
     def prepare(self, task):
         if task.dataset.kind != datasets.RECOMMENDATION:
-            raise KuberankError("--model ease: a recommendation baseline; this dataset is a search collection")
+            raise KuberankError(
+                "--model ease: a recommendation baseline; this dataset is a search collection"
+            )
         self.matrix = _user_item_matrix(task)
         gram = (self.matrix.T @ self.matrix).toarray().astype(np.float64)
         gram[np.diag_indices_from(gram)] += self.l2
@@ -126,7 +131,9 @@ class BPRRanker(Ranker):
 
     def prepare(self, task):
         if task.dataset.kind != datasets.RECOMMENDATION:
-            raise KuberankError("--model bpr: a recommendation baseline; this dataset is a search collection")
+            raise KuberankError(
+                "--model bpr: a recommendation baseline; this dataset is a search collection"
+            )
         from implicit.cpu.bpr import BayesianPersonalizedRanking
         from threadpoolctl import threadpool_limits
 
@@ -163,16 +170,22 @@ class ModelRanker(Ranker):
         import torch
 
         data = task.dataset
-        self.item_text = torch.from_numpy(np.array(self.item_encoder.encode(data.item_texts, desc="encode items")))
+        self.item_text = torch.from_numpy(
+            np.array(self.item_encoder.encode(data.item_texts, desc="encode items"))
+        )
         model_items = {iid: i for i, iid in enumerate(self.info.item_ids)}
         unknown = self.info.scorer.n_items
-        self.item_index = torch.tensor([model_items.get(i, unknown) for i in data.item_ids], dtype=torch.long)
+        self.item_index = torch.tensor(
+            [model_items.get(i, unknown) for i in data.item_ids], dtype=torch.long
+        )
         model_users = {u: i for i, u in enumerate(self.info.user_ids)}
         self.user_index = [model_users.get(u, self.info.scorer.n_users) for u in task.users]
         with_text = [i for i, t in enumerate(task.texts) if t]
         self.query_vecs = torch.zeros(len(task), self.item_text.shape[1])
         if with_text:
-            encoded = self.query_encoder.encode([task.texts[i] for i in with_text], desc="encode queries")
+            encoded = self.query_encoder.encode(
+                [task.texts[i] for i in with_text], desc="encode queries"
+            )
             self.query_vecs[with_text] = torch.from_numpy(np.array(encoded))
         self.has_text = np.array([t is not None for t in task.texts])
         if self.scorer is None:
@@ -188,13 +201,20 @@ class ModelRanker(Ranker):
 
         if self.info.kind == datasets.SEARCH or self.scorer is None:
             return (self.query_vecs[rows] @ self.item_text.T).numpy()
-        hist = torch.from_numpy(pad_histories([task.histories[r] for r in rows], self.info.scorer.max_history))
+        hist = torch.from_numpy(
+            pad_histories([task.histories[r] for r in rows], self.info.scorer.max_history)
+        )
         # History positions index the dataset's items; map them to the model's id rows.
-        hist_model = torch.where(hist >= 0, self.item_index[hist.clamp(min=0)], torch.full_like(hist, -1))
+        hist_model = torch.where(
+            hist >= 0, self.item_index[hist.clamp(min=0)], torch.full_like(hist, -1)
+        )
         query = self.query_vecs[rows] if self.has_text[rows].all() else None
         with torch.no_grad():
             return self.scorer(
-                self.item_text, self.item_index, query=query, history=hist_model,
+                self.item_text,
+                self.item_index,
+                query=query,
+                history=hist_model,
                 history_text=self.item_text[hist.clamp(min=0)],
                 users=torch.tensor([self.user_index[r] for r in rows], dtype=torch.long),
             ).numpy()
@@ -217,7 +237,9 @@ def load_ranker(model: str) -> Ranker:
     path = Path(model)
     if path.exists():
         return ModelRanker(str(path))
-    raise KuberankError(f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory")
+    raise KuberankError(
+        f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory"
+    )
 
 
 def top_k(scores: np.ndarray, exclude: np.ndarray, depth: int) -> np.ndarray:
@@ -233,7 +255,9 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, depth: int) -> np.ndarray:
     return candidates[np.lexsort((candidates, -scores[candidates]))]
 
 
-def rank(ranker: Ranker, task: datasets.EvalTask, depth: int = RUN_DEPTH, batch_size: int = 256) -> dict[str, list[str]]:
+def rank(
+    ranker: Ranker, task: datasets.EvalTask, depth: int = RUN_DEPTH, batch_size: int = 256
+) -> dict[str, list[str]]:
     """The run: query id -> ranked item ids (full ranking over all items, seen items excluded)."""
     ranker.prepare(task)
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
@@ -243,7 +267,9 @@ def rank(ranker: Ranker, task: datasets.EvalTask, depth: int = RUN_DEPTH, batch_
         rows = np.arange(start, min(start + batch_size, len(task)))
         block = ranker.scores(task, rows)
         for offset, row in enumerate(rows):
-            run[task.query_ids[row]] = item_ids[top_k(block[offset], task.exclude[row], depth)].tolist()
+            run[task.query_ids[row]] = item_ids[
+                top_k(block[offset], task.exclude[row], depth)
+            ].tolist()
     return run
 
 
@@ -267,7 +293,9 @@ def evaluate(dataset: datasets.Dataset | str, model: str | Ranker, split: str = 
 
 
 @step_component()
-def evaluate_op(dataset: dsl.Input[dsl.Dataset], model: str, split: str, scores: dsl.Output[dsl.Metrics]):
+def evaluate_op(
+    dataset: dsl.Input[dsl.Dataset], model: str, split: str, scores: dsl.Output[dsl.Metrics]
+):
     """kfp wrapper: evaluate ``model`` on a prepared dataset; metrics are logged to the UI."""
     from kuberank.components.evaluate import evaluate
 

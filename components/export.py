@@ -462,10 +462,9 @@ def export_model(
     touched. The store's ``index/`` (if any) is left in place; its fingerprint tells serving
     whether it still matches this encoder.
     """
-    from kuberank.serving.model_repository import RepositorySpec, local_spec, write_repository
-
     from kuberank.encoder import TextEncoder, check_model_dir
     from kuberank.onnx_encoder import OnnxEncoder, encoder_fingerprint
+    from kuberank.serving.model_repository import RepositorySpec, local_spec, write_repository
     from kuberank.storage import is_s3, publish, write_json
 
     started = time.perf_counter()
@@ -629,7 +628,6 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
     """On a GPU node: build a TensorRT plan from the store's portable ONNX and switch the
     production repository's encoder to the tensorrt_plan backend. Returns the manifest."""
     from kuberank.serving.model_repository import RepositorySpec, write_repository
-
     from kuberank.storage import materialize, publish, write_json
 
     store = str(store)

@@ -83,12 +83,16 @@ class TrainConfig:
 def search_examples(data: datasets.Dataset, split: str = "train") -> dict:
     """(query, positive document) pairs of ``split``, with every query's positive set."""
     if split not in data.splits():
-        raise KuberankError(f"{data.name}: the {split} split is empty (no judged queries): nothing to train on")
+        raise KuberankError(
+            f"{data.name}: the {split} split is empty (no judged queries): nothing to train on"
+        )
     task = datasets.eval_task(data, split)
     index_of = {iid: i for i, iid in enumerate(data.item_ids)}
     pairs = [(q, index_of[d]) for q, qid in enumerate(task.query_ids) for d in task.qrels[qid]]
     if not pairs:
-        raise KuberankError(f"{data.name}: the {split} split has no (query, relevant document) pair: nothing to train on")
+        raise KuberankError(
+            f"{data.name}: the {split} split has no (query, relevant document) pair: nothing to train on"
+        )
     return {"queries": [t or "" for t in task.texts], "pairs": pairs}
 
 
@@ -98,10 +102,14 @@ def recommendation_examples(data: datasets.Dataset, max_history: int) -> dict:
     train = data.interactions[data.interactions["split"] == "train"]
     users = sorted(data.interactions["user_id"].unique(), key=str)
     user_index = {u: i for i, u in enumerate(users)}
-    sequences = {u: g["item_id"].map(index_of).to_numpy() for u, g in train.groupby("user_id", sort=False)}
+    sequences = {
+        u: g["item_id"].map(index_of).to_numpy() for u, g in train.groupby("user_id", sort=False)
+    }
     rows = [(user_index[u], t) for u, seq in sequences.items() for t in range(1, len(seq))]
     if not rows:
-        raise KuberankError(f"{data.name}: the train split has no user with two or more interactions: nothing to train on")
+        raise KuberankError(
+            f"{data.name}: the train split has no user with two or more interactions: nothing to train on"
+        )
     return {
         "users": users,
         "sequences": {user_index[u]: seq for u, seq in sequences.items()},
@@ -169,13 +177,18 @@ def _build_towers(config: dict):
         separate = item_tower_path(source)
         item_tower = (
             AutoModel.from_pretrained(separate, add_pooling_layer=False)
-            if separate != Path(source) else copy.deepcopy(query_tower)
+            if separate != Path(source)
+            else copy.deepcopy(query_tower)
         )
     if config["lora"]:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=config["lora_rank"], lora_alpha=2 * config["lora_rank"],
-                          target_modules=["query", "key", "value", "dense"], lora_dropout=0.0)
+        lora = LoraConfig(
+            r=config["lora_rank"],
+            lora_alpha=2 * config["lora_rank"],
+            target_modules=["query", "key", "value", "dense"],
+            lora_dropout=0.0,
+        )
         query_tower = get_peft_model(query_tower, lora)
         if item_tower is not None:
             item_tower = get_peft_model(item_tower, lora)
@@ -235,7 +248,10 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = math.ceil(rows / world)
     steps_per_epoch = math.ceil(per_worker / (config["batch_size"] * config["grad_accumulation"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(steps_per_epoch * config["epochs"]) if config["kind"] == datasets.SEARCH else (lambda s: 1.0)
+        optimizer,
+        _lr_lambda(steps_per_epoch * config["epochs"])
+        if config["kind"] == datasets.SEARCH
+        else (lambda s: 1.0),
     )
     start_epoch, best, history = 0, None, []
     checkpoint = ray.train.get_checkpoint()
@@ -286,9 +302,13 @@ def train_loop_per_worker(config: dict) -> None:
                 global_step = epoch * math.ceil(per_worker / batch) + step
                 writer.add_scalar("train/loss", losses[-1], global_step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)), "start_epoch": start_epoch,
-                   "minutes": (time.monotonic() - started) / 60,
-                   "samples_per_s": rows / max(time.monotonic() - epoch_started, 1e-9)}
+        metrics = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "start_epoch": start_epoch,
+            "minutes": (time.monotonic() - started) / 60,
+            "samples_per_s": rows / max(time.monotonic() - epoch_started, 1e-9),
+        }
         if extra.get("validate") is not None:
             metrics.update(extra["validate"](_unwrap(model)))
             if best is None or metrics["val_ndcg@10"] > best:
@@ -303,10 +323,17 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                            "history": history},
-                           Path(tmp) / "state.pt")
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "history": history,
+                    },
+                    Path(tmp) / "state.pt",
+                )
                 shutil.copytree(events_dir, Path(tmp) / "tensorboard")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
@@ -326,7 +353,12 @@ def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
     ``kill_after_epoch`` (whose checkpoint has had time to be registered)."""
     fault = config.get("fault_injection") or {}
     marker = fault.get("marker")
-    if rank == 0 and marker and epoch == fault.get("kill_after_epoch", -2) + 1 and not os.path.exists(marker):
+    if (
+        rank == 0
+        and marker
+        and epoch == fault.get("kill_after_epoch", -2) + 1
+        and not os.path.exists(marker)
+    ):
         time.sleep(3)
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), 9)
@@ -342,7 +374,9 @@ def _search_setup(config: dict):
     positives = {(q, d) for q, d in pairs}
 
     def tokenize(texts, max_length, device):
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         return {k: v.to(device) for k, v in batch.items()}
 
     def step(model, index, device):
@@ -356,8 +390,13 @@ def _search_setup(config: dict):
         )
         logits = q_vecs @ d_vecs.T / config["temperature"]
         # Another positive of the same query is no negative: mask it out.
-        mask = torch.tensor([[j != i and (q, d) in positives for j, d in enumerate(docs)]
-                             for i, (q, _) in enumerate(batch_pairs)], device=logits.device)
+        mask = torch.tensor(
+            [
+                [j != i and (q, d) in positives for j, d in enumerate(docs)]
+                for i, (q, _) in enumerate(batch_pairs)
+            ],
+            device=logits.device,
+        )
         logits = logits.masked_fill(mask, float("-inf"))
         labels = torch.arange(len(batch_pairs), device=logits.device)
         return torch.nn.functional.cross_entropy(logits.float(), labels)
@@ -375,7 +414,10 @@ def _recommendation_setup(config: dict):
     scorer = Scorer(cfg)
     if config.get("warm_scorer"):
         own = scorer.state_dict()
-        scorer.load_state_dict({k: v for k, v in config["warm_scorer"].items() if own[k].shape == v.shape}, strict=False)
+        scorer.load_state_dict(
+            {k: v for k, v in config["warm_scorer"].items() if own[k].shape == v.shape},
+            strict=False,
+        )
     item_text = torch.from_numpy(config["item_text"])
     all_items = torch.arange(cfg.n_items)
     sequences, rows = config["sequences"], config["rows"]
@@ -383,14 +425,21 @@ def _recommendation_setup(config: dict):
     def step(model, index, device):
         users = torch.tensor([rows[i][0] for i in index])
         targets = torch.tensor([sequences[rows[i][0]][rows[i][1]] for i in index])
-        hist = torch.from_numpy(pad_histories([sequences[rows[i][0]][: rows[i][1]] for i in index], cfg.max_history))
+        hist = torch.from_numpy(
+            pad_histories([sequences[rows[i][0]][: rows[i][1]] for i in index], cfg.max_history)
+        )
         if cfg.n_items <= config["negatives"]:
             candidates = all_items
         else:  # sampled softmax: the batch's targets plus shared uniform negatives
             sampled = torch.randint(0, cfg.n_items, (config["negatives"],))
             candidates = torch.unique(torch.cat([targets, sampled]))
-        scores = model(item_text[candidates], candidates, history=hist,
-                       history_text=item_text[hist.clamp(min=0)], users=users)
+        scores = model(
+            item_text[candidates],
+            candidates,
+            history=hist,
+            history_text=item_text[hist.clamp(min=0)],
+            users=users,
+        )
         # Seen items are never recommended: mask them (the target stays).
         seen = (hist[:, :, None] == candidates[None, None, :]).any(1)
         is_target = candidates[None, :] == targets[:, None]
@@ -408,8 +457,13 @@ def _recommendation_setup(config: dict):
             model.eval()
             with torch.no_grad():
                 hist = torch.from_numpy(pad_histories(validation["histories"], cfg.max_history))
-                scores = model(item_text, all_items, history=hist, history_text=item_text[hist.clamp(min=0)],
-                               users=torch.tensor(validation["users"])).numpy()
+                scores = model(
+                    item_text,
+                    all_items,
+                    history=hist,
+                    history_text=item_text[hist.clamp(min=0)],
+                    users=torch.tensor(validation["users"]),
+                ).numpy()
             run = {}
             for row, exclude in enumerate(validation["exclude"]):
                 scores[row, exclude] = -np.inf
@@ -474,7 +528,10 @@ def train(config: TrainConfig) -> Path:
     actor_name = f"kuberank-progress-{os.getpid()}-{time.time_ns()}"
     progress = Progress.options(name=actor_name).remote()
     loop_config["progress_actor"] = actor_name
-    total_steps = math.ceil(math.ceil(loop_config["n_rows"] / config.workers) / loop_config["batch_size"]) * config.epochs
+    total_steps = (
+        math.ceil(math.ceil(loop_config["n_rows"] / config.workers) / loop_config["batch_size"])
+        * config.epochs
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -488,7 +545,9 @@ def train(config: TrainConfig) -> Path:
             # only); resuming after a failure always starts from the latest checkpoint.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,
-                checkpoint_score_attribute="val_ndcg@10" if data.kind == datasets.RECOMMENDATION else None,
+                checkpoint_score_attribute="val_ndcg@10"
+                if data.kind == datasets.RECOMMENDATION
+                else None,
                 checkpoint_score_order="max",
             ),
         ),
@@ -496,7 +555,9 @@ def train(config: TrainConfig) -> Path:
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     thread.start()
-    with bar(desc=f"train ({data.name}, {config.workers} workers)", total=total_steps, unit="step") as pbar:
+    with bar(
+        desc=f"train ({data.name}, {config.workers} workers)", total=total_steps, unit="step"
+    ) as pbar:
         while thread.is_alive():
             thread.join(timeout=1.0)
             try:
@@ -516,8 +577,11 @@ def _run_name(data: datasets.Dataset, config: TrainConfig) -> str:
     resumes from its latest checkpoint; any change starts a fresh run."""
     import hashlib
 
-    settings = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in ("workers", "ray_address", "max_failures", "storage", "fault_injection", "out")}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("workers", "ray_address", "max_failures", "storage", "fault_injection", "out")
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(_data_hash(data).encode())
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in data.name)
@@ -542,18 +606,30 @@ def _check_tokenizer_matches(model_dir: str, towers: str) -> None:
     query_vocab = AutoTokenizer.from_pretrained(model_dir).get_vocab()
     item_vocab = AutoTokenizer.from_pretrained(item_tower_path(model_dir)).get_vocab()
     if query_vocab != item_vocab:
-        raise KuberankError(f"--warm-start: {model_dir}: the item tower's tokenizer does not match the query tower's")
+        raise KuberankError(
+            f"--warm-start: {model_dir}: the item tower's tokenizer does not match the query tower's"
+        )
 
 
 def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
     """Build the workers' config and the function that turns the result into a model dir."""
     loop = {
-        "kind": data.kind, "init_model": init_model, "towers": config.towers, "lora": config.lora,
-        "lora_rank": config.lora_rank, "seed": config.seed, "epochs": config.epochs,
-        "batch_size": config.batch_size, "lr": config.lr, "grad_accumulation": config.grad_accumulation,
-        "temperature": config.temperature, "max_length": config.max_length,
-        "query_max_length": config.query_max_length, "negatives": config.negatives,
-        "max_minutes": config.max_minutes, "fault_injection": config.fault_injection,
+        "kind": data.kind,
+        "init_model": init_model,
+        "towers": config.towers,
+        "lora": config.lora,
+        "lora_rank": config.lora_rank,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "grad_accumulation": config.grad_accumulation,
+        "temperature": config.temperature,
+        "max_length": config.max_length,
+        "query_max_length": config.query_max_length,
+        "negatives": config.negatives,
+        "max_minutes": config.max_minutes,
+        "fault_injection": config.fault_injection,
     }
     if data.kind == datasets.SEARCH:
         examples = search_examples(data)
@@ -561,14 +637,20 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
             previous = replay_sample(config.warm_start, config.replay_fraction, config.seed)
             if previous is not None and previous.kind == datasets.SEARCH:
                 old = search_examples(previous)
-                keep = random.Random(config.seed).sample(old["pairs"], int(len(old["pairs"]) * config.replay_fraction))
+                keep = random.Random(config.seed).sample(
+                    old["pairs"], int(len(old["pairs"]) * config.replay_fraction)
+                )
                 # Replayed pairs point into the previous collection: append its texts.
                 offset_q, offset_d = len(examples["queries"]), len(data.items)
                 examples["queries"] += old["queries"]
                 examples["pairs"] += [(q + offset_q, d + offset_d) for q, d in keep]
                 loop["extra_doc_texts"] = previous.item_texts
-        loop.update(queries=examples["queries"], pairs=examples["pairs"],
-                    doc_texts=data.item_texts + loop.pop("extra_doc_texts", []), n_rows=len(examples["pairs"]))
+        loop.update(
+            queries=examples["queries"],
+            pairs=examples["pairs"],
+            doc_texts=data.item_texts + loop.pop("extra_doc_texts", []),
+            n_rows=len(examples["pairs"]),
+        )
         if config.hard_negatives:
             loop["hard_negatives"] = bm25_hard_negatives(data, examples)
     else:
@@ -587,14 +669,21 @@ def _recommendation_loop(data: datasets.Dataset, config: TrainConfig, init_model
     examples = recommendation_examples(data, max_history=config.max_history)
     encoder = TextEncoder(str(item_tower_path(init_model)))
     item_text = encoder.encode(data.item_texts, desc="encode items")
-    scorer = ScorerConfig(n_items=len(data.items), n_users=len(examples["users"]), text_dim=encoder.dim,
-                          max_history=config.max_history,
-                          use_relevance=True, use_behaviour=True, use_collaborative=True)
+    scorer = ScorerConfig(
+        n_items=len(data.items),
+        n_users=len(examples["users"]),
+        text_dim=encoder.dim,
+        max_history=config.max_history,
+        use_relevance=True,
+        use_behaviour=True,
+        use_collaborative=True,
+    )
     task = datasets.eval_task(data, "validation")
     user_index = {u: i for i, u in enumerate(examples["users"])}
     item_index = {iid: i for i, iid in enumerate(data.item_ids)}
     validation = {
-        "histories": task.histories, "exclude": task.exclude,
+        "histories": task.histories,
+        "exclude": task.exclude,
         "users": [user_index[u] for u in task.users],
         "targets": [item_index[next(iter(task.qrels[q]))] for q in task.query_ids],
     }
@@ -602,9 +691,14 @@ def _recommendation_loop(data: datasets.Dataset, config: TrainConfig, init_model
     if config.warm_start and is_kuberank_model(config.warm_start):
         warm = _warm_scorer_state(config.warm_start, data, examples["users"])
     return {
-        "scorer": dataclasses.asdict(scorer), "item_text": item_text, "sequences": examples["sequences"],
-        "rows": examples["rows"], "n_rows": len(examples["rows"]), "users": examples["users"],
-        "validation": validation, "warm_scorer": warm,
+        "scorer": dataclasses.asdict(scorer),
+        "item_text": item_text,
+        "sequences": examples["sequences"],
+        "rows": examples["rows"],
+        "n_rows": len(examples["rows"]),
+        "users": examples["users"],
+        "validation": validation,
+        "warm_scorer": warm,
     }
 
 
@@ -616,7 +710,9 @@ def _warm_scorer_state(previous: str, data: datasets.Dataset, users: list[str]) 
     state = load_scorer(previous, info).state_dict()
     old_items = {iid: i for i, iid in enumerate(info.item_ids)}
     old_users = {u: i for i, u in enumerate(info.user_ids)}
-    items_map = [old_items.get(i, info.scorer.n_items) for i in data.item_ids] + [info.scorer.n_items]
+    items_map = [old_items.get(i, info.scorer.n_items) for i in data.item_ids] + [
+        info.scorer.n_items
+    ]
     users_map = [old_users.get(u, info.scorer.n_users) for u in users] + [info.scorer.n_users]
     for key in ("item_id.weight", "item_cf.weight", "item_bias.weight"):
         state[key] = state[key][items_map]
@@ -643,7 +739,9 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
     with checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)["model"]
     with result.checkpoint.as_directory() as ckpt:  # the latest holds every epoch's history
-        history = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)["history"]
+        history = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)[
+            "history"
+        ]
         events = Path(tempfile.mkdtemp(prefix="kuberank-events-"))
         if (Path(ckpt) / "tensorboard").is_dir():
             shutil.copytree(Path(ckpt) / "tensorboard", events, dirs_exist_ok=True)
@@ -668,21 +766,36 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
         kind=data.kind,
         base_model=init_model,
         towers=config.towers,
-        scorer=ScorerConfig(**loop["scorer"]) if scorer is not None else ScorerConfig(text_dim=query_tower.config.hidden_size),
+        scorer=ScorerConfig(**loop["scorer"])
+        if scorer is not None
+        else ScorerConfig(text_dim=query_tower.config.hidden_size),
         item_ids=data.item_ids if scorer is not None else [],
         user_ids=loop.get("users", []),
         dataset={"spec": config.dataset, "name": data.name, "content_hash": _data_hash(data)},
         training={
-            **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("fault_injection",)},
-            "trainable_parameters": int(trainable), "total_parameters": int(total),
-            "epochs_run": len(history), "chosen_epoch": int(chosen.get("epoch", -1)),
-            "resumed_from_epoch": max((int(row.get("start_epoch", 0)) for row in history), default=0),
-            "history": [{k: v for k, v in row.items() if isinstance(v, (int, float, bool))} for row in history],
+            **{
+                k: v for k, v in dataclasses.asdict(config).items() if k not in ("fault_injection",)
+            },
+            "trainable_parameters": int(trainable),
+            "total_parameters": int(total),
+            "epochs_run": len(history),
+            "chosen_epoch": int(chosen.get("epoch", -1)),
+            "resumed_from_epoch": max(
+                (int(row.get("start_epoch", 0)) for row in history), default=0
+            ),
+            "history": [
+                {k: v for k, v in row.items() if isinstance(v, (int, float, bool))}
+                for row in history
+            ],
         },
         metrics={k: v for k, v in chosen.items() if k.startswith("val_")},
         version=time.strftime("%Y%m%d%H%M%S"),
     )
-    local_out = Path(tempfile.mkdtemp(prefix="kuberank-model-")) / "model" if storage.is_s3(config.out) else Path(config.out)
+    local_out = (
+        Path(tempfile.mkdtemp(prefix="kuberank-model-")) / "model"
+        if storage.is_s3(config.out)
+        else Path(config.out)
+    )
     with storage.atomic_dir(local_out) as tmp:
         save_model(tmp, query_tower, tokenizer, scorer, info, item_encoder=item_tower)
         shutil.copytree(events, tmp / "tensorboard")
@@ -718,9 +831,19 @@ def finetune_op(
     on Kubernetes), or on a local cluster started inside the task when it is empty."""
     from kuberank.components.finetune import TrainConfig, train
 
-    out = train(TrainConfig(dataset=dataset_spec, out=model.path, workers=workers, epochs=epochs or None,
-                            max_minutes=max_minutes or None, ray_address=ray_address or None))
+    out = train(
+        TrainConfig(
+            dataset=dataset_spec,
+            out=model.path,
+            workers=workers,
+            epochs=epochs or None,
+            max_minutes=max_minutes or None,
+            ray_address=ray_address or None,
+        )
+    )
     import json
 
     info = json.loads((out / "kuberank.json").read_text())
-    model.metadata.update({"fingerprint": info["fingerprint"], "kind": info["kind"], **info["metrics"]})
+    model.metadata.update(
+        {"fingerprint": info["fingerprint"], "kind": info["kind"], **info["metrics"]}
+    )

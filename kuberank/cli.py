@@ -19,9 +19,12 @@ def _cmd_data_prep(args) -> int:
     from kuberank.components.data_prep import prepare
 
     manifest = prepare(args.dataset, args.out, engine=args.engine, ray_address=args.ray_address)
-    print(json.dumps(manifest, indent=2) if args.json else
-          f"{manifest['name']} ({manifest['kind']}): {manifest['rows']} -> {args.out}\n"
-          f"splits {manifest['splits']}, content hash {manifest['content_hash'][:16]}…, engine {manifest['engine']}")
+    print(
+        json.dumps(manifest, indent=2)
+        if args.json
+        else f"{manifest['name']} ({manifest['kind']}): {manifest['rows']} -> {args.out}\n"
+        f"splits {manifest['splits']}, content hash {manifest['content_hash'][:16]}…, engine {manifest['engine']}"
+    )
     return 0
 
 
@@ -42,18 +45,35 @@ def _cmd_train(args) -> int:
     from kuberank.model import read_info
 
     config = TrainConfig(
-        dataset=args.dataset, out=args.out, workers=args.workers, epochs=args.epochs,
-        max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr, towers=args.towers,
-        lora=args.lora, hard_negatives=args.hard_negatives, warm_start=args.warm_start,
-        replay_fraction=args.replay_fraction, storage=args.storage, ray_address=args.ray_address,
-        grad_accumulation=args.grad_accumulation, seed=args.seed, use_gpu=args.use_gpu,
+        dataset=args.dataset,
+        out=args.out,
+        workers=args.workers,
+        epochs=args.epochs,
+        max_minutes=args.max_minutes,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        towers=args.towers,
+        lora=args.lora,
+        hard_negatives=args.hard_negatives,
+        warm_start=args.warm_start,
+        replay_fraction=args.replay_fraction,
+        storage=args.storage,
+        ray_address=args.ray_address,
+        grad_accumulation=args.grad_accumulation,
+        seed=args.seed,
+        use_gpu=args.use_gpu,
     )
     out = train(config)
     info = read_info(out)
-    summary = {"model": str(out), "kind": info.kind, "fingerprint": info.fingerprint,
-               "trainable_parameters": info.training["trainable_parameters"],
-               "total_parameters": info.training["total_parameters"],
-               "epochs_run": info.training["epochs_run"], **info.metrics}
+    summary = {
+        "model": str(out),
+        "kind": info.kind,
+        "fingerprint": info.fingerprint,
+        "trainable_parameters": info.training["trainable_parameters"],
+        "total_parameters": info.training["total_parameters"],
+        "epochs_run": info.training["epochs_run"],
+        **info.metrics,
+    }
     print(json.dumps(summary, indent=None if args.json else 2))
     return 0
 
@@ -61,10 +81,18 @@ def _cmd_train(args) -> int:
 def _cmd_compress(args) -> int:
     from kuberank.components.compress import CompressConfig, compress
 
-    report = compress(CompressConfig(
-        model=args.model, dataset=args.dataset, out=args.out, layers=args.layers,
-        prune_ratio=args.prune_ratio, int8=args.int8, max_ndcg_drop=args.max_ndcg_drop, split=args.split,
-    ))
+    report = compress(
+        CompressConfig(
+            model=args.model,
+            dataset=args.dataset,
+            out=args.out,
+            layers=args.layers,
+            prune_ratio=args.prune_ratio,
+            int8=args.int8,
+            max_ndcg_drop=args.max_ndcg_drop,
+            split=args.split,
+        )
+    )
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 
@@ -75,8 +103,13 @@ def _cmd_export(args) -> int:
     manifest = export_model(args.model, args.out, fp16=args.fp16)
     if args.tensorrt:
         manifest = export_tensorrt(args.out)
-    summary = {"store": args.out, "version": manifest.get("version"), "parity": manifest.get("parity"),
-               "sizes": manifest.get("sizes"), "fingerprint": manifest.get("embedding", {}).get("fingerprint")}
+    summary = {
+        "store": args.out,
+        "version": manifest.get("version"),
+        "parity": manifest.get("parity"),
+        "sizes": manifest.get("sizes"),
+        "fingerprint": manifest.get("embedding", {}).get("fingerprint"),
+    }
     print(json.dumps(summary, indent=None if args.json else 2))
     return 0
 
@@ -85,7 +118,10 @@ def _cmd_edge_query(args) -> int:
     from kuberank.components.edge import edge_query, edge_stats
 
     results = edge_query(args.bundle, args.text, k=args.k)
-    out = {"query": args.text, "results": [{"item_id": i, "score": round(float(s), 6)} for i, s in results]}
+    out = {
+        "query": args.text,
+        "results": [{"item_id": i, "score": round(float(s), 6)} for i, s in results],
+    }
     if args.stats:
         out["stats"] = edge_stats(args.bundle)
     print(json.dumps(out, indent=None if args.json else 2))
@@ -106,101 +142,162 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kuberank {__version__}")
     parser.add_argument(
-        "--s3-endpoint", metavar="URL",
+        "--s3-endpoint",
+        metavar="URL",
         help="S3 endpoint for s3:// URIs (MinIO, Ceph, ...); default: KUBERANK_S3_ENDPOINT_URL or AWS",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    dataset_help = "movielens-100k | beir:<dir|s3://...> | interactions:<file|s3://...> | prepared:<dir>"
+    dataset_help = (
+        "movielens-100k | beir:<dir|s3://...> | interactions:<file|s3://...> | prepared:<dir>"
+    )
 
     data = sub.add_parser("data", help="prepare datasets", description="Prepare datasets.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     prep = data_sub.add_parser(
-        "prep", help="load, split and write Parquet artifacts + manifest",
+        "prep",
+        help="load, split and write Parquet artifacts + manifest",
         description="Load a dataset, split it (BEIR qrels / leave-last-out) and write Parquet "
-                    "artifacts with a manifest, atomically.",
+        "artifacts with a manifest, atomically.",
     )
     prep.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
     prep.add_argument("--out", required=True, metavar="DIR", help="output directory or s3:// URI")
-    prep.add_argument("--engine", default="auto", choices=["auto", "local", "ray"],
-                      help="where the split runs: in-process, on Ray Data, or by size (default)")
-    prep.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use (default: local on 127.0.0.1)")
+    prep.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "local", "ray"],
+        help="where the split runs: in-process, on Ray Data, or by size (default)",
+    )
+    prep.add_argument(
+        "--ray-address", metavar="ADDR", help="Ray cluster to use (default: local on 127.0.0.1)"
+    )
     prep.add_argument("--json", action="store_true", help="print the manifest as JSON")
     prep.set_defaults(func=_cmd_data_prep)
 
     ev = sub.add_parser(
-        "evaluate", help="score a model or baseline on a dataset split",
+        "evaluate",
+        help="score a model or baseline on a dataset split",
         description="Full ranking over all items; prints nDCG@10, MRR@10, Recall@100, ...",
     )
     ev.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
-    ev.add_argument("--model", required=True, metavar="MODEL",
-                    help="zero-shot | bm25 | popularity | a model directory")
-    ev.add_argument("--split", default="test", metavar="SPLIT",
-                    help="train | validation | test | all (default: test)")
+    ev.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="zero-shot | bm25 | popularity | a model directory",
+    )
+    ev.add_argument(
+        "--split",
+        default="test",
+        metavar="SPLIT",
+        help="train | validation | test | all (default: test)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)
 
     tr = sub.add_parser(
-        "train", help="fine-tune the two-tower ranker on Ray Train",
+        "train",
+        help="fine-tune the two-tower ranker on Ray Train",
         description="Distributed fine-tuning (DDP on Ray Train) on the dataset's train split; "
-                    "writes a model directory (safetensors, tokenizer, config, kuberank.json).",
+        "writes a model directory (safetensors, tokenizer, config, kuberank.json).",
     )
     tr.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
-    tr.add_argument("--out", required=True, metavar="URI", help="model directory to write (a path or s3://)")
+    tr.add_argument(
+        "--out", required=True, metavar="URI", help="model directory to write (a path or s3://)"
+    )
     tr.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
-    tr.add_argument("--epochs", type=int, help="epochs (default: 1 for search, 4 for recommendation)")
-    tr.add_argument("--max-minutes", type=float, metavar="M", help="stop after the epoch that crosses M minutes")
+    tr.add_argument(
+        "--epochs", type=int, help="epochs (default: 1 for search, 4 for recommendation)"
+    )
+    tr.add_argument(
+        "--max-minutes", type=float, metavar="M", help="stop after the epoch that crosses M minutes"
+    )
     tr.add_argument("--batch-size", type=int, help="per-worker batch size")
     tr.add_argument("--lr", type=float, help="learning rate")
-    tr.add_argument("--towers", default="shared", choices=["shared", "separate"], help="query/item tower weights")
-    tr.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    tr.add_argument("--hard-negatives", action="store_true", help="add one BM25 hard negative per pair (search)")
+    tr.add_argument(
+        "--towers",
+        default="shared",
+        choices=["shared", "separate"],
+        help="query/item tower weights",
+    )
+    tr.add_argument(
+        "--lora", action="store_true", help="train LoRA adapters instead of all weights"
+    )
+    tr.add_argument(
+        "--hard-negatives", action="store_true", help="add one BM25 hard negative per pair (search)"
+    )
     tr.add_argument("--warm-start", metavar="DIR", help="continue from a previous model directory")
-    tr.add_argument("--replay-fraction", type=float, default=0.2, help="share of the previous data replayed")
-    tr.add_argument("--storage", metavar="URI", help="checkpoint storage (default: <out>.checkpoints)")
-    tr.add_argument("--ray-address", metavar="ADDR", help="Ray cluster (default: local on 127.0.0.1)")
+    tr.add_argument(
+        "--replay-fraction", type=float, default=0.2, help="share of the previous data replayed"
+    )
+    tr.add_argument(
+        "--storage", metavar="URI", help="checkpoint storage (default: <out>.checkpoints)"
+    )
+    tr.add_argument(
+        "--ray-address", metavar="ADDR", help="Ray cluster (default: local on 127.0.0.1)"
+    )
     tr.add_argument("--grad-accumulation", type=int, default=1, help="gradient accumulation steps")
     tr.add_argument("--seed", type=int, default=0, help="random seed")
-    tr.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
-                    help="one GPU per worker, NCCL and mixed precision (default: when the cluster has GPUs)")
+    tr.add_argument(
+        "--use-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per worker, NCCL and mixed precision (default: when the cluster has GPUs)",
+    )
     tr.add_argument("--json", action="store_true", help="one-line JSON summary")
     tr.set_defaults(func=_cmd_train)
 
     co = sub.add_parser(
-        "compress", help="distil, prune and quantise a model behind a quality gate",
+        "compress",
+        help="distil, prune and quantise a model behind a quality gate",
         description="Distil into fewer layers, prune feed-forward blocks, quantise to int8; the "
-                    "result is written only if its nDCG@10 is within --max-ndcg-drop of the teacher's.",
+        "result is written only if its nDCG@10 is within --max-ndcg-drop of the teacher's.",
     )
     co.add_argument("--model", required=True, metavar="DIR", help="teacher model directory")
     co.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
-    co.add_argument("--out", required=True, metavar="DIR", help="compressed model directory to write")
+    co.add_argument(
+        "--out", required=True, metavar="DIR", help="compressed model directory to write"
+    )
     co.add_argument("--layers", type=int, default=3, help="student layers (default: 3)")
-    co.add_argument("--prune-ratio", type=float, default=0.25, help="share of feed-forward neurons removed")
+    co.add_argument(
+        "--prune-ratio", type=float, default=0.25, help="share of feed-forward neurons removed"
+    )
     co.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 quantisation")
-    co.add_argument("--max-ndcg-drop", type=float, default=0.01, help="quality gate (absolute nDCG@10)")
+    co.add_argument(
+        "--max-ndcg-drop", type=float, default=0.01, help="quality gate (absolute nDCG@10)"
+    )
     co.add_argument("--split", metavar="SPLIT", help="gate split (default: validation, else test)")
     co.add_argument("--json", action="store_true", help="one-line JSON report")
     co.set_defaults(func=_cmd_compress)
 
     ex = sub.add_parser(
-        "export", help="export a model to the model store (ONNX, Triton repositories, edge bundle)",
+        "export",
+        help="export a model to the model store (ONNX, Triton repositories, edge bundle)",
         description="ONNX with parity checks, int8 and fp16, Triton model repositories (production and "
-                    "local), the edge bundle and manifest.json, into a directory or s3:// prefix.",
+        "local), the edge bundle and manifest.json, into a directory or s3:// prefix.",
     )
     ex.add_argument("--model", required=True, metavar="DIR", help="model directory")
     ex.add_argument("--out", required=True, metavar="STORE", help="model store (a path or s3://)")
     ex.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 GPU model")
-    ex.add_argument("--tensorrt", action="store_true", help="also build a TensorRT plan (GPU nodes only)")
+    ex.add_argument(
+        "--tensorrt", action="store_true", help="also build a TensorRT plan (GPU nodes only)"
+    )
     ex.add_argument("--json", action="store_true", help="one-line JSON summary")
     ex.set_defaults(func=_cmd_export)
 
-    edge = sub.add_parser("edge", help="query an edge bundle", description="The edge bundle's small runner.")
+    edge = sub.add_parser(
+        "edge", help="query an edge bundle", description="The edge bundle's small runner."
+    )
     edge_sub = edge.add_subparsers(dest="edge_command", metavar="ACTION", required=True)
-    eq = edge_sub.add_parser("query", help="top-k items for a text", description="Rank the bundle's items for TEXT.")
+    eq = edge_sub.add_parser(
+        "query", help="top-k items for a text", description="Rank the bundle's items for TEXT."
+    )
     eq.add_argument("--bundle", required=True, metavar="DIR", help="edge bundle (STORE/edge)")
     eq.add_argument("--text", required=True, help="query text")
     eq.add_argument("--k", type=int, default=10, help="results (default: 10)")
-    eq.add_argument("--stats", action="store_true", help="also report bundle size and single-thread latency")
+    eq.add_argument(
+        "--stats", action="store_true", help="also report bundle size and single-thread latency"
+    )
     eq.add_argument("--json", action="store_true", help="one-line JSON")
     eq.set_defaults(func=_cmd_edge_query)
 
@@ -210,9 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     register_serving(sub, dataset_help)
     register_pipeline(sub)
 
-    demo = sub.add_parser("demo", help="run the embedded demo on MovieLens-100K",
-                          description="Prepare MovieLens-100K, evaluate, write runs/<timestamp>/report.md.")
-    demo.add_argument("--out", default="runs", metavar="DIR", help="where runs are written (default: runs)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the embedded demo on MovieLens-100K",
+        description="Prepare MovieLens-100K, evaluate, write runs/<timestamp>/report.md.",
+    )
+    demo.add_argument(
+        "--out", default="runs", metavar="DIR", help="where runs are written (default: runs)"
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -63,7 +63,9 @@ class Dataset:
     kind: str
     source: str
     items: pd.DataFrame
-    queries: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["query_id", "text"]))
+    queries: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["query_id", "text"])
+    )
     qrels: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["query_id", "item_id", "relevance", "split"])
     )
@@ -132,7 +134,16 @@ def eval_task(dataset: Dataset, split: str) -> EvalTask:
         text_of = dict(zip(dataset.queries["query_id"], dataset.queries["text"]))
         qids = sorted(qrels, key=_natural_key)
         n = len(qids)
-        return EvalTask(dataset, split, qids, [text_of[q] for q in qids], [empty] * n, [empty] * n, qrels, [None] * n)
+        return EvalTask(
+            dataset,
+            split,
+            qids,
+            [text_of[q] for q in qids],
+            [empty] * n,
+            [empty] * n,
+            qrels,
+            [None] * n,
+        )
 
     index_of = {iid: i for i, iid in enumerate(dataset.item_ids)}
     inter = dataset.interactions
@@ -235,13 +246,19 @@ def _read_atomic_tsv(path: Path) -> pd.DataFrame:
 def load_beir(uri: str) -> Dataset:
     root = storage.materialize(uri)
     if not root.is_dir():
-        raise DataError(root, "a BEIR collection is a directory with corpus.jsonl, queries.jsonl, qrels/")
+        raise DataError(
+            root, "a BEIR collection is a directory with corpus.jsonl, queries.jsonl, qrels/"
+        )
     corpus_rows = list(_read_jsonl(root / "corpus.jsonl", required=("_id",)))
     if not corpus_rows:
         raise DataError(root / "corpus.jsonl", "empty corpus: no documents")
     doc_ids = _unique_ids(root / "corpus.jsonl", corpus_rows)
     texts = [
-        " ".join(part for part in (str(r.get("title") or "").strip(), str(r.get("text") or "").strip()) if part)
+        " ".join(
+            part
+            for part in (str(r.get("title") or "").strip(), str(r.get("text") or "").strip())
+            if part
+        )
         for _, r in corpus_rows
     ]
     items = pd.DataFrame({"item_id": doc_ids, "text": texts})
@@ -283,7 +300,11 @@ def _read_qrels(path: Path, known_docs: set[str], known_queries: set[str]) -> pd
             if lineno == 1 and fields[0] in ("query-id", "query_id", "qid"):
                 continue
             if len(fields) != 3:
-                raise DataError(path, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(fields)}", lineno)
+                raise DataError(
+                    path,
+                    f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(fields)}",
+                    lineno,
+                )
             qid, did, score = fields
             try:
                 rel = int(float(score))
@@ -313,7 +334,9 @@ def _read_jsonl(path: Path, required: tuple[str, ...]):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(path, f"malformed JSON ({exc.msg} at column {exc.colno})", lineno) from None
+                raise DataError(
+                    path, f"malformed JSON ({exc.msg} at column {exc.colno})", lineno
+                ) from None
             if not isinstance(obj, dict):
                 raise DataError(path, "each line must be a JSON object", lineno)
             for key in required:
@@ -342,13 +365,17 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 def load_interactions(uri: str) -> Dataset:
     path = storage.materialize(uri)
     if path.is_dir():
-        raise DataError(path, "interactions: expected one file (.jsonl[.gz], .csv[.gz] or .parquet)")
+        raise DataError(
+            path, "interactions: expected one file (.jsonl[.gz], .csv[.gz] or .parquet)"
+        )
     frame = _read_interaction_file(path)
     if frame.empty:
         raise DataError(path, "no interactions")
     missing = [c for c in INTERACTION_COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}; need {', '.join(INTERACTION_COLUMNS)}")
+        raise DataError(
+            path, f"missing column(s) {', '.join(missing)}; need {', '.join(INTERACTION_COLUMNS)}"
+        )
     for column in ("user_id", "item_id"):
         bad = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if bad.any():
@@ -358,8 +385,12 @@ def load_interactions(uri: str) -> Dataset:
             "user_id": frame["user_id"].astype(str),
             "item_id": frame["item_id"].astype(str),
             "timestamp": _timestamps(path, frame),
-            "rating": pd.to_numeric(frame["rating"], errors="coerce") if "rating" in frame else np.nan,
-            "query": frame["query"].where(frame["query"].notna(), None) if "query" in frame else None,
+            "rating": pd.to_numeric(frame["rating"], errors="coerce")
+            if "rating" in frame
+            else np.nan,
+            "query": frame["query"].where(frame["query"].notna(), None)
+            if "query" in frame
+            else None,
         }
     )
     if "item_text" in frame:
@@ -409,7 +440,9 @@ def _timestamps(path: Path, frame: pd.DataFrame) -> pd.Series:
     bad = parsed.isna()
     if bad.any():
         line = _row_line(path, frame, bad)
-        raise DataError(path, f"timestamp {raw[bad].iloc[0]!r} is neither a number nor a date", line)
+        raise DataError(
+            path, f"timestamp {raw[bad].iloc[0]!r} is neither a number nor a date", line
+        )
     return (parsed.astype("int64") / 1e9).astype(float)
 
 
@@ -440,7 +473,9 @@ def _recommendation(name: str, source: str, items: pd.DataFrame, inter: pd.DataF
     known = set(items["item_id"])
     unknown = ~inter["item_id"].isin(known)
     if unknown.any():
-        raise DataError(source, f"interaction names unknown item {inter['item_id'][unknown].iloc[0]!r}")
+        raise DataError(
+            source, f"interaction names unknown item {inter['item_id'][unknown].iloc[0]!r}"
+        )
     return Dataset(name, RECOMMENDATION, source, items, interactions=assign_leave_last_out(inter))
 
 
@@ -459,7 +494,9 @@ def load_prepared(uri: str) -> Dataset:
         raise DataError(root, "not a prepared dataset: manifest.json missing")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(manifest_path, f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        raise DataError(
+            manifest_path, f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+        )
     tables = {}
     for table in manifest["rows"]:
         path = root / f"{table}.parquet"
@@ -471,4 +508,3 @@ def load_prepared(uri: str) -> Dataset:
 
 def read_manifest(root: str | os.PathLike) -> dict:
     return json.loads((Path(root) / "manifest.json").read_text())
-

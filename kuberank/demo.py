@@ -21,8 +21,13 @@ DEMO_BASELINES = ("popularity", "ease", "zero-shot")
 TRAIN_BUDGET_MINUTES = 4.0
 
 
-def run_demo(out_root: str = "runs", split: str = "test", echo=print, pipeline: bool = True,
-             serve: bool = True) -> Path:
+def run_demo(
+    out_root: str = "runs",
+    split: str = "test",
+    echo=print,
+    pipeline: bool = True,
+    serve: bool = True,
+) -> Path:
     """``pipeline=False`` only evaluates the baselines (seconds; what the unit test runs)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_root) / stamp
@@ -31,11 +36,20 @@ def run_demo(out_root: str = "runs", split: str = "test", echo=print, pipeline: 
     if pipeline:
         from kuberank.pipelines.pipeline import run_local
 
-        echo(f"[1/3] the kuberank pipeline on kfp's local runner: prepare -> fine-tune (Ray Train, 2 workers, "
-             f"<= {TRAIN_BUDGET_MINUTES:g} min) -> evaluate -> compress -> export -> index -> publish")
-        outputs = run_local(run_dir / "pipeline", dataset_spec=DEMO_DATASET, max_minutes=TRAIN_BUDGET_MINUTES,
-                            baselines=",".join(DEMO_BASELINES), eval_split=split)
-        echo(f"      done in {outputs['seconds'] / 60:.1f} min; model store {outputs['model_store']}")
+        echo(
+            f"[1/3] the kuberank pipeline on kfp's local runner: prepare -> fine-tune (Ray Train, 2 workers, "
+            f"<= {TRAIN_BUDGET_MINUTES:g} min) -> evaluate -> compress -> export -> index -> publish"
+        )
+        outputs = run_local(
+            run_dir / "pipeline",
+            dataset_spec=DEMO_DATASET,
+            max_minutes=TRAIN_BUDGET_MINUTES,
+            baselines=",".join(DEMO_BASELINES),
+            eval_split=split,
+        )
+        echo(
+            f"      done in {outputs['seconds'] / 60:.1f} min; model store {outputs['model_store']}"
+        )
         rows = [dict(row) for row in outputs["quality_rows"]]
         data = datasets.load_prepared(outputs["prepared_path"])
         store = outputs["model_store"]
@@ -49,15 +63,31 @@ def run_demo(out_root: str = "runs", split: str = "test", echo=print, pipeline: 
         rows = [evaluate(data, model, split) for model in DEMO_BASELINES]
     table = report.format_table(rows, report.QUALITY_COLUMNS)
     echo("\n" + table + "\n")
-    plot = report.bar_plot(rows, ["ndcg@10", "mrr@10", "hit@10"], run_dir / "quality.png", f"{DEMO_DATASET}, {split} split")
+    plot = report.bar_plot(
+        rows,
+        ["ndcg@10", "mrr@10", "hit@10"],
+        run_dir / "quality.png",
+        f"{DEMO_DATASET}, {split} split",
+    )
     if pipeline and serve:
         from kuberank.serving.bench import format_table, serve_and_bench
 
-        echo("[3/3] serving the store on 127.0.0.1 (Ray Serve + Triton, Ray Serve + ONNX Runtime) and benchmarking")
-        result = serve_and_bench(store, levels=(1, 8, 32), requests=200, max_seconds=10.0, out_dir=run_dir / "bench")
+        echo(
+            "[3/3] serving the store on 127.0.0.1 (Ray Serve + Triton, Ray Serve + ONNX Runtime) and benchmarking"
+        )
+        result = serve_and_bench(
+            store, levels=(1, 8, 32), requests=200, max_seconds=10.0, out_dir=run_dir / "bench"
+        )
         latency = format_table(result)
         echo("\n" + latency + "\n")
-        sections += ["## Serving latency", "", latency, "", "![latency](bench/latency_vs_load.png)", ""]
+        sections += [
+            "## Serving latency",
+            "",
+            latency,
+            "",
+            "![latency](bench/latency_vs_load.png)",
+            "",
+        ]
     (run_dir / "metrics.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     lines = [
         f"# kuberank demo — {DEMO_DATASET}",
@@ -85,7 +115,10 @@ def _compression_section(outputs: dict, rows: list[dict]) -> list[str]:
     lines = ["## Fine-tuning", ""]
     history = [{"model": f"epoch {h['epoch'] + 1}", **h} for h in training.get("history", [])]
     if history:
-        lines += [report.format_table(history, ("loss", "val_ndcg@10", "samples_per_s", "minutes")), ""]
+        lines += [
+            report.format_table(history, ("loss", "val_ndcg@10", "samples_per_s", "minutes")),
+            "",
+        ]
     lines += ["## Compression", ""]
     if compression:
         lines.append(

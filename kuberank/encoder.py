@@ -20,7 +20,9 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise KuberankError(f"--model: {path} is not a directory")
     if not (path / "config.json").is_file():
-        raise KuberankError(f"--model: {path} has no config.json (not a transformers model directory)")
+        raise KuberankError(
+            f"--model: {path} has no config.json (not a transformers model directory)"
+        )
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise KuberankError(
             f"--model: {path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})"
@@ -76,7 +78,9 @@ class TextEncoder:
                     return_tensors="pt",
                 )
                 hidden = self.model(**batch).last_hidden_state
-                pooled = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+                pooled = torch.nn.functional.normalize(
+                    mean_pool(hidden, batch["attention_mask"]), dim=-1
+                )
                 out[idx] = pooled.float().numpy()
         return out
 

@@ -133,8 +133,14 @@ class Scorer(nn.Module):
 # --------------------------------------------------------------------------- persistence
 
 
-def save_model(out: str | os.PathLike, encoder, tokenizer, scorer: Scorer | None, info: ModelInfo,
-               item_encoder=None) -> Path:
+def save_model(
+    out: str | os.PathLike,
+    encoder,
+    tokenizer,
+    scorer: Scorer | None,
+    info: ModelInfo,
+    item_encoder=None,
+) -> Path:
     """Write a model directory (see the module docstring)."""
     from safetensors.torch import save_file
 
@@ -146,7 +152,10 @@ def save_model(out: str | os.PathLike, encoder, tokenizer, scorer: Scorer | None
         item_encoder.save_pretrained(out / ITEM_TOWER_DIR, safe_serialization=True)
         tokenizer.save_pretrained(out / ITEM_TOWER_DIR)
     if scorer is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in scorer.state_dict().items()}, str(out / SCORER_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in scorer.state_dict().items()},
+            str(out / SCORER_FILE),
+        )
     info.fingerprint = model_fingerprint(out)
     doc = {"format": MODEL_FORMAT, **asdict(info)}
     (out / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
@@ -208,11 +217,17 @@ def resolve_model(path: str | os.PathLike, threads: int | None = None) -> Resolv
 
     root = Path(path)
     store_manifest = root / "manifest.json"
-    if store_manifest.is_file() and str(json.loads(store_manifest.read_text()).get("format", "")).startswith(STORE_FORMAT_PREFIX):
+    if store_manifest.is_file() and str(
+        json.loads(store_manifest.read_text()).get("format", "")
+    ).startswith(STORE_FORMAT_PREFIX):
         extras = root / "model"
         info = read_info(extras) if is_kuberank_model(extras) else None
         encoder = OnnxEncoder(root / "onnx", intra_op_threads=threads)
-        item = TextEncoder(str(extras / ITEM_TOWER_DIR)) if (extras / ITEM_TOWER_DIR).is_dir() else encoder
+        item = (
+            TextEncoder(str(extras / ITEM_TOWER_DIR))
+            if (extras / ITEM_TOWER_DIR).is_dir()
+            else encoder
+        )
         return ResolvedModel(info, extras if info else None, encoder, item)
     check_model_dir(root)
     info = read_info(root) if is_kuberank_model(root) else None
@@ -232,5 +247,5 @@ def pad_histories(histories: list[np.ndarray], max_history: int) -> np.ndarray:
     for row, hist in enumerate(histories):
         tail = np.asarray(hist[-length:], dtype=np.int64)
         if len(tail):
-            out[row, -len(tail):] = tail
+            out[row, -len(tail) :] = tail
     return out

@@ -80,8 +80,9 @@ def index_shards(total_bytes: int, shard_memory_bytes: float, headroom: float) -
     return max(1, math.ceil(total_bytes / (shard_memory_bytes * headroom)))
 
 
-def training_workers(rows: int, epochs: int, rows_per_s_per_worker: float, budget_minutes: float,
-                     efficiency: float) -> int:
+def training_workers(
+    rows: int, epochs: int, rows_per_s_per_worker: float, budget_minutes: float, efficiency: float
+) -> int:
     """Workers so that ``epochs`` over ``rows`` fit the budget when each added worker brings
     ``efficiency`` of one worker's throughput: the smallest n with
     rows x epochs <= rate x (1 + (n - 1) x efficiency) x budget."""
@@ -93,8 +94,15 @@ def training_workers(rows: int, epochs: int, rows_per_s_per_worker: float, budge
     return 1 + math.ceil((needed - 1) / efficiency)
 
 
-def plan(qps: float, items: int, *, train_rows: int = 0, epochs: int = 4,
-         train_budget_minutes: float = 60.0, baseline: Baseline | None = None) -> dict:
+def plan(
+    qps: float,
+    items: int,
+    *,
+    train_rows: int = 0,
+    epochs: int = 4,
+    train_budget_minutes: float = 60.0,
+    baseline: Baseline | None = None,
+) -> dict:
     """The capacity plan for ``qps`` queries/s over ``items`` items (and, with ``train_rows``,
     the fine-tuning workers for a time budget)."""
     b = baseline or Baseline()
@@ -106,18 +114,34 @@ def plan(qps: float, items: int, *, train_rows: int = 0, epochs: int = 4,
     size = index_bytes(items, b.dim, b.bytes_per_value, b.hnsw_m if ann else 0)
     shards = index_shards(size, b.shard_memory_gib * GIB, b.memory_headroom)
     result = {
-        "inputs": {"qps": qps, "items": items, "train_rows": train_rows, "epochs": epochs,
-                   "train_budget_minutes": train_budget_minutes},
+        "inputs": {
+            "qps": qps,
+            "items": items,
+            "train_rows": train_rows,
+            "epochs": epochs,
+            "train_budget_minutes": train_budget_minutes,
+        },
         "baseline": asdict(b),
         "triton_gpus": replicas_for(qps, b.triton_qps_per_gpu, u, b.min_replicas),
         "serve_replicas": replicas_for(qps, b.serve_qps_per_replica, u, b.min_replicas),
-        "index": {"bytes": size, "gib": round(size / GIB, 3), "ann": ann, "shards": shards,
-                  "replicas_per_shard": replicas_for(qps, b.retriever_qps_per_shard_replica, u,
-                                                     b.min_replicas)},
+        "index": {
+            "bytes": size,
+            "gib": round(size / GIB, 3),
+            "ann": ann,
+            "shards": shards,
+            "replicas_per_shard": replicas_for(
+                qps, b.retriever_qps_per_shard_replica, u, b.min_replicas
+            ),
+        },
     }
     if train_rows:
-        result["training_workers"] = training_workers(train_rows, epochs, b.train_rows_per_s_per_worker,
-                                                      train_budget_minutes, b.scaling_efficiency)
+        result["training_workers"] = training_workers(
+            train_rows,
+            epochs,
+            b.train_rows_per_s_per_worker,
+            train_budget_minutes,
+            b.scaling_efficiency,
+        )
     return result
 
 
@@ -131,9 +155,16 @@ def format_plan(result: dict) -> str:
         ("retriever replicas per shard", idx["replicas_per_shard"]),
     ]
     if "training_workers" in result:
-        rows.append((f"training workers ({i['train_rows']} rows x {i['epochs']} epochs in "
-                     f"{i['train_budget_minutes']:g} min)", result["training_workers"]))
+        rows.append(
+            (
+                f"training workers ({i['train_rows']} rows x {i['epochs']} epochs in "
+                f"{i['train_budget_minutes']:g} min)",
+                result["training_workers"],
+            )
+        )
     width = max(len(r[0]) for r in rows)
-    head = f"plan for {i['qps']:g} q/s over {i['items']:,} items " \
-           f"(target utilisation {result['baseline']['target_utilisation']:g})"
+    head = (
+        f"plan for {i['qps']:g} q/s over {i['items']:,} items "
+        f"(target utilisation {result['baseline']['target_utilisation']:g})"
+    )
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])

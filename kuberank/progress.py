@@ -16,7 +16,9 @@ def enabled() -> bool:
     return os.environ.get("KUBERANK_PROGRESS", "1") != "0"
 
 
-def bar(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = None, unit: str = "it"):
+def bar(
+    iterable: Iterable[T] | None = None, *, desc: str, total: int | None = None, unit: str = "it"
+):
     """A tqdm bar on stderr; KUBERANK_PROGRESS=0 turns bars off."""
     return tqdm(
         iterable,

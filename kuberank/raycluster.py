@@ -10,8 +10,11 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None,
-               object_store_memory: int = DEFAULT_OBJECT_STORE_BYTES) -> None:
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int = DEFAULT_OBJECT_STORE_BYTES,
+) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local cluster on
     127.0.0.1 with a capped object store and no dashboard. No-op when already connected."""
     import ray

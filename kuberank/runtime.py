@@ -21,4 +21,3 @@ def configure() -> None:
     """Set the defaults above unless the user already chose a value."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
-

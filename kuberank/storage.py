@@ -92,10 +92,16 @@ def arrow_filesystem(uri: str):
 
     credentials = boto3.Session().get_credentials()
     frozen = credentials.get_frozen_credentials() if credentials else None
-    endpoint = os.environ.get("KUBERANK_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        os.environ.get("KUBERANK_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     options = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
     if frozen:
-        options.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+        options.update(
+            access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token
+        )
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")

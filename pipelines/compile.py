@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import yaml
+
+from kuberank.errors import KuberankError
 from kuberank.pipelines.pipeline import (
     CLUSTER_ONLY_TASKS,
     PIPELINE_NAME,
@@ -18,11 +20,10 @@ from kuberank.pipelines.pipeline import (
     gpu_tasks,
 )
 
-from kuberank.errors import KuberankError
 
-
-def compile_pipeline(out: str | os.PathLike, target: str = "cluster",
-                     cluster: ClusterSettings | None = None) -> dict:
+def compile_pipeline(
+    out: str | os.PathLike, target: str = "cluster", cluster: ClusterSettings | None = None
+) -> dict:
     """Write the IR YAML of the pipeline for ``target`` to ``out`` (atomically), load it back
     with kfp and check it. Returns the summary of :func:`check_package`."""
     import tempfile
@@ -85,8 +86,9 @@ def package_tasks(spec: dict) -> dict[str, dict]:
     return found
 
 
-def check_package(path: str | os.PathLike, target: str = "cluster",
-                  cluster: ClusterSettings | None = None) -> dict:
+def check_package(
+    path: str | os.PathLike, target: str = "cluster", cluster: ClusterSettings | None = None
+) -> dict:
     """Load an IR YAML file back (``kfp.components.load_component_from_file``) and check it:
     the pipeline's name and parameters, every expected task, caching, retries and GPU
     settings where they belong (and nowhere else), the S3 secret on the cluster tasks.
@@ -102,16 +104,24 @@ def check_package(path: str | os.PathLike, target: str = "cluster",
     spec = docs[0]
     platform = docs[1] if len(docs) > 1 else {}
     if spec["pipelineInfo"]["name"] != PIPELINE_NAME:
-        raise KuberankError(f"{path}: pipeline name {spec['pipelineInfo']['name']!r}, expected {PIPELINE_NAME!r}")
+        raise KuberankError(
+            f"{path}: pipeline name {spec['pipelineInfo']['name']!r}, expected {PIPELINE_NAME!r}"
+        )
     tasks = package_tasks(spec)
     names = {k.split("#")[0] for k in tasks}
     missing = sorted(expected_tasks(target) - names)
     if missing:
         raise KuberankError(f"{path}: missing tasks {missing}")
     if target == "local" and names & CLUSTER_ONLY_TASKS:
-        raise KuberankError(f"{path}: cluster-only tasks {sorted(names & CLUSTER_ONLY_TASKS)} in a local pipeline")
-    executors = (platform.get("platforms", {}).get("kubernetes", {})
-                 .get("deploymentSpec", {}).get("executors", {}))
+        raise KuberankError(
+            f"{path}: cluster-only tasks {sorted(names & CLUSTER_ONLY_TASKS)} in a local pipeline"
+        )
+    executors = (
+        platform.get("platforms", {})
+        .get("kubernetes", {})
+        .get("deploymentSpec", {})
+        .get("executors", {})
+    )
     on_gpu = sorted(k for k, t in tasks.items() if t["resources"].get("accelerator"))
     wanted_gpu = sorted(k for k in tasks if k.split("#")[0] in gpu_tasks(target, settings))
     if on_gpu != wanted_gpu:
@@ -119,10 +129,15 @@ def check_package(path: str | os.PathLike, target: str = "cluster",
     if target == "cluster":
         for key, task in tasks.items():
             config = executors.get(task["executor"], {})
-            secrets = [s.get("secretName") or s.get("secretNameParameter", {}).get("runtimeValue", {})
-                       .get("constant") for s in config.get("secretAsEnv", [])]
+            secrets = [
+                s.get("secretName")
+                or s.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant")
+                for s in config.get("secretAsEnv", [])
+            ]
             if settings.s3_secret not in secrets:
-                raise KuberankError(f"{path}: task {key} does not get the {settings.s3_secret} secret")
+                raise KuberankError(
+                    f"{path}: task {key} does not get the {settings.s3_secret} secret"
+                )
             if task["resources"].get("accelerator") and not config.get("tolerations"):
                 raise KuberankError(f"{path}: GPU task {key} has no toleration")
     return {

@@ -22,7 +22,9 @@ def init_local_runner(pipeline_root: str | os.PathLike) -> Path:
 
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="kuberank-kfp-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    scratch = Path(
+        tempfile.mkdtemp(prefix="kuberank-kfp-", dir="/tmp" if Path("/tmp").is_dir() else None)
+    )
     bindir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")

@@ -25,7 +25,6 @@ of this module or a step module. Like every step's wrapper they use
 :func:`kuberank.kfp_component.step_component`, so this module imports inside a running task.
 """
 
-
 import json
 import time
 from dataclasses import dataclass, field
@@ -47,7 +46,14 @@ RELEASE_FILE = "release.json"
 
 # Task names in the compiled graph (the structural tests and the docs refer to them).
 PREP, FINETUNE, EVALUATE, COMPRESS, EXPORT, TENSORRT, INDEX, PUBLISH, CANARY = (
-    "data-prep", "finetune", "evaluate", "compress", "export", "tensorrt", "index", "publish",
+    "data-prep",
+    "finetune",
+    "evaluate",
+    "compress",
+    "export",
+    "tensorrt",
+    "index",
+    "publish",
     "canary",
 )
 
@@ -69,7 +75,9 @@ class ClusterSettings:
 
     def __post_init__(self):
         if self.training not in TRAINING_MODES:
-            raise KuberankError(f"--training: {self.training!r} is not one of {', '.join(TRAINING_MODES)}")
+            raise KuberankError(
+                f"--training: {self.training!r} is not one of {', '.join(TRAINING_MODES)}"
+            )
         if self.accelerator_limit < 1:
             raise KuberankError("--accelerator-limit: must be at least 1")
 
@@ -119,14 +127,16 @@ def quality_report(rows: list[dict], split: str, dataset: str) -> str:
     """The evaluate step's Markdown: the fine-tuned model against the baselines."""
     from kuberank import report
 
-    return "\n".join([
-        f"# Quality on {dataset} ({split} split)",
-        "",
-        "Full ranking over all items; each user's seen items are excluded.",
-        "",
-        report.format_table(rows, report.QUALITY_COLUMNS),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Quality on {dataset} ({split} split)",
+            "",
+            "Full ranking over all items; each user's seen items are excluded.",
+            "",
+            report.format_table(rows, report.QUALITY_COLUMNS),
+            "",
+        ]
+    )
 
 
 def release_record(manifest: dict, index_meta: dict, store: str, quality: dict) -> dict:
@@ -137,8 +147,10 @@ def release_record(manifest: dict, index_meta: dict, store: str, quality: dict) 
         "version": manifest.get("version"),
         "model_fingerprint": (manifest.get("model") or {}).get("fingerprint"),
         "embedding_fingerprint": (manifest.get("embedding") or {}).get("fingerprint"),
-        "triton": {k: (manifest.get("triton") or {}).get(k)
-                   for k in ("repository", "local_repository", "encoder_backend", "precision")},
+        "triton": {
+            k: (manifest.get("triton") or {}).get(k)
+            for k in ("repository", "local_repository", "encoder_backend", "precision")
+        },
         "index": {k: index_meta.get(k) for k in ("count", "dim", "kind", "ann")},
         "compression": (manifest.get("model") or {}).get("compression"),
         "parity": manifest.get("parity"),
@@ -150,20 +162,32 @@ def release_record(manifest: dict, index_meta: dict, store: str, quality: dict) 
 
 def release_report(release: dict) -> str:
     """The publish step's Markdown: what was published, sizes, parity, compression."""
-    lines = [f"# Release {release['version']} -> {release['store']}", "",
-             f"- model fingerprint `{release['model_fingerprint']}`",
-             f"- embedding fingerprint `{release['embedding_fingerprint']}`",
-             f"- Triton: {release['triton']}",
-             f"- index: {release['index']}", "", "## Sizes (bytes)", "",
-             "| part | bytes |", "|---|---|"]
+    lines = [
+        f"# Release {release['version']} -> {release['store']}",
+        "",
+        f"- model fingerprint `{release['model_fingerprint']}`",
+        f"- embedding fingerprint `{release['embedding_fingerprint']}`",
+        f"- Triton: {release['triton']}",
+        f"- index: {release['index']}",
+        "",
+        "## Sizes (bytes)",
+        "",
+        "| part | bytes |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in (release.get("sizes") or {}).items()]
     lines += ["", "## Parity", "", "```json", json.dumps(release.get("parity"), indent=2), "```"]
     if release.get("compression"):
         comp = release["compression"]
-        lines += ["", "## Compression", "", "| teacher nDCG@10 | compressed nDCG@10 | layers | int8 bytes |",
-                  "|---|---|---|---|",
-                  f"| {comp.get('teacher_ndcg10')} | {comp.get('compressed_ndcg10')} | "
-                  f"{comp.get('layers')} | {comp.get('int8_bytes')} |"]
+        lines += [
+            "",
+            "## Compression",
+            "",
+            "| teacher nDCG@10 | compressed nDCG@10 | layers | int8 bytes |",
+            "|---|---|---|---|",
+            f"| {comp.get('teacher_ndcg10')} | {comp.get('compressed_ndcg10')} | "
+            f"{comp.get('layers')} | {comp.get('int8_bytes')} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -181,11 +205,22 @@ def rayjob_name(run_id: str) -> str:
     return ("kuberank-ft-" + safe)[:52].rstrip("-")
 
 
-def rayjob_manifest(name: str, *, image: str, dataset: str, out: str, workers: int,
-                    gpus_per_worker: int, epochs: int = 0, max_minutes: float = 0.0,
-                    s3_secret: str = "kuberank-s3", service_account: str = "kuberank-training",
-                    worker_cpu: str = "8", worker_memory: str = "32Gi",
-                    gpu_resource: str = "nvidia.com/gpu") -> dict:
+def rayjob_manifest(
+    name: str,
+    *,
+    image: str,
+    dataset: str,
+    out: str,
+    workers: int,
+    gpus_per_worker: int,
+    epochs: int = 0,
+    max_minutes: float = 0.0,
+    s3_secret: str = "kuberank-s3",
+    service_account: str = "kuberank-training",
+    worker_cpu: str = "8",
+    worker_memory: str = "32Gi",
+    gpu_resource: str = "nvidia.com/gpu",
+) -> dict:
     """A KubeRay RayJob (ray.io/v1) running ``kuberank train`` on ``workers`` worker pods
     (one Ray Train worker each, ``gpus_per_worker`` GPUs per pod; 0 = CPU), deleted when the
     job finishes. Same shape and security settings as manifests/base/rayjob-finetune.yaml."""
@@ -193,45 +228,83 @@ def rayjob_manifest(name: str, *, image: str, dataset: str, out: str, workers: i
 
     if workers < 1:
         raise KuberankError("workers: must be at least 1")
-    args = ["python", "-m", "kuberank.cli", "train", "--dataset", dataset, "--out", out,
-            "--workers", str(workers), "--storage", f"{out.rstrip('/')}.checkpoints"]
+    args = [
+        "python",
+        "-m",
+        "kuberank.cli",
+        "train",
+        "--dataset",
+        dataset,
+        "--out",
+        out,
+        "--workers",
+        str(workers),
+        "--storage",
+        f"{out.rstrip('/')}.checkpoints",
+    ]
     if epochs:
         args += ["--epochs", str(epochs)]
     if max_minutes:
         args += ["--max-minutes", str(max_minutes)]
     args += ["--use-gpu"] if gpus_per_worker else ["--no-use-gpu"]
-    security = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-    pod_security = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
-                    "seccompProfile": {"type": "RuntimeDefault"}}
+    security = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod_security = {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 100,
+        "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     env = [{"name": "HOME", "value": "/tmp/home"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
-    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    env += [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
     labels = {"app.kubernetes.io/name": "kuberank", "app.kubernetes.io/component": "training"}
 
     def pod(container: str, cpu: str, memory: str, gpus: int, ports=None) -> dict:
         resources = {"cpu": cpu, "memory": memory, **({gpu_resource: str(gpus)} if gpus else {})}
         spec = {
-            "serviceAccountName": service_account, "automountServiceAccountToken": False,
+            "serviceAccountName": service_account,
+            "automountServiceAccountToken": False,
             "securityContext": pod_security,
-            "containers": [{
-                "name": container, "image": image, "env": env,
-                "resources": {"requests": resources, "limits": resources},
-                "securityContext": security,
-                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
-                **({"ports": ports} if ports else {}),
-            }],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "16Gi"}}],
+            "containers": [
+                {
+                    "name": container,
+                    "image": image,
+                    "env": env,
+                    "resources": {"requests": resources, "limits": resources},
+                    "securityContext": security,
+                    "volumeMounts": [
+                        {"name": "dshm", "mountPath": "/dev/shm"},
+                        {"name": "tmp", "mountPath": "/tmp"},
+                    ],
+                    **({"ports": ports} if ports else {}),
+                }
+            ],
+            "volumes": [
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": "16Gi"}},
+            ],
         }
         if gpus:
             spec["nodeSelector"] = {"nvidia.com/gpu.present": "true"}
-            spec["tolerations"] = [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+            spec["tolerations"] = [
+                {"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}
+            ]
         return {"metadata": {"labels": labels}, "spec": spec}
 
-    head_ports = [{"name": "gcs", "containerPort": 6379, "protocol": "TCP"},
-                  {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"},
-                  {"name": "client", "containerPort": 10001, "protocol": "TCP"}]
+    head_ports = [
+        {"name": "gcs", "containerPort": 6379, "protocol": "TCP"},
+        {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"},
+        {"name": "client", "containerPort": 10001, "protocol": "TCP"},
+    ]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -249,12 +322,16 @@ def rayjob_manifest(name: str, *, image: str, dataset: str, out: str, workers: i
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": pod("ray-head", "2", "8Gi", 0, head_ports),
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "train-gpu" if gpus_per_worker else "train",
-                    "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
-                    "rayStartParams": {},
-                    "template": pod("ray-worker", worker_cpu, worker_memory, gpus_per_worker),
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "train-gpu" if gpus_per_worker else "train",
+                        "replicas": workers,
+                        "minReplicas": workers,
+                        "maxReplicas": workers,
+                        "rayStartParams": {},
+                        "template": pod("ray-worker", worker_cpu, worker_memory, gpus_per_worker),
+                    }
+                ],
             },
         },
     }
@@ -275,8 +352,15 @@ def rayjob_outcome(status: dict) -> str | None:
     return None
 
 
-def run_rayjob(manifest: dict, namespace: str, *, timeout_s: float = 6 * 3600, poll_s: float = 15.0,
-               api=None, echo=print) -> dict:
+def run_rayjob(
+    manifest: dict,
+    namespace: str,
+    *,
+    timeout_s: float = 6 * 3600,
+    poll_s: float = 15.0,
+    api=None,
+    echo=print,
+) -> dict:
     """Create the RayJob in ``namespace`` with the in-cluster service account (the
     kuberank-pipeline-runner Role allows it), follow it until it ends and return its status.
     Raises KuberankError on failure or timeout."""
@@ -309,7 +393,7 @@ def run_rayjob(manifest: dict, namespace: str, *, timeout_s: float = 6 * 3600, p
 
 def s3_uri(uri: str) -> str:
     """An artifact URI as kuberank storage reads it: KFP's ``minio://bucket/key`` is S3."""
-    return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
+    return "s3://" + uri[len("minio://") :] if uri.startswith("minio://") else uri
 
 
 # --------------------------------------------------------------------------- components
@@ -332,12 +416,22 @@ def finetune_prepared_op(
 
     from kuberank.components.finetune import TrainConfig, train
 
-    out = train(TrainConfig(dataset=f"prepared:{prepared.path}", out=model.path, workers=workers,
-                            epochs=epochs or None, max_minutes=max_minutes or None,
-                            batch_size=batch_size or None, max_length=max_length,
-                            ray_address=ray_address or None))
+    out = train(
+        TrainConfig(
+            dataset=f"prepared:{prepared.path}",
+            out=model.path,
+            workers=workers,
+            epochs=epochs or None,
+            max_minutes=max_minutes or None,
+            batch_size=batch_size or None,
+            max_length=max_length,
+            ray_address=ray_address or None,
+        )
+    )
     info = json.loads((out / "kuberank.json").read_text())
-    model.metadata.update({"fingerprint": info["fingerprint"], "kind": info["kind"], **info["metrics"]})
+    model.metadata.update(
+        {"fingerprint": info["fingerprint"], "kind": info["kind"], **info["metrics"]}
+    )
 
 
 @step_component()
@@ -362,23 +456,35 @@ def finetune_rayjob_op(
     import shutil
     from pathlib import Path
 
-    from kuberank.pipelines.pipeline import rayjob_manifest, rayjob_name, run_rayjob, s3_uri
-
     from kuberank.config import IMAGE
+    from kuberank.pipelines.pipeline import rayjob_manifest, rayjob_name, run_rayjob, s3_uri
     from kuberank.storage import materialize
 
     # One RayJob per task execution: named after the output artifact's URI (unique per run).
     name = rayjob_name(hashlib.sha256(model.uri.encode()).hexdigest()[:16])
     out = f"{scratch.rstrip('/')}/{name}/model"
-    manifest = rayjob_manifest(name, image=image or IMAGE,
-                               dataset=f"prepared:{s3_uri(prepared.uri)}", out=out, workers=workers,
-                               gpus_per_worker=gpus_per_worker, epochs=epochs, max_minutes=max_minutes,
-                               s3_secret=s3_secret)
+    manifest = rayjob_manifest(
+        name,
+        image=image or IMAGE,
+        dataset=f"prepared:{s3_uri(prepared.uri)}",
+        out=out,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        epochs=epochs,
+        max_minutes=max_minutes,
+        s3_secret=s3_secret,
+    )
     run_rayjob(manifest, namespace, timeout_s=timeout_minutes * 60)
     shutil.copytree(materialize(out), model.path, dirs_exist_ok=True)
     info = json.loads((Path(model.path) / "kuberank.json").read_text())
-    model.metadata.update({"fingerprint": info["fingerprint"], "kind": info["kind"], "rayjob": name,
-                           **info["metrics"]})
+    model.metadata.update(
+        {
+            "fingerprint": info["fingerprint"],
+            "kind": info["kind"],
+            "rayjob": name,
+            **info["metrics"],
+        }
+    )
 
 
 @step_component()
@@ -394,10 +500,9 @@ def evaluate_model_op(
     the table of all rows is the Markdown report. Returns the model's nDCG@10."""
     import json
 
+    from kuberank import datasets
     from kuberank.components.evaluate import evaluate
     from kuberank.pipelines.pipeline import parse_baselines, quality_report
-
-    from kuberank import datasets
 
     data = datasets.load(f"prepared:{dataset.path}")
     rows = [evaluate(data, name, split) for name in parse_baselines(baselines)]
@@ -419,12 +524,13 @@ def tensorrt_op(store: str, fingerprint: str) -> str:
     Triton repository to it. ``fingerprint`` (export's output) orders it after the export and
     is checked against the store. Returns the fingerprint."""
     from kuberank.components.export import export_tensorrt, read_manifest
-
     from kuberank.errors import KuberankError
 
     found = read_manifest(store)["embedding"]["fingerprint"]
     if found != fingerprint:
-        raise KuberankError(f"store {store}: holds embedding {found}, export produced {fingerprint}")
+        raise KuberankError(
+            f"store {store}: holds embedding {found}, export produced {fingerprint}"
+        )
     export_tensorrt(store)
     return fingerprint
 
@@ -448,19 +554,22 @@ def publish_op(
     from kuberank.components.export import read_manifest
     from kuberank.pipelines.pipeline import RELEASE_FILE, release_record, release_report
     from kuberank.serving.index import check_index, load_index
-
     from kuberank.storage import materialize, publish
 
     manifest = read_manifest(store)
     meta = load_index(store).meta
     check_index(meta, manifest, where=f"{store}/index")
     if meta["embedding_fingerprint"] != index_fingerprint:
-        raise ValueError(f"{store}/index: embedding {meta['embedding_fingerprint']}, the index step "
-                         f"built {index_fingerprint}: another run wrote the store meanwhile")
+        raise ValueError(
+            f"{store}/index: embedding {meta['embedding_fingerprint']}, the index step "
+            f"built {index_fingerprint}: another run wrote the store meanwhile"
+        )
     for part in ("triton", "triton-local"):
         root = Path(materialize(f"{store.rstrip('/')}/{part}"))
         if not (root / "query_encoder" / "config.pbtxt").is_file():
-            raise FileNotFoundError(f"{store}/{part}: no query_encoder ensemble; export did not finish")
+            raise FileNotFoundError(
+                f"{store}/{part}: no query_encoder ensemble; export did not finish"
+            )
     quality = {k: v for k, v in scores.metadata.items() if isinstance(v, (int, float))}
     record = release_record(manifest, meta, store, quality)
     with tempfile.TemporaryDirectory() as tmp:
@@ -468,14 +577,24 @@ def publish_op(
         path.write_text(json.dumps(record, indent=2) + "\n")
         publish(path, f"{store.rstrip('/')}/{RELEASE_FILE}")
     Path(release.path).write_text(json.dumps(record, indent=2) + "\n")
-    release.metadata.update({"store": store, "version": record["version"],
-                             "embedding_fingerprint": record["embedding_fingerprint"]})
+    release.metadata.update(
+        {
+            "store": store,
+            "version": record["version"],
+            "embedding_fingerprint": record["embedding_fingerprint"],
+        }
+    )
     Path(report.path).write_text(release_report(record))
 
 
 @step_component()
-def canary_op(release: dsl.Input[dsl.Artifact], values: dsl.Output[dsl.Artifact], weight: int = 10,
-              namespace: str = "", kubectl_args: str = ""):
+def canary_op(
+    release: dsl.Input[dsl.Artifact],
+    values: dsl.Output[dsl.Artifact],
+    weight: int = 10,
+    namespace: str = "",
+    kubectl_args: str = "",
+):
     """Helm values adding the release as the chart's canary track (apply them with ``helm
     upgrade -f`` or a GitOps repository). With ``namespace`` set, also set the HTTPRoute's first
     canary weight there (``kubectl kuberank canary start --no-wait``; the analysis loop continues
@@ -485,16 +604,30 @@ def canary_op(release: dsl.Input[dsl.Artifact], values: dsl.Output[dsl.Artifact]
     from pathlib import Path
 
     import yaml
-    from kuberank.pipelines.pipeline import canary_values
 
     from kuberank import canary
+    from kuberank.pipelines.pipeline import canary_values
 
     record = json.loads(Path(release.path).read_text())
-    Path(values.path).write_text(yaml.safe_dump(canary_values(record["store"], record["version"], weight)))
-    values.metadata.update({"store": record["store"], "version": record["version"], "weight": weight})
+    Path(values.path).write_text(
+        yaml.safe_dump(canary_values(record["store"], record["version"], weight))
+    )
+    values.metadata.update(
+        {"store": record["store"], "version": record["version"], "weight": weight}
+    )
     if namespace:
-        code = canary.main([*shlex.split(kubectl_args), "-n", namespace, "canary", "start",
-                            "--weight", str(weight), "--no-wait"])
+        code = canary.main(
+            [
+                *shlex.split(kubectl_args),
+                "-n",
+                namespace,
+                "canary",
+                "start",
+                "--weight",
+                str(weight),
+                "--no-wait",
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"kubectl kuberank canary start exited with {code}")
 
@@ -534,25 +667,38 @@ def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None
         from kfp import kubernetes
 
         if name in RETRIED:
-            task.set_retry(num_retries=settings.retries, backoff_duration=settings.retry_backoff,
-                           backoff_factor=2.0)
-        cpu, memory = RAYJOB_CLIENT_RESOURCES if (name == FINETUNE and rayjob) else TASK_RESOURCES[name]
-        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+            task.set_retry(
+                num_retries=settings.retries,
+                backoff_duration=settings.retry_backoff,
+                backoff_factor=2.0,
+            )
+        cpu, memory = (
+            RAYJOB_CLIENT_RESOURCES if (name == FINETUNE and rayjob) else TASK_RESOURCES[name]
+        )
+        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(
+            memory
+        )
         if gpu:
             task.set_accelerator_type(settings.accelerator_type)
             task.set_accelerator_limit(settings.accelerator_limit)
             for key, value in settings.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, key, value)
-            kubernetes.add_toleration(task, key=settings.gpu_toleration_key, operator="Exists",
-                                      effect="NoSchedule")
+            kubernetes.add_toleration(
+                task, key=settings.gpu_toleration_key, operator="Exists", effect="NoSchedule"
+            )
         if name in USES_S3:
-            kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret,
-                                         secret_key_to_env={k: k for k in settings.s3_secret_keys})
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=settings.s3_secret,
+                secret_key_to_env={k: k for k in settings.s3_secret_keys},
+            )
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME,
-                  description="kuberank: prepare, fine-tune (Ray Train), evaluate, compress, export "
-                              "(ONNX/TensorRT/Triton), index, publish, canary")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="kuberank: prepare, fine-tune (Ray Train), evaluate, compress, export "
+        "(ONNX/TensorRT/Triton), index, publish, canary",
+    )
     def kuberank_pipeline(
         dataset_spec: str = DEMO_DATASET,
         model_store: str = DEMO_STORE,
@@ -578,43 +724,97 @@ def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None
         prep = configure(data_prep_op(dataset_spec=dataset_spec), PREP)
         prepared = prep.outputs["prepared"]
         if rayjob:
-            train = finetune_rayjob_op(prepared=prepared, scratch=rayjob_scratch, namespace=rayjob_namespace,
-                                       image=settings.image, workers=workers,
-                                       gpus_per_worker=settings.accelerator_limit, epochs=epochs,
-                                       max_minutes=max_minutes, s3_secret=settings.s3_secret)
+            train = finetune_rayjob_op(
+                prepared=prepared,
+                scratch=rayjob_scratch,
+                namespace=rayjob_namespace,
+                image=settings.image,
+                workers=workers,
+                gpus_per_worker=settings.accelerator_limit,
+                epochs=epochs,
+                max_minutes=max_minutes,
+                s3_secret=settings.s3_secret,
+            )
             configure(train, FINETUNE)
         else:
-            train = finetune_prepared_op(prepared=prepared, workers=workers, epochs=epochs,
-                                         max_minutes=max_minutes, batch_size=batch_size,
-                                         max_length=max_length, ray_address=ray_address)
+            train = finetune_prepared_op(
+                prepared=prepared,
+                workers=workers,
+                epochs=epochs,
+                max_minutes=max_minutes,
+                batch_size=batch_size,
+                max_length=max_length,
+                ray_address=ray_address,
+            )
             configure(train, FINETUNE, gpu=FINETUNE in gpu_tasks(target, settings))
         trained = train.outputs["model"]
-        quality = configure(evaluate_model_op(dataset=prepared, model=trained, split=eval_split,
-                                              baselines=baselines), EVALUATE)
+        quality = configure(
+            evaluate_model_op(
+                dataset=prepared, model=trained, split=eval_split, baselines=baselines
+            ),
+            EVALUATE,
+        )
+
         def serve(model):
             """export -> (TensorRT on a GPU node) -> index, for the model that is served."""
             export = configure(export_op(model=model, store=model_store), EXPORT)
             fingerprint = export.outputs["Output"]
             if on_cluster:
-                trt = configure(tensorrt_op(store=model_store, fingerprint=fingerprint), TENSORRT, gpu=True)
+                trt = configure(
+                    tensorrt_op(store=model_store, fingerprint=fingerprint), TENSORRT, gpu=True
+                )
                 fingerprint = trt.output
-            return configure(index_op(model=model, dataset=prepared, store=model_store,
-                                      export_fingerprint=fingerprint, ann_threshold=ann_threshold), INDEX)
+            return configure(
+                index_op(
+                    model=model,
+                    dataset=prepared,
+                    store=model_store,
+                    export_fingerprint=fingerprint,
+                    ann_threshold=ann_threshold,
+                ),
+                INDEX,
+            )
 
         with dsl.If(compress_model == True, name="compress-enabled"):  # noqa: E712 (a kfp condition)
-            small = configure(compress_op(model=trained, dataset=prepared, layers=layers,
-                                          prune_ratio=prune_ratio, max_ndcg_drop=max_ndcg_drop), COMPRESS)
+            small = configure(
+                compress_op(
+                    model=trained,
+                    dataset=prepared,
+                    layers=layers,
+                    prune_ratio=prune_ratio,
+                    max_ndcg_drop=max_ndcg_drop,
+                ),
+                COMPRESS,
+            )
             index_small = serve(small.outputs["compressed"])
         with dsl.Else(name="compress-disabled"):
             index_full = serve(trained)
         index_fingerprint = dsl.OneOf(index_small.outputs["Output"], index_full.outputs["Output"])
-        release = configure(publish_op(store=model_store, index_fingerprint=index_fingerprint,
-                                       scores=quality.outputs["scores"]), PUBLISH)
+        release = configure(
+            publish_op(
+                store=model_store,
+                index_fingerprint=index_fingerprint,
+                scores=quality.outputs["scores"],
+            ),
+            PUBLISH,
+        )
         with dsl.If(deploy_canary == True, name="deploy-canary"):  # noqa: E712
-            configure(canary_op(release=release.outputs["release"], weight=canary_weight,
-                                namespace=canary_namespace), CANARY)
-        return PipelineOutputs(prepared, trained, quality.outputs["scores"], quality.outputs["report"],
-                       release.outputs["release"], release.outputs["report"])
+            configure(
+                canary_op(
+                    release=release.outputs["release"],
+                    weight=canary_weight,
+                    namespace=canary_namespace,
+                ),
+                CANARY,
+            )
+        return PipelineOutputs(
+            prepared,
+            trained,
+            quality.outputs["scores"],
+            quality.outputs["report"],
+            release.outputs["release"],
+            release.outputs["report"],
+        )
 
     return kuberank_pipeline
 
@@ -635,8 +835,10 @@ def run_local(pipeline_root, **params) -> dict:
     params.setdefault("model_store", str(root / "store"))
     started = time.perf_counter()
     task = build_pipeline("local")(**params)
-    out = {name: task.outputs[name] for name in
-           ("prepared", "model", "scores", "quality_report", "release", "release_report")}
+    out = {
+        name: task.outputs[name]
+        for name in ("prepared", "model", "scores", "quality_report", "release", "release_report")
+    }
     release = json.loads(Path(out["release"].path).read_text())
     return {
         "pipeline_root": str(root),

@@ -50,7 +50,9 @@ def parse_params(items: list[str] | None, known: dict[str, type] | None = None) 
         if not sep or not name:
             raise KuberankError(f"--param: {item!r} is not NAME=VALUE")
         if name not in known:
-            raise KuberankError(f"--param {name}: not a pipeline parameter (one of {', '.join(sorted(known))})")
+            raise KuberankError(
+                f"--param {name}: not a pipeline parameter (one of {', '.join(sorted(known))})"
+            )
         result[name] = _convert(name, value, known[name])
     return result
 
@@ -59,11 +61,21 @@ def default_run_name(now: _dt.datetime | None = None) -> str:
     return f"kuberank-{(now or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
-def submit(host: str, *, package: str | None = None, arguments: dict | None = None,
-           experiment: str = "kuberank", run_name: str | None = None, namespace: str | None = None,
-           token: str | None = None, pipeline_root: str | None = None,
-           enable_caching: bool | None = None, service_account: str | None = None,
-           cluster=None, client=None) -> dict:
+def submit(
+    host: str,
+    *,
+    package: str | None = None,
+    arguments: dict | None = None,
+    experiment: str = "kuberank",
+    run_name: str | None = None,
+    namespace: str | None = None,
+    token: str | None = None,
+    pipeline_root: str | None = None,
+    enable_caching: bool | None = None,
+    service_account: str | None = None,
+    cluster=None,
+    client=None,
+) -> dict:
     """Create a run of the pipeline on the KFP endpoint ``host``: the IR YAML ``package`` if
     given, else the cluster pipeline compiled now. ``token`` (or $KF_PIPELINES_TOKEN) is sent
     as a bearer token. Returns ``{"run_id", "run_name", "experiment", "host", "package"}``."""
@@ -84,9 +96,19 @@ def submit(host: str, *, package: str | None = None, arguments: dict | None = No
 
             client = kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
         result = client.create_run_from_pipeline_package(
-            package, arguments=arguments or {}, run_name=run_name, experiment_name=experiment,
-            namespace=namespace, pipeline_root=pipeline_root, enable_caching=enable_caching,
+            package,
+            arguments=arguments or {},
+            run_name=run_name,
+            experiment_name=experiment,
+            namespace=namespace,
+            pipeline_root=pipeline_root,
+            enable_caching=enable_caching,
             service_account=service_account,
         )
-    return {"run_id": result.run_id, "run_name": run_name, "experiment": experiment, "host": host,
-            "package": package if Path(package).exists() else "(compiled for this run)"}
+    return {
+        "run_id": result.run_id,
+        "run_name": run_name,
+        "experiment": experiment,
+        "host": host,
+        "package": package if Path(package).exists() else "(compiled for this run)",
+    }

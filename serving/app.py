@@ -54,10 +54,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from kuberank.serving.metrics import replica_metrics
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from kuberank.errors import KuberankError
+from kuberank.serving.metrics import replica_metrics
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
 DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, RANKER)
@@ -98,16 +98,33 @@ def _default_deployments(colocate: bool = True) -> dict[str, dict]:
     scale = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 10, "downscale_delay_s": 60}
     actor = {"num_cpus": 0, "runtime_env": {"env_vars": dict(STAGE_ENV)}}
     quiet = {"enable_access_log": False}  # one log line per request costs the replica CPU
-    stage = {"max_ongoing_requests": 256, "max_queued_requests": -1, "max_surge_percent": 100,
-             "autoscaling_config": {**scale, "target_ongoing_requests": 64},
-             "ray_actor_options": actor, "logging_config": quiet}
+    stage = {
+        "max_ongoing_requests": 256,
+        "max_queued_requests": -1,
+        "max_surge_percent": 100,
+        "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+        "ray_actor_options": actor,
+        "logging_config": quiet,
+    }
     if colocate:
-        stage = {**stage, "autoscaling_config": {**scale, "min_replicas": 0, "initial_replicas": 0,
-                                                 "target_ongoing_requests": 64}}
+        stage = {
+            **stage,
+            "autoscaling_config": {
+                **scale,
+                "min_replicas": 0,
+                "initial_replicas": 0,
+                "target_ongoing_requests": 64,
+            },
+        }
     return {
-        INGRESS: {"max_ongoing_requests": 256, "max_queued_requests": 512, "max_surge_percent": 100,
-                  "autoscaling_config": {**scale, "target_ongoing_requests": 64},
-                  "ray_actor_options": actor, "logging_config": quiet},
+        INGRESS: {
+            "max_ongoing_requests": 256,
+            "max_queued_requests": 512,
+            "max_surge_percent": 100,
+            "autoscaling_config": {**scale, "target_ongoing_requests": 64},
+            "ray_actor_options": actor,
+            "logging_config": quiet,
+        },
         ENCODER: stage,
         RETRIEVER: stage,
         RANKER: stage,
@@ -151,13 +168,17 @@ class Settings:
 
     def __post_init__(self):
         if self.triton_fallback not in ("onnx", "error"):
-            raise KuberankError(f"triton_fallback: {self.triton_fallback!r} is not 'onnx' or 'error'")
+            raise KuberankError(
+                f"triton_fallback: {self.triton_fallback!r} is not 'onnx' or 'error'"
+            )
         if self.onnx_precision not in ("int8", "fp32"):
             raise KuberankError(f"onnx_precision: {self.onnx_precision!r} is not 'int8' or 'fp32'")
         for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
             size, wait = getattr(self, name)
             if int(size) < 1 or float(wait) < 0:
-                raise KuberankError(f"{name}: need (max_batch_size >= 1, batch_wait_timeout_s >= 0)")
+                raise KuberankError(
+                    f"{name}: need (max_batch_size >= 1, batch_wait_timeout_s >= 0)"
+                )
             setattr(self, name, (int(size), float(wait)))
         self.colocate = bool(self.colocate)
         unknown = set(self.deployments) - set(DEPLOYMENTS)
@@ -189,7 +210,9 @@ class EncoderUnavailableError(KuberankError):
 def _store_part(store: str, part: str) -> Path:
     from kuberank.storage import is_s3, materialize
 
-    return materialize("/".join([store.rstrip("/"), part]) if is_s3(store) else str(Path(store) / part))
+    return materialize(
+        "/".join([store.rstrip("/"), part]) if is_s3(store) else str(Path(store) / part)
+    )
 
 
 def read_store_manifest(store: str) -> dict:
@@ -243,9 +266,12 @@ class InProcessEncoder:
 
         onnx_dir = _store_part(store, "onnx")
         name = "model.int8.onnx" if precision == "int8" else "model.onnx"
-        self.encoder = OnnxEncoder(onnx_dir / name, tokenizer=onnx_dir / "tokenizer.json",
-                                   max_length=int(manifest["embedding"]["max_length"]),
-                                   intra_op_threads=threads)
+        self.encoder = OnnxEncoder(
+            onnx_dir / name,
+            tokenizer=onnx_dir / "tokenizer.json",
+            max_length=int(manifest["embedding"]["max_length"]),
+            intra_op_threads=threads,
+        )
         self.lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -278,8 +304,12 @@ class TritonEncoder:
         text = grpcclient.InferInput("TEXT", list(data.shape), "BYTES")
         text.set_data_from_numpy(data)
         result = await asyncio.wait_for(
-            client.infer(self.model, [text], outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
-                         client_timeout=self.timeout_s),
+            client.infer(
+                self.model,
+                [text],
+                outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
+                client_timeout=self.timeout_s,
+            ),
             self.timeout_s + 0.5,
         )
         return np.asarray(result.as_numpy("EMBEDDING"), dtype=np.float32)
@@ -309,8 +339,9 @@ class RetrieveRequest:
     exclude_history: bool
 
 
-def retrieve_batch(index, requests: list[RetrieveRequest], rank_all_max: int
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+def retrieve_batch(
+    index, requests: list[RetrieveRequest], rank_all_max: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Candidate rows and their Q·I (or history-mean) scores for each request."""
     vectors, excludes, out = [], [], [None] * len(requests)
     todo = []
@@ -327,7 +358,9 @@ def retrieve_batch(index, requests: list[RetrieveRequest], rank_all_max: int
         excludes.append(exclude)
         todo.append(i)
     if todo:
-        found_rows, found_scores = index.search(np.stack(vectors), max(r.n for r in requests), excludes)
+        found_rows, found_scores = index.search(
+            np.stack(vectors), max(r.n for r in requests), excludes
+        )
         for j, i in enumerate(todo):
             n = requests[i].n
             out[i] = (found_rows[j][:n], found_scores[j][:n])
@@ -358,8 +391,9 @@ class RankerCore:
             self.scorer = load_scorer(model_dir, tables.info)
             model_items = {iid: i for i, iid in enumerate(tables.info.item_ids)}
             unknown = tables.info.scorer.n_items
-            self.model_rows = torch.tensor([model_items.get(i, unknown) for i in index.ids],
-                                           dtype=torch.long)
+            self.model_rows = torch.tensor(
+                [model_items.get(i, unknown) for i in index.ids], dtype=torch.long
+            )
             self.text = torch.from_numpy(index.embeddings)
 
     def rank(self, req: RankRequest) -> tuple[np.ndarray, np.ndarray]:
@@ -379,14 +413,22 @@ class RankerCore:
             info = self.tables.info
             hist_rows = self.index.rows_of(req.history)[0]
             hist = torch.from_numpy(pad_histories([hist_rows], info.scorer.max_history))
-            hist_model = torch.where(hist >= 0, self.model_rows[hist.clamp(min=0)],
-                                     torch.full_like(hist, -1))
-            user = self.tables.user_row.get(req.user_id, info.scorer.n_users) if req.user_id else info.scorer.n_users
+            hist_model = torch.where(
+                hist >= 0, self.model_rows[hist.clamp(min=0)], torch.full_like(hist, -1)
+            )
+            user = (
+                self.tables.user_row.get(req.user_id, info.scorer.n_users)
+                if req.user_id
+                else info.scorer.n_users
+            )
             cand_t = torch.from_numpy(cands)
             query = None if req.query is None else torch.from_numpy(np.asarray(req.query)[None, :])
             with torch.no_grad():
                 scores = self.scorer(
-                    self.text[cand_t], self.model_rows[cand_t], query=query, history=hist_model,
+                    self.text[cand_t],
+                    self.model_rows[cand_t],
+                    query=query,
+                    history=hist_model,
                     history_text=self.text[hist.clamp(min=0)],
                     users=torch.tensor([user], dtype=torch.long),
                 )[0].numpy()
@@ -402,8 +444,11 @@ class QueryEncoding:
 
     def __init__(self, triton_url: str, settings: Settings):
         self.settings = settings
-        self.triton = (TritonEncoder(triton_url, settings.triton_model, settings.triton_timeout_s)
-                       if triton_url else None)
+        self.triton = (
+            TritonEncoder(triton_url, settings.triton_model, settings.triton_timeout_s)
+            if triton_url
+            else None
+        )
         self.triton_down_until = 0.0
 
     def needs_local(self) -> bool:
@@ -412,8 +457,12 @@ class QueryEncoding:
     def load_local(self, store: str, manifest: dict) -> "InProcessEncoder | None":
         if not self.needs_local():
             return None
-        return InProcessEncoder(store, manifest, self.settings.onnx_precision,
-                                onnx_thread_count(self.settings.onnx_threads))
+        return InProcessEncoder(
+            store,
+            manifest,
+            self.settings.onnx_precision,
+            onnx_thread_count(self.settings.onnx_threads),
+        )
 
     async def remote(self, texts: list[str]) -> np.ndarray | None:
         """Triton's vectors, or None: encode in process (no Triton, or it failed and the
@@ -460,8 +509,13 @@ class Pipeline:
     ranker: RankerCore | None = None
     local: InProcessEncoder | None = None
 
-    def run(self, reqs: list[PipelineRequest], vectors: np.ndarray | None, candidates: int,
-            rank_all_max: int) -> tuple[list, dict]:
+    def run(
+        self,
+        reqs: list[PipelineRequest],
+        vectors: np.ndarray | None,
+        candidates: int,
+        rank_all_max: int,
+    ) -> tuple[list, dict]:
         """Encode (unless ``vectors`` came from Triton) + retrieve + rank a batch; per request
         (ids, scores) or the request's exception; and the seconds each stage took."""
         timings = {"encode": 0.0, "retrieve": 0.0, "rank": 0.0}
@@ -478,8 +532,10 @@ class Pipeline:
                 queries.append(vectors[j])
                 j += 1
         t = time.perf_counter()
-        retrieve = [RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history)
-                    for q, r in zip(queries, reqs, strict=True)]
+        retrieve = [
+            RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history)
+            for q, r in zip(queries, reqs, strict=True)
+        ]
         try:
             found: list = retrieve_batch(self.index, retrieve, rank_all_max)
         except UnknownItemsError:  # answer the good requests of the batch one by one
@@ -506,8 +562,15 @@ def load_pipeline(store: str, encoding: QueryEncoding | None) -> Pipeline:
     """The colocated replica's model: checked index, F, and the in-process encoder."""
     manifest, index = load_checked_index(store)
     tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
-    pipe = Pipeline(model_version(manifest), manifest["embedding"]["fingerprint"], tables.kind,
-                    tables.user_row, index.row, store, index)
+    pipe = Pipeline(
+        model_version(manifest),
+        manifest["embedding"]["fingerprint"],
+        tables.kind,
+        tables.user_row,
+        index.row,
+        store,
+        index,
+    )
     if encoding is not None:
         pipe.ranker = RankerCore(store, index, tables, model_dir)
         pipe.local = encoding.load_local(store, manifest)
@@ -524,16 +587,22 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     query: QueryText = Field(description="query text (1-512 characters, not blank)")
     user_id: ItemId | None = Field(None, description="a user the model knows (personalisation)")
-    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
-                                  description="item ids the user interacted with, most recent last")
+    history: list[ItemId] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY,
+        description="item ids the user interacted with, most recent last",
+    )
     k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
 
 
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     user_id: ItemId | None = Field(None, description="a user the model knows")
-    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
-                                  description="item ids the user interacted with, most recent last")
+    history: list[ItemId] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY,
+        description="item ids the user interacted with, most recent last",
+    )
     k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
 
 
@@ -559,8 +628,9 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def error_response(status: int, message: str, details: list | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, details: list | None = None, headers: dict | None = None
+) -> JSONResponse:
     body: dict = {"status": status, "message": message}
     if details:
         body["details"] = details
@@ -573,11 +643,17 @@ class RequestProblem(Exception):
         super().__init__(message)
 
 
-ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-          413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-          503: {"model": ErrorResponse}}
+ERRORS = {
+    400: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
 
-api = FastAPI(title="kuberank", version="1", description="Real-time search and recommendation ranking")
+api = FastAPI(
+    title="kuberank", version="1", description="Real-time search and recommendation ranking"
+)
 
 
 @api.exception_handler(RequestValidationError)
@@ -585,9 +661,14 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
     problems = exc.errors()
     if any(p.get("type") == "json_invalid" for p in problems):
         return error_response(400, "malformed JSON body")
-    details = [{"field": ".".join(str(x) for x in p.get("loc", ())[1:]) or "body",
-                "problem": str(p.get("msg", "invalid")), "type": str(p.get("type", ""))}
-               for p in problems]
+    details = [
+        {
+            "field": ".".join(str(x) for x in p.get("loc", ())[1:]) or "body",
+            "problem": str(p.get("msg", "invalid")),
+            "type": str(p.get("type", "")),
+        }
+        for p in problems
+    ]
     fields = ", ".join(d["field"] for d in details)
     return error_response(422, f"invalid request: {fields}", details)
 
@@ -620,7 +701,9 @@ async def _limits_and_metrics(request: Request, call_next):
             logging.getLogger("ray.serve").exception("kuberank: request failed")
             response = error_response(500, f"internal error: {type(exc).__name__}")
     if route != "/metrics":  # requests refused before a route runs (413, 400, 422) count too
-        replica_metrics().observe_request(route, response.status_code, time.perf_counter() - started)
+        replica_metrics().observe_request(
+            route, response.status_code, time.perf_counter() - started
+        )
     return response
 
 
@@ -668,11 +751,21 @@ if serve is not None:
             fallback = 0
             if vectors is None:
                 local = self.local
-                vectors = await asyncio.get_running_loop().run_in_executor(self.pool, local.encode, texts)
+                vectors = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, local.encode, texts
+                )
                 fallback = len(texts) if self.encoding.triton is not None else 0
-            return [(vectors[i], {"batch": len(items), "queue_s": started - t0,
-                                  "fallback": fallback / len(items)})
-                    for i, (_, t0) in enumerate(items)]
+            return [
+                (
+                    vectors[i],
+                    {
+                        "batch": len(items),
+                        "queue_s": started - t0,
+                        "fallback": fallback / len(items),
+                    },
+                )
+                for i, (_, t0) in enumerate(items)
+            ]
 
         async def encode(self, text: str) -> tuple[np.ndarray, dict]:
             return await self._encode_batch((text, time.perf_counter()))
@@ -709,8 +802,9 @@ if serve is not None:
                 if isinstance(result, Exception):
                     out.append(result)
                 else:
-                    out.append((result[0], result[1],
-                                {"batch": len(items), "queue_s": started - t0}))
+                    out.append(
+                        (result[0], result[1], {"batch": len(items), "queue_s": started - t0})
+                    )
             return out
 
         async def retrieve(self, req: RetrieveRequest):
@@ -745,8 +839,14 @@ if serve is not None:
             out = []
             for req, t0 in items:
                 rows, scores = core.rank(req)
-                out.append(([core.index.ids[r] for r in rows], scores.tolist(), version,
-                            {"batch": len(items), "queue_s": started - t0}))
+                out.append(
+                    (
+                        [core.index.ids[r] for r in rows],
+                        scores.tolist(),
+                        version,
+                        {"batch": len(items), "queue_s": started - t0},
+                    )
+                )
             return out
 
         async def rank(self, req: RankRequest):
@@ -762,7 +862,9 @@ if serve is not None:
             self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
-            self.encoding = QueryEncoding(triton_url, self.settings) if self.settings.colocate else None
+            self.encoding = (
+                QueryEncoding(triton_url, self.settings) if self.settings.colocate else None
+            )
             # one worker thread runs a batch's encode + retrieve + rank (ONNX Runtime, numpy and
             # torch release the GIL), so the event loop keeps parsing and answering requests
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -777,8 +879,9 @@ if serve is not None:
             self.metrics.set_model(state.version, state.fingerprint, state.kind)
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-        async def _pipeline_batch(self, items: list[tuple[PipelineRequest, float, Pipeline]]
-                                  ) -> list:
+        async def _pipeline_batch(
+            self, items: list[tuple[PipelineRequest, float, Pipeline]]
+        ) -> list:
             """The colocated request path: one batch of encode + retrieve + rank."""
             started = time.perf_counter()
             pipe = items[-1][2]  # the newest model any request of the batch was admitted on
@@ -791,14 +894,26 @@ if serve is not None:
                     remote_s = time.perf_counter() - started
                     fallback = len(texts) if vectors is None else 0
                 results, timings = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, pipe.run, reqs, vectors, self.settings.candidates,
-                    self.settings.rank_all_max)
+                    self.pool,
+                    pipe.run,
+                    reqs,
+                    vectors,
+                    self.settings.candidates,
+                    self.settings.rank_all_max,
+                )
             except EncoderUnavailableError as exc:  # Triton down and the fallback off
                 return [(exc, started - t0, None) for _, t0, _ in items]
             timings["encode"] += remote_s
-            meta = {"batch": len(items), "timings": timings, "fallback": fallback,
-                    "version": (pipe.version, pipe.fingerprint)}
-            return [(result, started - t0, meta) for result, (_, t0, _) in zip(results, items, strict=True)]
+            meta = {
+                "batch": len(items),
+                "timings": timings,
+                "fallback": fallback,
+                "version": (pipe.version, pipe.fingerprint),
+            }
+            return [
+                (result, started - t0, meta)
+                for result, (_, t0, _) in zip(results, items, strict=True)
+            ]
 
         # -- plumbing
 
@@ -821,8 +936,9 @@ if serve is not None:
                 except TimeoutError:
                     response.cancel()
                     self.metrics.error(stage, "timeout")
-                    raise RequestProblem(503, f"{stage}: no answer within "
-                                              f"{self.settings.stage_timeout_s}s") from None
+                    raise RequestProblem(
+                        503, f"{stage}: no answer within {self.settings.stage_timeout_s}s"
+                    ) from None
                 except (BackPressureError, DeploymentUnavailableError):
                     self.metrics.error(stage, "overloaded")
                     raise RequestProblem(503, f"{stage}: overloaded, retry later") from None
@@ -836,14 +952,21 @@ if serve is not None:
                 except RayTaskError as exc:  # a stage's own error that Ray could not re-type
                     self.metrics.error(stage, type(exc.cause).__name__ if exc.cause else "error")
                     if isinstance(exc.cause, EncoderUnavailableError):
-                        raise RequestProblem(503, f"query encoder unavailable: {exc.cause}") from None
+                        raise RequestProblem(
+                            503, f"query encoder unavailable: {exc.cause}"
+                        ) from None
                     if isinstance(exc.cause, UnknownItemsError):
                         raise RequestProblem(422, "history: unknown item ids") from None
                     raise
                 except UnknownItemsError as exc:
-                    raise RequestProblem(422, "history: unknown item ids",
-                                         [{"field": "history", "problem": f"unknown item id {i!r}"}
-                                          for i in exc.ids[:20]]) from None
+                    raise RequestProblem(
+                        422,
+                        "history: unknown item ids",
+                        [
+                            {"field": "history", "problem": f"unknown item id {i!r}"}
+                            for i in exc.ids[:20]
+                        ],
+                    ) from None
 
         def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> Pipeline:
             state = self.state
@@ -851,80 +974,136 @@ if serve is not None:
                 raise RequestProblem(503, "model not loaded yet")
             unknown = [h for h in history if h not in state.items]
             if unknown:
-                raise RequestProblem(422, "history: unknown item ids",
-                                     [{"field": "history", "problem": f"unknown item id {i!r}"}
-                                      for i in unknown[:20]])
+                raise RequestProblem(
+                    422,
+                    "history: unknown item ids",
+                    [
+                        {"field": "history", "problem": f"unknown item id {i!r}"}
+                        for i in unknown[:20]
+                    ],
+                )
             if user_id is not None and state.users and user_id not in state.users:
-                raise RequestProblem(404, f"unknown user_id {user_id!r}",
-                                     [{"field": "user_id", "problem": "not a user of this model"}])
+                raise RequestProblem(
+                    404,
+                    f"unknown user_id {user_id!r}",
+                    [{"field": "user_id", "problem": "not a user of this model"}],
+                )
             if need_signal and not history and not (user_id and state.users):
-                raise RequestProblem(422, "history: empty and no known user_id",
-                                     [{"field": "history", "problem": "give at least one item id"}])
+                raise RequestProblem(
+                    422,
+                    "history: empty and no known user_id",
+                    [{"field": "history", "problem": "give at least one item id"}],
+                )
             return state
 
-        async def _rank(self, state: Pipeline, query: str | None, user_id: str | None,
-                        history: list[str], k: int, exclude_history: bool) -> dict:
+        async def _rank(
+            self,
+            state: Pipeline,
+            query: str | None,
+            user_id: str | None,
+            history: list[str],
+            k: int,
+            exclude_history: bool,
+        ) -> dict:
             if self.settings.colocate:
-                return await self._rank_colocated(state, query, user_id, history, k, exclude_history)
+                return await self._rank_colocated(
+                    state, query, user_id, history, k, exclude_history
+                )
             vector = None
             if query is not None:
                 t = time.perf_counter()
                 vector, meta = await self._call("encode", self.encoder.encode, query)
-                self.metrics.observe_stage("encode", time.perf_counter() - t, meta["batch"],
-                                           meta["queue_s"])
+                self.metrics.observe_stage(
+                    "encode", time.perf_counter() - t, meta["batch"], meta["queue_s"]
+                )
                 if meta.get("fallback"):
                     self.metrics.encoder_fallbacks(1)
             n = max(k, self.settings.candidates)
             t = time.perf_counter()
             rows, _, meta = await self._call(
-                "retrieve", self.retriever.retrieve,
-                RetrieveRequest(vector, history, n, exclude_history))
-            self.metrics.observe_stage("retrieve", time.perf_counter() - t, meta["batch"],
-                                       meta["queue_s"])
+                "retrieve",
+                self.retriever.retrieve,
+                RetrieveRequest(vector, history, n, exclude_history),
+            )
+            self.metrics.observe_stage(
+                "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
+            )
             t = time.perf_counter()
             ids, scores, version, meta = await self._call(
-                "rank", self.ranker.rank, RankRequest(vector, rows, history, user_id, k))
-            self.metrics.observe_stage("rank", time.perf_counter() - t, meta["batch"],
-                                       meta["queue_s"])
-            return {"model_version": version[0], "fingerprint": version[1], "kind": state.kind,
-                    "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)]}
+                "rank", self.ranker.rank, RankRequest(vector, rows, history, user_id, k)
+            )
+            self.metrics.observe_stage(
+                "rank", time.perf_counter() - t, meta["batch"], meta["queue_s"]
+            )
+            return {
+                "model_version": version[0],
+                "fingerprint": version[1],
+                "kind": state.kind,
+                "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)],
+            }
 
-        async def _rank_colocated(self, state: Pipeline, query: str | None, user_id: str | None,
-                                  history: list[str], k: int, exclude_history: bool) -> dict:
+        async def _rank_colocated(
+            self,
+            state: Pipeline,
+            query: str | None,
+            user_id: str | None,
+            history: list[str],
+            k: int,
+            exclude_history: bool,
+        ) -> dict:
             request = PipelineRequest(query, history, user_id, k, exclude_history)
             try:
                 result, queue_s, meta = await asyncio.wait_for(
                     self._pipeline_batch((request, time.perf_counter(), state)),
-                    self.settings.stage_timeout_s)
+                    self.settings.stage_timeout_s,
+                )
             except TimeoutError:
                 self.metrics.error("pipeline", "timeout")
-                raise RequestProblem(503, f"no answer within {self.settings.stage_timeout_s}s") from None
+                raise RequestProblem(
+                    503, f"no answer within {self.settings.stage_timeout_s}s"
+                ) from None
             if isinstance(result, EncoderUnavailableError):
                 self.metrics.error("encode", "triton_unavailable")
                 raise RequestProblem(503, f"query encoder unavailable: {result}")
             if isinstance(result, UnknownItemsError):
-                raise RequestProblem(422, "history: unknown item ids",
-                                     [{"field": "history", "problem": f"unknown item id {i!r}"}
-                                      for i in result.ids[:20]])
+                raise RequestProblem(
+                    422,
+                    "history: unknown item ids",
+                    [
+                        {"field": "history", "problem": f"unknown item id {i!r}"}
+                        for i in result.ids[:20]
+                    ],
+                )
             timings, batch = meta["timings"], meta["batch"]
-            for stage in ("encode", "retrieve", "rank") if query is not None else ("retrieve", "rank"):
+            for stage in (
+                ("encode", "retrieve", "rank") if query is not None else ("retrieve", "rank")
+            ):
                 first = stage == "encode" or (query is None and stage == "retrieve")
-                self.metrics.observe_stage(stage, timings[stage] + (queue_s if first else 0.0), batch,
-                                           queue_s if first else 0.0)
+                self.metrics.observe_stage(
+                    stage,
+                    timings[stage] + (queue_s if first else 0.0),
+                    batch,
+                    queue_s if first else 0.0,
+                )
             if query is not None and meta["fallback"]:
                 self.metrics.encoder_fallbacks(1)
             ids, scores = result
             version = meta["version"]
-            return {"model_version": version[0], "fingerprint": version[1], "kind": state.kind,
-                    "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)]}
+            return {
+                "model_version": version[0],
+                "fingerprint": version[1],
+                "kind": state.kind,
+                "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)],
+            }
 
         # -- routes
 
         @api.post("/search", response_model=RankResponse, responses=ERRORS)
         async def search(self, body: SearchRequest) -> dict:
             if not body.query.strip():
-                raise RequestProblem(422, "query: blank",
-                                     [{"field": "query", "problem": "must contain text"}])
+                raise RequestProblem(
+                    422, "query: blank", [{"field": "query", "problem": "must contain text"}]
+                )
             state = self._check(body.user_id, body.history, need_signal=False)
             return await self._rank(state, body.query, body.user_id, body.history, body.k, False)
 
@@ -942,8 +1121,12 @@ if serve is not None:
             state = self.state
             if state is None:
                 return error_response(503, "model not loaded yet")
-            return {"status": "ready", "model_version": state.version,
-                    "fingerprint": state.fingerprint, "kind": state.kind}
+            return {
+                "status": "ready",
+                "model_version": state.version,
+                "fingerprint": state.fingerprint,
+                "kind": state.kind,
+            }
 
         @api.get("/metrics")
         async def metrics(self) -> Response:
@@ -955,12 +1138,19 @@ if serve is not None:
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in (override or {}).items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     if "num_replicas" in (override or {}):
         out.pop("autoscaling_config", None)
     scale = out.get("autoscaling_config")
-    if isinstance(scale, dict) and scale.get("initial_replicas") is not None \
-            and scale["initial_replicas"] < scale.get("min_replicas", 1):
+    if (
+        isinstance(scale, dict)
+        and scale.get("initial_replicas") is not None
+        and scale["initial_replicas"] < scale.get("min_replicas", 1)
+    ):
         out["autoscaling_config"] = {**scale, "initial_replicas": scale.get("min_replicas", 1)}
     return out
 
@@ -985,8 +1175,10 @@ def build_app(args: dict):
     for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
         plain[name] = list(getattr(settings, name))
     user_config = {"model_store": store, "revision": settings.revision}
-    options = {name: _merge(opts, settings.deployments.get(name, {}))
-               for name, opts in _default_deployments(settings.colocate).items()}
+    options = {
+        name: _merge(opts, settings.deployments.get(name, {}))
+        for name, opts in _default_deployments(settings.colocate).items()
+    }
 
     def bind(deployment, name, *init):
         return deployment.options(user_config=user_config, **options[name]).bind(*init)
@@ -1000,7 +1192,11 @@ def build_app(args: dict):
 def describe(args: dict) -> dict:
     """What build_app would deploy (for the launcher and docs): settings and options."""
     settings = Settings.from_args(args)
-    return {"settings": dataclasses.asdict(settings),
-            "deployments": {n: _merge(o, settings.deployments.get(n, {}))
-                            for n, o in _default_deployments(settings.colocate).items()},
-            "pid": os.getpid()}
+    return {
+        "settings": dataclasses.asdict(settings),
+        "deployments": {
+            n: _merge(o, settings.deployments.get(n, {}))
+            for n, o in _default_deployments(settings.colocate).items()
+        },
+        "pid": os.getpid(),
+    }

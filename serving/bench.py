@@ -42,11 +42,38 @@ from kuberank.progress import bar
 HOST = "127.0.0.1"
 TARGETS = ("kuberank-triton", "kuberank-onnx", "naive", "limit")
 P99_BUDGET_S = 0.050
-_WORDS = ("library", "catalog", "information", "retrieval", "indexing", "science", "search",
-          "classification", "documents", "citation", "journal", "research", "computer",
-          "language", "users", "query", "evaluation", "relevance", "system", "automatic",
-          "medical", "history", "education", "public", "university", "analysis", "data",
-          "storage", "book", "abstract")
+_WORDS = (
+    "library",
+    "catalog",
+    "information",
+    "retrieval",
+    "indexing",
+    "science",
+    "search",
+    "classification",
+    "documents",
+    "citation",
+    "journal",
+    "research",
+    "computer",
+    "language",
+    "users",
+    "query",
+    "evaluation",
+    "relevance",
+    "system",
+    "automatic",
+    "medical",
+    "history",
+    "education",
+    "public",
+    "university",
+    "analysis",
+    "data",
+    "storage",
+    "book",
+    "abstract",
+)
 
 
 def bench_queries(count: int = 200, seed: int = 0) -> list[str]:
@@ -82,10 +109,17 @@ def stats(latencies: list[float], statuses: list[int], seconds: float, level: Le
         return round(float(np.percentile(ok, p)) * 1000, 2) if len(ok) else None
 
     return {
-        "mode": level.mode, "level": level.value, "requests": len(statuses), "ok": int(len(ok)),
-        "errors": errors, "error_rate": round(1 - len(ok) / max(1, len(statuses)), 4),
-        "seconds": round(seconds, 3), "qps": round(len(ok) / seconds, 1) if seconds > 0 else 0.0,
-        "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
+        "mode": level.mode,
+        "level": level.value,
+        "requests": len(statuses),
+        "ok": int(len(ok)),
+        "errors": errors,
+        "error_rate": round(1 - len(ok) / max(1, len(statuses)), 4),
+        "seconds": round(seconds, 3),
+        "qps": round(len(ok) / seconds, 1) if seconds > 0 else 0.0,
+        "p50_ms": q(50),
+        "p95_ms": q(95),
+        "p99_ms": q(99),
         "max_ms": round(float(ok.max()) * 1000, 2) if len(ok) else None,
     }
 
@@ -102,7 +136,9 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
 
         async def one(i: int, scheduled: float) -> None:
             try:
-                call = session.get(url) if make_body is None else session.post(url, json=make_body(i))
+                call = (
+                    session.get(url) if make_body is None else session.post(url, json=make_body(i))
+                )
                 async with call as resp:
                     await resp.read()
                     status = resp.status
@@ -164,14 +200,23 @@ def request_factory(kind: str, ids: list[str], queries: list[str], k: int = 10, 
     """Request bodies: search queries, or recommendation histories of 5-20 index items."""
     rng = random.Random(seed)
     if kind == "recommendation":
-        histories = [rng.sample(ids, min(len(ids), rng.randint(5, 20))) for _ in range(len(queries))]
+        histories = [
+            rng.sample(ids, min(len(ids), rng.randint(5, 20))) for _ in range(len(queries))
+        ]
         return "/recommend", lambda i: {"history": histories[i % len(histories)], "k": k}
     return "/search", lambda i: {"query": queries[i % len(queries)], "k": k}
 
 
-def in_process_limit(store: str, queries: list[str], batch_size: int = 32, precision: str = "int8",
-                     candidates: int = 100, k: int = 10, seconds: float = 10.0,
-                     threads: int = 0) -> dict:
+def in_process_limit(
+    store: str,
+    queries: list[str],
+    batch_size: int = 32,
+    precision: str = "int8",
+    candidates: int = 100,
+    k: int = 10,
+    seconds: float = 10.0,
+    threads: int = 0,
+) -> dict:
     """(d): encode + retrieve + rank in batches in this process, no serving: queries per second.
     ``threads``: ONNX Runtime intra-op threads, 0 = every core (as the app's replicas)."""
     from kuberank.serving.app import (
@@ -193,21 +238,40 @@ def in_process_limit(store: str, queries: list[str], batch_size: int = 32, preci
     while done < len(queries) or time.perf_counter() - started < 1.0:
         texts = [queries[(done + j) % len(queries)] for j in range(batch_size)]
         vectors = encoder.encode(texts)
-        found = retrieve_batch(index, [RetrieveRequest(v, [], max(k, candidates), False) for v in vectors], 5000)
+        found = retrieve_batch(
+            index, [RetrieveRequest(v, [], max(k, candidates), False) for v in vectors], 5000
+        )
         for v, (rows, _) in zip(vectors, found, strict=True):
             ranker.rank(RankRequest(v, rows, [], None, k))
         done += batch_size
         if time.perf_counter() - started > seconds:
             break
     elapsed = time.perf_counter() - started
-    return {"target": "limit", "mode": "batched", "level": batch_size, "requests": done, "ok": done,
-            "errors": {}, "error_rate": 0.0, "seconds": round(elapsed, 3),
-            "qps": round(done / elapsed, 1), "p50_ms": None, "p95_ms": None, "p99_ms": None,
-            "max_ms": None}
+    return {
+        "target": "limit",
+        "mode": "batched",
+        "level": batch_size,
+        "requests": done,
+        "ok": done,
+        "errors": {},
+        "error_rate": 0.0,
+        "seconds": round(elapsed, 3),
+        "qps": round(done / elapsed, 1),
+        "p50_ms": None,
+        "p95_ms": None,
+        "p99_ms": None,
+        "max_ms": None,
+    }
 
 
-def bare_triton(grpc_url: str, queries: list[str], concurrency: int, requests: int,
-                max_seconds: float, model: str = "query_encoder") -> dict:
+def bare_triton(
+    grpc_url: str,
+    queries: list[str],
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    model: str = "query_encoder",
+) -> dict:
     """The Triton ensemble alone (closed loop over gRPC): the serving peer to compare with."""
     import tritonclient.grpc.aio as grpcclient
 
@@ -236,7 +300,9 @@ def bare_triton(grpc_url: str, queries: list[str], concurrency: int, requests: i
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
         await client.close()
-        return stats(latencies, statuses, seconds, Level("closed", concurrency, requests, max_seconds))
+        return stats(
+            latencies, statuses, seconds, Level("closed", concurrency, requests, max_seconds)
+        )
 
     return {"target": "bare-triton", **asyncio.run(main())}
 
@@ -278,8 +344,11 @@ def naive_model_dir(store: str, manifest: dict) -> str:
 
 def best_under(results: list[dict], p99_ms: float) -> dict | None:
     """The highest-QPS level whose p99 is within ``p99_ms`` and that had no errors."""
-    good = [r for r in results if r.get("p99_ms") is not None and r["p99_ms"] <= p99_ms
-            and r["error_rate"] == 0]
+    good = [
+        r
+        for r in results
+        if r.get("p99_ms") is not None and r["p99_ms"] <= p99_ms and r["error_rate"] == 0
+    ]
     return max(good, key=lambda r: r["qps"]) if good else None
 
 
@@ -293,8 +362,12 @@ def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_
         if level and (best is None or level["qps"] > best["qps"]):
             best = {**level, "target": name}
     out: dict = {"p99_budget_ms": p99_budget_ms, "limit_qps": limit, "best": best}
-    fastest = [{**r, "target": name} for name in ("kuberank-triton", "kuberank-onnx")
-               for r in results.get(name, []) if r.get("error_rate") == 0 and r.get("qps")]
+    fastest = [
+        {**r, "target": name}
+        for name in ("kuberank-triton", "kuberank-onnx")
+        for r in results.get(name, [])
+        if r.get("error_rate") == 0 and r.get("qps")
+    ]
     out["fastest"] = max(fastest, key=lambda r: r["qps"]) if fastest else None
     if best:
         naive = best_under(results.get("naive", []), max(best["p99_ms"], p99_budget_ms))
@@ -317,50 +390,82 @@ def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_
         if best:
             out["vs_bare_triton"] = round(best["qps"] / p["qps"], 3) if p["qps"] else None
         if out["fastest"]:
-            out["fastest_vs_bare_triton"] = round(out["fastest"]["qps"] / p["qps"], 3) if p["qps"] else None
+            out["fastest_vs_bare_triton"] = (
+                round(out["fastest"]["qps"] / p["qps"], 3) if p["qps"] else None
+            )
     return out
 
 
 def format_table(result: dict) -> str:
     """A markdown latency table of a :func:`serve_and_bench` result, then the verdicts."""
-    cols = ("target", "mode", "level", "requests", "qps", "p50_ms", "p95_ms", "p99_ms", "max_ms",
-            "error_rate")
+    cols = (
+        "target",
+        "mode",
+        "level",
+        "requests",
+        "qps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+        "error_rate",
+    )
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for rows in result["results"].values():
         for r in rows:
-            lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+            lines.append(
+                "| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
+            )
     s = result.get("summary") or {}
     if s.get("best"):
         b = s["best"]
         lines.append("")
-        lines.append(f"best kuberank under p99 <= {s['p99_budget_ms']:.0f} ms: {b['target']} "
-                     f"{b['qps']} req/s (p99 {b['p99_ms']} ms) at {b['mode']} {b['level']}")
+        lines.append(
+            f"best kuberank under p99 <= {s['p99_budget_ms']:.0f} ms: {b['target']} "
+            f"{b['qps']} req/s (p99 {b['p99_ms']} ms) at {b['mode']} {b['level']}"
+        )
         if s.get("vs_limit") is not None:
-            lines.append(f"  vs in-process batched limit {s['limit_qps']} q/s: {s['vs_limit']:.0%} "
-                         f"(target >= 50%: {'met' if s['target_half_of_limit'] else 'NOT met'})")
+            lines.append(
+                f"  vs in-process batched limit {s['limit_qps']} q/s: {s['vs_limit']:.0%} "
+                f"(target >= 50%: {'met' if s['target_half_of_limit'] else 'NOT met'})"
+            )
         if s.get("vs_naive") is not None:
-            lines.append(f"  vs naive FastAPI+PyTorch: {s['vs_naive']}x "
-                         f"(target >= 5x: {'met' if s['target_5x_naive'] else 'NOT met'})")
+            lines.append(
+                f"  vs naive FastAPI+PyTorch: {s['vs_naive']}x "
+                f"(target >= 5x: {'met' if s['target_5x_naive'] else 'NOT met'})"
+            )
         if s.get("vs_bare_triton") is not None:
             gap = round(s["bare_triton_qps"] - b["qps"], 1)
-            lines.append(f"  vs bare Triton ensemble {s['bare_triton_qps']} req/s (p99 "
-                         f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it "
-                         f"({gap} req/s behind)")
+            lines.append(
+                f"  vs bare Triton ensemble {s['bare_triton_qps']} req/s (p99 "
+                f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it "
+                f"({gap} req/s behind)"
+            )
     if s.get("serve_floor_qps") is not None and result["results"]:
-        lines.append(f"  Ray Serve HTTP floor (proxy + Ingress, GET /healthz, no model work): "
-                     f"{s['serve_floor_qps']} req/s")
+        lines.append(
+            f"  Ray Serve HTTP floor (proxy + Ingress, GET /healthz, no model work): "
+            f"{s['serve_floor_qps']} req/s"
+        )
     elif result["results"]:
-        lines.append(f"\nno kuberank level met p99 <= {s.get('p99_budget_ms', 50):.0f} ms without errors")
+        lines.append(
+            f"\nno kuberank level met p99 <= {s.get('p99_budget_ms', 50):.0f} ms without errors"
+        )
     f = s.get("fastest")
     if f and f is not s.get("best") and f != s.get("best"):
-        lines.append(f"fastest kuberank level: {f['target']} {f['qps']} req/s (p99 {f['p99_ms']} ms) "
-                     f"at {f['mode']} {f['level']}")
+        lines.append(
+            f"fastest kuberank level: {f['target']} {f['qps']} req/s (p99 {f['p99_ms']} ms) "
+            f"at {f['mode']} {f['level']}"
+        )
         if s.get("limit_qps"):
-            lines.append(f"  {f['qps'] / s['limit_qps']:.0%} of the in-process limit {s['limit_qps']} q/s")
+            lines.append(
+                f"  {f['qps'] / s['limit_qps']:.0%} of the in-process limit {s['limit_qps']} q/s"
+            )
         if s.get("fastest_vs_bare_triton") is not None:
-            lines.append(f"  {s['fastest_vs_bare_triton']:.0%} of bare Triton {s['bare_triton_qps']} req/s "
-                         f"(p99 {s['bare_triton_p99_ms']} ms), {round(s['bare_triton_qps'] - f['qps'], 1)} "
-                         f"req/s behind")
+            lines.append(
+                f"  {s['fastest_vs_bare_triton']:.0%} of bare Triton {s['bare_triton_qps']} req/s "
+                f"(p99 {s['bare_triton_p99_ms']} ms), {round(s['bare_triton_qps'] - f['qps'], 1)} "
+                f"req/s behind"
+            )
     return "\n".join(lines)
 
 
@@ -375,9 +480,16 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
         rows = [r for r in rows if r.get("p99_ms") is not None]
         if rows:
             rows = sorted(rows, key=lambda r: r["qps"])
-            ax.plot([r["qps"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{name} p99")
-            ax.plot([r["qps"] for r in rows], [r["p50_ms"] for r in rows], "x--", alpha=0.5,
-                    label=f"{name} p50")
+            ax.plot(
+                [r["qps"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{name} p99"
+            )
+            ax.plot(
+                [r["qps"] for r in rows],
+                [r["p50_ms"] for r in rows],
+                "x--",
+                alpha=0.5,
+                label=f"{name} p50",
+            )
     limit = (result.get("summary") or {}).get("limit_qps")
     if limit:
         ax.axvline(limit, color="grey", linestyle=":", label=f"in-process limit {limit:.0f} q/s")
@@ -434,26 +546,45 @@ def serve_and_bench(
     for name in ("kuberank-triton", "kuberank-onnx"):
         if name not in targets:
             continue
-        with LocalServing(store, use_triton=name == "kuberank-triton", settings=settings) as running:
+        with LocalServing(
+            store, use_triton=name == "kuberank-triton", settings=settings
+        ) as running:
             results[name] = sweep(name, running.url + route, make_body, plan)
             if "serve-floor" not in results:  # the HTTP proxy + Ingress with no model work
-                top = Level("closed", max(levels) if mode == "closed" else 32, requests, max_seconds)
-                results["serve-floor"] = [{"target": "serve-floor",
-                                           **run_load(running.url + "/healthz", None, top)}]
+                top = Level(
+                    "closed", max(levels) if mode == "closed" else 32, requests, max_seconds
+                )
+                results["serve-floor"] = [
+                    {"target": "serve-floor", **run_load(running.url + "/healthz", None, top)}
+                ]
             if running.triton is not None and kind == "search":
                 top = int(max(levels)) if mode == "closed" else 32
-                results["bare-triton"] = [bare_triton(running.triton.grpc_url, texts, top, requests, max_seconds)]
+                results["bare-triton"] = [
+                    bare_triton(running.triton.grpc_url, texts, top, requests, max_seconds)
+                ]
                 from kuberank.serving.metrics import scrape, triton_summary
 
-                results["kuberank-triton"][-1]["triton"] = triton_summary(scrape(running.triton.metrics_url))
+                results["kuberank-triton"][-1]["triton"] = triton_summary(
+                    scrape(running.triton.metrics_url)
+                )
     if "naive" in targets:
         if kind != "search":
             results["naive"] = []
         else:
             port = _free_port()
-            cmd = [sys.executable, "-m", "kuberank.serving.naive_server", "--model",
-                   model_dir or naive_model_dir(store, manifest), "--store", store, "--port", str(port),
-                   "--max-length", str(manifest["embedding"]["max_length"])]
+            cmd = [
+                sys.executable,
+                "-m",
+                "kuberank.serving.naive_server",
+                "--model",
+                model_dir or naive_model_dir(store, manifest),
+                "--store",
+                store,
+                "--port",
+                str(port),
+                "--max-length",
+                str(manifest["embedding"]["max_length"]),
+            ]
             env = {**os.environ, "KUBERANK_PROGRESS": "0"}
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
@@ -469,10 +600,19 @@ def serve_and_bench(
     if "limit" in targets and kind == "search":
         results["limit"] = [in_process_limit(store, texts, seconds=max_seconds)]
     result = {
-        "config": {"store": store, "kind": kind, "route": route, "mode": mode, "levels": list(levels),
-                   "requests_per_level": requests, "max_seconds_per_level": max_seconds,
-                   "queries": len(texts), "items": len(index), "model_version": manifest.get("version"),
-                   "cpus": os.cpu_count()},
+        "config": {
+            "store": store,
+            "kind": kind,
+            "route": route,
+            "mode": mode,
+            "levels": list(levels),
+            "requests_per_level": requests,
+            "max_seconds_per_level": max_seconds,
+            "queries": len(texts),
+            "items": len(index),
+            "model_version": manifest.get("version"),
+            "cpus": os.cpu_count(),
+        },
         "results": results,
     }
     result["summary"] = summarize(results)

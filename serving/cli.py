@@ -13,8 +13,10 @@ def _cmd_index(args) -> int:
         print(json.dumps(meta, sort_keys=True))
     else:
         ann = meta["ann"]["type"] if meta["ann"] else "exact search"
-        print(f"{meta['count']} items x {meta['dim']} -> {args.out}/index ({ann}); "
-              f"model fingerprint {meta['model_fingerprint']}")
+        print(
+            f"{meta['count']} items x {meta['dim']} -> {args.out}/index ({ann}); "
+            f"model fingerprint {meta['model_fingerprint']}"
+        )
     return 0
 
 
@@ -33,8 +35,9 @@ def _settings(args) -> dict:
 def _cmd_serve(args) -> int:
     from kuberank.serving.launcher import serve_forever
 
-    return serve_forever(args.model_store, port=args.port, use_triton=not args.no_triton,
-                         settings=_settings(args))
+    return serve_forever(
+        args.model_store, port=args.port, use_triton=not args.no_triton, settings=_settings(args)
+    )
 
 
 def _cmd_bench(args) -> int:
@@ -43,9 +46,15 @@ def _cmd_bench(args) -> int:
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else TARGETS
     levels = tuple(float(v) for v in (args.rates or args.concurrency).split(","))
     result = serve_and_bench(
-        args.model_store, targets=targets, mode="open" if args.rates else "closed", levels=levels,
-        requests=args.requests, max_seconds=args.max_seconds, queries=args.queries,
-        out_dir=args.out, settings=_settings(args),
+        args.model_store,
+        targets=targets,
+        mode="open" if args.rates else "closed",
+        levels=levels,
+        requests=args.requests,
+        max_seconds=args.max_seconds,
+        queries=args.queries,
+        out_dir=args.out,
+        settings=_settings(args),
     )
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
     return 0
@@ -54,44 +63,60 @@ def _cmd_bench(args) -> int:
 def register(sub, dataset_help: str) -> None:
     """Add the serving subcommands to the ``kuberank`` parser."""
     ix = sub.add_parser(
-        "index", help="embed a dataset's items and write STORE/index",
+        "index",
+        help="embed a dataset's items and write STORE/index",
         description="Embed the dataset's items (documents or catalogue) with the model and write "
-                    "STORE/index (embeddings, ids, an ANN index beyond --ann-threshold, the "
-                    "encoder fingerprint) next to the export of the same model.",
+        "STORE/index (embeddings, ids, an ANN index beyond --ann-threshold, the "
+        "encoder fingerprint) next to the export of the same model.",
     )
     ix.add_argument("--model", required=True, metavar="DIR", help="the exported model directory")
     ix.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
     ix.add_argument("--out", required=True, metavar="STORE", help="the model store (path or s3://)")
-    ix.add_argument("--ann-threshold", type=int, default=50_000, metavar="N",
-                    help="build a faiss HNSW index above N items (default: 50000)")
+    ix.add_argument(
+        "--ann-threshold",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="build a faiss HNSW index above N items (default: 50000)",
+    )
     ix.add_argument("--json", action="store_true", help="print index.json")
     ix.set_defaults(func=_cmd_index)
 
     sv = sub.add_parser(
-        "serve", help="serve a model store locally (Triton + Ray Serve on 127.0.0.1)",
+        "serve",
+        help="serve a model store locally (Triton + Ray Serve on 127.0.0.1)",
         description="Start the bundled tritonserver on STORE/triton-local and the Ray Serve ranking "
-                    "app, on 127.0.0.1; Ctrl-C or SIGTERM stops both.",
+        "app, on 127.0.0.1; Ctrl-C or SIGTERM stops both.",
     )
     sv.add_argument("--model-store", required=True, metavar="STORE", help="path or s3:// URI")
     sv.add_argument("--port", type=int, metavar="P", help="HTTP port (default: a free one)")
-    sv.add_argument("--no-triton", action="store_true", help="encode queries in process (ONNX Runtime)")
+    sv.add_argument(
+        "--no-triton", action="store_true", help="encode queries in process (ONNX Runtime)"
+    )
     sv.add_argument("--settings", metavar="JSON", help="app settings, e.g. '{\"candidates\": 200}'")
     sv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser(
-        "bench", help="load benchmark: kuberank vs naive server vs in-process limit (loopback)",
+        "bench",
+        help="load benchmark: kuberank vs naive server vs in-process limit (loopback)",
         description="Closed-loop (--concurrency) or open-loop (--rates) load against kuberank with "
-                    "Triton, kuberank with in-process ONNX Runtime, a naive FastAPI+PyTorch server "
-                    "and the in-process batched limit; bounded by --requests and --max-seconds.",
+        "Triton, kuberank with in-process ONNX Runtime, a naive FastAPI+PyTorch server "
+        "and the in-process batched limit; bounded by --requests and --max-seconds.",
     )
     bn.add_argument("--model-store", required=True, metavar="STORE", help="path or s3:// URI")
-    bn.add_argument("--concurrency", default="1,8,32", metavar="C,C,...",
-                    help="closed-loop client counts (default: 1,8,32)")
+    bn.add_argument(
+        "--concurrency",
+        default="1,8,32",
+        metavar="C,C,...",
+        help="closed-loop client counts (default: 1,8,32)",
+    )
     bn.add_argument("--rates", metavar="R,R,...", help="open-loop request rates per second instead")
     bn.add_argument("--requests", type=int, default=200, help="requests per level (default: 200)")
     bn.add_argument("--max-seconds", type=float, default=15.0, help="time limit per level")
     bn.add_argument("--queries", type=int, default=200, help="distinct queries (default: 200)")
-    bn.add_argument("--targets", metavar="T,T", help="subset of kuberank-triton,kuberank-onnx,naive,limit")
+    bn.add_argument(
+        "--targets", metavar="T,T", help="subset of kuberank-triton,kuberank-onnx,naive,limit"
+    )
     bn.add_argument("--out", metavar="DIR", help="write bench.json and latency_vs_load.png here")
     bn.add_argument("--settings", metavar="JSON", help="app settings for the kuberank targets")
     bn.add_argument("--json", action="store_true", help="print the result as one JSON object")

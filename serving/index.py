@@ -75,7 +75,9 @@ def _faiss():
     return faiss
 
 
-def build_hnsw(embeddings: np.ndarray, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION):
+def build_hnsw(
+    embeddings: np.ndarray, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION
+):
     """A faiss HNSW graph over normalised vectors with inner-product similarity."""
     faiss = _faiss()
     index = faiss.IndexHNSWFlat(embeddings.shape[1], m, faiss.METRIC_INNER_PRODUCT)
@@ -86,8 +88,9 @@ def build_hnsw(embeddings: np.ndarray, m: int = HNSW_M, ef_construction: int = H
     return index
 
 
-def embed_items(model_dir: str | os.PathLike, store_local: Path, texts: list[str],
-                max_length: int) -> tuple[np.ndarray, str]:
+def embed_items(
+    model_dir: str | os.PathLike, store_local: Path, texts: list[str], max_length: int
+) -> tuple[np.ndarray, str]:
     """Item vectors of ``texts`` and a word on which encoder made them."""
     from kuberank.model import item_tower_path
 
@@ -101,8 +104,12 @@ def embed_items(model_dir: str | os.PathLike, store_local: Path, texts: list[str
     from kuberank.onnx_encoder import OnnxEncoder
 
     onnx_dir = store_local / "onnx"
-    encoder = OnnxEncoder(onnx_dir / "model.onnx", tokenizer=onnx_dir / "tokenizer.json",
-                          max_length=max_length, intra_op_threads=None)
+    encoder = OnnxEncoder(
+        onnx_dir / "model.onnx",
+        tokenizer=onnx_dir / "tokenizer.json",
+        max_length=max_length,
+        intra_op_threads=None,
+    )
     return encoder.encode(texts, desc="embed items"), "onnx/model.onnx (ONNX Runtime fp32)"
 
 
@@ -118,9 +125,8 @@ def build_index(
 ) -> dict:
     """Embed the dataset's items (documents or catalogue) with ``model_dir`` and write
     ``STORE/index``. The store must hold an export of the same model. Returns index.json."""
-    from kuberank.components.export import read_manifest
-
     from kuberank import datasets
+    from kuberank.components.export import read_manifest
     from kuberank.encoder import check_model_dir, model_fingerprint
     from kuberank.storage import materialize, publish
 
@@ -140,8 +146,9 @@ def build_index(
     if not ids:
         raise KuberankError(f"--dataset {dataset}: has no items to index")
     store_local = materialize(store)
-    embeddings, item_encoder = embed_items(model_dir, store_local, texts,
-                                           int(manifest["embedding"]["max_length"]))
+    embeddings, item_encoder = embed_items(
+        model_dir, store_local, texts, int(manifest["embedding"]["max_length"])
+    )
     ann = None
     with tempfile.TemporaryDirectory(prefix="kuberank-index-") as tmp:
         work = Path(tmp) / INDEX_DIR
@@ -151,8 +158,13 @@ def build_index(
         if len(ids) > ann_threshold:
             graph = build_hnsw(embeddings, hnsw_m, ef_construction)
             _faiss().write_index(graph, str(work / ANN_FILE))
-            ann = {"type": "faiss-hnsw-ip", "file": ANN_FILE, "m": hnsw_m,
-                   "ef_construction": ef_construction, "ef_search": ef_search}
+            ann = {
+                "type": "faiss-hnsw-ip",
+                "file": ANN_FILE,
+                "m": hnsw_m,
+                "ef_construction": ef_construction,
+                "ef_search": ef_search,
+            }
         meta = {
             "format": INDEX_FORMAT,
             "count": len(ids),
@@ -211,11 +223,14 @@ class ItemIndex:
     def rows_of(self, ids: list[str]) -> tuple[np.ndarray, list[str]]:
         """(rows of the known ids, the unknown ids)."""
         rows = [self.row.get(i, -1) for i in ids]
-        return (np.array([r for r in rows if r >= 0], dtype=np.int64),
-                [i for i, r in zip(ids, rows, strict=True) if r < 0])
+        return (
+            np.array([r for r in rows if r >= 0], dtype=np.int64),
+            [i for i, r in zip(ids, rows, strict=True) if r < 0],
+        )
 
-    def search(self, queries: np.ndarray, n: int, exclude: list[np.ndarray] | None = None
-               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def search(
+        self, queries: np.ndarray, n: int, exclude: list[np.ndarray] | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per query, up to ``n`` rows by descending inner product (ties: lower row first)
         and their scores, without the rows in ``exclude[i]``."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -24,12 +24,22 @@ HOST = "127.0.0.1"
 APP_NAME = "kuberank"
 
 
-def http_json(method: str, url: str, body: dict | None = None, timeout: float = 10.0,
-              raw: bytes | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
+def http_json(
+    method: str,
+    url: str,
+    body: dict | None = None,
+    timeout: float = 10.0,
+    raw: bytes | None = None,
+    headers: dict | None = None,
+) -> tuple[int, dict | str]:
     """One loopback request; (status, parsed JSON or text). Never raises on HTTP errors."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, text = resp.status, resp.read().decode()
@@ -66,9 +76,16 @@ def apply_serve_env(env: dict | None = None) -> dict:
 class LocalServing:
     """Triton (optional) + a local Ray cluster + Serve with the app, on 127.0.0.1."""
 
-    def __init__(self, store: str, *, port: int | None = None, use_triton: bool = True,
-                 settings: dict | None = None, num_cpus: int | None = None,
-                 ready_timeout: float = 180.0):
+    def __init__(
+        self,
+        store: str,
+        *,
+        port: int | None = None,
+        use_triton: bool = True,
+        settings: dict | None = None,
+        num_cpus: int | None = None,
+        ready_timeout: float = 180.0,
+    ):
         from kuberank.serving.triton import free_port
 
         self.store = str(store)
@@ -86,16 +103,18 @@ class LocalServing:
         return f"http://{HOST}:{self.port}"
 
     def app_args(self) -> dict:
-        return {"model_store": self.store,
-                "triton_url": self.triton.grpc_url if self.triton else "",
-                "revision": self.revision, **self.settings}
+        return {
+            "model_store": self.store,
+            "triton_url": self.triton.grpc_url if self.triton else "",
+            "revision": self.revision,
+            **self.settings,
+        }
 
     def start(self) -> LocalServing:
         from pathlib import Path
 
-        from kuberank.serving.app import build_app, load_checked_index
-
         from kuberank.raycluster import ensure_ray
+        from kuberank.serving.app import build_app, load_checked_index
         from kuberank.storage import materialize
 
         load_checked_index(self.store)  # fail before starting anything
@@ -130,13 +149,16 @@ class LocalServing:
             except OSError as exc:
                 last = exc
             time.sleep(0.5)
-        raise KuberankError(f"kuberank app not ready at {self.url} after {self.ready_timeout:.0f}s: {last}")
+        raise KuberankError(
+            f"kuberank app not ready at {self.url} after {self.ready_timeout:.0f}s: {last}"
+        )
 
     def reload(self, store: str | None = None) -> dict:
         """Pick up a new model version (or another store) in place: the deployments'
         user_config changes, Serve calls reconfigure on the running replicas."""
-        from kuberank.serving.app import build_app
         from ray import serve
+
+        from kuberank.serving.app import build_app
 
         self.store = str(store or self.store)
         self.revision += 1
@@ -171,8 +193,13 @@ class LocalServing:
         self.stop()
 
 
-def serve_forever(store: str, port: int | None = None, use_triton: bool = True,
-                  settings: dict | None = None, on_ready=print) -> int:
+def serve_forever(
+    store: str,
+    port: int | None = None,
+    use_triton: bool = True,
+    settings: dict | None = None,
+    on_ready=print,
+) -> int:
     """``kuberank serve``: start, print the URL, block until SIGINT/SIGTERM, stop cleanly."""
     stop = threading.Event()
     running = LocalServing(store, port=port, use_triton=use_triton, settings=settings)
@@ -180,14 +207,27 @@ def serve_forever(store: str, port: int | None = None, use_triton: bool = True,
     try:
         running.start()  # Ctrl-C during start-up: KeyboardInterrupt, then the same clean stop
         # installed after ray.init, which sets its own SIGTERM handler in the driver
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, lambda *_: stop.set())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         ready = running.wait_ready()
-        on_ready(json.dumps({"url": running.url, "model_version": ready.get("model_version"),
-                             "triton": running.triton.grpc_url if running.triton else None,
-                             "pid": os.getpid()}))
+        on_ready(
+            json.dumps(
+                {
+                    "url": running.url,
+                    "model_version": ready.get("model_version"),
+                    "triton": running.triton.grpc_url if running.triton else None,
+                    "pid": os.getpid(),
+                }
+            )
+        )
         while not stop.wait(0.5):
-            if running.triton is not None and running.triton.process is not None \
-                    and running.triton.process.poll() is not None:
+            if (
+                running.triton is not None
+                and running.triton.process is not None
+                and running.triton.process.poll() is not None
+            ):
                 raise KuberankError("tritonserver exited; stopping")
     finally:
         running.stop()

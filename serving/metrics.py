@@ -24,8 +24,24 @@ import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
-                   0.15, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STAGES = ("encode", "retrieve", "rank")
 
@@ -38,32 +54,70 @@ class AppMetrics:
         self.replica = replica or f"{os.getpid()}"
         self.registry = CollectorRegistry()
         labels = ["replica"]
-        self.requests = Counter("kuberank_requests_total", "HTTP requests by route and status code",
-                                ["route", "status", *labels], registry=self.registry)
-        self.latency = Histogram("kuberank_request_latency_seconds", "Request latency in the app",
-                                 ["route", *labels], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.stage = Histogram("kuberank_stage_latency_seconds",
-                               "Latency of a stage as the ingress sees it (call + queue + work)",
-                               ["stage", *labels], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch = Histogram("kuberank_batch_size", "Size of the batch each request ran in",
-                               ["stage", *labels], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.queue = Histogram("kuberank_queue_seconds",
-                               "Time a request waited in a replica before its batch ran",
-                               ["stage", *labels], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.errors = Counter("kuberank_errors_total", "Failures by stage and cause",
-                              ["stage", "kind", *labels], registry=self.registry)
-        self.fallback = Counter("kuberank_encoder_fallback_total",
-                                "Query batches encoded in process because Triton failed",
-                                labels, registry=self.registry)
-        self.model = Gauge("kuberank_model_info", "The model being served (value 1)",
-                           ["version", "fingerprint", "kind", *labels], registry=self.registry)
+        self.requests = Counter(
+            "kuberank_requests_total",
+            "HTTP requests by route and status code",
+            ["route", "status", *labels],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "kuberank_request_latency_seconds",
+            "Request latency in the app",
+            ["route", *labels],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "kuberank_stage_latency_seconds",
+            "Latency of a stage as the ingress sees it (call + queue + work)",
+            ["stage", *labels],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "kuberank_batch_size",
+            "Size of the batch each request ran in",
+            ["stage", *labels],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue = Histogram(
+            "kuberank_queue_seconds",
+            "Time a request waited in a replica before its batch ran",
+            ["stage", *labels],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "kuberank_errors_total",
+            "Failures by stage and cause",
+            ["stage", "kind", *labels],
+            registry=self.registry,
+        )
+        self.fallback = Counter(
+            "kuberank_encoder_fallback_total",
+            "Query batches encoded in process because Triton failed",
+            labels,
+            registry=self.registry,
+        )
+        self.model = Gauge(
+            "kuberank_model_info",
+            "The model being served (value 1)",
+            ["version", "fingerprint", "kind", *labels],
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status), self.replica).inc()
         self.latency.labels(route, self.replica).observe(seconds)
 
-    def observe_stage(self, stage: str, seconds: float, batch_size: int | None = None,
-                      queue_s: float | None = None) -> None:
+    def observe_stage(
+        self,
+        stage: str,
+        seconds: float,
+        batch_size: int | None = None,
+        queue_s: float | None = None,
+    ) -> None:
         self.stage.labels(stage, self.replica).observe(seconds)
         if batch_size is not None:
             self.batch.labels(stage, self.replica).observe(batch_size)

@@ -23,9 +23,8 @@ class NaiveSearch(BaseModel):
 
 
 def make_app(model_dir: str, store: str, max_length: int = 256) -> FastAPI:
-    from kuberank.serving.index import load_index
-
     from kuberank.encoder import TextEncoder
+    from kuberank.serving.index import load_index
 
     encoder = TextEncoder(model_dir, max_length=max_length)
     index = load_index(store)
@@ -40,8 +39,10 @@ def make_app(model_dir: str, store: str, max_length: int = 256) -> FastAPI:
         vector = encoder.encode([body.query], desc="query")[0]
         scores = index.embeddings @ vector
         top = np.argsort(-scores, kind="stable")[: body.k]
-        return {"model_version": "naive", "items": [
-            {"id": index.ids[i], "score": float(scores[i])} for i in top]}
+        return {
+            "model_version": "naive",
+            "items": [{"id": index.ids[i], "score": float(scores[i])} for i in top],
+        }
 
     return app
 

@@ -52,7 +52,8 @@ def s3_endpoint(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -65,8 +66,12 @@ def s3_endpoint(tmp_path_factory):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"moto server did not start: {log.read_text()}") from None
                 time.sleep(0.2)
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "KUBERANK_S3_ENDPOINT_URL": url}
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "KUBERANK_S3_ENDPOINT_URL": url,
+        }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         yield url

@@ -31,7 +31,9 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def write_beir(root: Path, qrels_files: dict[str, dict[str, str]] | None = None) -> Path:
-    write_jsonl(root / "corpus.jsonl", [{"_id": k, "title": t, "text": x} for k, (t, x) in DOCS.items()])
+    write_jsonl(
+        root / "corpus.jsonl", [{"_id": k, "title": t, "text": x} for k, (t, x) in DOCS.items()]
+    )
     write_jsonl(root / "queries.jsonl", [{"_id": k, "text": v} for k, v in QUERIES.items()])
     for name, pairs in (qrels_files or {"test": QRELS}).items():
         lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs.items()]
@@ -46,6 +48,13 @@ def interaction_rows(users: int = 4, per_user: int = 5):
     for u in range(users):
         for t in range(per_user):
             item = (u + t) % 8
-            rows.append({"user_id": f"u{u}", "item_id": str(item), "timestamp": 1000 + t,
-                         "rating": 4, "item_text": f"item number {item}"})
+            rows.append(
+                {
+                    "user_id": f"u{u}",
+                    "item_id": str(item),
+                    "timestamp": 1000 + t,
+                    "rating": 4,
+                    "item_text": f"item number {item}",
+                }
+            )
     return rows

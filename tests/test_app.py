@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from conftest import require
 from fixtures import DOCS, QRELS, QUERIES
-from kuberank.serving.launcher import http_json
 from test_index import serving_store
+
+from kuberank.serving.launcher import http_json
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +45,21 @@ def write_recommendation_store(store: Path, out: Path) -> Path:
 
     shutil.copytree(store, out, symlinks=True)
     model = out / "model"
-    cfg = ScorerConfig(n_items=len(DOCS), n_users=len(REC_USERS), use_behaviour=True,
-                       use_collaborative=True)
+    cfg = ScorerConfig(
+        n_items=len(DOCS), n_users=len(REC_USERS), use_behaviour=True, use_collaborative=True
+    )
     torch.manual_seed(0)
     scorer = Scorer(cfg)
     with torch.no_grad():
         scorer.item_bias.weight.normal_(0, 0.5)
     save_file({k: v.contiguous() for k, v in scorer.state_dict().items()}, str(model / SCORER_FILE))
-    info = ModelInfo(kind="recommendation", base_model="all-MiniLM-L6-v2", scorer=cfg,
-                     item_ids=list(DOCS), user_ids=REC_USERS)
+    info = ModelInfo(
+        kind="recommendation",
+        base_model="all-MiniLM-L6-v2",
+        scorer=cfg,
+        item_ids=list(DOCS),
+        user_ids=REC_USERS,
+    )
     (model / MANIFEST).write_text(json.dumps({"format": MODEL_FORMAT, **dataclasses.asdict(info)}))
     return out
 
@@ -73,8 +80,9 @@ def _wait_ready(url: str, timeout: float = 120.0) -> dict:
 
 
 def deploy(name: str, prefix: str, args: dict) -> str:
-    from kuberank.serving.app import build_app
     from ray import serve
+
+    from kuberank.serving.app import build_app
 
     serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
     return _wait_ready(f"{_SERVING['base']}{prefix.rstrip('/')}/readyz") and prefix.rstrip("/")
@@ -117,18 +125,44 @@ def serving_session(request, tmp_path_factory) -> dict:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one = {"num_replicas": 1}
-    _SERVING.update(base=f"http://127.0.0.1:{port}", store=store, model_dir=model_dir,
-                    dataset=dataset, rec_store=rec_store, triton=triton)
+    _SERVING.update(
+        base=f"http://127.0.0.1:{port}",
+        store=store,
+        model_dir=model_dir,
+        dataset=dataset,
+        rec_store=rec_store,
+        triton=triton,
+    )
     # main: the default colocated app (the Ingress runs encode + retrieve + rank; the stage
     # deployments exist at 0 replicas); rec: the stages as separate deployments (scale-out)
-    _SERVING["main_args"] = {"model_store": str(store), "triton_url": "", "deployments": {"Ingress": one}}
+    _SERVING["main_args"] = {
+        "model_store": str(store),
+        "triton_url": "",
+        "deployments": {"Ingress": one},
+    }
     deploy("main", "/", _SERVING["main_args"])
-    deploy("rec", "/rec", {"model_store": str(rec_store), "triton_url": "", "colocate": False, "deployments": {
-        "Ingress": {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2},
-        "QueryEncoder": one, "Ranker": one, "Retriever": {"num_replicas": 2}}})
-    _SERVING["tri_args"] = {"model_store": str(store), "triton_url": triton.grpc_url,
-                            "triton_fallback": "onnx", "triton_timeout_s": 1.0,
-                            "deployments": {"Ingress": one}}
+    deploy(
+        "rec",
+        "/rec",
+        {
+            "model_store": str(rec_store),
+            "triton_url": "",
+            "colocate": False,
+            "deployments": {
+                "Ingress": {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2},
+                "QueryEncoder": one,
+                "Ranker": one,
+                "Retriever": {"num_replicas": 2},
+            },
+        },
+    )
+    _SERVING["tri_args"] = {
+        "model_store": str(store),
+        "triton_url": triton.grpc_url,
+        "triton_fallback": "onnx",
+        "triton_timeout_s": 1.0,
+        "deployments": {"Ingress": one},
+    }
     deploy("tri", "/tri", _SERVING["tri_args"])
     return _SERVING
 
@@ -153,7 +187,11 @@ def in_process(store: Path):
 
     manifest, index = load_checked_index(str(store))
     tables, model_dir = read_model_tables(str(store), "search")
-    return InProcessEncoder(str(store), read_manifest(store)), index, RankerCore(str(store), index, tables, model_dir)
+    return (
+        InProcessEncoder(str(store), read_manifest(store)),
+        index,
+        RankerCore(str(store), index, tables, model_dir),
+    )
 
 
 def test_search_answers_equal_the_in_process_core(serving):
@@ -189,7 +227,9 @@ def test_recommend_applies_F_and_excludes_history(serving):
     assert np.allclose([item["score"] for item in body["items"]], scores, atol=1e-5)
     # the user term matters: another user gets F's other collaborative scores
     status, other = post(serving, "/rec/recommend", {"user_id": "u1", "history": history, "k": 4})
-    assert status == 200 and [i["score"] for i in other["items"]] != [i["score"] for i in body["items"]]
+    assert status == 200 and [i["score"] for i in other["items"]] != [
+        i["score"] for i in body["items"]
+    ]
 
 
 BAD_REQUESTS = [
@@ -242,21 +282,38 @@ def test_metric_names_match_the_chart_and_canary(serving):
     status, text = http_json("GET", serving["base"] + "/metrics")
     assert status == 200
     samples = parse_metrics(text)
-    assert any(k.startswith("kuberank_requests_total{") and 'route="/search"' in k and 'status="200"' in k
-               for k in samples)
+    assert any(
+        k.startswith("kuberank_requests_total{") and 'route="/search"' in k and 'status="200"' in k
+        for k in samples
+    )
     assert any(k.startswith("kuberank_requests_total{") and 'status="422"' in k for k in samples)
-    assert any(k.startswith("kuberank_request_latency_seconds_bucket{") and 'le="2.5"' in k for k in samples)
+    assert any(
+        k.startswith("kuberank_request_latency_seconds_bucket{") and 'le="2.5"' in k
+        for k in samples
+    )
     for stage in ("encode", "retrieve", "rank"):
-        assert any(k.startswith("kuberank_stage_latency_seconds_bucket{") and f'stage="{stage}"' in k
-                   for k in samples), stage
-        assert any(k.startswith("kuberank_batch_size_count{") and f'stage="{stage}"' in k for k in samples)
-        assert any(k.startswith("kuberank_queue_seconds_count{") and f'stage="{stage}"' in k for k in samples)
+        assert any(
+            k.startswith("kuberank_stage_latency_seconds_bucket{") and f'stage="{stage}"' in k
+            for k in samples
+        ), stage
+        assert any(
+            k.startswith("kuberank_batch_size_count{") and f'stage="{stage}"' in k for k in samples
+        )
+        assert any(
+            k.startswith("kuberank_queue_seconds_count{") and f'stage="{stage}"' in k
+            for k in samples
+        )
     # every kuberank_* series the chart's rules/dashboard and the canary analysis query exists
     root = Path(__file__).resolve().parent.parent
     used = set()
-    for path in [*root.joinpath("charts/kuberank").rglob("*.yaml"), *root.joinpath("charts/kuberank").rglob("*.json"),
-                 root / "kuberank" / "canary.py"]:
-        used |= set(re.findall(r"\bkuberank_[a-z_]+(?:_total|_seconds_bucket|_seconds)\b", path.read_text()))
+    for path in [
+        *root.joinpath("charts/kuberank").rglob("*.yaml"),
+        *root.joinpath("charts/kuberank").rglob("*.json"),
+        root / "kuberank" / "canary.py",
+    ]:
+        used |= set(
+            re.findall(r"\bkuberank_[a-z_]+(?:_total|_seconds_bucket|_seconds)\b", path.read_text())
+        )
     exposed = {k.split("{")[0] for k in samples}
     assert used and used <= exposed, used - exposed
 
@@ -275,10 +332,11 @@ def test_mismatched_index_is_refused_at_start_up(serving, tmp_path):
 
 
 def test_new_model_version_is_picked_up_without_dropping_requests(serving, tmp_path):
+    from ray import serve
+
     from kuberank.components.export import export_model
     from kuberank.serving.app import build_app  # noqa: I001
     from kuberank.serving.bench import Level, run_load
-    from ray import serve
 
     v2 = tmp_path / "store"
     shutil.copytree(serving["store"], v2, symlinks=True)
@@ -291,8 +349,11 @@ def test_new_model_version_is_picked_up_without_dropping_requests(serving, tmp_p
         return {"query": QUERIES[f"q{i % 6 + 1}"], "k": 2}
 
     result: dict = {}
-    load = threading.Thread(target=lambda: result.update(run_load(
-        serving["base"] + "/search", body, Level("closed", 4, 400, 60))))
+    load = threading.Thread(
+        target=lambda: result.update(
+            run_load(serving["base"] + "/search", body, Level("closed", 4, 400, 60))
+        )
+    )
     load.start()
     try:
         args = {**serving["main_args"], "model_store": str(v2)}

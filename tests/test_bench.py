@@ -7,30 +7,46 @@ from __future__ import annotations
 import json
 
 import pytest
-from kuberank.serving import bench
 from test_app import serving  # noqa: F401 - the shared session fixture
 from test_index import serving_store
 
 from kuberank.errors import KuberankError
+from kuberank.serving import bench
 
 
 def _row(target, level, qps, p99, errors=0.0):
-    return {"target": target, "mode": "closed", "level": level, "requests": 100, "qps": qps,
-            "p50_ms": p99 / 2, "p95_ms": p99 * 0.9, "p99_ms": p99, "max_ms": p99 * 1.2,
-            "error_rate": errors, "errors": {}}
+    return {
+        "target": target,
+        "mode": "closed",
+        "level": level,
+        "requests": 100,
+        "qps": qps,
+        "p50_ms": p99 / 2,
+        "p95_ms": p99 * 0.9,
+        "p99_ms": p99,
+        "max_ms": p99 * 1.2,
+        "error_rate": errors,
+        "errors": {},
+    }
 
 
 def test_summary_verdicts_and_table():
     results = {
-        "kuberank-onnx": [_row("kuberank-onnx", 1, 50, 10), _row("kuberank-onnx", 32, 400, 45),
-                          _row("kuberank-onnx", 64, 500, 90), _row("kuberank-onnx", 16, 450, 30, 0.1)],
+        "kuberank-onnx": [
+            _row("kuberank-onnx", 1, 50, 10),
+            _row("kuberank-onnx", 32, 400, 45),
+            _row("kuberank-onnx", 64, 500, 90),
+            _row("kuberank-onnx", 16, 450, 30, 0.1),
+        ],
         "naive": [_row("naive", 1, 40, 30), _row("naive", 8, 70, 120)],
         "limit": [{**_row("limit", 32, 700, 0), "p99_ms": None}],
         "bare-triton": [_row("bare-triton", 32, 800, 60)],
         "serve-floor": [_row("serve-floor", 32, 900, 40)],
     }
     s = bench.summarize(results)
-    assert s["best"]["qps"] == 400 and s["best"]["target"] == "kuberank-onnx"  # 500 is over budget, 450 had errors
+    assert (
+        s["best"]["qps"] == 400 and s["best"]["target"] == "kuberank-onnx"
+    )  # 500 is over budget, 450 had errors
     assert s["naive_qps_same_p99"] == 40 and s["vs_naive"] == 10.0 and s["target_5x_naive"]
     assert s["vs_limit"] == round(400 / 700, 3) and s["target_half_of_limit"]
     assert s["vs_bare_triton"] == 0.5
@@ -38,11 +54,19 @@ def test_summary_verdicts_and_table():
     assert "| kuberank-onnx | closed | 32 | 100 | 400 |" in table and "50% of it" in table
     assert "(400 req/s behind)" in table and "HTTP floor" in table and "900 req/s" in table
     assert s["fastest"]["qps"] == 500 and s["fastest_vs_bare_triton"] == 0.625
-    slow = bench.summarize({"kuberank-onnx": [_row("kuberank-onnx", 8, 100, 80)], "limit": results["limit"],
-                            "bare-triton": results["bare-triton"]})
+    slow = bench.summarize(
+        {
+            "kuberank-onnx": [_row("kuberank-onnx", 8, 100, 80)],
+            "limit": results["limit"],
+            "bare-triton": results["bare-triton"],
+        }
+    )
     assert slow["best"] is None
     table = bench.format_table({"results": {"x": []}, "summary": slow})
-    assert "no kuberank level met" in table and "fastest kuberank level: kuberank-onnx 100 req/s" in table
+    assert (
+        "no kuberank level met" in table
+        and "fastest kuberank level: kuberank-onnx 100 req/s" in table
+    )
     assert "12% of bare Triton 800 req/s" in table
 
 
@@ -74,8 +98,15 @@ def test_load_levels_against_the_app(serving):  # noqa: F811
 @pytest.mark.slow
 def test_serve_and_bench_naive_and_limit(tmp_path_factory, tmp_path):
     store, _, _ = serving_store(tmp_path_factory)
-    result = bench.serve_and_bench(str(store), targets=("naive", "limit"), levels=(2,), requests=20,
-                                   max_seconds=20, queries=20, out_dir=tmp_path)
+    result = bench.serve_and_bench(
+        str(store),
+        targets=("naive", "limit"),
+        levels=(2,),
+        requests=20,
+        max_seconds=20,
+        queries=20,
+        out_dir=tmp_path,
+    )
     naive = result["results"]["naive"][0]
     assert naive["ok"] == 20 and naive["qps"] > 0
     assert result["results"]["limit"][0]["qps"] > 0

@@ -15,7 +15,11 @@ def test_prepare_writes_parquet_and_manifest_that_load_back(tmp_path):
     manifest = prepare("movielens-100k", str(tmp_path / "ml"))
     assert manifest["rows"] == {"items": 1682, "interactions": 100000}
     assert manifest["splits"] == {"train": 98114, "validation": 943, "test": 943}
-    assert sorted(p.name for p in (tmp_path / "ml").iterdir()) == ["interactions.parquet", "items.parquet", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "ml").iterdir()) == [
+        "interactions.parquet",
+        "items.parquet",
+        "manifest.json",
+    ]
     again = prepare("movielens-100k", str(tmp_path / "ml2"))
     assert again["content_hash"] == manifest["content_hash"]  # deterministic
     back = datasets.load(str(tmp_path / "ml"))
@@ -59,8 +63,33 @@ def test_kfp_component_runs_on_the_local_runner(tmp_path):
 
 
 def test_cli_prep_and_errors(tmp_path, capsys):
-    assert main(["data", "prep", "--dataset", f"beir:{write_beir(tmp_path / 'c')}", "--out", str(tmp_path / "o"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prep",
+                "--dataset",
+                f"beir:{write_beir(tmp_path / 'c')}",
+                "--out",
+                str(tmp_path / "o"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["kind"] == "search"
-    assert main(["data", "prep", "--dataset", f"beir:{tmp_path / 'missing'}", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prep",
+                "--dataset",
+                f"beir:{tmp_path / 'missing'}",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "missing: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

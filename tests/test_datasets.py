@@ -44,12 +44,16 @@ def test_eval_task_excludes_seen_items_and_keeps_history_order():
 def test_beir_without_train_qrels_splits_by_stable_hash(tmp_path):
     data = datasets.load(f"beir:{write_beir(tmp_path / 'c')}")
     assert data.kind == datasets.SEARCH and len(data.items) == 6
-    assert data.items.set_index("item_id").loc["d1", "text"].startswith("Neural ranking Transformers")
+    assert (
+        data.items.set_index("item_id").loc["d1", "text"].startswith("Neural ranking Transformers")
+    )
     for qid, split in zip(data.qrels["query_id"], data.qrels["split"]):
         assert split == datasets.hash_split(qid)
     train, test = datasets.eval_task(data, "train"), datasets.eval_task(data, "test")
     assert set(train.query_ids).isdisjoint(test.query_ids)
-    assert sorted(train.query_ids + test.query_ids) == sorted(datasets.eval_task(data, "all").query_ids)
+    assert sorted(train.query_ids + test.query_ids) == sorted(
+        datasets.eval_task(data, "all").query_ids
+    )
     assert datasets.hash_split("1") == datasets.hash_split("1")
 
 
@@ -69,12 +73,36 @@ def test_beir_train_qrels_take_precedence(tmp_path):
 @pytest.mark.parametrize(
     "breakage, file, line, problem",
     [
-        (lambda r: (r / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": \n'), "corpus.jsonl", 2, "malformed JSON"),
+        (
+            lambda r: (r / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": \n'),
+            "corpus.jsonl",
+            2,
+            "malformed JSON",
+        ),
         (lambda r: (r / "corpus.jsonl").write_text(""), "corpus.jsonl", None, "empty corpus"),
         (lambda r: (r / "queries.jsonl").unlink(), "queries.jsonl", None, "file not found"),
-        (lambda r: write_jsonl(r / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}]), "corpus.jsonl", 2, "duplicate id 'd1'"),
-        (lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tnope\t1\n"), "test.tsv", 2, "corpus-id 'nope' is not in corpus.jsonl"),
-        (lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n"), "test.tsv", 2, "expected 3 tab-separated fields"),
+        (
+            lambda r: write_jsonl(
+                r / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}]
+            ),
+            "corpus.jsonl",
+            2,
+            "duplicate id 'd1'",
+        ),
+        (
+            lambda r: (r / "qrels" / "test.tsv").write_text(
+                "query-id\tcorpus-id\tscore\nq1\tnope\t1\n"
+            ),
+            "test.tsv",
+            2,
+            "corpus-id 'nope' is not in corpus.jsonl",
+        ),
+        (
+            lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n"),
+            "test.tsv",
+            2,
+            "expected 3 tab-separated fields",
+        ),
     ],
 )
 def test_beir_bad_input_names_file_line_and_problem(tmp_path, breakage, file, line, problem):
@@ -123,15 +151,33 @@ def test_interactions_with_iso_timestamps_and_short_histories(tmp_path):
     by_user = data.interactions.groupby("user_id")["split"].apply(list).to_dict()
     assert by_user["a"] == ["train", "train"]  # fewer than three: training only
     b = data.interactions[data.interactions["user_id"] == "b"]
-    assert b["item_id"].tolist() == ["x", "z", "y"] and b["split"].tolist() == ["train", "validation", "test"]
+    assert b["item_id"].tolist() == ["x", "z", "y"] and b["split"].tolist() == [
+        "train",
+        "validation",
+        "test",
+    ]
 
 
 @pytest.mark.parametrize(
     "rows, line, problem",
     [
         ([{"user_id": "a", "item_id": "x"}], None, "missing column(s) timestamp"),
-        ([{"user_id": "a", "item_id": "x", "timestamp": 1}, {"user_id": "a", "item_id": "y", "timestamp": "soon"}], 2, "timestamp 'soon'"),
-        ([{"user_id": "a", "item_id": "x", "timestamp": 1}, {"user_id": "", "item_id": "y", "timestamp": 2}], 2, "empty user_id"),
+        (
+            [
+                {"user_id": "a", "item_id": "x", "timestamp": 1},
+                {"user_id": "a", "item_id": "y", "timestamp": "soon"},
+            ],
+            2,
+            "timestamp 'soon'",
+        ),
+        (
+            [
+                {"user_id": "a", "item_id": "x", "timestamp": 1},
+                {"user_id": "", "item_id": "y", "timestamp": 2},
+            ],
+            2,
+            "empty user_id",
+        ),
     ],
 )
 def test_interactions_bad_input(tmp_path, rows, line, problem):

@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-from kuberank.components import edge
 from test_export import MAX_LENGTH, exported_store
 
+from kuberank.components import edge
 from kuberank.errors import KuberankError
 from kuberank.onnx_encoder import OnnxEncoder
 

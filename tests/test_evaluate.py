@@ -36,7 +36,10 @@ def test_bm25_and_zero_shot_find_the_relevant_documents(collection):
 def test_model_directory_is_an_encoder(collection, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(base_model_path(), model)
-    assert evaluate(collection, str(model), "all")["ndcg@10"] == evaluate(collection, "zero-shot", "all")["ndcg@10"]
+    assert (
+        evaluate(collection, str(model), "all")["ndcg@10"]
+        == evaluate(collection, "zero-shot", "all")["ndcg@10"]
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         (model / name).unlink(missing_ok=True)
     with pytest.raises(KuberankError, match="has no tokenizer"):
@@ -59,7 +62,10 @@ def test_movielens_popularity_matches_the_reference_protocol():
 
 
 def test_cli_json_contract(collection, capsys):
-    assert main(["evaluate", "--dataset", collection, "--model", "bm25", "--split", "all", "--json"]) == 0
+    assert (
+        main(["evaluate", "--dataset", collection, "--model", "bm25", "--split", "all", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert {"ndcg@10", "mrr@10", "recall@100", "queries"} <= set(out)
     assert out["split"] == "all" and out["model"] == "bm25"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kuberank.components import export
 
+from kuberank.components import export
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.onnx_encoder import (

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from kuberank.components.evaluate import evaluate
 from kuberank.components.finetune import TrainConfig, train
-
 from kuberank.errors import KuberankError, StorageError
 from kuberank.model import read_info
 from tests.fixtures import interaction_rows, write_beir, write_jsonl
@@ -37,7 +37,15 @@ def collection(tmp_path_factory):
 
 
 def small(dataset, out, **kwargs):
-    defaults = dict(dataset=dataset, out=str(out), workers=2, epochs=2, batch_size=3, max_length=32, query_max_length=16)
+    defaults = dict(
+        dataset=dataset,
+        out=str(out),
+        workers=2,
+        epochs=2,
+        batch_size=3,
+        max_length=32,
+        query_max_length=16,
+    )
     return TrainConfig(**{**defaults, **kwargs})
 
 
@@ -62,10 +70,19 @@ def test_search_model_directory_and_manifest(search_model, collection):
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, collection, tmp_path):
     marker = tmp_path / "killed"
-    out = train(small(collection, tmp_path / "m", epochs=3, fault_injection={"kill_after_epoch": 0, "marker": str(marker)}))
+    out = train(
+        small(
+            collection,
+            tmp_path / "m",
+            epochs=3,
+            fault_injection={"kill_after_epoch": 0, "marker": str(marker)},
+        )
+    )
     assert marker.exists(), "a worker was killed after its first checkpoint"
     info = read_info(out)
-    assert info.training["resumed_from_epoch"] == 1  # the new worker group started from the checkpoint
+    assert (
+        info.training["resumed_from_epoch"] == 1
+    )  # the new worker group started from the checkpoint
     assert [row["epoch"] for row in info.training["history"]][-1] == 2
     assert any(Path(f"{out}.checkpoints").rglob("state.pt")), "the last good checkpoint is kept"
 
@@ -80,7 +97,16 @@ def test_lora_trains_few_parameters_and_exports_a_plain_model(ray_cluster, colle
 
 
 def test_warm_start_with_replay(ray_cluster, search_model, collection, tmp_path):
-    out = train(small(collection, tmp_path / "warm", epochs=1, workers=1, warm_start=str(search_model), replay_fraction=0.5))
+    out = train(
+        small(
+            collection,
+            tmp_path / "warm",
+            epochs=1,
+            workers=1,
+            warm_start=str(search_model),
+            replay_fraction=0.5,
+        )
+    )
     info = read_info(out)
     assert info.base_model == str(search_model)
     assert info.training["replay_fraction"] == 0.5
@@ -90,17 +116,30 @@ def test_checkpoints_to_s3(ray_cluster, s3_endpoint, collection, tmp_path):
     from kuberank import storage
 
     storage.s3_client().create_bucket(Bucket="kuberank-ckpt")
-    train(small(collection, tmp_path / "s3m", epochs=1, workers=1, storage="s3://kuberank-ckpt/runs"))
-    keys = [o["Key"] for o in storage.s3_client().list_objects_v2(Bucket="kuberank-ckpt", Prefix="runs/")["Contents"]]
+    train(
+        small(collection, tmp_path / "s3m", epochs=1, workers=1, storage="s3://kuberank-ckpt/runs")
+    )
+    keys = [
+        o["Key"]
+        for o in storage.s3_client().list_objects_v2(Bucket="kuberank-ckpt", Prefix="runs/")[
+            "Contents"
+        ]
+    ]
     assert any(k.endswith("state.pt") for k in keys)
 
 
 def test_recommendation_with_behaviour_term(ray_cluster, tmp_path):
     log = write_jsonl(tmp_path / "log.jsonl", interaction_rows(users=12, per_user=8))
     spec = f"interactions:{log}"
-    out = train(TrainConfig(dataset=spec, out=str(tmp_path / "rec"), workers=2, epochs=3, batch_size=16))
+    out = train(
+        TrainConfig(dataset=spec, out=str(tmp_path / "rec"), workers=2, epochs=3, batch_size=16)
+    )
     info = read_info(out)
-    assert info.kind == "recommendation" and info.scorer.use_behaviour and info.scorer.use_collaborative
+    assert (
+        info.kind == "recommendation"
+        and info.scorer.use_behaviour
+        and info.scorer.use_collaborative
+    )
     assert "val_ndcg@10" in info.metrics and len(info.item_ids) == 8
     assert (out / "scorer.safetensors").is_file()
     result = evaluate(spec, str(out), "test")
@@ -122,7 +161,6 @@ def test_bad_input_is_refused_before_training(ray_cluster, tmp_path, collection)
         train(small(f"beir:{unjudged}", tmp_path / "y"))
 
 
-
 def test_unreachable_storage_is_refused(ray_cluster, collection, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
@@ -131,10 +169,14 @@ def test_unreachable_storage_is_refused(ray_cluster, collection, tmp_path, monke
         train(small(collection, tmp_path / "z", storage="s3://kuberank-missing/ckpt"))
 
 
-def test_mismatched_item_tower_tokenizer_is_refused(ray_cluster, search_model, collection, tmp_path):
+def test_mismatched_item_tower_tokenizer_is_refused(
+    ray_cluster, search_model, collection, tmp_path
+):
     broken = tmp_path / "broken"
     shutil.copytree(search_model, broken)
-    shutil.copytree(search_model, broken / "item_tower", ignore=shutil.ignore_patterns("item_tower"))
+    shutil.copytree(
+        search_model, broken / "item_tower", ignore=shutil.ignore_patterns("item_tower")
+    )
     tokenizer = broken / "item_tower" / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text().replace('"[unused0]"', '"[unused-x]"', 1))
     with pytest.raises(KuberankError, match="item tower's tokenizer does not match"):

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import DOCS, write_beir
-from kuberank.serving import index as ix
 from test_export import exported_store
 
 from kuberank.errors import KuberankError
+from kuberank.serving import index as ix
 
 _SHARED: dict = {}
 
@@ -44,7 +44,6 @@ def indexed(tmp_path_factory):
 
 def test_index_layout_and_fingerprints(indexed):
     from kuberank.components.export import read_manifest
-
     from kuberank.encoder import model_fingerprint
 
     store, model_dir, _ = indexed
@@ -52,7 +51,11 @@ def test_index_layout_and_fingerprints(indexed):
     manifest = read_manifest(store)
     assert meta["format"] == ix.INDEX_FORMAT
     assert meta["count"] == len(DOCS) and meta["dim"] == 384 and meta["kind"] == "search"
-    assert meta["model_fingerprint"] == model_fingerprint(model_dir) == manifest["model"]["fingerprint"]
+    assert (
+        meta["model_fingerprint"]
+        == model_fingerprint(model_dir)
+        == manifest["model"]["fingerprint"]
+    )
     assert meta["embedding_fingerprint"] == manifest["embedding"]["fingerprint"]
     assert meta["ann"] is None and not (store / "index" / ix.ANN_FILE).exists()
     loaded = ix.load_index(store)
@@ -66,7 +69,9 @@ def test_exact_search_is_brute_force_with_exclusions(indexed):
     index = ix.load_index(store)
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(3, index.dim)).astype(np.float32)
-    rows, scores = index.search(queries, 4, exclude=[np.array([0]), np.zeros(0, np.int64), np.array([1, 2])])
+    rows, scores = index.search(
+        queries, 4, exclude=[np.array([0]), np.zeros(0, np.int64), np.array([1, 2])]
+    )
     for q, r, s, ex in zip(queries, rows, scores, ([0], [], [1, 2]), strict=True):
         full = index.embeddings @ q
         expected = [i for i in np.argsort(-full, kind="stable") if i not in ex][:4]
@@ -119,7 +124,12 @@ def test_index_cli(indexed, tmp_path, capsys):
     store, model_dir, dataset = indexed
     copy = tmp_path / "store"
     shutil.copytree(store, copy, symlinks=True)
-    assert main(["index", "--model", str(model_dir), "--dataset", dataset, "--out", str(copy), "--json"]) == 0
+    assert (
+        main(
+            ["index", "--model", str(model_dir), "--dataset", dataset, "--out", str(copy), "--json"]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["count"] == len(DOCS)
     with pytest.raises(KuberankError, match="no such file|manifest"):

@@ -12,8 +12,9 @@ import time
 
 import pytest
 from conftest import free_port
-from kuberank.serving.launcher import http_json
 from test_index import serving_store
+
+from kuberank.serving.launcher import http_json
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,23 @@ def test_serve_starts_triton_and_serve_and_stops_on_sigterm(tmp_path_factory):
     store, _, _ = serving_store(tmp_path_factory)
     port = free_port()
     env = {**os.environ, "KUBERANK_PROGRESS": "0", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "kuberank.cli", "serve", "--model-store", str(store),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kuberank.cli",
+            "serve",
+            "--model-store",
+            str(store),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        text=True,
+    )
     try:
         line = ""
         deadline = time.monotonic() + 240
@@ -33,8 +48,12 @@ def test_serve_starts_triton_and_serve_and_stops_on_sigterm(tmp_path_factory):
             if line.startswith("{"):
                 break
         ready = json.loads(line)
-        assert ready["url"] == f"http://127.0.0.1:{port}" and ready["triton"].startswith("127.0.0.1:")
-        status, body = http_json("POST", ready["url"] + "/search", {"query": "how to cook pasta", "k": 1})
+        assert ready["url"] == f"http://127.0.0.1:{port}" and ready["triton"].startswith(
+            "127.0.0.1:"
+        )
+        status, body = http_json(
+            "POST", ready["url"] + "/search", {"query": "how to cook pasta", "k": 1}
+        )
         assert status == 200 and body["items"][0]["id"] == "d2"
         triton_port = int(ready["triton"].split(":")[1])
         proc.send_signal(signal.SIGTERM)

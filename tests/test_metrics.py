@@ -18,7 +18,9 @@ def runs_and_qrels(draw):
     for q in range(n_queries):
         qid = f"q{q}"
         ranked = draw(st.lists(st.sampled_from(DOCS), min_size=0, max_size=25, unique=True))
-        judged = draw(st.dictionaries(st.sampled_from(DOCS), st.integers(0, 3), min_size=1, max_size=10))
+        judged = draw(
+            st.dictionaries(st.sampled_from(DOCS), st.integers(0, 3), min_size=1, max_size=10)
+        )
         run[qid] = ranked
         qrels[qid] = judged
     return run, qrels
@@ -35,21 +37,31 @@ def trec(run, qrels, measures):
 @given(runs_and_qrels())
 def test_per_query_metrics_match_pytrec_eval(data):
     run, qrels = data
-    reference = trec(run, qrels, {"ndcg_cut.5,10", "recall.5,10", "map", "recip_rank", "success.1,5,10"})
+    reference = trec(
+        run, qrels, {"ndcg_cut.5,10", "recall.5,10", "map", "recip_rank", "success.1,5,10"}
+    )
     for qid, ranked in run.items():
         rels = qrels[qid]
         if not any(r > 0 for r in rels.values()) or qid not in reference:
             continue
         ref = reference[qid]
         for k in (5, 10):
-            assert math.isclose(metrics.ndcg_at_k(ranked, rels, k), ref[f"ndcg_cut_{k}"], abs_tol=1e-6)
-            assert math.isclose(metrics.recall_at_k(ranked, rels, k), ref[f"recall_{k}"], abs_tol=1e-6)
+            assert math.isclose(
+                metrics.ndcg_at_k(ranked, rels, k), ref[f"ndcg_cut_{k}"], abs_tol=1e-6
+            )
+            assert math.isclose(
+                metrics.recall_at_k(ranked, rels, k), ref[f"recall_{k}"], abs_tol=1e-6
+            )
         for k in (1, 5, 10):
-            assert math.isclose(metrics.hit_rate_at_k(ranked, rels, k), ref[f"success_{k}"], abs_tol=1e-6)
+            assert math.isclose(
+                metrics.hit_rate_at_k(ranked, rels, k), ref[f"success_{k}"], abs_tol=1e-6
+            )
         assert math.isclose(metrics.average_precision(ranked, rels), ref["map"], abs_tol=1e-6)
         # MRR@k is trec_eval's reciprocal rank of the run cut at k.
         cut = trec({qid: ranked[:10]}, {qid: rels}, {"recip_rank"})
-        assert math.isclose(metrics.mrr_at_k(ranked, rels, 10), cut[qid]["recip_rank"] if cut else 0.0, abs_tol=1e-6)
+        assert math.isclose(
+            metrics.mrr_at_k(ranked, rels, 10), cut[qid]["recip_rank"] if cut else 0.0, abs_tol=1e-6
+        )
 
 
 def test_evaluate_run_skips_unjudged_and_scores_missing_queries_zero():

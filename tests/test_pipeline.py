@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import yaml
 from conftest import require
+
+from kuberank.errors import KuberankError
 from kuberank.pipelines import pipeline as pl
 from kuberank.pipelines.cli import build_parser
 from kuberank.pipelines.compile import check_package, compile_pipeline, package_tasks
 from kuberank.pipelines.submit import parse_params, submit
-
-from kuberank.errors import KuberankError
 from tests.fixtures import interaction_rows, write_jsonl
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "kuberank"
@@ -30,14 +30,20 @@ def compiled(tmp_path_factory):
     """The cluster (RayJob and in-pod training) and local packages, compiled once."""
     root = tmp_path_factory.mktemp("ir")
     out = {}
-    for key, target, settings in (("rayjob", "cluster", pl.ClusterSettings()),
-                                  ("pod", "cluster", pl.ClusterSettings(training="pod")),
-                                  ("local", "local", None)):
+    for key, target, settings in (
+        ("rayjob", "cluster", pl.ClusterSettings()),
+        ("pod", "cluster", pl.ClusterSettings(training="pod")),
+        ("local", "local", None),
+    ):
         path = root / f"{key}.yaml"
         summary = compile_pipeline(path, target, settings)
         docs = list(yaml.safe_load_all(path.read_text()))
-        out[key] = {"path": path, "summary": summary, "spec": docs[0],
-                    "platform": docs[1] if len(docs) > 1 else None}
+        out[key] = {
+            "path": path,
+            "summary": summary,
+            "spec": docs[0],
+            "platform": docs[1] if len(docs) > 1 else None,
+        }
     return out
 
 
@@ -61,9 +67,14 @@ def test_task_graph_follows_the_design(compiled):
     assert tasks["index"]["depends"] == ["compress", "tensorrt"]  # ... and indexed
     assert tasks["index#2"]["depends"] == ["tensorrt"]  # or the fine-tuned one, uncompressed
     assert tasks["publish"]["depends"] == ["condition-branches-1", "evaluate"]  # after either index
-    conditions = {t["taskInfo"]["name"]: t.get("triggerPolicy", {}).get("condition")
-                  for t in spec["root"]["dag"]["tasks"].values()}
-    assert conditions["deploy-canary"] == "inputs.parameter_values['pipelinechannel--deploy_canary'] == true"
+    conditions = {
+        t["taskInfo"]["name"]: t.get("triggerPolicy", {}).get("condition")
+        for t in spec["root"]["dag"]["tasks"].values()
+    }
+    assert (
+        conditions["deploy-canary"]
+        == "inputs.parameter_values['pipelinechannel--deploy_canary'] == true"
+    )
     # typed artifacts and demo defaults
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["dataset_spec"]["defaultValue"] == "movielens-100k"
@@ -83,7 +94,9 @@ def test_gpu_settings_only_on_gpu_tasks(compiled):
     task, k8s = _k8s(compiled["pod"], "finetune")
     assert task["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert task["resources"]["accelerator"]["resourceCount"] == "1"
-    assert k8s["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert k8s["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
+    ]
     assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     # the RayJob client is a small CPU task: the RayJob's worker group holds the GPUs
     task, k8s = _k8s(compiled["rayjob"], "finetune")
@@ -99,7 +112,10 @@ def test_s3_secret_on_every_cluster_task_and_no_platform_config_locally(compiled
         _, k8s = _k8s(compiled["rayjob"], key)
         (secret,) = k8s["secretAsEnv"]
         assert secret["secretName"] == "kuberank-s3", key
-        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        }
     assert compiled["local"]["platform"] is None
     assert "tensorrt" not in compiled["local"]["summary"]["tasks"]
 
@@ -120,7 +136,9 @@ def test_caching_retries_and_stable_cache_keys(compiled, tmp_path):
     spec1 = compiled["rayjob"]["spec"]
     assert spec2["components"] == spec1["components"]
     assert spec2["deploymentSpec"] == spec1["deploymentSpec"]
-    assert all(e["container"]["image"] == pl.IMAGE for e in spec1["deploymentSpec"]["executors"].values())
+    assert all(
+        e["container"]["image"] == pl.IMAGE for e in spec1["deploymentSpec"]["executors"].values()
+    )
 
 
 def test_check_package_names_what_is_wrong(compiled, tmp_path):
@@ -130,10 +148,14 @@ def test_check_package_names_what_is_wrong(compiled, tmp_path):
         executor["container"].get("resources", {}).pop("accelerator", None)
     path = tmp_path / "no-gpu.yaml"
     path.write_text(yaml.safe_dump_all(broken))
-    with pytest.raises(KuberankError, match=r"GPU on tasks \[\], expected exactly \['tensorrt', 'tensorrt#2'\]"):
+    with pytest.raises(
+        KuberankError, match=r"GPU on tasks \[\], expected exactly \['tensorrt', 'tensorrt#2'\]"
+    ):
         check_package(path, "cluster")
     broken = copy.deepcopy(docs)
-    broken[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-publish-op"].pop("secretAsEnv")
+    broken[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-publish-op"].pop(
+        "secretAsEnv"
+    )
     path.write_text(yaml.safe_dump_all(broken))
     with pytest.raises(KuberankError, match="task publish does not get the kuberank-s3 secret"):
         check_package(path, "cluster")
@@ -149,8 +171,15 @@ def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
     from kuberank import kubeschema
     from kuberank.cli import build_parser as kuberank_parser
 
-    job = pl.rayjob_manifest(pl.rayjob_name("Run_42/ABC"), image="img:1", dataset="prepared:s3://b/p",
-                             out="s3://b/m", workers=4, gpus_per_worker=1, max_minutes=30)
+    job = pl.rayjob_manifest(
+        pl.rayjob_name("Run_42/ABC"),
+        image="img:1",
+        dataset="prepared:s3://b/p",
+        out="s3://b/m",
+        workers=4,
+        gpus_per_worker=1,
+        max_minutes=30,
+    )
     assert job["metadata"]["name"] == "kuberank-ft-run-42-abc"
     kubeschema.validate(job)
     assert kubeschema.security_violations(job) == []
@@ -163,10 +192,21 @@ def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
     assert argv[:3] == ["python", "-m", "kuberank.cli"]
     args = kuberank_parser().parse_args(argv[3:])
     assert (args.dataset, args.out, args.workers, args.storage, args.use_gpu, args.max_minutes) == (
-        "prepared:s3://b/p", "s3://b/m", 4, "s3://b/m.checkpoints", True, 30.0)
-    cpu = pl.rayjob_manifest("kuberank-ft-x", image="img:1", dataset="d", out="/o", workers=1, gpus_per_worker=0)
+        "prepared:s3://b/p",
+        "s3://b/m",
+        4,
+        "s3://b/m.checkpoints",
+        True,
+        30.0,
+    )
+    cpu = pl.rayjob_manifest(
+        "kuberank-ft-x", image="img:1", dataset="d", out="/o", workers=1, gpus_per_worker=0
+    )
     kubeschema.validate(cpu)
-    assert "tolerations" not in cpu["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert (
+        "tolerations"
+        not in cpu["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    )
     assert kuberank_parser().parse_args(shlex.split(cpu["spec"]["entrypoint"])[3:]).use_gpu is False
     with pytest.raises(KuberankError, match="workers"):
         pl.rayjob_manifest("x", image="i", dataset="d", out="o", workers=0, gpus_per_worker=0)
@@ -191,15 +231,24 @@ def test_rayjob_is_followed_to_its_outcome():
     assert pl.rayjob_outcome({"jobStatus": "SUCCEEDED"}) == "SUCCEEDED"
     assert "OOMKilled" in pl.rayjob_outcome({"jobStatus": "FAILED", "message": "OOMKilled"})
     assert "ValidationFailed" in pl.rayjob_outcome({"jobDeploymentStatus": "ValidationFailed"})
-    job = pl.rayjob_manifest("kuberank-ft-a", image="i", dataset="d", out="s3://b/m", workers=1, gpus_per_worker=1)
-    api = _ScriptedRayJobs([{"jobDeploymentStatus": "Initializing"}, {"jobStatus": "RUNNING"},
-                            {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    job = pl.rayjob_manifest(
+        "kuberank-ft-a", image="i", dataset="d", out="s3://b/m", workers=1, gpus_per_worker=1
+    )
+    api = _ScriptedRayJobs(
+        [
+            {"jobDeploymentStatus": "Initializing"},
+            {"jobStatus": "RUNNING"},
+            {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+        ]
+    )
     lines = []
     status = pl.run_rayjob(job, "ml", api=api, poll_s=0, echo=lines.append)
     assert status["jobStatus"] == "SUCCEEDED"
     assert api.created == [("ray.io", "v1", "ml", "rayjobs", "kuberank-ft-a")]
     assert len(lines) == 4  # created + three state changes
-    api = _ScriptedRayJobs([{"jobStatus": "RUNNING"}, {"jobStatus": "FAILED", "message": "worker lost"}])
+    api = _ScriptedRayJobs(
+        [{"jobStatus": "RUNNING"}, {"jobStatus": "FAILED", "message": "worker lost"}]
+    )
     with pytest.raises(KuberankError, match="RayJob FAILED: worker lost"):
         pl.run_rayjob(job, "ml", api=api, poll_s=0, echo=lambda _: None)
 
@@ -219,8 +268,9 @@ def test_canary_values_fit_the_chart_schema():
 
 def test_parse_params_types_and_errors():
     known = pl.build_pipeline("local").pipeline_func.__annotations__
-    assert parse_params(["workers=4", "compress-model=false", "max_ndcg_drop=0.5", "dataset_spec=a=b"]) == {
-        "workers": 4, "compress_model": False, "max_ndcg_drop": 0.5, "dataset_spec": "a=b"}
+    assert parse_params(
+        ["workers=4", "compress-model=false", "max_ndcg_drop=0.5", "dataset_spec=a=b"]
+    ) == {"workers": 4, "compress_model": False, "max_ndcg_drop": 0.5, "dataset_spec": "a=b"}
     assert known["workers"] is int
     with pytest.raises(KuberankError, match="--param worker: not a pipeline parameter"):
         parse_params(["worker=4"])
@@ -241,8 +291,14 @@ def kfp_api():
         def _reply(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
-            seen.append({"method": self.command, "path": self.path, "auth": self.headers.get("authorization"),
-                         "body": body})
+            seen.append(
+                {
+                    "method": self.command,
+                    "path": self.path,
+                    "auth": self.headers.get("authorization"),
+                    "body": body,
+                }
+            )
             if self.command == "POST" and self.path.startswith("/apis/v2beta1/experiments"):
                 out = {"experiment_id": "exp-1", "display_name": body["display_name"]}
             elif self.command == "POST" and self.path.startswith("/apis/v2beta1/runs"):
@@ -271,10 +327,18 @@ def kfp_api():
 
 def test_submit_uploads_the_compiled_pipeline_through_kfp_client(kfp_api, compiled):
     host, seen = kfp_api
-    result = submit(host, package=str(compiled["rayjob"]["path"]), arguments={"workers": 4},
-                    experiment="nightly", run_name="run-a", token="secret-token")
+    result = submit(
+        host,
+        package=str(compiled["rayjob"]["path"]),
+        arguments={"workers": 4},
+        experiment="nightly",
+        run_name="run-a",
+        token="secret-token",
+    )
     assert result["run_id"] == "run-1" and result["run_name"] == "run-a"
-    run = next(r for r in seen if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs"))
+    run = next(
+        r for r in seen if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs")
+    )
     assert run["body"]["display_name"] == "run-a" and run["body"]["experiment_id"] == "exp-1"
     assert run["body"]["runtime_config"]["parameters"] == {"workers": 4}
     assert run["body"]["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "kuberank"
@@ -290,16 +354,26 @@ def test_submit_uploads_the_compiled_pipeline_through_kfp_client(kfp_api, compil
 
 def test_cli_help_compile_and_errors(tmp_path, capsys):
     parser = build_parser()
-    for argv in (["pipeline"], ["pipeline", "compile"], ["pipeline", "run"], ["pipeline", "submit"], ["plan"]):
+    for argv in (
+        ["pipeline"],
+        ["pipeline", "compile"],
+        ["pipeline", "run"],
+        ["pipeline", "submit"],
+        ["plan"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([*argv, "--help"])
         assert exit_.value.code == 0
         assert "usage:" in capsys.readouterr().out
-    args = parser.parse_args(["pipeline", "compile", "--out", str(tmp_path / "p.yaml"), "--training", "pod", "--json"])
+    args = parser.parse_args(
+        ["pipeline", "compile", "--out", str(tmp_path / "p.yaml"), "--training", "pod", "--json"]
+    )
     assert args.func(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["gpu_tasks"] == ["finetune", "tensorrt", "tensorrt#2"]
-    assert (tmp_path / "p.yaml").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+    assert (tmp_path / "p.yaml").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "p.yaml"
+    ]
     with pytest.raises(SystemExit):
         parser.parse_args(["pipeline", "run"])  # --local is required
     assert "--local" in capsys.readouterr().err
@@ -313,7 +387,9 @@ def _infer(url: str, texts: list[str]) -> np.ndarray:
         batch = np.array([[t.encode()] for t in texts], dtype=object)
         text = http.InferInput("TEXT", list(batch.shape), "BYTES")
         text.set_data_from_numpy(batch)
-        result = client.infer("query_encoder", [text], outputs=[http.InferRequestedOutput("EMBEDDING")])
+        result = client.infer(
+            "query_encoder", [text], outputs=[http.InferRequestedOutput("EMBEDDING")]
+        )
         return result.as_numpy("EMBEDDING")
     finally:
         client.close()
@@ -333,8 +409,15 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
         available = False
     require(available, "tritonserver not found (install nvidia-pytriton)")
     log = write_jsonl(tmp_path / "log.jsonl", interaction_rows(users=12, per_user=6))
-    result = pl.run_local(tmp_path / "root", dataset_spec=f"interactions:{log}", workers=1, epochs=1,
-                          max_minutes=0.0, baselines="popularity", compress_model=False)
+    result = pl.run_local(
+        tmp_path / "root",
+        dataset_spec=f"interactions:{log}",
+        workers=1,
+        epochs=1,
+        max_minutes=0.0,
+        baselines="popularity",
+        compress_model=False,
+    )
     store = Path(result["model_store"])
     assert store == tmp_path / "root" / "store"
     release = json.loads((store / pl.RELEASE_FILE).read_text())
@@ -342,7 +425,10 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     assert 0.0 <= result["metrics"]["ndcg@10"] <= 1.0
     assert [r["model"] for r in result["quality_rows"]] == ["popularity", "fine-tuned"]
     assert "| popularity |" in Path(result["quality_report_path"]).read_text()
-    assert f"# Release {release['version']} -> {store}" in Path(result["release_report_path"]).read_text()
+    assert (
+        f"# Release {release['version']} -> {store}"
+        in Path(result["release_report_path"]).read_text()
+    )
     index = load_index(store)
     assert index.meta["embedding_fingerprint"] == release["embedding_fingerprint"]
     assert len(index) == 8

@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
-from kuberank.pipelines.cli import build_parser
 
 from kuberank import plan as p
 from kuberank.errors import KuberankError
+from kuberank.pipelines.cli import build_parser
 
 
 def test_replicas_are_ceil_of_load_over_useful_throughput():
@@ -52,12 +52,18 @@ def test_plan_combines_the_formulas_from_the_baseline():
     assert result["index"]["ann"] is True
     assert result["index"]["bytes"] == 50_000_000 * (384 * 4 + 2 * 32 * 4)
     assert result["index"]["shards"] == math.ceil(result["index"]["bytes"] / (16 * p.GIB * 0.7))
-    assert result["training_workers"] == p.training_workers(100_000_000, 4, b.train_rows_per_s_per_worker, 60, 0.85)
+    assert result["training_workers"] == p.training_workers(
+        100_000_000, 4, b.train_rows_per_s_per_worker, 60, 0.85
+    )
     small = p.plan(10, 1682)  # MovieLens-100K: exact search, the minimum replica counts
     assert small["index"]["ann"] is False and small["index"]["shards"] == 1
     assert small["triton_gpus"] == small["serve_replicas"] == 2
     assert "training_workers" not in small
-    measured = p.plan(315 * 0.6 * 3, 1682, baseline=p.Baseline(triton_qps_per_gpu=p.MEASURED_HERE["triton_cpu_qps_2_cores"]))
+    measured = p.plan(
+        315 * 0.6 * 3,
+        1682,
+        baseline=p.Baseline(triton_qps_per_gpu=p.MEASURED_HERE["triton_cpu_qps_2_cores"]),
+    )
     assert measured["triton_gpus"] == 3
     with pytest.raises(KuberankError, match="--items"):
         p.plan(10, 0)
@@ -65,7 +71,9 @@ def test_plan_combines_the_formulas_from_the_baseline():
 
 def test_cli_plan(capsys):
     parser = build_parser()
-    args = parser.parse_args(["plan", "--qps", "20000", "--items", "50000000", "--json", "--gpu-qps", "2000"])
+    args = parser.parse_args(
+        ["plan", "--qps", "20000", "--items", "50000000", "--json", "--gpu-qps", "2000"]
+    )
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["triton_gpus"] == 17 and out["baseline"]["triton_qps_per_gpu"] == 2000

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_app import deploy, post, serving  # noqa: F401 - the shared session fixture
+
 from kuberank.serving.bench import Level, run_load
 from kuberank.serving.launcher import http_json
-from test_app import deploy, post, serving  # noqa: F401 - the shared session fixture
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,9 @@ def _search(i: int) -> dict:
     return {"query": ["cook pasta", "gpu serving", "grow tomatoes", "ranking"][i % 4], "k": 3}
 
 
-def _load_with_statuses(url: str, make_body, concurrency: int, count: int) -> list[tuple[int, float]]:
+def _load_with_statuses(
+    url: str, make_body, concurrency: int, count: int
+) -> list[tuple[int, float]]:
     """Closed-loop load that keeps every (status, seconds)."""
     import asyncio
 
@@ -35,6 +38,7 @@ def _load_with_statuses(url: str, make_body, concurrency: int, count: int) -> li
     async def main():
         counter = iter(range(count))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+
             async def client():
                 for i in counter:
                     t = time.perf_counter()
@@ -55,7 +59,9 @@ def _load_with_statuses(url: str, make_body, concurrency: int, count: int) -> li
 def test_overload_at_twice_capacity_gets_fast_503s(serving):  # noqa: F811
     # /rec admits 2 ongoing + 2 queued requests at its Ingress: 8 clients are twice that
     url = serving["base"] + "/rec/recommend"
-    results = _load_with_statuses(url, lambda i: {"user_id": "u0", "history": ["d1"], "k": 3}, 8, 240)
+    results = _load_with_statuses(
+        url, lambda i: {"user_id": "u0", "history": ["d1"], "k": 3}, 8, 240
+    )
     statuses = [s for s, _ in results]
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
     rejected = [t for s, t in results if s == 503]
@@ -72,14 +78,23 @@ def test_replica_killed_under_load_is_replaced(serving):  # noqa: F811
     from ray import serve
 
     def retrievers():
-        return [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if "rec#Retriever" in a["name"]]
+        return [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "rec#Retriever" in a["name"]
+        ]
 
     assert len(retrievers()) == 2
     result: dict = {}
-    load = threading.Thread(target=lambda: result.update(run_load(
-        serving["base"] + "/rec/recommend", lambda i: {"history": [f"d{i % 6 + 1}"], "k": 3},
-        Level("closed", 2, 400, 60))))
+    load = threading.Thread(
+        target=lambda: result.update(
+            run_load(
+                serving["base"] + "/rec/recommend",
+                lambda i: {"history": [f"d{i % 6 + 1}"], "k": 3},
+                Level("closed", 2, 400, 60),
+            )
+        )
+    )
     load.start()
     time.sleep(1.0)
     victim = retrievers()[0]
@@ -95,7 +110,9 @@ def test_replica_killed_under_load_is_replaced(serving):  # noqa: F811
             break
         time.sleep(0.5)
     else:
-        raise AssertionError(f"Retriever not back to 2 replicas: {serve.status().applications['rec']}")
+        raise AssertionError(
+            f"Retriever not back to 2 replicas: {serve.status().applications['rec']}"
+        )
     assert victim["name"] not in {a["name"] for a in retrievers()}
     assert post(serving, "/rec/recommend", {"history": ["d2"], "k": 1})[0] == 200
 
@@ -106,8 +123,9 @@ def test_triton_stopped_under_load_falls_back_then_503_never_hangs(serving):  # 
     url = serving["base"] + "/tri/search"
     assert post(serving, "/tri/search", {"query": "pasta", "k": 1})[0] == 200
     result: dict = {}
-    load = threading.Thread(target=lambda: result.update(run_load(
-        url, _search, Level("closed", 4, 300, 60))))
+    load = threading.Thread(
+        target=lambda: result.update(run_load(url, _search, Level("closed", 4, 300, 60)))
+    )
     load.start()
     time.sleep(1.0)
     serving["triton"].stop()
@@ -126,19 +144,34 @@ def test_triton_stopped_under_load_falls_back_then_503_never_hangs(serving):  # 
         assert "encoder" in json.dumps(body) and time.perf_counter() - started < 10
 
 
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
-                      st.text(max_size=40))
-JSON_ANY = st.recursive(JSON_LEAF, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=10)
-ITEM = st.one_of(st.sampled_from(["d1", "d2", "d3", "d4", "d5", "d6"]), st.text(max_size=8), JSON_LEAF)
+JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+)
+JSON_ANY = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+ITEM = st.one_of(
+    st.sampled_from(["d1", "d2", "d3", "d4", "d5", "d6"]), st.text(max_size=8), JSON_LEAF
+)
 BODIES = st.one_of(
     JSON_ANY,
-    st.fixed_dictionaries({}, optional={
-        "query": st.one_of(st.text(max_size=600), JSON_LEAF),
-        "user_id": st.one_of(st.text(max_size=10), JSON_LEAF),
-        "history": st.one_of(st.lists(ITEM, max_size=8), JSON_LEAF),
-        "k": st.one_of(st.integers(-5, 120), JSON_LEAF),
-    }),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "query": st.one_of(st.text(max_size=600), JSON_LEAF),
+            "user_id": st.one_of(st.text(max_size=10), JSON_LEAF),
+            "history": st.one_of(st.lists(ITEM, max_size=8), JSON_LEAF),
+            "k": st.one_of(st.integers(-5, 120), JSON_LEAF),
+        },
+    ),
 )
 
 

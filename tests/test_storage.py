@@ -25,7 +25,11 @@ def test_s3_round_trip_prepare_from_and_to_s3(s3_endpoint, tmp_path):
     client.create_bucket(Bucket="kuberank-test")
     storage.publish(write_beir(tmp_path / "collection"), "s3://kuberank-test/raw/collection")
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="kuberank-test")["Contents"])
-    assert keys == ["raw/collection/corpus.jsonl", "raw/collection/qrels/test.tsv", "raw/collection/queries.jsonl"]
+    assert keys == [
+        "raw/collection/corpus.jsonl",
+        "raw/collection/qrels/test.tsv",
+        "raw/collection/queries.jsonl",
+    ]
 
     manifest = prepare("beir:s3://kuberank-test/raw/collection", "s3://kuberank-test/prepared/c1")
     assert manifest["rows"] == {"items": 6, "queries": 6, "qrels": 6}

@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 from conftest import require
-from kuberank.serving import model_repository as mr
-from kuberank.serving.triton import TritonServer, TritonStartError, find_tritonserver
 from test_export import MAX_LENGTH, exported_store
 
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
+from kuberank.serving import model_repository as mr
+from kuberank.serving.triton import TritonServer, TritonStartError, find_tritonserver
 
 pytestmark = pytest.mark.slow
 
