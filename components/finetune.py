@@ -35,7 +35,7 @@ from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 
-SEARCH_DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 3e-5}
+SEARCH_DEFAULTS = {"epochs": 2, "batch_size": 32, "lr": 5e-5}
 RECOMMENDATION_DEFAULTS = {"epochs": 4, "batch_size": 256, "lr": 3e-3}
 
 

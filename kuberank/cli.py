@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     tr.add_argument(
-        "--epochs", type=int, help="epochs (default: 1 for search, 4 for recommendation)"
+        "--epochs", type=int, help="epochs (default: 2 for search, 4 for recommendation)"
     )
     tr.add_argument(
         "--max-minutes", type=float, metavar="M", help="stop after the epoch that crosses M minutes"
