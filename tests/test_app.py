@@ -88,19 +88,42 @@ def deploy(name: str, prefix: str, args: dict) -> str:
     return _wait_ready(f"{_SERVING['base']}{prefix.rstrip('/')}/readyz") and prefix.rstrip("/")
 
 
+_ARTIFACTS: dict = {}
+
+
+def _still_serving() -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        return http_json("GET", _SERVING["base"] + "/readyz", timeout=5)[0] == 200
+    except Exception:
+        return False
+
+
 def serving_session(request, tmp_path_factory) -> dict:
     """Ray + Serve on 127.0.0.1 with the apps ``main`` (/), ``rec`` (/rec) and ``tri`` (/tri);
     started once per session, stopped at its end."""
     if "base" in _SERVING:
-        return _SERVING
+        if _still_serving():
+            return _SERVING
+        # Another module (Ray Train, Ray Data tests) shut Ray down in between: start afresh.
+        _SERVING.pop("stop")()
+        _SERVING.clear()
     from kuberank.serving.triton import TritonServer, find_tritonserver, free_port
 
     try:
         find_tritonserver()
     except Exception:
         require(False, "tritonserver not found (install nvidia-pytriton)")
-    store, model_dir, dataset = serving_store(tmp_path_factory)
-    rec_store = write_recommendation_store(store, tmp_path_factory.mktemp("rec") / "store")
+    if not _ARTIFACTS:  # built once per session, reused if Serve has to be restarted
+        store, model_dir, dataset = serving_store(tmp_path_factory)
+        rec_store = write_recommendation_store(store, tmp_path_factory.mktemp("rec") / "store")
+        _ARTIFACTS.update(store=store, model_dir=model_dir, dataset=dataset, rec_store=rec_store)
+    store, model_dir, dataset, rec_store = (
+        _ARTIFACTS[k] for k in ("store", "model_dir", "dataset", "rec_store")
+    )
     triton = TritonServer(store / "triton-local")
     triton.start()
     import ray
@@ -117,6 +140,7 @@ def serving_session(request, tmp_path_factory) -> dict:
             triton.stop()
 
     request.session.addfinalizer(stop)
+    _SERVING["stop"] = stop
     triton.wait_ready()
     from kuberank.serving.launcher import apply_serve_env
 
