@@ -10,6 +10,7 @@ import numpy as np
 
 from kuberank import datasets, report
 from kuberank.components.evaluate import evaluate
+from kuberank.perf import encoder_flops, encoder_throughput, matmul_peak_flops
 
 ML = "movielens-100k"
 # Measured elsewhere under the same MovieLens-100K protocol (issue 3); not re-run here.
@@ -113,41 +114,6 @@ def train(out: Path, cisi: str | None):
     return {"rows": rows}, "\n".join(lines)
 
 
-def _matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
-
-
-def _encoder_flops(config: dict, tokens: int, seq: int) -> float:
-    """Forward FLOPs of a BERT encoder for ``tokens`` tokens in sequences of length ``seq``."""
-    h, ffn, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    per_token = layers * (2 * 4 * h * h + 2 * 2 * h * ffn + 2 * 2 * seq * h)
-    return float(per_token * tokens)
-
-
-def _throughput(encoder, texts: list[str], batch: int, seconds: float = 6.0) -> dict:
-    encoder.encode(texts[:batch], batch_size=batch)
-    done, started, latencies = 0, time.perf_counter(), []
-    while time.perf_counter() - started < seconds:
-        chunk = texts[(done % len(texts)) : (done % len(texts)) + batch] or texts[:batch]
-        t0 = time.perf_counter()
-        encoder.encode(chunk, batch_size=batch)
-        latencies.append(time.perf_counter() - t0)
-        done += len(chunk)
-    elapsed = time.perf_counter() - started
-    return {
-        "texts/s": done / elapsed,
-        "p50 ms": 1000 * float(np.median(latencies)),
-        "p95 ms": 1000 * float(np.percentile(latencies, 95)),
-    }
-
-
 def compression(out: Path, cisi: str | None):
     """PyTorch fp32, ONNX Runtime fp32, ONNX Runtime int8 and distilled + int8: throughput at
     batch 1 and 32, latency, nDCG@10 and achieved FLOP/s against the measured matmul peak."""
@@ -182,7 +148,7 @@ def compression(out: Path, cisi: str | None):
         ("distilled + int8", distilled),
     ]
     texts = data.item_texts
-    peak = _matmul_peak_flops()
+    peak = matmul_peak_flops()
     from transformers import AutoTokenizer
 
     lengths = [
@@ -199,10 +165,10 @@ def compression(out: Path, cisi: str | None):
         config = json.loads((own if own.is_file() else teacher / "config.json").read_text())
         row = {"model": name}
         for batch in (1, 32):
-            stats = _throughput(encoder, texts, batch)
+            stats = encoder_throughput(encoder, texts, batch)
             row[f"b{batch} texts/s"] = round(stats["texts/s"], 1)
             row[f"b{batch} p50 ms"] = round(stats["p50 ms"], 2)
-        flops = _encoder_flops(config, row["b32 texts/s"] * mean_tokens, int(mean_tokens))
+        flops = encoder_flops(config, row["b32 texts/s"] * mean_tokens, int(mean_tokens))
         row["FLOP/s % of peak"] = round(100 * flops / peak, 1)
         row["ndcg@10"] = evaluate(data, str(path), "test")["ndcg@10"]
         rows.append(row)

@@ -56,7 +56,7 @@ def run_demo(
         served = evaluate(data, store, split)  # the exported, compressed model as served
         served["model"] = "served: distilled + ONNX"
         rows.append(served)
-        sections += _compression_section(outputs, rows)
+        sections += _compression_section(outputs, rows, data)
     else:
         data = datasets.load(DEMO_DATASET)
         echo(f"[1/1] evaluating baselines on the {split} split (full ranking, seen items excluded)")
@@ -108,7 +108,55 @@ def run_demo(
     return run_dir
 
 
-def _compression_section(outputs: dict, rows: list[dict]) -> list[str]:
+def _speed_table(outputs: dict, rows: list[dict], data) -> str:
+    """Batch-32 encoder throughput: the fine-tuned PyTorch model against the served ONNX
+    models (fp32 and int8) of the store, on the catalogue's texts."""
+    from kuberank.encoder import TextEncoder
+    from kuberank.onnx_encoder import OnnxEncoder
+    from kuberank.perf import encoder_throughput
+
+    onnx_dir = Path(outputs["model_store"]) / "onnx"
+    quality = {r["model"]: r["ndcg@10"] for r in rows}
+    variants = [
+        (
+            "fine-tuned",
+            "PyTorch fp32",
+            TextEncoder(outputs["model_path"]),
+            quality.get("fine-tuned"),
+        ),
+        (
+            "served",
+            "ONNX Runtime fp32",
+            OnnxEncoder(onnx_dir, intra_op_threads=None),
+            quality.get("served: distilled + ONNX"),
+        ),
+        (
+            "served",
+            "ONNX Runtime int8",
+            OnnxEncoder(onnx_dir / "model.int8.onnx", tokenizer=onnx_dir, intra_op_threads=None),
+            None,
+        ),
+    ]
+    table = []
+    for name, runtime, encoder, ndcg in variants:
+        stats = encoder_throughput(encoder, data.item_texts, 32, seconds=4.0)
+        table.append(
+            {
+                "model": name,
+                "runtime": runtime,
+                "b32 texts/s": round(stats["texts/s"], 1),
+                "b32 p50 ms": round(stats["p50 ms"], 1),
+                "test ndcg@10": "" if ndcg is None else round(ndcg, 4),
+            }
+        )
+    for row in table:
+        row["speed-up"] = f"{row['b32 texts/s'] / table[0]['b32 texts/s']:.2f}x"
+    return report.format_table(
+        table, ("runtime", "b32 texts/s", "b32 p50 ms", "speed-up", "test ndcg@10")
+    )
+
+
+def _compression_section(outputs: dict, rows: list[dict], data) -> list[str]:
     model_info = json.loads((Path(outputs["model_store"]) / "model" / "kuberank.json").read_text())
     compression = model_info.get("compression") or {}
     training = model_info.get("training") or {}
@@ -129,4 +177,4 @@ def _compression_section(outputs: dict, rows: list[dict]) -> list[str]:
         )
     else:
         lines.append("The served model is not compressed.")
-    return lines + [""]
+    return lines + ["", _speed_table(outputs, rows, data), ""]
