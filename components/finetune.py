@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from kfp import dsl
 
 from kuberank import datasets, storage
@@ -139,12 +140,27 @@ def bm25_hard_negatives(data: datasets.Dataset, examples: dict, depth: int = 20)
 
 def replay_sample(previous_model: str, fraction: float, seed: int) -> datasets.Dataset | None:
     """The data a previous model was trained on, for replay during a warm start."""
-    from kuberank.model import read_info
+    from kuberank.model import is_kuberank_model, read_info
 
+    if fraction <= 0 or not is_kuberank_model(previous_model):
+        return None  # a plain encoder has no training data to replay
     spec = read_info(previous_model).dataset.get("spec")
-    if not spec or fraction <= 0:
+    if not spec:
         return None
     return datasets.load(spec)
+
+
+def recommendation_replay(
+    data: datasets.Dataset, previous: datasets.Dataset, fraction: float, seed: int
+) -> "pd.DataFrame":
+    """Training interactions of a random ``fraction`` of the previous data's users, limited to
+    items still in the catalogue; replayed users get their own ids (``replay:<id>``) so old
+    sequences never merge into current ones."""
+    old = previous.interactions[previous.interactions["split"] == "train"]
+    users = sorted(old["user_id"].unique(), key=str)
+    keep = set(random.Random(seed).sample(users, int(len(users) * fraction)))
+    rows = old[old["user_id"].isin(keep) & old["item_id"].isin(set(data.item_ids))]
+    return rows.assign(user_id="replay:" + rows["user_id"].astype(str))
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -633,26 +649,39 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
     }
     if data.kind == datasets.SEARCH:
         examples = search_examples(data)
-        if config.warm_start:
-            previous = replay_sample(config.warm_start, config.replay_fraction, config.seed)
-            if previous is not None and previous.kind == datasets.SEARCH:
-                old = search_examples(previous)
-                keep = random.Random(config.seed).sample(
-                    old["pairs"], int(len(old["pairs"]) * config.replay_fraction)
-                )
-                # Replayed pairs point into the previous collection: append its texts.
-                offset_q, offset_d = len(examples["queries"]), len(data.items)
-                examples["queries"] += old["queries"]
-                examples["pairs"] += [(q + offset_q, d + offset_d) for q, d in keep]
-                loop["extra_doc_texts"] = previous.item_texts
+        doc_texts = list(data.item_texts)
+        hard = bm25_hard_negatives(data, examples) if config.hard_negatives else None
+        replayed = 0
+        previous = (
+            replay_sample(config.warm_start, config.replay_fraction, config.seed)
+            if config.warm_start
+            else None
+        )
+        if previous is not None and previous.kind == datasets.SEARCH:
+            old = search_examples(previous)
+            chosen = random.Random(config.seed).sample(
+                range(len(old["pairs"])), int(len(old["pairs"]) * config.replay_fraction)
+            )
+            # Replayed pairs point into the previous collection: its queries and texts follow ours.
+            offset_q, offset_d = len(examples["queries"]), len(doc_texts)
+            examples["queries"] += old["queries"]
+            examples["pairs"] += [
+                (old["pairs"][i][0] + offset_q, old["pairs"][i][1] + offset_d) for i in chosen
+            ]
+            doc_texts += previous.item_texts
+            if hard is not None:
+                old_hard = bm25_hard_negatives(previous, old)
+                hard += [old_hard[i] + offset_d for i in chosen]
+            replayed = len(chosen)
         loop.update(
             queries=examples["queries"],
             pairs=examples["pairs"],
-            doc_texts=data.item_texts + loop.pop("extra_doc_texts", []),
+            doc_texts=doc_texts,
             n_rows=len(examples["pairs"]),
+            replayed_rows=replayed,
         )
-        if config.hard_negatives:
-            loop["hard_negatives"] = bm25_hard_negatives(data, examples)
+        if hard is not None:
+            loop["hard_negatives"] = hard
     else:
         loop.update(_recommendation_loop(data, config, init_model))
 
@@ -666,7 +695,16 @@ def _recommendation_loop(data: datasets.Dataset, config: TrainConfig, init_model
     from kuberank.encoder import TextEncoder
     from kuberank.model import ScorerConfig, is_kuberank_model, item_tower_path
 
-    examples = recommendation_examples(data, max_history=config.max_history)
+    train_data, replayed = data, 0
+    if config.warm_start and config.replay_fraction > 0:
+        previous = replay_sample(config.warm_start, config.replay_fraction, config.seed)
+        if previous is not None and previous.kind == datasets.RECOMMENDATION:
+            replay = recommendation_replay(data, previous, config.replay_fraction, config.seed)
+            train_data = dataclasses.replace(
+                data, interactions=pd.concat([data.interactions, replay], ignore_index=True)
+            )
+            replayed = len(replay)
+    examples = recommendation_examples(train_data, max_history=config.max_history)
     encoder = TextEncoder(str(item_tower_path(init_model)))
     item_text = encoder.encode(data.item_texts, desc="encode items")
     scorer = ScorerConfig(
@@ -699,6 +737,7 @@ def _recommendation_loop(data: datasets.Dataset, config: TrainConfig, init_model
         "users": examples["users"],
         "validation": validation,
         "warm_scorer": warm,
+        "replayed_rows": replayed,
     }
 
 
@@ -777,6 +816,7 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
                 k: v for k, v in dataclasses.asdict(config).items() if k not in ("fault_injection",)
             },
             "trainable_parameters": int(trainable),
+            "replayed_rows": int(loop.get("replayed_rows", 0)),
             "total_parameters": int(total),
             "epochs_run": len(history),
             "chosen_epoch": int(chosen.get("epoch", -1)),

@@ -110,6 +110,7 @@ def test_warm_start_with_replay(ray_cluster, search_model, collection, tmp_path)
     info = read_info(out)
     assert info.base_model == str(search_model)
     assert info.training["replay_fraction"] == 0.5
+    assert info.training["replayed_rows"] == 3  # half of the previous model's 6 training pairs
 
 
 def test_checkpoints_to_s3(ray_cluster, s3_endpoint, collection, tmp_path):
@@ -144,6 +145,24 @@ def test_recommendation_with_behaviour_term(ray_cluster, tmp_path):
     assert (out / "scorer.safetensors").is_file()
     result = evaluate(spec, str(out), "test")
     assert result["queries"] == 12
+    # Continuous learning: new logs, warm start from the model, replay of its old users.
+    newer = write_jsonl(tmp_path / "newer.jsonl", interaction_rows(users=6, per_user=8))
+    again = train(
+        TrainConfig(
+            dataset=f"interactions:{newer}",
+            out=str(tmp_path / "rec2"),
+            workers=1,
+            epochs=1,
+            batch_size=16,
+            warm_start=str(out),
+            replay_fraction=0.5,
+        )
+    )
+    replayed = read_info(again)
+    assert (
+        replayed.training["replayed_rows"] == 6 * 6
+    )  # 6 of the 12 old users, 6 training items each
+    assert sum(u.startswith("replay:") for u in replayed.user_ids) == 6
 
 
 def test_bad_input_is_refused_before_training(ray_cluster, tmp_path, collection):
