@@ -583,27 +583,25 @@ QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
 
-class SearchRequest(BaseModel):
+class _UserContext(BaseModel):
+    """What both routes take besides the query: the user, the history and k."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
+    history: list[ItemId] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY,
+        description="item ids the user interacted with, most recent last",
+    )
+    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+
+
+class SearchRequest(_UserContext):
     query: QueryText = Field(description="query text (1-512 characters, not blank)")
     user_id: ItemId | None = Field(None, description="a user the model knows (personalisation)")
-    history: list[ItemId] = Field(
-        default_factory=list,
-        max_length=MAX_HISTORY,
-        description="item ids the user interacted with, most recent last",
-    )
-    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
 
 
-class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class RecommendRequest(_UserContext):
     user_id: ItemId | None = Field(None, description="a user the model knows")
-    history: list[ItemId] = Field(
-        default_factory=list,
-        max_length=MAX_HISTORY,
-        description="item ids the user interacted with, most recent last",
-    )
-    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
 
 
 class ScoredItem(BaseModel):

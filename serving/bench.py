@@ -307,12 +307,6 @@ def bare_triton(
     return {"target": "bare-triton", **asyncio.run(main())}
 
 
-def _free_port() -> int:
-    from kuberank.serving.triton import free_port
-
-    return free_port()
-
-
 def _wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
     from kuberank.serving.launcher import http_json
 
@@ -571,7 +565,9 @@ def serve_and_bench(
         if kind != "search":
             results["naive"] = []
         else:
-            port = _free_port()
+            from kuberank.serving.triton import free_port
+
+            port = free_port()
             cmd = [
                 sys.executable,
                 "-m",

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
+
+from kuberank.serving.triton import free_port
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -26,12 +27,6 @@ def require_binary(name: str, hint: str) -> str:
     path = shutil.which(name)
     require(path is not None, f"{name} not found ({hint})")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -465,7 +465,9 @@ def test_serve_config_contract(variant):
         }
         for d in app["deployments"]:
             # The Ingress always serves; with colocate (the default) the stages idle at 0.
-            floor = 1 if d["name"] == "Ingress" or app.get("args", {}).get("colocate") is False else 0
+            floor = (
+                1 if d["name"] == "Ingress" or app.get("args", {}).get("colocate") is False else 0
+            )
             assert d["autoscaling_config"]["min_replicas"] >= floor and "num_replicas" not in d
         assert config["http_options"]["port"] == 8000
         svc = tritons[track]
