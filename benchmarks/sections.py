@@ -234,7 +234,7 @@ def serving(out: Path, cisi: str | None):
     build_index(model, spec, store)
     result = serve_and_bench(
         str(store),
-        levels=(1, 8, 32),
+        levels=(1, 8, 16, 32),
         requests=300,
         max_seconds=15.0,
         out_dir=out / "serving",

@@ -680,29 +680,65 @@ async def _request_problem(request: Request, exc: RequestProblem):
 ROUTES = {"/search", "/recommend", "/healthz", "/readyz", "/metrics", "/openapi.json"}
 
 
-@api.middleware("http")
-async def _limits_and_metrics(request: Request, call_next):
-    started = time.perf_counter()
-    route = request.url.path if request.url.path in ROUTES else "other"
-    length = request.headers.get("content-length")
-    too_big = error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        response = too_big
-    elif length is None and request.method == "POST" and len(await request.body()) > MAX_BODY_BYTES:
-        response = too_big
-    else:
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # a bug, not the client's fault: JSON 500, counted, logged
-            import logging
+class _BodyTooLarge(Exception):
+    pass
 
-            logging.getLogger("ray.serve").exception("kuberank: request failed")
-            response = error_response(500, f"internal error: {type(exc).__name__}")
-    if route != "/metrics":  # requests refused before a route runs (413, 400, 422) count too
-        replica_metrics().observe_request(
-            route, response.status_code, time.perf_counter() - started
-        )
-    return response
+
+class LimitsAndMetrics:
+    """Pure ASGI middleware (Starlette's ``BaseHTTPMiddleware`` costs a task group and memory
+    streams per request): 413 for bodies over MAX_BODY_BYTES (declared or streamed), a JSON 500
+    for a bug, and every answered request counted per route and status."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = 0
+
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        seen = 0
+
+        async def bounded_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
+        too_big = f"request body over {MAX_BODY_BYTES} bytes"
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            await error_response(413, too_big)(scope, receive, counted_send)
+        else:
+            try:
+                await self.app(scope, bounded_receive if length is None else receive, counted_send)
+            except _BodyTooLarge:
+                if not status:
+                    await error_response(413, too_big)(scope, receive, counted_send)
+            except Exception as exc:  # a bug, not the client's fault: JSON 500, counted, logged
+                import logging
+
+                logging.getLogger("ray.serve").exception("kuberank: request failed")
+                if not status:
+                    problem = f"internal error: {type(exc).__name__}"
+                    await error_response(500, problem)(scope, receive, counted_send)
+        if route != "/metrics":  # requests refused before a route runs (413, 400, 422) count too
+            replica_metrics().observe_request(route, status or 500, time.perf_counter() - started)
+
+
+api.add_middleware(LimitsAndMetrics)
 
 
 # --------------------------------------------------------------------------- deployments

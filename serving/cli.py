@@ -32,11 +32,27 @@ def _settings(args) -> dict:
     return settings
 
 
+def _ingress_option(parser) -> None:
+    from kuberank.serving.launcher import INGRESS_MODES
+
+    parser.add_argument(
+        "--ingress",
+        choices=INGRESS_MODES,
+        default="direct",
+        help="direct (default): the Ingress replica serves HTTP itself, one replica; proxy: "
+        "through Ray Serve's proxy, which balances several replicas and retries a dead one",
+    )
+
+
 def _cmd_serve(args) -> int:
     from kuberank.serving.launcher import serve_forever
 
     return serve_forever(
-        args.model_store, port=args.port, use_triton=not args.no_triton, settings=_settings(args)
+        args.model_store,
+        port=args.port,
+        use_triton=not args.no_triton,
+        settings=_settings(args),
+        ingress=args.ingress,
     )
 
 
@@ -55,6 +71,7 @@ def _cmd_bench(args) -> int:
         queries=args.queries,
         out_dir=args.out,
         settings=_settings(args),
+        ingress=args.ingress,
     )
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
     return 0
@@ -94,6 +111,7 @@ def register(sub, dataset_help: str) -> None:
         "--no-triton", action="store_true", help="encode queries in process (ONNX Runtime)"
     )
     sv.add_argument("--settings", metavar="JSON", help="app settings, e.g. '{\"candidates\": 200}'")
+    _ingress_option(sv)
     sv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser(
@@ -106,9 +124,9 @@ def register(sub, dataset_help: str) -> None:
     bn.add_argument("--model-store", required=True, metavar="STORE", help="path or s3:// URI")
     bn.add_argument(
         "--concurrency",
-        default="1,8,32",
+        default="1,8,16,32",
         metavar="C,C,...",
-        help="closed-loop client counts (default: 1,8,32)",
+        help="closed-loop client counts (default: 1,8,16,32)",
     )
     bn.add_argument("--rates", metavar="R,R,...", help="open-loop request rates per second instead")
     bn.add_argument("--requests", type=int, default=200, help="requests per level (default: 200)")
@@ -119,5 +137,6 @@ def register(sub, dataset_help: str) -> None:
     )
     bn.add_argument("--out", metavar="DIR", help="write bench.json and latency_vs_load.png here")
     bn.add_argument("--settings", metavar="JSON", help="app settings for the kuberank targets")
+    _ingress_option(bn)
     bn.add_argument("--json", action="store_true", help="print the result as one JSON object")
     bn.set_defaults(func=_cmd_bench)

@@ -41,7 +41,10 @@ def test_summary_verdicts_and_table():
         "naive": [_row("naive", 1, 40, 30), _row("naive", 8, 70, 120)],
         "limit": [{**_row("limit", 32, 700, 0), "p99_ms": None}],
         "bare-triton": [_row("bare-triton", 32, 800, 60)],
-        "serve-floor": [_row("serve-floor", 32, 900, 40)],
+        "serve-floor": [
+            {**_row("serve-floor", 32, 1800, 30), "via": "direct"},
+            {**_row("serve-floor", 32, 900, 40), "via": "proxy"},
+        ],
     }
     s = bench.summarize(results)
     assert (
@@ -52,7 +55,8 @@ def test_summary_verdicts_and_table():
     assert s["vs_bare_triton"] == 0.5
     table = bench.format_table({"results": results, "summary": s})
     assert "| kuberank-onnx | closed | 32 | 100 | 400 |" in table and "50% of it" in table
-    assert "(400 req/s behind)" in table and "HTTP floor" in table and "900 req/s" in table
+    assert "(400 req/s behind)" in table and "HTTP floor" in table
+    assert "direct 1800 req/s, proxy 900 req/s" in table
     assert s["fastest"]["qps"] == 500 and s["fastest_vs_bare_triton"] == 0.625
     slow = bench.summarize(
         {
