@@ -79,7 +79,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from kuberank.components.compress import CompressConfig, compress
+    from kuberank.components.compress import (
+        DEFAULT_LADDER,
+        CompressConfig,
+        compress,
+        parse_ladder,
+    )
 
     report = compress(
         CompressConfig(
@@ -88,6 +93,7 @@ def _cmd_compress(args) -> int:
             out=args.out,
             layers=args.layers,
             prune_ratio=args.prune_ratio,
+            ladder=parse_ladder(args.ladder) if args.ladder else DEFAULT_LADDER,
             int8=args.int8,
             max_ndcg_drop=args.max_ndcg_drop,
             split=args.split,
@@ -258,9 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--out", required=True, metavar="DIR", help="compressed model directory to write"
     )
-    co.add_argument("--layers", type=int, default=3, help="student layers (default: 3)")
     co.add_argument(
-        "--prune-ratio", type=float, default=0.25, help="share of feed-forward neurons removed"
+        "--ladder",
+        metavar="LxP,LxP",
+        help="compression levels (student layers x share of feed-forward neurons pruned), most "
+        "compressed first; the first that passes the gate is written (default: "
+        "2x0.5,3x0.5,3x0.25,4x0.25,6x0)",
+    )
+    co.add_argument("--layers", type=int, help="one fixed level: student layers (default 3)")
+    co.add_argument(
+        "--prune-ratio", type=float, help="one fixed level: share of neurons pruned (default 0.25)"
     )
     co.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 quantisation")
     co.add_argument(

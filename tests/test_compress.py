@@ -6,17 +6,19 @@ import pytest
 import torch
 
 from kuberank.components.compress import (
+    DEFAULT_LADDER,
     CompressConfig,
     QualityGateError,
     compress,
     make_student,
+    parse_ladder,
     prune_feed_forward,
     student_layers,
 )
 from kuberank.components.evaluate import evaluate
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
-from tests.fixtures import write_beir
+from tests.fixtures import write_beir, write_jsonl
 
 
 def test_student_layers_are_uniform_and_keep_the_last():
@@ -25,6 +27,20 @@ def test_student_layers_are_uniform_and_keep_the_last():
     assert student_layers(6, 1) == [5]
     with pytest.raises(KuberankError, match="--layers"):
         student_layers(6, 7)
+
+
+def test_ladder_parsing_and_levels():
+    assert parse_ladder("2x0.5, 3X0.25") == ((2, 0.5), (3, 0.25))
+    with pytest.raises(KuberankError, match="--ladder: '3-0.5'"):
+        parse_ladder("2x0.5,3-0.5")
+    base = {"model": "m", "dataset": "d", "out": "o"}
+    assert CompressConfig(**base).rungs() == list(DEFAULT_LADDER)
+    assert CompressConfig(**base, layers=4).rungs() == [(4, 0.25)]  # a fixed level
+    assert CompressConfig(**base, prune_ratio=0.0).rungs() == [(3, 0.0)]
+    with pytest.raises(KuberankError, match="--prune-ratio"):
+        CompressConfig(**base, ladder=((2, 1.0),)).rungs()
+    with pytest.raises(KuberankError, match="--layers"):
+        CompressConfig(**base, layers=0).rungs()
 
 
 def test_student_copies_teacher_layers_and_pruning_shrinks_ffn():
@@ -90,5 +106,60 @@ def test_gate_failure_reports_both_numbers_and_writes_nothing(collection, tmp_pa
             )
         )
     assert "compressed nDCG@10" in str(err.value) and "teacher" in str(err.value)
+    assert "levels tried (layers x prune ratio, nDCG@10): 1x0.9 " in str(err.value)
     assert err.value.teacher >= 0 and err.value.student >= 0
     assert not out.exists()
+
+
+def _word_overlap_collection(root):
+    """40 documents of 8 words from one vocabulary, each query 3 of its document's words."""
+    import random
+
+    words = (
+        "river stone garden engine violin harbor winter pepper ledger comet tunnel falcon "
+        "marble cotton signal ladder orchard canyon velvet lantern piano glacier"
+    ).split()
+    rng = random.Random(7)
+    docs = {f"d{i}": rng.sample(words, 8) for i in range(40)}
+    write_jsonl(
+        root / "corpus.jsonl",
+        [{"_id": d, "title": "", "text": " ".join(w)} for d, w in docs.items()],
+    )
+    write_jsonl(
+        root / "queries.jsonl",
+        [{"_id": f"q{i}", "text": " ".join(rng.sample(docs[f"d{i}"], 3))} for i in range(40)],
+    )
+    (root / "qrels").mkdir()
+    rows = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t1" for i in range(40)]
+    (root / "qrels" / "test.tsv").write_text("\n".join(rows) + "\n")
+    return f"beir:{root}"
+
+
+def test_ladder_writes_the_first_level_that_passes_the_gate(tmp_path):
+    # On word-overlap queries a 1-layer student (closer to a bag of token embeddings) scores
+    # above its 6-layer teacher, while the full depth without pruning or int8 is the teacher
+    # itself (drop exactly 0). A gate that demands a gain of 0.05 (max drop -0.05) therefore
+    # refuses the first level and accepts the second: the ladder moves on, writes the level
+    # that passed and reports both.
+    out = tmp_path / "laddered"
+    report = compress(
+        CompressConfig(
+            model=base_model_path(),
+            dataset=_word_overlap_collection(tmp_path),
+            out=str(out),
+            ladder=((6, 0.0), (1, 0.9)),
+            epochs=0,
+            recovery_epochs=0,
+            int8=False,
+            max_ndcg_drop=-0.05,
+            split="all",
+        )
+    )
+    first, second = report["ladder"]
+    assert (first["layers"], first["prune_ratio"]) == (6, 0.0)
+    assert first["ndcg10"] == report["teacher_ndcg10"]  # refused: no gain
+    assert (second["layers"], second["prune_ratio"]) == (1, 0.9)
+    assert report["compressed_ndcg10"] == second["ndcg10"] >= report["teacher_ndcg10"] + 0.05
+    assert report["layers"] == [5] and report["intermediate_size"] == 154
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    assert json.loads((out / "compression.json").read_text())["ladder"] == report["ladder"]
