@@ -97,7 +97,9 @@ def _default_deployments(colocate: bool = True) -> dict[str, dict]:
     0 replicas until something routes to them."""
     scale = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 10, "downscale_delay_s": 60}
     actor = {"num_cpus": 0, "runtime_env": {"env_vars": dict(STAGE_ENV)}}
-    quiet = {"enable_access_log": False}  # one log line per request costs the replica CPU
+    # one log line per request costs the replica CPU; Serve builds the access-log record (caller
+    # lookup included) before its filter drops it, unless the level is above INFO
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
     stage = {
         "max_ongoing_requests": 256,
         "max_queued_requests": -1,

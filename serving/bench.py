@@ -393,6 +393,11 @@ def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_
     return out
 
 
+def _gap(peer_qps: float, qps: float) -> str:
+    gap = round(peer_qps - qps, 1)
+    return f"{gap} req/s behind" if gap >= 0 else f"{-gap} req/s ahead"
+
+
 def format_table(result: dict) -> str:
     """A markdown latency table of a :func:`serve_and_bench` result, then the verdicts."""
     cols = (
@@ -432,11 +437,10 @@ def format_table(result: dict) -> str:
                 f"(target >= 5x: {'met' if s['target_5x_naive'] else 'NOT met'})"
             )
         if s.get("vs_bare_triton") is not None:
-            gap = round(s["bare_triton_qps"] - b["qps"], 1)
             lines.append(
                 f"  vs bare Triton ensemble {s['bare_triton_qps']} req/s (p99 "
                 f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it "
-                f"({gap} req/s behind)"
+                f"({_gap(s['bare_triton_qps'], b['qps'])})"
             )
     if s.get("serve_floor_qps") and result["results"]:
         paths = ", ".join(f"{via} {qps} req/s" for via, qps in s["serve_floor_qps"].items())
@@ -460,8 +464,7 @@ def format_table(result: dict) -> str:
         if s.get("fastest_vs_bare_triton") is not None:
             lines.append(
                 f"  {s['fastest_vs_bare_triton']:.0%} of bare Triton {s['bare_triton_qps']} req/s "
-                f"(p99 {s['bare_triton_p99_ms']} ms), {round(s['bare_triton_qps'] - f['qps'], 1)} "
-                f"req/s behind"
+                f"(p99 {s['bare_triton_p99_ms']} ms), {_gap(s['bare_triton_qps'], f['qps'])}"
             )
     return "\n".join(lines)
 
@@ -556,7 +559,11 @@ def serve_and_bench(
                 if running.proxy_url != running.url:
                     paths["proxy"] = running.proxy_url
                 results["serve-floor"] = [
-                    {"target": "serve-floor", "via": via, **run_load(url + "/healthz", None, top)}
+                    {
+                        "target": f"serve-floor-{via}",
+                        "via": via,
+                        **run_load(url + "/healthz", None, top),
+                    }
                     for via, url in paths.items()
                 ]
             if running.triton is not None and kind == "search":

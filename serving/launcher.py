@@ -87,6 +87,9 @@ def direct_ingress_env(port: int) -> dict:
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_PORT_SPAN - 1),
+        # time for an external load balancer to take a stopping replica out of rotation
+        # (default 30 s, which every local stop would wait out); nothing balances locally
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
 
 

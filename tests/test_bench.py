@@ -71,7 +71,9 @@ def test_summary_verdicts_and_table():
         "no kuberank level met" in table
         and "fastest kuberank level: kuberank-onnx 100 req/s" in table
     )
-    assert "12% of bare Triton 800 req/s" in table
+    assert "12% of bare Triton 800 req/s" in table and "700 req/s behind" in table
+    ahead = bench.summarize({**results, "kuberank-onnx": [_row("kuberank-onnx", 32, 900, 40)]})
+    assert "(100 req/s ahead)" in bench.format_table({"results": results, "summary": ahead})
 
 
 def test_queries_are_distinct_and_bounded():
