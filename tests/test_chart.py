@@ -819,3 +819,15 @@ def test_prometheus_adapter_rule_matches_the_hpa(tmp_path):
     )
     result = _promtool("check", "rules", str(rules))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])
+def test_ingress_mode_switches_ray_serve_direct_ingress(mode):
+    rs = by_kind(render(serve={"ingressMode": mode}), "RayService")[0]
+    cluster = rs["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == ("1" if mode == "haproxy" else None)
+    with pytest.raises(Exception, match="ingressMode"):
+        render(serve={"ingressMode": "direct"})

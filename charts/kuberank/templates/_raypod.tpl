@@ -55,6 +55,10 @@ spec:
           value: "1"
         - name: RAY_USAGE_STATS_ENABLED
           value: "0"
+        {{- if eq $v.serve.ingressMode "haproxy" }}
+        - name: RAY_SERVE_ENABLE_HA_PROXY
+          value: "1"
+        {{- end }}
         {{- with include "kuberank.s3Env" $root }}{{ . | trim | nindent 8 }}{{ end }}
         {{- with $v.serve.extraEnv }}
         {{- toYaml . | nindent 8 }}
