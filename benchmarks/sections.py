@@ -201,6 +201,8 @@ def compression(out: Path, cisi: str | None):
         "",
         f"distilled + int8 vs PyTorch fp32 at batch 32: {rows[-1]['b32 speed-up']:.2f}x (target 6x), "
         f"nDCG@10 loss {rows[-1]['ndcg@10 loss']:+.4f} (target <= 0.01). Gate: {json.dumps({k: gate[k] for k in ('teacher_ndcg10', 'compressed_ndcg10', 'split')})}",
+        f"Compression level chosen by the gate: {len(gate['layers'])} layers, prune ratio "
+        f"{gate['prune_ratio']:g}; levels tried: {json.dumps(gate['ladder'])}",
     ]
     plot = report.bar_plot(
         [{"model": r["model"], "b32 speed-up": r["b32 speed-up"]} for r in rows],

@@ -544,6 +544,11 @@ def serve_and_bench(
     route, make_body = request_factory(kind, index.ids, texts)
     plan = [Level(mode, float(v), requests, max_seconds) for v in levels]
     results: dict[str, list[dict]] = {}
+    if ingress == "direct" and {"kuberank-triton", "kuberank-onnx"} & set(targets):
+        import ray
+
+        if ray.is_initialized():  # direct ingress is switched on when Ray starts: the bench
+            ray.shutdown()  # (a process of its own, or the demo after training) starts its own
     for name in ("kuberank-triton", "kuberank-onnx"):
         if name not in targets:
             continue

@@ -1,5 +1,7 @@
 """``kuberank serve``: the bundled tritonserver and Ray Serve start on 127.0.0.1, answer a
-search through Triton, and both stop cleanly on SIGTERM (no server process left behind)."""
+search through Triton, and both stop cleanly on SIGTERM (no server process left behind). Direct
+ingress (the launcher's default): the Ingress replica's own port answers like Serve's proxy, and
+overload there still gets fast 503s."""
 
 from __future__ import annotations
 
@@ -65,3 +67,40 @@ def test_serve_starts_triton_and_serve_and_stops_on_sigterm(tmp_path_factory):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def test_direct_ingress_answers_like_the_proxy_and_sheds_overload(tmp_path_factory):
+    import ray
+    from ray import serve
+    from test_reliability import _load_with_statuses
+
+    from kuberank.serving.launcher import LocalServing
+
+    store, _, _ = serving_store(tmp_path_factory)
+    if ray.is_initialized():  # direct ingress is set when Ray starts; the shared session
+        serve.shutdown()  # of test_app restarts itself when a later test needs it
+        ray.shutdown()
+    # the Ingress admits 2 ongoing + 2 queued requests: 8 clients are twice that
+    limits = {"deployments": {"Ingress": {"max_ongoing_requests": 2, "max_queued_requests": 2}}}
+    with LocalServing(
+        str(store), use_triton=False, settings=limits, ingress="direct", num_cpus=2
+    ) as running:
+        assert running.url != running.proxy_url
+        body = {"query": "how to cook pasta", "k": 2}
+        direct = http_json("POST", running.url + "/search", body)
+        proxied = http_json("POST", running.proxy_url + "/search", body)
+        assert direct[0] == proxied[0] == 200 and direct[1]["items"][0]["id"] == "d2"
+        assert direct[1]["items"] == proxied[1]["items"]
+        results = _load_with_statuses(
+            running.url + "/search", lambda i: {"query": f"pasta {i % 5}", "k": 3}, 8, 240
+        )
+        statuses = [s for s, _ in results]
+        assert set(statuses) <= {200, 503}, sorted(set(statuses))
+        rejected = [t for s, t in results if s == 503]
+        assert statuses.count(200) > 0 and rejected, (statuses.count(200), len(rejected))
+        assert sorted(rejected)[len(rejected) // 2] < 0.1, "median 503 slower than 100 ms"
+        assert http_json("GET", running.url + "/readyz")[0] == 200
+        url = running.url
+    assert not ray.is_initialized() and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+    with pytest.raises(OSError):
+        http_json("GET", url + "/healthz", timeout=2)
