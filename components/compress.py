@@ -41,7 +41,7 @@ from kfp import dsl
 from kuberank import datasets, storage
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
-from kuberank.progress import bar
+from kuberank.progress import bar, note
 
 ONNX_SUBDIR = "onnx"
 INT8_FILE = "model.int8.onnx"
@@ -72,8 +72,11 @@ class QualityGateError(KuberankError):
 DEFAULT_LADDER: tuple[tuple[int, float], ...] = ((2, 0.5), (3, 0.5), (3, 0.25), (4, 0.25), (6, 0.0))
 
 
-def parse_ladder(text: str) -> tuple[tuple[int, float], ...]:
-    """``"2x0.5,3x0.25"`` -> ((2, 0.5), (3, 0.25)); a clear error naming ``--ladder``."""
+def parse_ladder(text: str | None) -> tuple[tuple[int, float], ...]:
+    """``"2x0.5,3x0.25"`` -> ((2, 0.5), (3, 0.25)); empty or None -> :data:`DEFAULT_LADDER`;
+    a clear error naming ``--ladder``."""
+    if not text:
+        return DEFAULT_LADDER
     rungs = []
     for part in (p.strip() for p in str(text).split(",")):
         try:
@@ -300,7 +303,7 @@ def compress(config: CompressConfig) -> dict:
             score = evaluate(data, str(candidate), split)["ndcg@10"]
             tried.append({"layers": len(chosen), "prune_ratio": ratio, "ndcg10": score})
             passed = teacher_score - score <= config.max_ndcg_drop
-            _say(
+            note(
                 f"compress: {len(chosen)} layers, prune {ratio:g}: nDCG@10 {score:.4f} vs teacher "
                 f"{teacher_score:.4f} on {split} -> {'accepted' if passed else 'refused'}"
             )
@@ -319,12 +322,6 @@ def compress(config: CompressConfig) -> dict:
             return report
     best = max(tried, key=lambda t: t["ndcg10"])
     raise QualityGateError(teacher_score, best["ndcg10"], config.max_ndcg_drop, split, tried)
-
-
-def _say(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
 
 
 def _write_candidate(teacher_dir: Path, student, tokenizer, candidate: Path, int8: bool) -> dict:
@@ -398,19 +395,14 @@ def compress_op(
 ):
     """kfp wrapper around :func:`compress`; ``ladder`` "" = the default levels ("2x0.5,3x0.25"
     pins others); the gate's numbers become artifact metadata."""
-    from kuberank.components.compress import (
-        DEFAULT_LADDER,
-        CompressConfig,
-        compress,
-        parse_ladder,
-    )
+    from kuberank.components.compress import CompressConfig, compress, parse_ladder
 
     report = compress(
         CompressConfig(
             model=model.path,
             dataset=f"prepared:{dataset.path}",
             out=compressed.path,
-            ladder=parse_ladder(ladder) if ladder else DEFAULT_LADDER,
+            ladder=parse_ladder(ladder),
             max_ndcg_drop=max_ndcg_drop,
         )
     )

@@ -79,12 +79,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from kuberank.components.compress import (
-        DEFAULT_LADDER,
-        CompressConfig,
-        compress,
-        parse_ladder,
-    )
+    from kuberank.components.compress import CompressConfig, compress, parse_ladder
 
     report = compress(
         CompressConfig(
@@ -93,7 +88,7 @@ def _cmd_compress(args) -> int:
             out=args.out,
             layers=args.layers,
             prune_ratio=args.prune_ratio,
-            ladder=parse_ladder(args.ladder) if args.ladder else DEFAULT_LADDER,
+            ladder=parse_ladder(args.ladder),
             int8=args.int8,
             max_ndcg_drop=args.max_ndcg_drop,
             split=args.split,

@@ -30,3 +30,8 @@ def bar(
         dynamic_ncols=True,
         leave=False,
     )
+
+
+def note(message: str) -> None:
+    """One line of progress on stderr that does not break a bar being drawn."""
+    tqdm.write(message, file=sys.stderr)

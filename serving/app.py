@@ -746,6 +746,13 @@ api.add_middleware(LimitsAndMetrics)
 # --------------------------------------------------------------------------- deployments
 
 
+def set_batching(batch_method, size_and_wait: tuple[int, float]) -> None:
+    """Apply a Settings ``(max_batch_size, batch_wait_timeout_s)`` to a ``@serve.batch`` method."""
+    size, wait = size_and_wait
+    batch_method.set_max_batch_size(size)
+    batch_method.set_batch_wait_timeout_s(wait)
+
+
 async def _await(response):
     return await response
 
@@ -766,9 +773,7 @@ if serve is not None:
             self.local: InProcessEncoder | None = None
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
             self.state = None
-            size, wait = self.settings.encoder_batch
-            self._encode_batch.set_max_batch_size(size)
-            self._encode_batch.set_batch_wait_timeout_s(wait)
+            set_batching(self._encode_batch, self.settings.encoder_batch)
 
         async def reconfigure(self, config: dict):
             # loads off the event loop: requests keep being served by the old state meanwhile
@@ -811,9 +816,7 @@ if serve is not None:
         def __init__(self, settings: dict):
             self.settings = Settings(**settings)
             self.index = None
-            size, wait = self.settings.retriever_batch
-            self._retrieve_batch.set_max_batch_size(size)
-            self._retrieve_batch.set_batch_wait_timeout_s(wait)
+            set_batching(self._retrieve_batch, self.settings.retriever_batch)
 
         async def reconfigure(self, config: dict):
             _, index = await asyncio.to_thread(load_checked_index, config["model_store"])
@@ -854,9 +857,7 @@ if serve is not None:
         def __init__(self, settings: dict):
             self.settings = Settings(**settings)
             self.core = None
-            size, wait = self.settings.ranker_batch
-            self._rank_batch.set_max_batch_size(size)
-            self._rank_batch.set_batch_wait_timeout_s(wait)
+            set_batching(self._rank_batch, self.settings.ranker_batch)
 
         async def reconfigure(self, config: dict):
             self.core, self.version = await asyncio.to_thread(self._load, config["model_store"])
@@ -904,9 +905,7 @@ if serve is not None:
             # one worker thread runs a batch's encode + retrieve + rank (ONNX Runtime, numpy and
             # torch release the GIL), so the event loop keeps parsing and answering requests
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-            size, wait = self.settings.pipeline_batch
-            self._pipeline_batch.set_max_batch_size(size)
-            self._pipeline_batch.set_batch_wait_timeout_s(wait)
+            set_batching(self._pipeline_batch, self.settings.pipeline_batch)
 
         async def reconfigure(self, config: dict):
             # loads in a thread beside the old model; requests keep running on the old one

@@ -140,14 +140,14 @@ class LocalServing:
         return f"http://{HOST}:{self.proxy_port}"
 
     def app_args(self) -> dict:
+        from kuberank.serving.app import INGRESS
+
         args = {
             "model_store": self.store,
             "triton_url": self.triton.grpc_url if self.triton else "",
             "revision": self.revision,
             **self.settings,
         }
-        from kuberank.serving.app import INGRESS
-
         if self.ingress == "direct":  # one Ingress replica: one port to send traffic to
             deployments = dict(args.get("deployments") or {})
             deployments[INGRESS] = {**deployments.get(INGRESS, {}), "num_replicas": 1}

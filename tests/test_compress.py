@@ -31,6 +31,7 @@ def test_student_layers_are_uniform_and_keep_the_last():
 
 def test_ladder_parsing_and_levels():
     assert parse_ladder("2x0.5, 3X0.25") == ((2, 0.5), (3, 0.25))
+    assert parse_ladder("") == parse_ladder(None) == DEFAULT_LADDER
     with pytest.raises(KuberankError, match="--ladder: '3-0.5'"):
         parse_ladder("2x0.5,3-0.5")
     base = {"model": "m", "dataset": "d", "out": "o"}
