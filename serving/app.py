@@ -42,8 +42,8 @@ reconfigure) refuses an index whose fingerprints differ from the store's encoder
 import asyncio
 import dataclasses
 import json
+import math
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,9 +54,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kuberank.errors import KuberankError
+from kuberank.serving import json_routes
+from kuberank.serving.batching import DynamicBatcher, run_on_loop
 from kuberank.serving.metrics import replica_metrics
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
@@ -133,14 +135,28 @@ def _default_deployments(colocate: bool = True) -> dict[str, dict]:
     }
 
 
-def onnx_thread_count(requested: int) -> int:
-    """``requested`` intra-op threads, or (0) the cores this process may run on."""
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit) when there is one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def onnx_thread_count(requested: int, streams: int = 1) -> int:
+    """``requested`` intra-op threads, or (0) this process's cores shared among the ``streams``
+    batches that run at once."""
     if requested > 0:
         return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return max(1, usable_cores() // max(1, streams))
 
 
 @dataclass
@@ -152,14 +168,19 @@ class Settings:
     triton_fallback: str = "onnx"  # "onnx": encode in process when Triton fails; "error": 503
     triton_retry_s: float = 5.0  # after a Triton failure, go straight to the fallback this long
     onnx_precision: str = "int8"  # in-process encoder: "int8" (model.int8.onnx) or "fp32"
-    onnx_threads: int = 0  # ONNX Runtime intra-op threads; 0 = the cores of the replica's process
+    # ONNX Runtime intra-op threads; 0 = the replica's cores shared among its concurrent batches
+    onnx_threads: int = 0
     # True: the Ingress runs encode + retrieve + rank in one @serve.batch (one process, no
     # handle hops); False: each stage is its own deployment, scaled separately
     colocate: bool = True
     candidates: int = 100  # retrieved per request before F re-ranks them
     rank_all_max: int = 5000  # recommendation: score every item with F up to this catalogue size
     # (max_batch_size, batch_wait_timeout_s): chosen by measurement (docs/serving.md)
-    pipeline_batch: tuple[int, float] = (32, 0.002)  # colocated: the whole request path
+    pipeline_batch: tuple[int, float] = (16, 0.002)  # colocated: the whole request path
+    # colocated: batches run at once, one worker thread each (0 = one per core). On small
+    # batches ONNX Runtime gets more from one thread per batch and batches side by side than
+    # from several threads on one batch (docs/serving.md, batching)
+    pipeline_workers: int = 0
     encoder_batch: tuple[int, float] = (32, 0.003)
     retriever_batch: tuple[int, float] = (32, 0.001)
     ranker_batch: tuple[int, float] = (32, 0.001)
@@ -183,9 +204,18 @@ class Settings:
                 )
             setattr(self, name, (int(size), float(wait)))
         self.colocate = bool(self.colocate)
+        if int(self.pipeline_workers) < 0:
+            raise KuberankError("pipeline_workers: need >= 0 (0 = one per core)")
+        self.pipeline_workers = int(self.pipeline_workers)
         unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
+
+    def batch_streams(self) -> int:
+        """Batches one replica runs at once: the colocated pipeline's workers, else one."""
+        if not self.colocate:
+            return 1
+        return self.pipeline_workers or usable_cores()
 
     @classmethod
     def from_args(cls, args: dict) -> "Settings":
@@ -261,7 +291,8 @@ def load_checked_index(store: str):
 
 
 class InProcessEncoder:
-    """ONNX Runtime on the store's exported model, without progress bars (hot path)."""
+    """ONNX Runtime on the store's exported model, without progress bars (hot path). Safe to
+    call from several threads at once (the tokenizer and the session are)."""
 
     def __init__(self, store: str, manifest: dict, precision: str = "int8", threads: int = 1):
         from kuberank.onnx_encoder import OnnxEncoder
@@ -274,14 +305,12 @@ class InProcessEncoder:
             max_length=int(manifest["embedding"]["max_length"]),
             intra_op_threads=threads,
         )
-        self.lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         from kuberank.onnx_encoder import tokenize
 
-        with self.lock:
-            ids, mask = tokenize(self.encoder.tokenizer, texts)
-            return np.asarray(self.encoder._run(ids, mask), dtype=np.float32)
+        ids, mask = tokenize(self.encoder.tokenizer, texts)
+        return np.asarray(self.encoder._run(ids, mask), dtype=np.float32)
 
 
 class TritonEncoder:
@@ -463,7 +492,7 @@ class QueryEncoding:
             store,
             manifest,
             self.settings.onnx_precision,
-            onnx_thread_count(self.settings.onnx_threads),
+            onnx_thread_count(self.settings.onnx_threads, self.settings.batch_streams()),
         )
 
     async def remote(self, texts: list[str]) -> np.ndarray | None:
@@ -474,14 +503,25 @@ class QueryEncoding:
         if time.monotonic() >= self.triton_down_until:
             try:
                 return await self.triton.encode(texts)
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # this request was cancelled, not the call
+                # another batch's failure closed the channel under this call
+                failure: Exception = ConnectionError("channel closed during the call")
             except Exception as exc:
-                self.triton_down_until = time.monotonic() + self.settings.triton_retry_s
-                await self.triton.close()
-                if self.settings.triton_fallback != "onnx":
-                    raise EncoderUnavailableError(f"Triton at {self.triton.url}: {exc}") from None
-                return None
+                failure = exc
+            await self.triton.close()
+            return self.failed(failure)
+        return self.failed(None)
+
+    def failed(self, exc: Exception | None) -> None:
+        """After a Triton failure (``exc``; None: one within ``triton_retry_s``): skip Triton
+        for ``triton_retry_s``, then None (encode in process) or EncoderUnavailableError."""
+        if exc is not None:
+            self.triton_down_until = time.monotonic() + self.settings.triton_retry_s
         if self.settings.triton_fallback != "onnx":
-            raise EncoderUnavailableError(f"Triton at {self.triton.url} failed recently")
+            problem = f": {exc}" if exc is not None else " failed recently"
+            raise EncoderUnavailableError(f"Triton at {self.triton.url}{problem}")
         return None
 
 
@@ -656,14 +696,14 @@ api = FastAPI(
 )
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError):
-    problems = exc.errors()
+def invalid_request_response(problems: list[dict], loc_start: int = 0) -> JSONResponse:
+    """400 for a body that is not JSON, else 422 naming each invalid field. ``loc_start``: how
+    many leading parts of each error's location to drop (FastAPI puts ``body`` first)."""
     if any(p.get("type") == "json_invalid" for p in problems):
         return error_response(400, "malformed JSON body")
     details = [
         {
-            "field": ".".join(str(x) for x in p.get("loc", ())[1:]) or "body",
+            "field": ".".join(str(x) for x in p.get("loc", ())[loc_start:]) or "body",
             "problem": str(p.get("msg", "invalid")),
             "type": str(p.get("type", "")),
         }
@@ -673,10 +713,34 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
     return error_response(422, f"invalid request: {fields}", details)
 
 
-@api.exception_handler(RequestProblem)
-async def _request_problem(request: Request, exc: RequestProblem):
+def problem_response(exc: RequestProblem) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return error_response(exc.status, exc.message, exc.details, headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    return invalid_request_response(exc.errors(), loc_start=1)
+
+
+@api.exception_handler(RequestProblem)
+async def _request_problem(request: Request, exc: RequestProblem):
+    return problem_response(exc)
+
+
+async def answer_json(raw: bytes, model: type[BaseModel], route) -> JSONResponse:
+    """What a FastAPI route with a ``model`` body answers, without FastAPI (JsonRoutes): parse
+    the JSON, validate it with ``model``, ``await route(body)``, render the dict or the error."""
+    try:
+        body = model.model_validate(json.loads(raw))
+    except ValueError as exc:  # not JSON / not UTF-8 (JSONDecodeError) or invalid (pydantic)
+        if isinstance(exc, ValidationError):
+            return invalid_request_response(exc.errors())
+        return error_response(400, "malformed JSON body")
+    try:
+        return JSONResponse(await route(body))
+    except RequestProblem as exc:
+        return problem_response(exc)
 
 
 ROUTES = {"/search", "/recommend", "/healthz", "/readyz", "/metrics", "/openapi.json"}
@@ -740,6 +804,8 @@ class LimitsAndMetrics:
             replica_metrics().observe_request(route, status or 500, time.perf_counter() - started)
 
 
+# Starlette runs the last added outermost: limits and metrics wrap the JSON fast path
+api.add_middleware(json_routes.JsonRoutes)
 api.add_middleware(LimitsAndMetrics)
 
 
@@ -902,10 +968,25 @@ if serve is not None:
             self.encoding = (
                 QueryEncoding(triton_url, self.settings) if self.settings.colocate else None
             )
-            # one worker thread runs a batch's encode + retrieve + rank (ONNX Runtime, numpy and
-            # torch release the GIL), so the event loop keeps parsing and answering requests
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-            set_batching(self._pipeline_batch, self.settings.pipeline_batch)
+            # colocated: a worker thread forms the batches and runs encode + retrieve + rank
+            # (ONNX Runtime, numpy and torch release the GIL), so the model starts the next batch
+            # while the event loop parses and answers requests (docs/serving.md, batching)
+            self.batcher = (
+                DynamicBatcher(
+                    self._pipeline_batch,
+                    *self.settings.pipeline_batch,
+                    name="pipeline",
+                    workers=self.settings.batch_streams(),
+                )
+                if self.settings.colocate
+                else None
+            )
+            json_routes.register(
+                "/search", lambda raw: answer_json(raw, SearchRequest, self._search)
+            )
+            json_routes.register(
+                "/recommend", lambda raw: answer_json(raw, RecommendRequest, self._recommend)
+            )
 
         async def reconfigure(self, config: dict):
             # loads in a thread beside the old model; requests keep running on the old one
@@ -913,31 +994,36 @@ if serve is not None:
             self.state = state
             self.metrics.set_model(state.version, state.fingerprint, state.kind)
 
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-        async def _pipeline_batch(
-            self, items: list[tuple[PipelineRequest, float, Pipeline]]
+        def __del__(self):
+            if getattr(self, "batcher", None) is not None:
+                self.batcher.stop(timeout=0)
+
+        def _pipeline_batch(
+            self, items: list[tuple[PipelineRequest, float, Pipeline, asyncio.AbstractEventLoop]]
         ) -> list:
-            """The colocated request path: one batch of encode + retrieve + rank."""
+            """The colocated request path, on the batcher's thread: one batch of encode +
+            retrieve + rank."""
             started = time.perf_counter()
-            pipe = items[-1][2]  # the newest model any request of the batch was admitted on
-            reqs = [r for r, _, _ in items]
+            pipe, loop = items[-1][2], items[-1][3]  # the newest model of the batch's requests
+            reqs = [item[0] for item in items]
             texts = [r.query for r in reqs if r.query is not None]
             vectors, remote_s, fallback = None, 0.0, 0
             try:
                 if texts and self.encoding.triton is not None:
-                    vectors = await self.encoding.remote(texts)
+                    # the gRPC client lives on the event loop; bounded by the Triton timeout
+                    try:
+                        vectors = run_on_loop(
+                            self.encoding.remote(texts), loop, self.settings.triton_timeout_s + 1
+                        )
+                    except TimeoutError as exc:
+                        vectors = self.encoding.failed(exc)
                     remote_s = time.perf_counter() - started
                     fallback = len(texts) if vectors is None else 0
-                results, timings = await asyncio.get_running_loop().run_in_executor(
-                    self.pool,
-                    pipe.run,
-                    reqs,
-                    vectors,
-                    self.settings.candidates,
-                    self.settings.rank_all_max,
+                results, timings = pipe.run(
+                    reqs, vectors, self.settings.candidates, self.settings.rank_all_max
                 )
             except EncoderUnavailableError as exc:  # Triton down and the fallback off
-                return [(exc, started - t0, None) for _, t0, _ in items]
+                return [(exc, started - item[1], None) for item in items]
             timings["encode"] += remote_s
             meta = {
                 "batch": len(items),
@@ -946,8 +1032,8 @@ if serve is not None:
                 "version": (pipe.version, pipe.fingerprint),
             }
             return [
-                (result, started - t0, meta)
-                for result, (_, t0, _) in zip(results, items, strict=True)
+                (result, started - item[1], meta)
+                for result, item in zip(results, items, strict=True)
             ]
 
         # -- plumbing
@@ -1089,7 +1175,9 @@ if serve is not None:
             request = PipelineRequest(query, history, user_id, k, exclude_history)
             try:
                 result, queue_s, meta = await asyncio.wait_for(
-                    self._pipeline_batch((request, time.perf_counter(), state)),
+                    self.batcher.submit(
+                        (request, time.perf_counter(), state, asyncio.get_running_loop())
+                    ),
                     self.settings.stage_timeout_s,
                 )
             except TimeoutError:
@@ -1133,8 +1221,10 @@ if serve is not None:
 
         # -- routes
 
-        @api.post("/search", response_model=RankResponse, responses=ERRORS)
-        async def search(self, body: SearchRequest) -> dict:
+        # The routes: FastAPI serves them (and their OpenAPI schema); a JSON POST with a body
+        # takes the JsonRoutes fast path to the same _search / _recommend.
+
+        async def _search(self, body: SearchRequest) -> dict:
             if not body.query.strip():
                 raise RequestProblem(
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
@@ -1142,10 +1232,17 @@ if serve is not None:
             state = self._check(body.user_id, body.history, need_signal=False)
             return await self._rank(state, body.query, body.user_id, body.history, body.k, False)
 
-        @api.post("/recommend", response_model=RankResponse, responses=ERRORS)
-        async def recommend(self, body: RecommendRequest) -> dict:
+        async def _recommend(self, body: RecommendRequest) -> dict:
             state = self._check(body.user_id, body.history, need_signal=True)
             return await self._rank(state, None, body.user_id, body.history, body.k, True)
+
+        @api.post("/search", response_model=RankResponse, responses=ERRORS)
+        async def search(self, body: SearchRequest) -> dict:
+            return await self._search(body)
+
+        @api.post("/recommend", response_model=RankResponse, responses=ERRORS)
+        async def recommend(self, body: RecommendRequest) -> dict:
+            return await self._recommend(body)
 
         @api.get("/healthz")
         async def healthz(self) -> dict:

@@ -53,6 +53,7 @@ class AppMetrics:
     def __init__(self, replica: str | None = None):
         self.replica = replica or f"{os.getpid()}"
         self.registry = CollectorRegistry()
+        self._children: dict = {}
         labels = ["replica"]
         self.requests = Counter(
             "kuberank_requests_total",
@@ -107,9 +108,18 @@ class AppMetrics:
             registry=self.registry,
         )
 
+    def _child(self, metric, *labels: str):
+        """``metric.labels(*labels, replica)``, memoised: the hot path observes about ten
+        samples a request, and the label lookup costs as much as the observation."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels, self.replica)
+        return child
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status), self.replica).inc()
-        self.latency.labels(route, self.replica).observe(seconds)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.latency, route).observe(seconds)
 
     def observe_stage(
         self,
@@ -118,11 +128,11 @@ class AppMetrics:
         batch_size: int | None = None,
         queue_s: float | None = None,
     ) -> None:
-        self.stage.labels(stage, self.replica).observe(seconds)
+        self._child(self.stage, stage).observe(seconds)
         if batch_size is not None:
-            self.batch.labels(stage, self.replica).observe(batch_size)
+            self._child(self.batch, stage).observe(batch_size)
         if queue_s is not None:
-            self.queue.labels(stage, self.replica).observe(max(0.0, queue_s))
+            self._child(self.queue, stage).observe(max(0.0, queue_s))
 
     def error(self, stage: str, kind: str) -> None:
         self.errors.labels(stage, kind, self.replica).inc()

@@ -286,6 +286,35 @@ def test_bad_requests_get_clear_4xx_json(serving, path, body, raw, status, menti
     assert mentions in text, text
 
 
+FAST_PATH_CASES = [
+    ("/search", {"query": "pasta", "k": 3}, None),
+    ("/rec/recommend", {"user_id": "u0", "history": ["d1", "d2"], "k": 4}, None),
+    ("/search", None, b"null"),
+    ("/search", None, b"\xff\xfe"),
+    *[(path, body, raw) for path, body, raw, _, _ in BAD_REQUESTS if raw is None],
+]
+
+
+@pytest.mark.parametrize(("path", "body", "raw"), FAST_PATH_CASES)
+def test_json_fast_path_answers_like_fastapi(serving, path, body, raw):
+    """A JSON POST takes JsonRoutes (no FastAPI routing); a ``+json`` media type still goes
+    through FastAPI. Both must give the same status, error and items."""
+    fast = http_json("POST", serving["base"] + path, body, raw=raw, timeout=30)
+    via_fastapi = http_json(
+        "POST",
+        serving["base"] + path,
+        body,
+        raw=raw,
+        timeout=30,
+        headers={"Content-Type": "application/vnd.kuberank+json"},
+    )
+    assert fast[0] == via_fastapi[0], (fast, via_fastapi)
+    if fast[0] == 200:
+        assert fast[1]["items"] == via_fastapi[1]["items"]
+    else:
+        assert fast[1]["error"]["message"] == via_fastapi[1]["error"]["message"]
+
+
 def test_openapi_schema_and_health(serving):
     status, schema = http_json("GET", serving["base"] + "/openapi.json")
     assert status == 200

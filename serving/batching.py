@@ -1,0 +1,150 @@
+"""Dynamic batching on a worker thread, the way Triton's dynamic batcher works.
+
+``@serve.batch`` forms batches on the replica's event loop: when a batch finishes, the next one
+is only formed and started after the loop has also run the finished batch's responses, so the
+model sits idle while HTTP work runs, even with requests already queued. Here a worker thread
+owns the queue: it takes the next batch the moment the last one is done (waiting at most
+``wait_s`` after the first request for the batch to fill), while the event loop keeps parsing and
+answering requests. The batch handler runs on that thread, so it must not block on the loop's
+work without a timeout (``run_on_loop`` bounds it).
+"""
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher was stopped before the request ran."""
+
+
+def _settle(done: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in done:
+        if future.done():  # the caller gave up (timeout or disconnect)
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+class DynamicBatcher:
+    """``await submit(item)`` returns ``handle_batch(items)[i]`` for the batch the item ran in.
+
+    ``handle_batch`` takes a list of at most ``max_batch_size`` items and returns one result per
+    item (an exception instance fails that item alone); if it raises, every item of the batch
+    gets the exception. Results go back to each caller's event loop in one callback per batch.
+    """
+
+    def __init__(
+        self,
+        handle_batch: Callable[[list], list],
+        max_batch_size: int = 32,
+        wait_s: float = 0.002,
+        name: str = "batcher",
+        workers: int = 1,
+    ):
+        if max_batch_size < 1 or wait_s < 0 or workers < 1:
+            raise ValueError("need max_batch_size >= 1, wait_s >= 0 and workers >= 1")
+        self.handle_batch = handle_batch
+        self.max_batch_size, self.wait_s = int(max_batch_size), float(wait_s)
+        self._queue: deque = deque()
+        self._ready = threading.Condition()
+        self._stopped = False
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def configure(self, max_batch_size: int, wait_s: float) -> None:
+        with self._ready:
+            self.max_batch_size, self.wait_s = int(max_batch_size), float(wait_s)
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, item) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._ready:
+            if self._stopped:
+                raise BatcherStopped("batcher stopped")
+            self._queue.append((item, future, loop))
+            # wake the worker only when it waits for a first item or the batch is full
+            if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
+                self._ready.notify()
+        return await future
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker; requests still queued fail with BatcherStopped."""
+        with self._ready:
+            self._stopped = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._ready.notify_all()
+        self._reply([(future, loop, BatcherStopped("batcher stopped")) for _, future, loop in left])
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def _next_batch(self) -> list:
+        """The next batch; empty only once stopped. With several workers, another one may take
+        the queue while this one waits for its batch to fill: then it waits afresh."""
+        with self._ready:
+            while not self._stopped:
+                while not self._queue and not self._stopped:
+                    self._ready.wait()
+                deadline = time.monotonic() + self.wait_s
+                while 0 < len(self._queue) < self.max_batch_size and not self._stopped:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._ready.wait(left)
+                size = min(self.max_batch_size, len(self._queue))
+                if size and not self._stopped:
+                    return [self._queue.popleft() for _ in range(size)]
+            return []
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            items = [item for item, _, _ in batch]
+            try:
+                results = self.handle_batch(items)
+                if len(results) != len(items):
+                    raise RuntimeError(
+                        f"batch handler returned {len(results)} results for {len(items)} items"
+                    )
+            except BaseException as exc:  # every caller of the batch gets the failure
+                results = [exc] * len(items)
+            self._reply(
+                [(future, loop, r) for (_, future, loop), r in zip(batch, results, strict=True)]
+            )
+
+    @staticmethod
+    def _reply(done: list[tuple[asyncio.Future, asyncio.AbstractEventLoop, Any]]) -> None:
+        by_loop: dict = {}
+        for future, loop, result in done:
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, pairs)
+            except RuntimeError:  # the caller's loop is closed: nobody waits any more
+                pass
+
+
+def run_on_loop(coro: Coroutine, loop: asyncio.AbstractEventLoop, timeout_s: float):
+    """Run ``coro`` on ``loop`` from a worker thread and wait for it at most ``timeout_s``."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise
