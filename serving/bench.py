@@ -45,6 +45,7 @@ from kuberank.progress import bar
 HOST = "127.0.0.1"
 TARGETS = ("kuberank-triton", "kuberank-onnx", "naive", "limit")
 P99_BUDGET_S = 0.050
+REQUEST_TIMEOUT_S = 10.0  # a request of the load generator past this counts as an error (599)
 _WORDS = (
     "library",
     "catalog",
@@ -127,31 +128,105 @@ def stats(latencies: list[float], statuses: list[int], seconds: float, level: Le
     }
 
 
-async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level) -> dict:
-    import aiohttp
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of the load generator. Responses are parsed by
+    httptools (llhttp, the parser uvicorn uses), so a client costs the machine far less CPU than
+    a general-purpose client would: on a small machine the load generator shares the cores
+    with the server it measures."""
 
+    def __init__(self):
+        import httptools
+
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None
+        self.keep_alive = True
+
+    # asyncio.Protocol
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes):
+        try:
+            self.parser.feed_data(data)
+        except Exception as exc:  # httptools.HttpParserError: a malformed response
+            self._fail(ConnectionError(f"bad HTTP response: {exc}"))
+
+    def connection_lost(self, exc):
+        self.transport = None
+        self._fail(ConnectionError("connection closed"))
+
+    # httptools callbacks
+    def on_message_complete(self):
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(self.parser.get_status_code())
+
+    def _fail(self, exc: Exception):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and self.keep_alive
+
+    async def send(self, raw: bytes) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+def _raw_request(host: str, port: int, path: str, body: dict | None) -> bytes:
+    head = f"Host: {host}:{port}\r\nUser-Agent: kuberank-bench\r\n"
+    if body is None:
+        return f"GET {path} HTTP/1.1\r\n{head}\r\n".encode()
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level) -> dict:
+    from urllib.parse import urlsplit
+
+    target = urlsplit(url)
+    host, port = target.hostname, target.port or 80
+    path = target.path + (f"?{target.query}" if target.query else "")
+    loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: list[int] = []
-    limit = int(level.value) if level.mode == "closed" else 1024
-    timeout = aiohttp.ClientTimeout(total=10)
-    connector = aiohttp.TCPConnector(limit=limit, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    idle: list[_Connection] = []  # keep-alive connections not in use
+    opened: list[_Connection] = []
 
-        async def one(i: int, scheduled: float) -> None:
-            try:
-                call = (
-                    session.get(url) if make_body is None else session.post(url, json=make_body(i))
-                )
-                async with call as resp:
-                    await resp.read()
-                    status = resp.status
-            except (TimeoutError, aiohttp.ClientError):
-                status = 599
-            latencies.append(time.perf_counter() - scheduled)
-            statuses.append(status)
+    async def one(i: int, scheduled: float) -> None:
+        raw = _raw_request(host, port, path, None if make_body is None else make_body(i))
+        conn = None
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                conn = idle.pop() if idle else None
+                if conn is None or not conn.usable:
+                    _, conn = await loop.create_connection(_Connection, host, port)
+                    opened.append(conn)
+                status = await conn.send(raw)
+        except (TimeoutError, OSError):
+            status = 599
+            if conn is not None:
+                conn.close()
+            conn = None
+        latencies.append(time.perf_counter() - scheduled)
+        statuses.append(status)
+        if conn is not None and conn.usable:
+            idle.append(conn)
 
-        started = time.perf_counter()
-        deadline = started + level.max_seconds
+    started = time.perf_counter()
+    deadline = started + level.max_seconds
+    try:
         if level.mode == "closed":
             counter = iter(range(level.requests))
 
@@ -161,7 +236,7 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
                         return
                     await one(i, time.perf_counter())
 
-            await asyncio.gather(*(client() for _ in range(limit)))
+            await asyncio.gather(*(client() for _ in range(int(level.value))))
         else:
             tasks = []
             interval = 1.0 / level.value
@@ -175,6 +250,9 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
                 tasks.append(asyncio.create_task(one(i, scheduled)))
             await asyncio.gather(*tasks)
         seconds = time.perf_counter() - started
+    finally:
+        for conn in opened:
+            conn.close()
     return stats(latencies, statuses, seconds, level)
 
 
@@ -218,10 +296,15 @@ def in_process_limit(
     candidates: int = 100,
     k: int = 10,
     seconds: float = 10.0,
+    streams: int = 1,
     threads: int = 0,
 ) -> dict:
-    """(d): encode + retrieve + rank in batches in this process, no serving: queries per second.
-    ``threads``: ONNX Runtime intra-op threads, 0 = every core (as the app's replicas)."""
+    """(d) in one configuration: encode + retrieve + rank in batches in this process, no
+    serving, ``streams`` threads each running its own batches on one shared session with
+    ``threads`` ONNX Runtime intra-op threads (0 = the cores shared among the streams):
+    queries per second over about ``seconds`` (at least one pass over ``queries``)."""
+    import threading
+
     from kuberank.serving.app import (
         InProcessEncoder,
         RankerCore,
@@ -235,25 +318,40 @@ def in_process_limit(
 
     manifest, index = load_checked_index(store)
     tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
-    encoder = InProcessEncoder(store, manifest, precision, threads=onnx_thread_count(threads))
+    intra = onnx_thread_count(threads, streams)
+    encoder = InProcessEncoder(store, manifest, precision, threads=intra)
     ranker = RankerCore(store, index, tables, model_dir)
-    done, started = 0, time.perf_counter()
-    while done < len(queries) or time.perf_counter() - started < 1.0:
-        texts = [queries[(done + j) % len(queries)] for j in range(batch_size)]
-        vectors = encoder.encode(texts)
-        found = retrieve_batch(
-            index, [RetrieveRequest(v, [], max(k, candidates), False) for v in vectors], 5000
-        )
-        for v, (rows, _) in zip(vectors, found, strict=True):
-            ranker.rank(RankRequest(v, rows, [], None, k))
-        done += batch_size
-        if time.perf_counter() - started > seconds:
-            break
+    counts = [0] * streams
+    started = time.perf_counter()
+
+    def stream(n: int) -> None:
+        done = 0
+        while done * streams < len(queries) or time.perf_counter() - started < 1.0:
+            texts = [queries[(n + done + j) % len(queries)] for j in range(batch_size)]
+            vectors = encoder.encode(texts)
+            found = retrieve_batch(
+                index, [RetrieveRequest(v, [], max(k, candidates), False) for v in vectors], 5000
+            )
+            for v, (rows, _) in zip(vectors, found, strict=True):
+                ranker.rank(RankRequest(v, rows, [], None, k))
+            done += batch_size
+            counts[n] = done
+            if time.perf_counter() - started > seconds:
+                break
+
+    workers = [threading.Thread(target=stream, args=(n,)) for n in range(streams)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     elapsed = time.perf_counter() - started
+    done = sum(counts)
     return {
         "target": "limit",
         "mode": "batched",
         "level": batch_size,
+        "streams": streams,
+        "onnx_threads": intra,
         "requests": done,
         "ok": done,
         "errors": {},
@@ -265,6 +363,23 @@ def in_process_limit(
         "p99_ms": None,
         "max_ms": None,
     }
+
+
+def best_in_process_limit(store: str, queries: list[str], seconds: float = 10.0, **kw) -> dict:
+    """(d), the limit: the faster of one batch at a time on every core and one batch per core
+    side by side (one intra-op thread each), so the app is compared with the best the model
+    does in this process, whichever way the app runs it. The other one is kept under
+    ``other``."""
+    from kuberank.serving.app import usable_cores
+
+    cores = usable_cores()
+    tried = [in_process_limit(store, queries, seconds=seconds / 2, streams=1, **kw)]
+    if cores > 1:
+        tried.append(in_process_limit(store, queries, seconds=seconds / 2, streams=cores, **kw))
+    tried.sort(key=lambda r: r["qps"], reverse=True)
+    best = dict(tried[0])
+    best["other"] = [{key: r[key] for key in ("streams", "onnx_threads", "qps")} for r in tried[1:]]
+    return best
 
 
 def bare_triton(
@@ -352,13 +467,18 @@ def best_under(results: list[dict], p99_ms: float) -> dict | None:
 def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_S * 1000) -> dict:
     """Targets of the issue: (a) or (b) sustains >= 50% of (d) with p99 <= budget, and >= 5x
     (c)'s throughput at the same p99; and how far the best kuberank is from bare Triton."""
-    limit = (results.get("limit") or [{}])[0].get("qps")
+    limit_row = (results.get("limit") or [{}])[0]
+    limit = limit_row.get("qps")
     best = None
     for name in ("kuberank-triton", "kuberank-onnx"):
         level = best_under(results.get(name, []), p99_budget_ms)
         if level and (best is None or level["qps"] > best["qps"]):
             best = {**level, "target": name}
     out: dict = {"p99_budget_ms": p99_budget_ms, "limit_qps": limit, "best": best}
+    if limit_row.get("streams"):
+        out["limit_how"] = (
+            f"{limit_row['streams']} batch stream(s) x {limit_row['onnx_threads']} ONNX thread(s)"
+        )
     fastest = [
         {**r, "target": name}
         for name in ("kuberank-triton", "kuberank-onnx")
@@ -428,7 +548,9 @@ def format_table(result: dict) -> str:
         )
         if s.get("vs_limit") is not None:
             lines.append(
-                f"  vs in-process batched limit {s['limit_qps']} q/s: {s['vs_limit']:.0%} "
+                f"  vs in-process batched limit {s['limit_qps']} q/s"
+                + (f" ({s['limit_how']})" if s.get("limit_how") else "")
+                + f": {s['vs_limit']:.0%} "
                 f"(target >= 50%: {'met' if s['target_half_of_limit'] else 'NOT met'})"
             )
         if s.get("vs_naive") is not None:
@@ -614,7 +736,7 @@ def serve_and_bench(
                     proc.kill()
                     proc.wait(timeout=10)
     if "limit" in targets and kind == "search":
-        results["limit"] = [in_process_limit(store, texts, seconds=max_seconds)]
+        results["limit"] = [best_in_process_limit(store, texts, seconds=max_seconds)]
     result = {
         "config": {
             "store": store,
