@@ -44,6 +44,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -181,6 +182,9 @@ class Settings:
     # batches ONNX Runtime gets more from one thread per batch and batches side by side than
     # from several threads on one batch (docs/serving.md, batching)
     pipeline_workers: int = 0
+    # colocated: the replica's GIL switch interval (sys.setswitchinterval; Python's default
+    # 0.005); 0 = leave it
+    switch_interval_s: float = 0.0005
     encoder_batch: tuple[int, float] = (32, 0.003)
     retriever_batch: tuple[int, float] = (32, 0.001)
     ranker_batch: tuple[int, float] = (32, 0.001)
@@ -207,6 +211,8 @@ class Settings:
         if int(self.pipeline_workers) < 0:
             raise KuberankError("pipeline_workers: need >= 0 (0 = one per core)")
         self.pipeline_workers = int(self.pipeline_workers)
+        if float(self.switch_interval_s) < 0:
+            raise KuberankError("switch_interval_s: need >= 0 (0 = Python's default)")
         unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
@@ -962,6 +968,10 @@ if serve is not None:
             # One registry per replica process, shared with the HTTP middleware (Serve pickles
             # this class by value, so a module global here would be a copy).
             self.settings = Settings(**settings)
+            if self.settings.colocate and self.settings.switch_interval_s > 0:
+                # the batch workers hand the GIL back and forth with the event loop on every
+                # ONNX Runtime / numpy call; waiting the default 5 ms for it idles a core
+                sys.setswitchinterval(self.settings.switch_interval_s)
             self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
