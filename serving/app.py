@@ -18,8 +18,10 @@ Every response carries the model version and each item's score F(Q, B, I). Bad i
 ``max_queued_requests`` on the Ingress, and downstream back-pressure mapped to 503).
 
 Request path: colocated (``colocate``, the default for one node) the Ingress itself runs
-encode + retrieve + rank in one ``@serve.batch`` (one process, no handle hops; the three stage
-deployments stay in the application at 0 replicas); otherwise each stage is its own deployment:
+encode + retrieve + rank, batched by worker threads (kuberank.serving.batching; one process, no
+handle hops; the three stage deployments stay in the application at 0 replicas), and JSON POSTs
+skip FastAPI's routing (kuberank.serving.json_routes); otherwise each stage is its own
+deployment:
 
 - QueryEncoder: ``@serve.batch`` of query texts; Triton's ``query_encoder`` ensemble over gRPC
   (one ``tritonclient.grpc.aio`` client per replica, so the channel is reused) or in-process
@@ -965,22 +967,23 @@ if serve is not None:
     @serve.ingress(api)
     class Ingress:
         def __init__(self, encoder, retriever, ranker, settings: dict, triton_url: str = ""):
+            self.settings = Settings(**settings)
+            self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
             # One registry per replica process, shared with the HTTP middleware (Serve pickles
             # this class by value, so a module global here would be a copy).
-            self.settings = Settings(**settings)
-            if self.settings.colocate and self.settings.switch_interval_s > 0:
-                # the batch workers hand the GIL back and forth with the event loop on every
-                # ONNX Runtime / numpy call; waiting the default 5 ms for it idles a core
-                sys.setswitchinterval(self.settings.switch_interval_s)
-            self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
             self.encoding = (
                 QueryEncoding(triton_url, self.settings) if self.settings.colocate else None
             )
-            # colocated: a worker thread forms the batches and runs encode + retrieve + rank
-            # (ONNX Runtime, numpy and torch release the GIL), so the model starts the next batch
-            # while the event loop parses and answers requests (docs/serving.md, batching)
+            # colocated: worker threads (one per core by default) form the batches and run
+            # encode + retrieve + rank (ONNX Runtime, numpy and torch release the GIL), so a
+            # free worker starts the next batch while the event loop parses and answers
+            # requests (docs/serving.md, "The colocated request path")
+            if self.settings.colocate and self.settings.switch_interval_s > 0:
+                # the workers and the event loop hand the GIL back and forth on every ONNX
+                # Runtime / numpy call; waiting Python's default 5 ms for it idles a core
+                sys.setswitchinterval(self.settings.switch_interval_s)
             self.batcher = (
                 DynamicBatcher(
                     self._pipeline_batch,
@@ -991,6 +994,7 @@ if serve is not None:
                 if self.settings.colocate
                 else None
             )
+            # the JSON fast path of this process (json_routes) answers with the same methods
             json_routes.register(
                 "/search", lambda raw: answer_json(raw, SearchRequest, self._search)
             )
