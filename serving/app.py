@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from kuberank.errors import KuberankError
 from kuberank.serving import json_routes
-from kuberank.serving.batching import DynamicBatcher, run_on_loop
+from kuberank.serving.batching import BatcherStopped, DynamicBatcher, run_on_loop
 from kuberank.serving.metrics import replica_metrics
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
@@ -1188,17 +1188,18 @@ if serve is not None:
         ) -> dict:
             request = PipelineRequest(query, history, user_id, k, exclude_history)
             try:
-                result, queue_s, meta = await asyncio.wait_for(
-                    self.batcher.submit(
+                async with asyncio.timeout(self.settings.stage_timeout_s):  # no task per call
+                    result, queue_s, meta = await self.batcher.submit(
                         (request, time.perf_counter(), state, asyncio.get_running_loop())
-                    ),
-                    self.settings.stage_timeout_s,
-                )
+                    )
             except TimeoutError:
                 self.metrics.error("pipeline", "timeout")
                 raise RequestProblem(
                     503, f"no answer within {self.settings.stage_timeout_s}s"
                 ) from None
+            except BatcherStopped:  # the replica is shutting down: another one will answer
+                self.metrics.error("pipeline", "stopped")
+                raise RequestProblem(503, "replica shutting down, retry") from None
             if isinstance(result, EncoderUnavailableError):
                 self.metrics.error("encode", "triton_unavailable")
                 raise RequestProblem(503, f"query encoder unavailable: {result}")
