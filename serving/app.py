@@ -58,6 +58,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kuberank.errors import KuberankError
 from kuberank.serving import json_routes
@@ -73,6 +74,7 @@ MAX_K = 100
 MAX_HISTORY = 200
 MAX_ID_CHARS = 128
 MAX_BODY_BYTES = 64 * 1024
+MALFORMED_BODY = "malformed JSON body"
 
 
 # --------------------------------------------------------------------------- settings
@@ -173,8 +175,8 @@ class Settings:
     onnx_precision: str = "int8"  # in-process encoder: "int8" (model.int8.onnx) or "fp32"
     # ONNX Runtime intra-op threads; 0 = the replica's cores shared among its concurrent batches
     onnx_threads: int = 0
-    # True: the Ingress runs encode + retrieve + rank in one @serve.batch (one process, no
-    # handle hops); False: each stage is its own deployment, scaled separately
+    # True: the Ingress runs encode + retrieve + rank itself, batched on worker threads (one
+    # process, no handle hops); False: each stage is its own deployment, scaled separately
     colocate: bool = True
     candidates: int = 100  # retrieved per request before F re-ranks them
     rank_all_max: int = 5000  # recommendation: score every item with F up to this catalogue size
@@ -213,16 +215,15 @@ class Settings:
         if int(self.pipeline_workers) < 0:
             raise KuberankError("pipeline_workers: need >= 0 (0 = one per core)")
         self.pipeline_workers = int(self.pipeline_workers)
-        if float(self.switch_interval_s) < 0:
+        self.switch_interval_s = float(self.switch_interval_s)
+        if self.switch_interval_s < 0:
             raise KuberankError("switch_interval_s: need >= 0 (0 = Python's default)")
         unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
 
     def batch_streams(self) -> int:
-        """Batches one replica runs at once: the colocated pipeline's workers, else one."""
-        if not self.colocate:
-            return 1
+        """Batches the colocated Ingress runs at once: its pipeline workers."""
         return self.pipeline_workers or usable_cores()
 
     @classmethod
@@ -479,10 +480,11 @@ class RankerCore:
 class QueryEncoding:
     """Query texts -> vectors for one replica: Triton (when configured and not failed within
     ``triton_retry_s``) or in-process ONNX Runtime, with the ``triton_fallback`` policy. Shared by
-    the QueryEncoder deployment and the colocated Ingress."""
+    the QueryEncoder deployment and the colocated Ingress. ``streams``: batches the replica
+    encodes at once (the in-process encoder's cores are shared among them)."""
 
-    def __init__(self, triton_url: str, settings: Settings):
-        self.settings = settings
+    def __init__(self, triton_url: str, settings: Settings, streams: int = 1):
+        self.settings, self.streams = settings, streams
         self.triton = (
             TritonEncoder(triton_url, settings.triton_model, settings.triton_timeout_s)
             if triton_url
@@ -496,12 +498,10 @@ class QueryEncoding:
     def load_local(self, store: str, manifest: dict) -> "InProcessEncoder | None":
         if not self.needs_local():
             return None
-        return InProcessEncoder(
-            store,
-            manifest,
-            self.settings.onnx_precision,
-            onnx_thread_count(self.settings.onnx_threads, self.settings.batch_streams()),
-        )
+        return InProcessEncoder(store, manifest, self.settings.onnx_precision, self.onnx_threads())
+
+    def onnx_threads(self) -> int:
+        return onnx_thread_count(self.settings.onnx_threads, self.streams)
 
     async def remote(self, texts: list[str]) -> np.ndarray | None:
         """Triton's vectors, or None: encode in process (no Triton, or it failed and the
@@ -518,13 +518,17 @@ class QueryEncoding:
                 failure: Exception = ConnectionError("channel closed during the call")
             except Exception as exc:
                 failure = exc
-            await self.triton.close()
-            return self.failed(failure)
-        return self.failed(None)
+            try:
+                # marked down before the channel is closed: no batch opens a new one meanwhile
+                return self.after_failure(failure)
+            finally:
+                await self.triton.close()
+        return self.after_failure(None)
 
-    def failed(self, exc: Exception | None) -> None:
+    def after_failure(self, exc: Exception | None) -> None:
         """After a Triton failure (``exc``; None: one within ``triton_retry_s``): skip Triton
-        for ``triton_retry_s``, then None (encode in process) or EncoderUnavailableError."""
+        for ``triton_retry_s``, then None (encode in process), or raise EncoderUnavailableError
+        when the fallback is off."""
         if exc is not None:
             self.triton_down_until = time.monotonic() + self.settings.triton_retry_s
         if self.settings.triton_fallback != "onnx":
@@ -708,7 +712,7 @@ def invalid_request_response(problems: list[dict], loc_start: int = 0) -> JSONRe
     """400 for a body that is not JSON, else 422 naming each invalid field. ``loc_start``: how
     many leading parts of each error's location to drop (FastAPI puts ``body`` first)."""
     if any(p.get("type") == "json_invalid" for p in problems):
-        return error_response(400, "malformed JSON body")
+        return error_response(400, MALFORMED_BODY)
     details = [
         {
             "field": ".".join(str(x) for x in p.get("loc", ())[loc_start:]) or "body",
@@ -736,15 +740,24 @@ async def _request_problem(request: Request, exc: RequestProblem):
     return problem_response(exc)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_problem(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own refusals (404 unknown path, 405 method, 400 unparseable body) in the app's
+    error shape. FastAPI raises 400 only when it cannot parse the body at all."""
+    message = MALFORMED_BODY if exc.status_code == 400 else str(exc.detail)
+    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
 async def answer_json(raw: bytes, model: type[BaseModel], route) -> JSONResponse:
     """What a FastAPI route with a ``model`` body answers, without FastAPI (JsonRoutes): parse
     the JSON, validate it with ``model``, ``await route(body)``, render the dict or the error."""
     try:
-        body = model.model_validate(json.loads(raw))
-    except ValueError as exc:  # not JSON / not UTF-8 (JSONDecodeError) or invalid (pydantic)
-        if isinstance(exc, ValidationError):
-            return invalid_request_response(exc.errors())
-        return error_response(400, "malformed JSON body")
+        # from_attributes as FastAPI validates bodies, so a non-object body gets its error
+        body = model.model_validate(json.loads(raw), from_attributes=True)
+    except ValidationError as exc:
+        return invalid_request_response(exc.errors())
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser
+        return error_response(400, MALFORMED_BODY)
     try:
         return JSONResponse(await route(body))
     except RequestProblem as exc:
@@ -770,7 +783,7 @@ class LimitsAndMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        path = scope["path"]
+        path = json_routes.route_path(scope)
         route = path if path in ROUTES else "other"
         status = 0
 
@@ -974,7 +987,9 @@ if serve is not None:
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
             self.encoding = (
-                QueryEncoding(triton_url, self.settings) if self.settings.colocate else None
+                QueryEncoding(triton_url, self.settings, self.settings.batch_streams())
+                if self.settings.colocate
+                else None
             )
             # colocated: worker threads (one per core by default) form the batches and run
             # encode + retrieve + rank (ONNX Runtime, numpy and torch release the GIL), so a
@@ -1029,8 +1044,11 @@ if serve is not None:
                         vectors = run_on_loop(
                             self.encoding.remote(texts), loop, self.settings.triton_timeout_s + 1
                         )
-                    except TimeoutError as exc:
-                        vectors = self.encoding.failed(exc)
+                    except TimeoutError:
+                        timeout = self.settings.triton_timeout_s + 1
+                        vectors = self.encoding.after_failure(
+                            TimeoutError(f"no answer within {timeout}s")
+                        )
                     remote_s = time.perf_counter() - started
                     fallback = len(texts) if vectors is None else 0
                 results, timings = pipe.run(

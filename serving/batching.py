@@ -1,12 +1,12 @@
-"""Dynamic batching on a worker thread, the way Triton's dynamic batcher works.
+"""Dynamic batching on worker threads, the way Triton's dynamic batcher works.
 
 ``@serve.batch`` forms batches on the replica's event loop: when a batch finishes, the next one
 is only formed and started after the loop has also run the finished batch's responses, so the
-model sits idle while HTTP work runs, even with requests already queued. Here a worker thread
-owns the queue: it takes the next batch the moment the last one is done (waiting at most
-``wait_s`` after the first request for the batch to fill), while the event loop keeps parsing and
-answering requests. The batch handler runs on that thread, so it must not block on the loop's
-work without a timeout (``run_on_loop`` bounds it).
+model sits idle while HTTP work runs, even with requests already queued. Here worker threads
+own the queue: a free worker takes the next batch at once, waiting for it to fill only until the
+oldest queued request has waited ``wait_s`` (Triton's ``max_queue_delay``), while the event loop
+keeps parsing and answering requests. The batch handler runs on a worker, so it must not block
+on the loop's work without a timeout (``run_on_loop`` bounds it).
 """
 
 import asyncio
@@ -19,6 +19,11 @@ from typing import Any
 
 class BatcherStopped(RuntimeError):
     """The batcher was stopped before the request ran."""
+
+
+class BatchFailed(RuntimeError):
+    """The batch handler raised; each caller of the batch gets its own instance (``__cause__``:
+    the handler's exception)."""
 
 
 def _settle(done: list[tuple[asyncio.Future, Any]]) -> None:
@@ -35,8 +40,9 @@ class DynamicBatcher:
     """``await submit(item)`` returns ``handle_batch(items)[i]`` for the batch the item ran in.
 
     ``handle_batch`` takes a list of at most ``max_batch_size`` items and returns one result per
-    item (an exception instance fails that item alone); if it raises, every item of the batch
-    gets the exception. Results go back to each caller's event loop in one callback per batch.
+    item (an exception instance fails that item alone); if it raises, every caller of the batch
+    gets a BatchFailed. ``workers`` threads run batches side by side. Results go back to each
+    caller's event loop in one callback per batch.
     """
 
     def __init__(
@@ -61,47 +67,43 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.start()
 
-    def configure(self, max_batch_size: int, wait_s: float) -> None:
-        with self._ready:
-            self.max_batch_size, self.wait_s = int(max_batch_size), float(wait_s)
-
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def submit(self, item) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._ready:
             if self._stopped:
                 raise BatcherStopped("batcher stopped")
-            self._queue.append((item, future, loop))
+            self._queue.append((item, future, loop, time.monotonic()))
             # wake the worker only when it waits for a first item or the batch is full
             if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
                 self._ready.notify()
         return await future
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the worker; requests still queued fail with BatcherStopped."""
+        """Stop the workers (each finishes its batch); requests still queued fail with
+        BatcherStopped."""
         with self._ready:
             self._stopped = True
             left = list(self._queue)
             self._queue.clear()
             self._ready.notify_all()
-        self._reply([(future, loop, BatcherStopped("batcher stopped")) for _, future, loop in left])
+        self._reply(
+            [(future, loop, BatcherStopped("batcher stopped")) for _, future, loop, _ in left]
+        )
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
 
     def _next_batch(self) -> list:
-        """The next batch; empty only once stopped. With several workers, another one may take
-        the queue while this one waits for its batch to fill: then it waits afresh."""
+        """The next batch: full, or what is queued once the oldest request has waited
+        ``wait_s``; empty only once stopped. With several workers, another one may take the
+        queue while this one waits for its batch to fill: then it waits afresh."""
         with self._ready:
             while not self._stopped:
                 while not self._queue and not self._stopped:
                     self._ready.wait()
-                deadline = time.monotonic() + self.wait_s
                 while 0 < len(self._queue) < self.max_batch_size and not self._stopped:
-                    left = deadline - time.monotonic()
+                    left = self._queue[0][3] + self.wait_s - time.monotonic()
                     if left <= 0:
                         break
                     self._ready.wait(left)
@@ -115,17 +117,17 @@ class DynamicBatcher:
             batch = self._next_batch()
             if not batch:
                 return
-            items = [item for item, _, _ in batch]
+            items = [item for item, _, _, _ in batch]
             try:
                 results = self.handle_batch(items)
                 if len(results) != len(items):
                     raise RuntimeError(
                         f"batch handler returned {len(results)} results for {len(items)} items"
                     )
-            except BaseException as exc:  # every caller of the batch gets the failure
-                results = [exc] * len(items)
+            except Exception as exc:  # every caller of the batch gets the failure, its own copy
+                results = [_failed_batch(exc) for _ in items]
             self._reply(
-                [(future, loop, r) for (_, future, loop), r in zip(batch, results, strict=True)]
+                [(future, loop, r) for (_, future, loop, _), r in zip(batch, results, strict=True)]
             )
 
     @staticmethod
@@ -138,6 +140,12 @@ class DynamicBatcher:
                 loop.call_soon_threadsafe(_settle, pairs)
             except RuntimeError:  # the caller's loop is closed: nobody waits any more
                 pass
+
+
+def _failed_batch(exc: Exception) -> BatchFailed:
+    failure = BatchFailed(f"batch failed: {type(exc).__name__}: {exc}")
+    failure.__cause__ = exc
+    return failure
 
 
 def run_on_loop(coro: Coroutine, loop: asyncio.AbstractEventLoop, timeout_s: float):

@@ -46,6 +46,7 @@ HOST = "127.0.0.1"
 TARGETS = ("kuberank-triton", "kuberank-onnx", "naive", "limit")
 P99_BUDGET_S = 0.050
 REQUEST_TIMEOUT_S = 10.0  # a request of the load generator past this counts as an error (599)
+MAX_CONNECTIONS = 1024  # open loop: connections at once; later arrivals wait for one
 _WORDS = (
     "library",
     "catalog",
@@ -197,32 +198,35 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
 
     target = urlsplit(url)
     host, port = target.hostname, target.port or 80
-    path = target.path + (f"?{target.query}" if target.query else "")
+    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: list[int] = []
     idle: list[_Connection] = []  # keep-alive connections not in use
     opened: list[_Connection] = []
+    # at most this many connections at once (a closed loop needs one per client)
+    slots = asyncio.Semaphore(int(level.value) if level.mode == "closed" else MAX_CONNECTIONS)
 
     async def one(i: int, scheduled: float) -> None:
         raw = _raw_request(host, port, path, None if make_body is None else make_body(i))
         conn = None
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                conn = idle.pop() if idle else None
-                if conn is None or not conn.usable:
-                    _, conn = await loop.create_connection(_Connection, host, port)
-                    opened.append(conn)
-                status = await conn.send(raw)
-        except (TimeoutError, OSError):
-            status = 599
-            if conn is not None:
-                conn.close()
-            conn = None
-        latencies.append(time.perf_counter() - scheduled)
-        statuses.append(status)
-        if conn is not None and conn.usable:
-            idle.append(conn)
+        async with slots:
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    conn = idle.pop() if idle else None
+                    if conn is None or not conn.usable:
+                        _, conn = await loop.create_connection(_Connection, host, port)
+                        opened.append(conn)
+                    status = await conn.send(raw)
+            except (TimeoutError, OSError):
+                status = 599
+                if conn is not None:
+                    conn.close()
+                conn = None
+            latencies.append(time.perf_counter() - scheduled)
+            statuses.append(status)
+            if conn is not None and conn.usable:
+                idle.append(conn)
 
     started = time.perf_counter()
     deadline = started + level.max_seconds
@@ -304,7 +308,7 @@ def in_process_limit(
     ``threads`` ONNX Runtime intra-op threads (0 = the cores shared among the streams):
     queries per second over ``seconds`` (at least one pass over ``queries``), after one
     untimed pass that warms ONNX Runtime up."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
@@ -334,26 +338,23 @@ def in_process_limit(
         for v, (rows, _) in zip(vectors, found, strict=True):
             ranker.rank(RankRequest(v, rows, [], None, k))
 
-    counts = [0] * streams
+    def stream(n: int, started: float) -> int:
+        # BLAS and OpenMP pools of one thread, as in the app's replicas (app.STAGE_ENV); the
+        # OpenMP limit is per thread, so each stream sets it
+        with threadpool_limits(limits=1):
+            done, offset = 0, n * len(queries) // streams
+            while done * streams < len(queries) or time.perf_counter() - started < seconds:
+                one_batch(offset + done)
+                done += batch_size
+            return done
 
-    def stream(n: int, started: float) -> None:
-        done = 0
-        while done * streams < len(queries) or time.perf_counter() - started < seconds:
-            one_batch(n * batch_size + done)
-            done += batch_size
-            counts[n] = done
-
-    # BLAS and OpenMP pools of one thread, as in the app's replicas (app.STAGE_ENV): a second
-    # pool thread per stream would only contend with ONNX Runtime's
     with threadpool_limits(limits=1):
         for start in range(0, len(queries), batch_size):  # warm-up, untimed
             one_batch(start)
+    with ThreadPoolExecutor(max_workers=streams) as pool:
         started = time.perf_counter()
-        workers = [threading.Thread(target=stream, args=(n, started)) for n in range(streams)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        runs = [pool.submit(stream, n, started) for n in range(streams)]
+        counts = [run.result() for run in runs]  # a stream's failure is raised here
         elapsed = time.perf_counter() - started
     done = sum(counts)
     return {

@@ -24,13 +24,9 @@ def register(path: str, handler: Handler) -> None:
     _handlers[path] = handler
 
 
-def registered() -> dict[str, Handler]:
-    return dict(_handlers)
-
-
 def route_path(scope) -> str:
     """The path the app routes on: without the application's route prefix (``root_path``),
-    as Starlette's router sees it."""
+    as Starlette's router sees it (the limits-and-metrics middleware labels routes by it)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
         return path[len(root) :] or "/"

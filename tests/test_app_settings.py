@@ -20,18 +20,29 @@ def test_cores_follow_a_cgroup_cpu_limit(tmp_path, monkeypatch):
 def test_batch_streams_and_onnx_threads(monkeypatch):
     monkeypatch.setattr(app, "usable_cores", lambda: 4)
     colocated = app.Settings()
-    assert colocated.batch_streams() == 4 and app.onnx_thread_count(0, 4) == 1
-    assert app.Settings(pipeline_workers=2).batch_streams() == 2
-    assert app.onnx_thread_count(0, 2) == 2 and app.onnx_thread_count(3, 2) == 3
-    # split stages: the QueryEncoder runs one batch at a time on every core
-    split = app.Settings(colocate=False, pipeline_workers=2)
-    assert split.batch_streams() == 1 and app.onnx_thread_count(0, 1) == 4
+    assert colocated.batch_streams() == 4
+    assert app.QueryEncoding("", colocated, colocated.batch_streams()).onnx_threads() == 1
+    two = app.Settings(pipeline_workers=2)
+    assert two.batch_streams() == 2 and app.QueryEncoding("", two, 2).onnx_threads() == 2
+    assert app.QueryEncoding("", app.Settings(onnx_threads=3), 2).onnx_threads() == 3
+    # the QueryEncoder deployment runs one batch at a time on every core
+    assert app.QueryEncoding("", app.Settings(colocate=False)).onnx_threads() == 4
+
+
+def test_limits_and_metrics_wrap_the_json_fast_path():
+    """Starlette runs the last added middleware outermost: body limits, metrics and the JSON
+    500 must see the fast path's requests too."""
+    from kuberank.serving.json_routes import JsonRoutes
+
+    order = [m.cls for m in app.api.user_middleware]
+    assert order.index(app.LimitsAndMetrics) < order.index(JsonRoutes)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
         ({"pipeline_workers": -1}, "pipeline_workers"),
+        ({"switch_interval_s": -0.001}, "switch_interval_s"),
         ({"pipeline_batch": (0, 0.002)}, "pipeline_batch"),
         ({"onnx_precision": "fp16"}, "onnx_precision"),
         ({"deployments": {"Nope": {}}}, "deployments"),

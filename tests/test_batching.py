@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kuberank.serving.batching import BatcherStopped, DynamicBatcher, run_on_loop
+from kuberank.serving.batching import BatcherStopped, BatchFailed, DynamicBatcher, run_on_loop
 
 
 def _run(coro):
@@ -36,12 +36,41 @@ def test_each_caller_gets_its_own_result_and_batches_fill():
     assert max(sizes) == 8 and sum(sizes) == 40 and len(sizes) <= 6
 
 
-def test_a_lone_request_waits_at_most_wait_s():
-    batcher = DynamicBatcher(lambda items: items, max_batch_size=32, wait_s=0.02)
+def test_a_lone_request_waits_wait_s_for_company_then_runs():
+    batcher = DynamicBatcher(lambda items: items, max_batch_size=32, wait_s=0.3)
     try:
         started = time.perf_counter()
         assert _run(batcher.submit("x")) == "x"
-        assert time.perf_counter() - started < 1.0
+        assert 0.25 <= time.perf_counter() - started < 3.0
+    finally:
+        batcher.stop()
+
+
+def test_the_wait_counts_from_the_oldest_request():
+    """A request that queued while the worker was busy has waited already: when the worker
+    frees up, its batch starts at once instead of waiting ``wait_s`` more."""
+    release = threading.Event()
+
+    def handle(items):
+        if "first" in items:
+            release.wait(10)
+        return items
+
+    batcher = DynamicBatcher(handle, max_batch_size=8, wait_s=1.5)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.sleep(1.6)  # "first" waited out its wait_s and is running
+        second = asyncio.ensure_future(batcher.submit("second"))
+        await asyncio.sleep(1.6)  # "second" has waited wait_s behind the busy worker
+        release.set()
+        freed = time.perf_counter()
+        await first
+        assert await second == "second"
+        return time.perf_counter() - freed
+
+    try:
+        assert _run(main()) < 1.0  # not another 1.5 s
     finally:
         batcher.stop()
 
@@ -67,7 +96,45 @@ def test_failures_stay_with_their_item_or_batch():
     finally:
         batcher.stop()
     assert good[0] == "A" and isinstance(good[1], ValueError)
-    assert isinstance(alone[0], RuntimeError) and after == "C"
+    assert isinstance(alone[0], BatchFailed) and "batch failed" in str(alone[0])
+    assert isinstance(alone[0].__cause__, RuntimeError) and after == "C"
+
+
+def test_each_caller_of_a_failed_batch_gets_its_own_error():
+    def boom(items):
+        raise KeyError("model gone")
+
+    batcher = DynamicBatcher(boom, max_batch_size=4, wait_s=0.05)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+
+    try:
+        errors = _run(main())
+    finally:
+        batcher.stop()
+    assert all(isinstance(e, BatchFailed) for e in errors)
+    assert len({id(e) for e in errors}) == 3 and all("model gone" in str(e) for e in errors)
+
+
+def test_a_caller_that_gave_up_does_not_stop_the_others():
+    def slow(items):
+        time.sleep(0.3)
+        return items
+
+    batcher = DynamicBatcher(slow, max_batch_size=4, wait_s=0.05)
+
+    async def main():
+        impatient = asyncio.wait_for(batcher.submit("a"), 0.1)
+        patient = batcher.submit("b")
+        return await asyncio.gather(impatient, patient, return_exceptions=True)
+
+    try:
+        impatient, patient = _run(main())
+        assert isinstance(impatient, TimeoutError) and patient == "b"
+        assert _run(batcher.submit("c")) == "c"  # the worker is still serving
+    finally:
+        batcher.stop()
 
 
 def test_a_handler_returning_the_wrong_count_fails_the_batch():
@@ -146,11 +213,21 @@ def test_run_on_loop_is_bounded():
     async def main():
         loop = asyncio.get_running_loop()
 
+        cancelled = asyncio.Event()
+
+        async def sleeper():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
         def from_thread():
             assert run_on_loop(asyncio.sleep(0, result=5), loop, 5) == 5
             with pytest.raises(TimeoutError):
-                run_on_loop(asyncio.sleep(10), loop, 0.05)
+                run_on_loop(sleeper(), loop, 0.05)
 
         await asyncio.to_thread(from_thread)
+        await asyncio.wait_for(cancelled.wait(), 5)  # the timed-out coroutine was cancelled
 
     _run(main())

@@ -4,7 +4,10 @@ naive baseline and the in-process limit with its JSON, table and plot."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from contextlib import contextmanager
 
 import pytest
 from test_app import serving  # noqa: F401 - the shared session fixture
@@ -84,6 +87,89 @@ def test_queries_are_distinct_and_bounded():
 def test_loopback_only():
     with pytest.raises(KuberankError, match="loopback"):
         bench.run_load("http://10.0.0.1:8000/search", lambda i: {}, bench.Level("closed", 1, 1, 1))
+
+
+@contextmanager
+def raw_http_server(answer):
+    """A loopback TCP server in its own thread and event loop; ``answer(reader, writer)``
+    handles each connection. Yields (port, connections opened)."""
+    loop = asyncio.new_event_loop()
+    ready, state = threading.Event(), {"connections": 0}
+
+    async def on_connect(reader, writer):
+        state["connections"] += 1
+        try:
+            await answer(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def run():
+        server = loop.run_until_complete(asyncio.start_server(on_connect, "127.0.0.1", 0))
+        state["port"] = server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield state["port"], state
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+async def read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def _load(port, level, body=lambda i: {"query": "x"}):
+    return bench.run_load(f"http://127.0.0.1:{port}/search", body, level)
+
+
+def test_load_generator_keeps_connections_and_parses_split_responses():
+    async def byte_by_byte(reader, writer):
+        while True:
+            request = await read_request(reader)
+            assert request.startswith(b"POST /search HTTP/1.1") and b'"query"' in request
+            for byte in b'HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{"ok": true}':
+                writer.write(bytes([byte]))
+                await writer.drain()
+
+    with raw_http_server(byte_by_byte) as (port, state):
+        result = _load(port, bench.Level("closed", 3, 30, 30))
+    assert result["ok"] == 30 and result["errors"] == {}
+    assert state["connections"] == 3  # one keep-alive connection per client
+
+
+def test_load_generator_reconnects_and_counts_statuses_and_broken_answers():
+    async def close_after_each(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+
+    with raw_http_server(close_after_each) as (port, state):
+        result = _load(port, bench.Level("closed", 2, 10, 30))
+    assert result["errors"] == {"503": 10} and state["connections"] == 10
+
+    async def cut_short(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+
+    with raw_http_server(cut_short) as (port, _):
+        result = _load(port, bench.Level("open", 50, 8, 30))
+    assert result["ok"] == 0 and result["errors"] == {"599": 8}
 
 
 @pytest.mark.slow
