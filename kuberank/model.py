@@ -102,25 +102,29 @@ class Scorer(nn.Module):
         history: torch.Tensor | None = None,  # [B, L] item indices, most recent last; -1 = pad
         history_text: torch.Tensor | None = None,  # [B, L, T] their text vectors
         users: torch.Tensor | None = None,  # [B] user indices (n_users = unknown)
+        item_behaviour: torch.Tensor | None = None,  # [N, D] behaviour_vectors of the candidates
     ) -> torch.Tensor:
-        """Scores [B, N] of every candidate for every row."""
+        """Scores [B, N] of every candidate for every row. ``item_behaviour``: the candidates'
+        behaviour vectors when the caller keeps them (they depend on the model only)."""
         w = self.term_weights
         batch = next(t.shape[0] for t in (query, history, users) if t is not None)
         score = item_text.new_zeros(batch, item_text.shape[0])
         if self.cfg.use_relevance and query is not None:
             score = score + w[0] * query @ item_text.T
         if self.cfg.use_behaviour and history is not None and history.shape[1] > 0:
-            score = score + w[1] * self._behaviour(item_text, item_index, history, history_text)
+            if item_behaviour is None:
+                item_behaviour = self.behaviour_vectors(item_text, item_index)
+            score = score + w[1] * self._behaviour(item_behaviour, history, history_text)
         if self.cfg.use_collaborative and users is not None:
             cf = self.user_cf(users) @ self.item_cf(item_index).T + self.item_bias(item_index).T
             score = score + w[2] * cf
         return score
 
-    def _behaviour(self, item_text, item_index, history, history_text):
+    def _behaviour(self, cand_vecs, history, history_text):
+        """Attention of the history over each candidate; ``cand_vecs`` [N, D]."""
         mask = history >= 0  # [B, L]
         hist_index = torch.where(mask, history, torch.full_like(history, self.cfg.n_items))
         hist_vecs = self.behaviour_vectors(history_text, hist_index)  # [B, L, D]
-        cand_vecs = self.behaviour_vectors(item_text, item_index)  # [N, D]
         sims = torch.einsum("bld,nd->bln", hist_vecs, cand_vecs)  # [B, L, N]
         length = history.shape[1]
         recency = self.recency[-length:] if length <= self.cfg.max_history else self.recency

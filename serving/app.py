@@ -435,6 +435,12 @@ class RankerCore:
                 [model_items.get(i, unknown) for i in index.ids], dtype=torch.long
             )
             self.text = torch.from_numpy(index.embeddings)
+            # the items' behaviour vectors depend on the model only: once per load, not per
+            # request (they were more than half of a recommendation's ranking time)
+            self.item_behaviour = None
+            if tables.info.scorer.use_behaviour:
+                with torch.no_grad():
+                    self.item_behaviour = self.scorer.behaviour_vectors(self.text, self.model_rows)
 
     def rank(self, req: RankRequest) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
@@ -471,6 +477,9 @@ class RankerCore:
                     history=hist_model,
                     history_text=self.text[hist.clamp(min=0)],
                     users=torch.tensor([user], dtype=torch.long),
+                    item_behaviour=(
+                        None if self.item_behaviour is None else self.item_behaviour[cand_t]
+                    ),
                 )[0].numpy()
         scores = np.asarray(scores, dtype=np.float64)
         top = np.lexsort((cands, -scores))[: req.k]
