@@ -152,21 +152,24 @@ def test_load_generator_keeps_connections_and_parses_split_responses():
     assert state["connections"] == 3  # one keep-alive connection per client
 
 
-def test_load_generator_reconnects_and_counts_statuses_and_broken_answers():
-    async def close_after_each(reader, writer):
+def answer_once(response: bytes):
+    """A connection handler: read one request, write ``response``, close."""
+
+    async def answer(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        writer.write(response)
         await writer.drain()
 
-    with raw_http_server(close_after_each) as (port, state):
+    return answer
+
+
+def test_load_generator_reconnects_and_counts_statuses_and_broken_answers():
+    busy = answer_once(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    with raw_http_server(busy) as (port, state):
         result = _load(port, bench.Level("closed", 2, 10, 30))
     assert result["errors"] == {"503": 10} and state["connections"] == 10
 
-    async def cut_short(reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await writer.drain()
-
+    cut_short = answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
     with raw_http_server(cut_short) as (port, _):
         result = _load(port, bench.Level("open", 50, 8, 30))
     assert result["ok"] == 0 and result["errors"] == {"599": 8}
