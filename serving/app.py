@@ -534,6 +534,17 @@ class QueryEncoding:
                 await self.triton.close()
         return self.after_failure(None)
 
+    def remote_from_thread(
+        self, texts: list[str], loop: asyncio.AbstractEventLoop
+    ) -> np.ndarray | None:
+        """:meth:`remote` from a batch worker thread: the gRPC client lives on ``loop``; a
+        call the loop does not finish in time counts as a Triton failure."""
+        timeout = self.settings.triton_timeout_s + 1
+        try:
+            return run_on_loop(self.remote(texts), loop, timeout)
+        except TimeoutError:
+            return self.after_failure(TimeoutError(f"no answer within {timeout}s"))
+
     def after_failure(self, exc: Exception | None) -> None:
         """After a Triton failure (``exc``; None: one within ``triton_retry_s``): skip Triton
         for ``triton_retry_s``, then None (encode in process), or raise EncoderUnavailableError
@@ -995,8 +1006,9 @@ if serve is not None:
             # this class by value, so a module global here would be a copy).
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
+            streams = self.settings.batch_streams() if self.settings.colocate else 1
             self.encoding = (
-                QueryEncoding(triton_url, self.settings, self.settings.batch_streams())
+                QueryEncoding(triton_url, self.settings, streams)
                 if self.settings.colocate
                 else None
             )
@@ -1013,7 +1025,7 @@ if serve is not None:
                     self._pipeline_batch,
                     *self.settings.pipeline_batch,
                     name="pipeline",
-                    workers=self.settings.batch_streams(),
+                    workers=streams,
                 )
                 if self.settings.colocate
                 else None
@@ -1048,16 +1060,7 @@ if serve is not None:
             vectors, remote_s, fallback = None, 0.0, 0
             try:
                 if texts and self.encoding.triton is not None:
-                    # the gRPC client lives on the event loop; bounded by the Triton timeout
-                    try:
-                        vectors = run_on_loop(
-                            self.encoding.remote(texts), loop, self.settings.triton_timeout_s + 1
-                        )
-                    except TimeoutError:
-                        timeout = self.settings.triton_timeout_s + 1
-                        vectors = self.encoding.after_failure(
-                            TimeoutError(f"no answer within {timeout}s")
-                        )
+                    vectors = self.encoding.remote_from_thread(texts, loop)
                     remote_s = time.perf_counter() - started
                     fallback = len(texts) if vectors is None else 0
                 results, timings = pipe.run(

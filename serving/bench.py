@@ -303,40 +303,24 @@ def in_process_limit(
     streams: int = 1,
     threads: int = 0,
 ) -> dict:
-    """(d) in one configuration: encode + retrieve + rank in batches in this process, no
-    serving, ``streams`` threads each running its own batches on one shared session with
-    ``threads`` ONNX Runtime intra-op threads (0 = the cores shared among the streams):
-    queries per second over ``seconds`` (at least one pass over ``queries``), after one
-    untimed pass that warms ONNX Runtime up."""
+    """(d) in one configuration: the app's own batch step (``Pipeline.run``: encode + retrieve
+    + rank) in this process, no serving, ``streams`` threads each running its own batches on one
+    shared session with ``threads`` ONNX Runtime intra-op threads (0 = the cores shared among
+    the streams): queries per second over ``seconds`` (at least one pass over ``queries``),
+    after one untimed pass that warms ONNX Runtime up."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
-    from kuberank.serving.app import (
-        InProcessEncoder,
-        RankerCore,
-        RankRequest,
-        RetrieveRequest,
-        load_checked_index,
-        onnx_thread_count,
-        read_model_tables,
-        retrieve_batch,
-    )
+    from kuberank.serving.app import PipelineRequest, QueryEncoding, Settings, load_pipeline
 
-    manifest, index = load_checked_index(store)
-    tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
-    intra = onnx_thread_count(threads, streams)
-    encoder = InProcessEncoder(store, manifest, precision, threads=intra)
-    ranker = RankerCore(store, index, tables, model_dir)
+    encoding = QueryEncoding("", Settings(onnx_precision=precision, onnx_threads=threads), streams)
+    pipe = load_pipeline(store, encoding)
+    intra = encoding.onnx_threads()
 
     def one_batch(start: int) -> None:
         texts = [queries[(start + j) % len(queries)] for j in range(batch_size)]
-        vectors = encoder.encode(texts)
-        found = retrieve_batch(
-            index, [RetrieveRequest(v, [], max(k, candidates), False) for v in vectors], 5000
-        )
-        for v, (rows, _) in zip(vectors, found, strict=True):
-            ranker.rank(RankRequest(v, rows, [], None, k))
+        pipe.run([PipelineRequest(t, [], None, k, False) for t in texts], None, candidates, 5000)
 
     def stream(n: int, started: float) -> int:
         # BLAS and OpenMP pools of one thread, as in the app's replicas (app.STAGE_ENV); the
