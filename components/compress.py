@@ -72,6 +72,15 @@ class QualityGateError(KuberankError):
 DEFAULT_LADDER: tuple[tuple[int, float], ...] = ((2, 0.5), (3, 0.5), (3, 0.25), (4, 0.25), (6, 0.0))
 
 
+def fit_default_ladder(depth: int) -> tuple[tuple[int, float], ...]:
+    """:data:`DEFAULT_LADDER` for a teacher of ``depth`` layers: its int8-only level is the
+    teacher's own depth (6 for MiniLM-L6), and levels deeper than a shallower teacher go."""
+    *distilled, (_, last_ratio) = DEFAULT_LADDER
+    return tuple((layers, ratio) for layers, ratio in distilled if layers <= depth) + (
+        (depth, last_ratio),
+    )
+
+
 def parse_ladder(text: str | None) -> tuple[tuple[int, float], ...]:
     """``"2x0.5,3x0.25"`` -> ((2, 0.5), (3, 0.25)); empty or None -> :data:`DEFAULT_LADDER`;
     a clear error naming ``--ladder``."""
@@ -266,6 +275,8 @@ def compress(config: CompressConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModel.from_pretrained(teacher_dir, add_pooling_layer=False)
     depth = teacher.config.num_hidden_layers
+    if tuple(levels) == DEFAULT_LADDER:
+        levels = fit_default_ladder(depth)
     for layers, _ in levels:
         student_layers(depth, layers)  # a clear error before any training
     texts = training_texts(data)

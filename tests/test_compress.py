@@ -10,6 +10,7 @@ from kuberank.components.compress import (
     CompressConfig,
     QualityGateError,
     compress,
+    fit_default_ladder,
     make_student,
     parse_ladder,
     prune_feed_forward,
@@ -42,6 +43,15 @@ def test_ladder_parsing_and_levels():
         CompressConfig(**base, ladder=((2, 1.0),)).rungs()
     with pytest.raises(KuberankError, match="--layers"):
         CompressConfig(**base, layers=0).rungs()
+
+
+def test_default_ladder_fits_the_teacher_depth():
+    assert fit_default_ladder(6) == DEFAULT_LADDER  # MiniLM-L6, the ladder as measured
+    assert fit_default_ladder(12)[-1] == (12, 0.0)  # int8 only keeps the teacher's depth
+    # no level deeper than the teacher
+    assert fit_default_ladder(3) == ((2, 0.5), (3, 0.5), (3, 0.25), (3, 0.0))
+    for depth in (1, 2, 4, 12):
+        assert all(layers <= depth for layers, _ in fit_default_ladder(depth))
 
 
 def test_student_copies_teacher_layers_and_pruning_shrinks_ffn():
