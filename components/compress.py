@@ -310,7 +310,6 @@ def compress(config: CompressConfig) -> dict:
             candidate = Path(tmp) / "model"
             sizes = _write_candidate(teacher_dir, student, tokenizer, candidate, config.int8)
             report = {"teacher": str(teacher_dir), **level, "int8": config.int8, **sizes}
-            _write_report(candidate, report, teacher_dir)
             score = evaluate(data, str(candidate), split)["ndcg@10"]
             tried.append({"layers": len(chosen), "prune_ratio": ratio, "ndcg10": score})
             passed = teacher_score - score <= config.max_ndcg_drop
@@ -371,7 +370,7 @@ def _write_candidate(teacher_dir: Path, student, tokenizer, candidate: Path, int
 
 
 def _write_report(model_dir: Path, report: dict, teacher_dir: Path) -> None:
-    """The compression report in the model's kuberank.json (with its nDCG@10 once gated), or
+    """The gated compression report in the model's kuberank.json (with its nDCG@10), or
     compression.json for a plain transformers directory."""
     from kuberank.model import MANIFEST, is_kuberank_model
 
@@ -379,8 +378,7 @@ def _write_report(model_dir: Path, report: dict, teacher_dir: Path) -> None:
         doc = json.loads((teacher_dir / MANIFEST).read_text())
         doc["compression"] = report
         doc["base_model"] = str(teacher_dir)
-        if "compressed_ndcg10" in report:
-            doc.setdefault("metrics", {})["ndcg@10"] = report["compressed_ndcg10"]
+        doc.setdefault("metrics", {})["ndcg@10"] = report["compressed_ndcg10"]
         (model_dir / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
     else:
         (model_dir / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
