@@ -16,8 +16,8 @@ Pure core: :func:`compress` (teacher model directory + dataset -> compressed mod
 The amount of compression is a ladder of (layers, prune ratio) levels, tried most compressed
 first (:data:`DEFAULT_LADDER`); the first level that passes the gate is written. One distilled
 student per layer count is shared by the levels that prune it. A recommendation model may pass at
-2 layers while a search model needs 4: the gate, not a guess, decides. ``--layers`` /
-``--prune-ratio`` (or ``--ladder``) pin the levels.
+2 layers while a search model needs 4: the gate, not a guess, decides. ``--ladder`` pins the
+levels; ``--layers`` / ``--prune-ratio`` make a ladder of one level (either, not both ways).
 
 The output is a model directory like the teacher's (kuberank.json, scorer weights and a
 tokenizer carried over) with the student's weights, plus ``onnx/model.int8.onnx``; ``kuberank
@@ -81,11 +81,11 @@ def fit_default_ladder(depth: int) -> tuple[tuple[int, float], ...]:
     )
 
 
-def parse_ladder(text: str | None) -> tuple[tuple[int, float], ...]:
-    """``"2x0.5,3x0.25"`` -> ((2, 0.5), (3, 0.25)); empty or None -> :data:`DEFAULT_LADDER`;
+def parse_ladder(text: str | None) -> tuple[tuple[int, float], ...] | None:
+    """``"2x0.5,3x0.25"`` -> ((2, 0.5), (3, 0.25)); empty or None -> None (the default ladder);
     a clear error naming ``--ladder``."""
     if not text:
-        return DEFAULT_LADDER
+        return None
     rungs = []
     for part in (p.strip() for p in str(text).split(",")):
         try:
@@ -98,15 +98,22 @@ def parse_ladder(text: str | None) -> tuple[tuple[int, float], ...]:
     return tuple(rungs)
 
 
+def one_level(layers: int | None, prune_ratio: float | None) -> tuple[tuple[int, float]] | None:
+    """The one-level ladder of ``--layers`` / ``--prune-ratio`` (the one not given: 3 layers,
+    0.25 pruned); None when neither is given."""
+    if layers is None and prune_ratio is None:
+        return None
+    return ((3 if layers is None else layers, 0.25 if prune_ratio is None else prune_ratio),)
+
+
 @dataclasses.dataclass
 class CompressConfig:
     model: str
     dataset: str
     out: str
-    # one fixed level when either is set (the other defaults to 3 layers / 0.25); else the ladder
-    layers: int | None = None
-    prune_ratio: float | None = None  # share of feed-forward neurons removed (0 = no pruning)
-    ladder: tuple[tuple[int, float], ...] = DEFAULT_LADDER
+    # (student layers, share of feed-forward neurons pruned) levels, most compressed first;
+    # None: DEFAULT_LADDER fitted to the teacher's depth
+    ladder: tuple[tuple[int, float], ...] | None = None
     epochs: int = 1
     recovery_epochs: int = 1
     batch_size: int = 32
@@ -118,24 +125,20 @@ class CompressConfig:
     split: str | None = None  # default: validation where it exists, else test
     seed: int = 0
 
-    def rungs(self) -> list[tuple[int, float]]:
-        """The (layers, prune ratio) levels to try, in order, checked."""
-        if self.layers is not None or self.prune_ratio is not None:
-            levels = [
-                (
-                    3 if self.layers is None else int(self.layers),
-                    0.25 if self.prune_ratio is None else float(self.prune_ratio),
-                )
-            ]
-        else:
-            levels = [(int(a), float(b)) for a, b in self.ladder]
+    def rungs(self, depth: int) -> list[tuple[int, float]]:
+        """The (layers, prune ratio) levels to try on a teacher of ``depth`` layers, in order,
+        checked."""
+        if self.ladder is None:
+            return list(fit_default_ladder(depth))
+        levels = [(int(a), float(b)) for a, b in self.ladder]
         if not levels:
             raise KuberankError("--ladder: no compression level given")
         for layers, ratio in levels:
-            if layers < 1:
-                raise KuberankError(f"--layers: {layers} (need at least 1 layer)")
+            student_layers(depth, layers)
             if not 0 <= ratio < 1:
-                raise KuberankError(f"--prune-ratio: {ratio} (need 0 <= ratio < 1)")
+                raise KuberankError(
+                    f"--ladder/--prune-ratio: prune ratio {ratio} (need 0 <= ratio < 1)"
+                )
         return levels
 
 
@@ -143,7 +146,8 @@ def student_layers(teacher_layers: int, keep: int) -> list[int]:
     """Uniformly spaced teacher layers, the last one always kept (6, 3 -> [1, 3, 5])."""
     if not 1 <= keep <= teacher_layers:
         raise KuberankError(
-            f"--layers: must be between 1 and the teacher's {teacher_layers} layers"
+            f"--ladder/--layers: {keep} layers; must be between 1 and the teacher's "
+            f"{teacher_layers} layers"
         )
     step = teacher_layers / keep
     return sorted({teacher_layers - 1 - int(round(i * step)) for i in range(keep)})
@@ -271,14 +275,10 @@ def compress(config: CompressConfig) -> dict:
     teacher_dir = check_model_dir(config.model)
     data = datasets.load(config.dataset)
     split = config.split or default_split(data)
-    levels = config.rungs()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModel.from_pretrained(teacher_dir, add_pooling_layer=False)
     depth = teacher.config.num_hidden_layers
-    if tuple(levels) == DEFAULT_LADDER:
-        levels = fit_default_ladder(depth)
-    for layers, _ in levels:
-        student_layers(depth, layers)  # a clear error before any training
+    levels = config.rungs(depth)  # a clear error before any training
     texts = training_texts(data)
     teacher_score = evaluate(data, str(teacher_dir), split)["ndcg@10"]
     distilled: dict[int, tuple] = {}  # layers -> (student, chosen teacher layers, losses)

@@ -79,16 +79,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from kuberank.components.compress import CompressConfig, compress, parse_ladder
+    from kuberank.components.compress import CompressConfig, compress, one_level, parse_ladder
 
+    fixed = one_level(args.layers, args.prune_ratio)
+    if fixed and args.ladder:
+        raise KuberankError("--ladder and --layers/--prune-ratio both given: use one of them")
     report = compress(
         CompressConfig(
             model=args.model,
             dataset=args.dataset,
             out=args.out,
-            layers=args.layers,
-            prune_ratio=args.prune_ratio,
-            ladder=parse_ladder(args.ladder),
+            ladder=fixed or parse_ladder(args.ladder),
             int8=args.int8,
             max_ndcg_drop=args.max_ndcg_drop,
             split=args.split,
@@ -266,9 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         "compressed first; the first that passes the gate is written (default: "
         "2x0.5,3x0.5,3x0.25,4x0.25,6x0)",
     )
-    co.add_argument("--layers", type=int, help="one fixed level: student layers (default 3)")
     co.add_argument(
-        "--prune-ratio", type=float, help="one fixed level: share of neurons pruned (default 0.25)"
+        "--layers", type=int, help="instead of --ladder, one level: student layers (default 3)"
+    )
+    co.add_argument(
+        "--prune-ratio",
+        type=float,
+        help="instead of --ladder, one level: share of neurons pruned (default 0.25)",
     )
     co.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 quantisation")
     co.add_argument(

@@ -12,6 +12,7 @@ from kuberank.components.compress import (
     compress,
     fit_default_ladder,
     make_student,
+    one_level,
     parse_ladder,
     prune_feed_forward,
     student_layers,
@@ -32,17 +33,31 @@ def test_student_layers_are_uniform_and_keep_the_last():
 
 def test_ladder_parsing_and_levels():
     assert parse_ladder("2x0.5, 3X0.25") == ((2, 0.5), (3, 0.25))
-    assert parse_ladder("") == parse_ladder(None) == DEFAULT_LADDER
+    assert parse_ladder("") is None and parse_ladder(None) is None  # the default ladder
     with pytest.raises(KuberankError, match="--ladder: '3-0.5'"):
         parse_ladder("2x0.5,3-0.5")
     base = {"model": "m", "dataset": "d", "out": "o"}
-    assert CompressConfig(**base).rungs() == list(DEFAULT_LADDER)
-    assert CompressConfig(**base, layers=4).rungs() == [(4, 0.25)]  # a fixed level
-    assert CompressConfig(**base, prune_ratio=0.0).rungs() == [(3, 0.0)]
-    with pytest.raises(KuberankError, match="--prune-ratio"):
-        CompressConfig(**base, ladder=((2, 1.0),)).rungs()
-    with pytest.raises(KuberankError, match="--layers"):
-        CompressConfig(**base, layers=0).rungs()
+    assert CompressConfig(**base).rungs(6) == list(DEFAULT_LADDER)
+    assert CompressConfig(**base).rungs(4) == list(fit_default_ladder(4))
+    assert one_level(4, None) == ((4, 0.25),) and one_level(None, 0.0) == ((3, 0.0),)
+    assert one_level(None, None) is None
+    assert CompressConfig(**base, ladder=one_level(4, None)).rungs(6) == [(4, 0.25)]
+    with pytest.raises(KuberankError, match="--prune-ratio: prune ratio 1.0"):
+        CompressConfig(**base, ladder=((2, 1.0),)).rungs(6)
+    with pytest.raises(KuberankError, match="--layers: 0 layers"):
+        CompressConfig(**base, ladder=one_level(0, None)).rungs(6)
+    with pytest.raises(KuberankError, match="--layers: 7 layers; must be between 1 and the"):
+        CompressConfig(**base, ladder=((2, 0.5), (7, 0.0))).rungs(6)
+    with pytest.raises(KuberankError, match="no compression level"):
+        CompressConfig(**base, ladder=()).rungs(6)
+
+
+def test_cli_takes_a_ladder_or_one_level_not_both(capsys):
+    from kuberank.cli import main
+
+    argv = ["compress", "--model", "m", "--dataset", "d", "--out", "o", "--ladder", "2x0.5"]
+    assert main([*argv, "--layers", "3"]) == 2  # refused before anything is loaded
+    assert "--ladder and --layers/--prune-ratio both given" in capsys.readouterr().err
 
 
 def test_default_ladder_fits_the_teacher_depth():
@@ -84,7 +99,7 @@ def test_compress_passes_the_gate_and_writes_an_int8_model(collection, tmp_path)
             dataset=collection,
             out=str(out),
             epochs=1,
-            prune_ratio=0.25,
+            ladder=one_level(None, 0.25),
             recovery_epochs=1,
             max_ndcg_drop=0.5,
             split="all",
@@ -107,9 +122,8 @@ def test_gate_failure_reports_both_numbers_and_writes_nothing(collection, tmp_pa
                 model=base_model_path(),
                 dataset=collection,
                 out=str(out),
-                layers=1,
+                ladder=((1, 0.9),),
                 epochs=0,
-                prune_ratio=0.9,
                 recovery_epochs=0,
                 int8=False,
                 max_ndcg_drop=-1.0,
