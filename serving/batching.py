@@ -45,6 +45,8 @@ class DynamicBatcher:
     caller's event loop in one callback per batch.
     """
 
+    # the queue holds (item, the caller's future, time.monotonic() at submit)
+
     def __init__(
         self,
         handle_batch: Callable[[list], list],
@@ -68,12 +70,11 @@ class DynamicBatcher:
             thread.start()
 
     async def submit(self, item) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopped:
                 raise BatcherStopped("batcher stopped")
-            self._queue.append((item, future, loop, time.monotonic()))
+            self._queue.append((item, future, time.monotonic()))
             # wake the worker only when it waits for a first item or the batch is full
             if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
                 self._ready.notify()
@@ -87,9 +88,7 @@ class DynamicBatcher:
             left = list(self._queue)
             self._queue.clear()
             self._ready.notify_all()
-        self._reply(
-            [(future, loop, BatcherStopped("batcher stopped")) for _, future, loop, _ in left]
-        )
+        self._reply([(future, BatcherStopped("batcher stopped")) for _, future, _ in left])
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
@@ -103,7 +102,7 @@ class DynamicBatcher:
                 while not self._queue and not self._stopped:
                     self._ready.wait()
                 while 0 < len(self._queue) < self.max_batch_size and not self._stopped:
-                    left = self._queue[0][3] + self.wait_s - time.monotonic()
+                    left = self._queue[0][2] + self.wait_s - time.monotonic()
                     if left <= 0:
                         break
                     self._ready.wait(left)
@@ -117,7 +116,7 @@ class DynamicBatcher:
             batch = self._next_batch()
             if not batch:
                 return
-            items = [item for item, _, _, _ in batch]
+            items = [item for item, _, _ in batch]
             try:
                 results = self.handle_batch(items)
                 if len(results) != len(items):
@@ -126,15 +125,13 @@ class DynamicBatcher:
                     )
             except Exception as exc:  # every caller of the batch gets the failure, its own copy
                 results = [_failed_batch(exc) for _ in items]
-            self._reply(
-                [(future, loop, r) for (_, future, loop, _), r in zip(batch, results, strict=True)]
-            )
+            self._reply([(future, r) for (_, future, _), r in zip(batch, results, strict=True)])
 
     @staticmethod
-    def _reply(done: list[tuple[asyncio.Future, asyncio.AbstractEventLoop, Any]]) -> None:
+    def _reply(done: list[tuple[asyncio.Future, Any]]) -> None:
         by_loop: dict = {}
-        for future, loop, result in done:
-            by_loop.setdefault(loop, []).append((future, result))
+        for future, result in done:
+            by_loop.setdefault(future.get_loop(), []).append((future, result))
         for loop, pairs in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_settle, pairs)
