@@ -51,7 +51,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -156,12 +156,27 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return max(1, cores)
 
 
+def replica_cores() -> int:
+    """The cores this process works with: in a Ray worker given CPUs (a replica's
+    ``ray_actor_options.num_cpus``: its share of the node, as a Kubernetes pod gets its CPU
+    request), that share, else :func:`usable_cores`."""
+    cores = usable_cores()
+    ray = sys.modules.get("ray")  # only a process that runs Ray can be a Ray worker
+    if ray is not None and ray.is_initialized():
+        context = ray.get_runtime_context()
+        if context.worker.mode == ray.WORKER_MODE:
+            share = context.get_assigned_resources().get("CPU", 0)
+            if share > 0:
+                return max(1, min(cores, round(share)))
+    return cores
+
+
 def onnx_thread_count(requested: int, streams: int = 1) -> int:
     """``requested`` intra-op threads, or (0) this process's cores shared among the ``streams``
     batches that run at once."""
     if requested > 0:
         return requested
-    return max(1, usable_cores() // max(1, streams))
+    return max(1, replica_cores() // max(1, streams))
 
 
 @dataclass
@@ -182,7 +197,8 @@ class Settings:
     rank_all_max: int = 5000  # recommendation: score every item with F up to this catalogue size
     # (max_batch_size, batch_wait_timeout_s): chosen by measurement (docs/serving.md)
     pipeline_batch: tuple[int, float] = (16, 0.002)  # colocated: the whole request path
-    # colocated: batches run at once, one worker thread each (0 = one per core). On small
+    # colocated: batches run at once, one worker thread each (0 = one per core of the replica:
+    # its Ray CPUs when it has some, else the machine's, see replica_cores). On small
     # batches ONNX Runtime gets more from one thread per batch and batches side by side than
     # from several threads on one batch (docs/serving.md, batching)
     pipeline_workers: int = 0
@@ -224,7 +240,7 @@ class Settings:
 
     def batch_streams(self) -> int:
         """Batches the colocated Ingress runs at once: its pipeline workers."""
-        return self.pipeline_workers or usable_cores()
+        return self.pipeline_workers or replica_cores()
 
     @classmethod
     def from_args(cls, args: dict) -> "Settings":
@@ -566,6 +582,15 @@ class PipelineRequest:
     user_id: str | None
     k: int
     exclude_history: bool
+
+
+class QueuedRequest(NamedTuple):
+    """What the Ingress queues for its batch workers."""
+
+    request: PipelineRequest
+    queued_at: float  # time.perf_counter() at submit
+    pipeline: "Pipeline"  # the model version current when it arrived
+    loop: asyncio.AbstractEventLoop  # the Ingress event loop: Triton's gRPC channel lives there
 
 
 @dataclass
@@ -1007,6 +1032,7 @@ if serve is not None:
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
             streams = self.settings.batch_streams() if self.settings.colocate else 1
+            self.batch_workers = streams if self.settings.colocate else 0
             self.encoding = (
                 QueryEncoding(triton_url, self.settings, streams)
                 if self.settings.colocate
@@ -1048,14 +1074,12 @@ if serve is not None:
             if getattr(self, "batcher", None) is not None:
                 self.batcher.stop(timeout=0)
 
-        def _pipeline_batch(
-            self, items: list[tuple[PipelineRequest, float, Pipeline, asyncio.AbstractEventLoop]]
-        ) -> list:
+        def _pipeline_batch(self, items: list[QueuedRequest]) -> list:
             """The colocated request path, on the batcher's thread: one batch of encode +
             retrieve + rank."""
             started = time.perf_counter()
-            pipe, loop = items[-1][2], items[-1][3]  # the newest model of the batch's requests
-            reqs = [item[0] for item in items]
+            pipe, loop = items[-1].pipeline, items[-1].loop  # the batch's newest model
+            reqs = [item.request for item in items]
             texts = [r.query for r in reqs if r.query is not None]
             vectors, remote_s, fallback = None, 0.0, 0
             try:
@@ -1067,7 +1091,7 @@ if serve is not None:
                     reqs, vectors, self.settings.candidates, self.settings.rank_all_max
                 )
             except EncoderUnavailableError as exc:  # Triton down and the fallback off
-                return [(exc, started - item[1], None) for item in items]
+                return [(exc, started - item.queued_at, None) for item in items]
             timings["encode"] += remote_s
             meta = {
                 "batch": len(items),
@@ -1076,7 +1100,7 @@ if serve is not None:
                 "version": (pipe.version, pipe.fingerprint),
             }
             return [
-                (result, started - item[1], meta)
+                (result, started - item.queued_at, meta)
                 for result, item in zip(results, items, strict=True)
             ]
 
@@ -1220,7 +1244,9 @@ if serve is not None:
             try:
                 async with asyncio.timeout(self.settings.stage_timeout_s):  # no task per call
                     result, queue_s, meta = await self.batcher.submit(
-                        (request, time.perf_counter(), state, asyncio.get_running_loop())
+                        QueuedRequest(
+                            request, time.perf_counter(), state, asyncio.get_running_loop()
+                        )
                     )
             except TimeoutError:
                 self.metrics.error("pipeline", "timeout")
@@ -1303,6 +1329,10 @@ if serve is not None:
                 "model_version": state.version,
                 "fingerprint": state.fingerprint,
                 "kind": state.kind,
+                # how this replica is sized: batches it runs side by side, and ONNX Runtime
+                # threads per batch (0 when queries are encoded elsewhere)
+                "batch_workers": self.batch_workers,
+                "onnx_threads": self.encoding.onnx_threads() if self.encoding else 0,
             }
 
         @api.get("/metrics")

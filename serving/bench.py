@@ -21,6 +21,11 @@ time, so a slow server is not flattered by coordinated omission). Every level is
 request count and a time limit. Results: p50/p95/p99/max latency, QPS, errors by status; a
 JSON document and a PNG of latency versus achieved throughput.
 
+A closed loop throttles itself: a client waits for its answer, so a server's hiccup delays the
+next arrivals instead of piling them up. ``open_at`` adds, after the closed-loop levels,
+fixed-rate levels at fractions of (d): the rate the app *sustains* at p99 <= budget when
+arrivals do not wait for it, which is what a service behind a load balancer sees.
+
 Pure core: :func:`run_load` (a request factory + a level -> stats), :func:`summarize`
 (targets and ratios), :func:`format_table`; :func:`serve_and_bench` starts the targets one
 after another and measures them (what ``kuberank bench`` and ``make demo`` call).
@@ -28,6 +33,7 @@ after another and measures them (what ``kuberank bench`` and ``make demo`` call)
 
 import asyncio
 import json
+import math
 import os
 import random
 import subprocess
@@ -41,11 +47,14 @@ import numpy as np
 
 from kuberank.errors import KuberankError
 from kuberank.progress import bar
+from kuberank.serving.launcher import DEFAULT_INGRESS
 
 HOST = "127.0.0.1"
-TARGETS = ("kuberank-triton", "kuberank-onnx", "naive", "limit")
+KUBERANK_TARGETS = ("kuberank-triton", "kuberank-onnx")
+TARGETS = (*KUBERANK_TARGETS, "naive", "limit")
 P99_BUDGET_S = 0.050
 REQUEST_TIMEOUT_S = 10.0  # a request of the load generator past this counts as an error (599)
+CONCURRENCY_LEVELS = (1, 8, 16, 32)  # closed-loop clients per level, by default
 MAX_CONNECTIONS = 1024  # open loop: connections at once; later arrivals wait for one
 _WORDS = (
     "library",
@@ -193,27 +202,30 @@ def _raw_request(host: str, port: int, path: str, body: dict | None) -> bytes:
     ).encode() + data
 
 
-async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level) -> dict:
+async def _load(urls: list[str], make_body: Callable[[int], dict] | None, level: Level) -> dict:
     from urllib.parse import urlsplit
 
-    target = urlsplit(url)
-    host, port = target.hostname, target.port or 80
-    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    targets = []
+    for url in urls:
+        parts = urlsplit(url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        targets.append((parts.hostname, parts.port or 80, path))
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: list[int] = []
-    idle: list[_Connection] = []  # keep-alive connections not in use
+    idle: list[list[_Connection]] = [[] for _ in targets]  # keep-alive connections not in use
     opened: list[_Connection] = []
     # at most this many connections at once (a closed loop needs one per client)
     slots = asyncio.Semaphore(int(level.value) if level.mode == "closed" else MAX_CONNECTIONS)
 
-    async def one(i: int, scheduled: float) -> None:
+    async def one(i: int, scheduled: float, t: int) -> None:
+        host, port, path = targets[t]
         raw = _raw_request(host, port, path, None if make_body is None else make_body(i))
         conn = None
         async with slots:
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    conn = idle.pop() if idle else None
+                    conn = idle[t].pop() if idle[t] else None
                     if conn is None or not conn.usable:
                         _, conn = await loop.create_connection(_Connection, host, port)
                         opened.append(conn)
@@ -226,21 +238,34 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
             latencies.append(time.perf_counter() - scheduled)
             statuses.append(status)
             if conn is not None and conn.usable:
-                idle.append(conn)
+                idle[t].append(conn)
 
-    started = time.perf_counter()
-    deadline = started + level.max_seconds
     try:
+        if level.mode == "open":
+            # a keep-alive pool opened before the clock starts, as a client service keeps one:
+            # enough connections for the arrivals of one latency budget
+            want = min(MAX_CONNECTIONS, max(8, math.ceil(level.value * P99_BUDGET_S)))
+            for n in range(want):
+                host, port, _ = targets[n % len(targets)]
+                try:
+                    _, conn = await loop.create_connection(_Connection, host, port)
+                except OSError:
+                    break  # the requests will find out and count it
+                opened.append(conn)
+                idle[n % len(targets)].append(conn)
+        started = time.perf_counter()
+        deadline = started + level.max_seconds
         if level.mode == "closed":
             counter = iter(range(level.requests))
 
-            async def client() -> None:
+            async def client(t: int) -> None:  # each client keeps to one target
                 for i in counter:
                     if time.perf_counter() >= deadline:
                         return
-                    await one(i, time.perf_counter())
+                    await one(i, time.perf_counter(), t)
 
-            await asyncio.gather(*(client() for _ in range(int(level.value))))
+            clients = int(level.value)
+            await asyncio.gather(*(client(c % len(targets)) for c in range(clients)))
         else:
             tasks = []
             interval = 1.0 / level.value
@@ -251,7 +276,7 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
                 delay = scheduled - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i, scheduled)))
+                tasks.append(asyncio.create_task(one(i, scheduled, i % len(targets))))
             await asyncio.gather(*tasks)
         seconds = time.perf_counter() - started
     finally:
@@ -260,16 +285,23 @@ async def _load(url: str, make_body: Callable[[int], dict] | None, level: Level)
     return stats(latencies, statuses, seconds, level)
 
 
-def run_load(url: str, make_body: Callable[[int], dict] | None, level: Level) -> dict:
+def run_load(url: str | list[str], make_body: Callable[[int], dict] | None, level: Level) -> dict:
     """One load level against ``url`` (POST JSON; GET when ``make_body`` is None); bounded by
     ``level.requests`` and ``level.max_seconds`` (plus the 10 s timeout of the requests in
-    flight)."""
-    if not url.startswith(f"http://{HOST}:"):
-        raise KuberankError(f"bench: only loopback targets (http://{HOST}:PORT), got {url}")
-    return asyncio.run(_load(url, make_body, level))
+    flight). Several URLs (the replicas of one app) share the load as a Kubernetes Service
+    would: each closed-loop client keeps to one of them, open-loop arrivals go round-robin."""
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise KuberankError("bench: no target URL")
+    for one in urls:
+        if not one.startswith(f"http://{HOST}:"):
+            raise KuberankError(f"bench: only loopback targets (http://{HOST}:PORT), got {one}")
+    return asyncio.run(_load(urls, make_body, level))
 
 
-def sweep(name: str, url: str, make_body, levels: list[Level], warmup: int = 20) -> list[dict]:
+def sweep(
+    name: str, url: str | list[str], make_body, levels: list[Level], warmup: int = 20
+) -> list[dict]:
     if warmup:
         run_load(url, make_body, Level("closed", 4, warmup, 30))
     out = []
@@ -459,24 +491,38 @@ def best_under(results: list[dict], p99_ms: float) -> dict | None:
     return max(good, key=lambda r: r["qps"]) if good else None
 
 
-def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_S * 1000) -> dict:
-    """Targets of the issue: (a) or (b) sustains >= 50% of (d) with p99 <= budget, and >= 5x
-    (c)'s throughput at the same p99; and how far the best kuberank is from bare Triton."""
-    limit_row = (results.get("limit") or [{}])[0]
-    limit = limit_row.get("qps")
+def _best_kuberank(results: dict[str, list[dict]], p99_ms: float, mode: str | None = None):
     best = None
-    for name in ("kuberank-triton", "kuberank-onnx"):
-        level = best_under(results.get(name, []), p99_budget_ms)
+    for name in KUBERANK_TARGETS:
+        rows = [r for r in results.get(name, []) if mode is None or r.get("mode") == mode]
+        level = best_under(rows, p99_ms)
         if level and (best is None or level["qps"] > best["qps"]):
             best = {**level, "target": name}
+    return best
+
+
+def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_S * 1000) -> dict:
+    """Targets of the issue: (a) or (b) sustains >= 50% of (d) with p99 <= budget, and >= 5x
+    (c)'s throughput at the same p99; and how far the best kuberank is from bare Triton. Open-
+    loop levels, when there are any, also give ``open_best``: the highest fixed rate held within
+    the budget, and ``open_vs_limit``."""
+    limit_row = (results.get("limit") or [{}])[0]
+    limit = limit_row.get("qps")
+    best = _best_kuberank(results, p99_budget_ms)
     out: dict = {"p99_budget_ms": p99_budget_ms, "limit_qps": limit, "best": best}
+    opened = [r for name in KUBERANK_TARGETS for r in results.get(name, []) if r["mode"] == "open"]
+    if opened:
+        held = _best_kuberank(results, p99_budget_ms, mode="open")
+        out["open_rates"] = sorted({r["level"] for r in opened})
+        out["open_best"] = held
+        out["open_vs_limit"] = round(held["qps"] / limit, 3) if held and limit else None
     if limit_row.get("streams"):
         out["limit_how"] = (
             f"{limit_row['streams']} batch stream(s) x {limit_row['onnx_threads']} ONNX thread(s)"
         )
     fastest = [
         {**r, "target": name}
-        for name in ("kuberank-triton", "kuberank-onnx")
+        for name in KUBERANK_TARGETS
         for r in results.get(name, [])
         if r.get("error_rate") == 0 and r.get("qps")
     ]
@@ -559,6 +605,20 @@ def format_table(result: dict) -> str:
                 f"{s['bare_triton_p99_ms']} ms): {s['vs_bare_triton']:.0%} of it "
                 f"({_gap(s['bare_triton_qps'], b['qps'])})"
             )
+    if s.get("open_rates"):
+        rates = ", ".join(f"{r:g}" for r in s["open_rates"])
+        held = s.get("open_best")
+        if held:
+            share = f" = {s['open_vs_limit']:.0%} of the limit" if s.get("open_vs_limit") else ""
+            lines.append(
+                f"  open loop (fixed rate, tried {rates} req/s): {held['target']} holds "
+                f"{held['qps']} req/s{share} (p99 {held['p99_ms']} ms)"
+            )
+        else:
+            lines.append(
+                f"  open loop (fixed rate, tried {rates} req/s): no rate held p99 <= "
+                f"{s['p99_budget_ms']:.0f} ms without errors"
+            )
     if s.get("serve_floor_qps") and result["results"]:
         paths = ", ".join(f"{via} {qps} req/s" for via, qps in s["serve_floor_qps"].items())
         lines.append(
@@ -594,19 +654,17 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in result["results"].items():
-        rows = [r for r in rows if r.get("p99_ms") is not None]
-        if rows:
-            rows = sorted(rows, key=lambda r: r["qps"])
-            ax.plot(
-                [r["qps"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{name} p99"
+        for mode in ("closed", "open"):
+            series = sorted(
+                (r for r in rows if r.get("p99_ms") is not None and r.get("mode") == mode),
+                key=lambda r: r["qps"],
             )
-            ax.plot(
-                [r["qps"] for r in rows],
-                [r["p50_ms"] for r in rows],
-                "x--",
-                alpha=0.5,
-                label=f"{name} p50",
-            )
+            if not series:
+                continue
+            label = name if mode == "closed" else f"{name} (fixed rate)"
+            qps = [r["qps"] for r in series]
+            ax.plot(qps, [r["p99_ms"] for r in series], "o-", label=f"{label} p99")
+            ax.plot(qps, [r["p50_ms"] for r in series], "x--", alpha=0.5, label=f"{label} p50")
     limit = (result.get("summary") or {}).get("limit_qps")
     if limit:
         ax.axvline(limit, color="grey", linestyle=":", label=f"in-process limit {limit:.0f} q/s")
@@ -632,18 +690,23 @@ def serve_and_bench(
     *,
     targets: tuple[str, ...] = TARGETS,
     mode: str = "closed",
-    levels: tuple[float, ...] = (1, 8, 16, 32),
+    levels: tuple[float, ...] = CONCURRENCY_LEVELS,
     requests: int = 200,
     max_seconds: float = 15.0,
     queries: int = 200,
     out_dir: str | os.PathLike | None = None,
     settings: dict | None = None,
     model_dir: str | None = None,
-    ingress: str = "direct",
+    ingress: str = DEFAULT_INGRESS,
+    open_at: tuple[float, ...] = (),
+    ingress_replicas: int = 0,
 ) -> dict:
     """Start each target in turn on 127.0.0.1, load it at each level, stop it; return
     ``{"config", "results": {target: [level stats]}, "summary", "plot"?}``. The demo calls this
-    and prints :func:`format_table` of the result."""
+    and prints :func:`format_table` of the result.
+
+    ``open_at``: fractions of (d); after its closed-loop levels each kuberank target also gets
+    fixed-rate levels at these fractions of the limit, which is then measured first."""
     from kuberank.serving.app import load_checked_index
     from kuberank.serving.launcher import LocalServing
 
@@ -654,39 +717,59 @@ def serve_and_bench(
         raise KuberankError(f"bench: mode {mode!r} is not 'closed' or 'open'")
     if requests < 1 or max_seconds <= 0 or not levels or min(levels) <= 0:
         raise KuberankError("bench: requests, max_seconds and every level must be positive")
+    if open_at and (mode != "closed" or "limit" not in targets or min(open_at) <= 0):
+        raise KuberankError(
+            "bench: open_at (fractions of the in-process limit, each > 0) goes with closed-loop "
+            "levels and the limit target"
+        )
     store = str(store)
     manifest, index = load_checked_index(store)
     kind = index.meta.get("kind", "search")
+    if open_at and kind != "search":
+        raise KuberankError(
+            "bench: open_at needs search traffic (the limit is measured on queries)"
+        )
     texts = bench_queries(queries)
     route, make_body = request_factory(kind, index.ids, texts)
     plan = [Level(mode, float(v), requests, max_seconds) for v in levels]
     results: dict[str, list[dict]] = {}
-    if ingress == "direct" and {"kuberank-triton", "kuberank-onnx"} & set(targets):
-        import ray
-
-        if ray.is_initialized():  # direct ingress is switched on when Ray starts: the bench
-            ray.shutdown()  # (a process of its own, or the demo after training) starts its own
-    for name in ("kuberank-triton", "kuberank-onnx"):
+    replicas = None  # Ingress replicas the kuberank targets ran with
+    if "limit" in targets and kind == "search":  # first: the open-loop rates are shares of it
+        results["limit"] = [best_in_process_limit(store, texts, seconds=min(max_seconds, 10.0))]
+    open_plan = [
+        Level("open", round(share * results["limit"][0]["qps"], 1), requests, max_seconds)
+        for share in open_at
+    ]
+    for name in KUBERANK_TARGETS:
         if name not in targets:
             continue
         with LocalServing(
-            store, use_triton=name == "kuberank-triton", settings=settings, ingress=ingress
+            store,
+            use_triton=name == "kuberank-triton",
+            settings=settings,
+            ingress=ingress,
+            ingress_replicas=ingress_replicas,
+            restart_ray=True,  # the demo calls this after training on a Ray cluster of its own
         ) as running:
-            results[name] = sweep(name, running.url + route, make_body, plan)
+            replicas = len(running.urls)
+            endpoints = [url + route for url in running.urls]  # every Ingress replica
+            results[name] = sweep(name, endpoints, make_body, plan)
+            if open_plan:
+                results[name] += sweep(name, endpoints, make_body, open_plan, warmup=0)
             if "serve-floor" not in results:  # the HTTP paths to the Ingress, no model work
                 top = Level(
                     "closed", max(levels) if mode == "closed" else 32, requests, max_seconds
                 )
-                paths = {ingress: running.url}
+                paths = {ingress: running.urls}
                 if running.proxy_url != running.url:
-                    paths["proxy"] = running.proxy_url
+                    paths["proxy"] = [running.proxy_url]
                 results["serve-floor"] = [
                     {
                         "target": f"serve-floor-{via}",
                         "via": via,
-                        **run_load(url + "/healthz", None, top),
+                        **run_load([url + "/healthz" for url in urls], None, top),
                     }
-                    for via, url in paths.items()
+                    for via, urls in paths.items()
                 ]
             if running.triton is not None and kind == "search":
                 top = int(max(levels)) if mode == "closed" else 32
@@ -730,8 +813,6 @@ def serve_and_bench(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
-    if "limit" in targets and kind == "search":
-        results["limit"] = [best_in_process_limit(store, texts, seconds=min(max_seconds, 10.0))]
     result = {
         "config": {
             "store": store,
@@ -746,6 +827,8 @@ def serve_and_bench(
             "model_version": manifest.get("version"),
             "cpus": os.cpu_count(),
             "ingress": ingress,
+            "ingress_replicas": replicas,
+            "open_at": list(open_at),
         },
         "results": results,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from kuberank.errors import KuberankError
+
 
 def _cmd_index(args) -> int:
     from kuberank.serving.index import build_index
@@ -26,21 +28,27 @@ def _settings(args) -> dict:
         try:
             settings = json.loads(args.settings)
         except ValueError as exc:
-            from kuberank.errors import KuberankError
-
             raise KuberankError(f"--settings: not JSON: {exc}") from exc
     return settings
 
 
 def _ingress_option(parser) -> None:
-    from kuberank.serving.launcher import INGRESS_MODES
+    from kuberank.serving.launcher import DEFAULT_INGRESS, INGRESS_MODES
 
     parser.add_argument(
         "--ingress",
         choices=INGRESS_MODES,
-        default="direct",
-        help="direct (default): the Ingress replica serves HTTP itself, one replica; proxy: "
-        "through Ray Serve's proxy, which balances several replicas and retries a dead one",
+        default=DEFAULT_INGRESS,
+        help="direct (default): each Ingress replica serves HTTP itself, on a port of its own; "
+        "proxy: through Ray Serve's proxy, which balances replicas and retries a dead one",
+    )
+    parser.add_argument(
+        "--ingress-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="direct ingress: Ingress replicas, each with its share of the cores and its own "
+        "port (default 0: one per core)",
     )
 
 
@@ -53,14 +61,25 @@ def _cmd_serve(args) -> int:
         use_triton=not args.no_triton,
         settings=_settings(args),
         ingress=args.ingress,
+        ingress_replicas=args.ingress_replicas,
     )
+
+
+def _numbers(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise KuberankError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
 
 def _cmd_bench(args) -> int:
     from kuberank.serving.bench import TARGETS, format_table, serve_and_bench
 
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else TARGETS
-    levels = tuple(float(v) for v in (args.rates or args.concurrency).split(","))
+    if args.rates:
+        levels = _numbers(args.rates, "--rates")
+    else:
+        levels = _numbers(args.concurrency, "--concurrency")
     result = serve_and_bench(
         args.model_store,
         targets=targets,
@@ -72,6 +91,8 @@ def _cmd_bench(args) -> int:
         out_dir=args.out,
         settings=_settings(args),
         ingress=args.ingress,
+        ingress_replicas=args.ingress_replicas,
+        open_at=_numbers(args.open_at, "--open-at") if args.open_at else (),
     )
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
     return 0
@@ -122,13 +143,22 @@ def register(sub, dataset_help: str) -> None:
         "and the in-process batched limit; bounded by --requests and --max-seconds.",
     )
     bn.add_argument("--model-store", required=True, metavar="STORE", help="path or s3:// URI")
+    from kuberank.serving.bench import CONCURRENCY_LEVELS
+
+    default_levels = ",".join(str(c) for c in CONCURRENCY_LEVELS)
     bn.add_argument(
         "--concurrency",
-        default="1,8,16,32",
+        default=default_levels,
         metavar="C,C,...",
-        help="closed-loop client counts (default: 1,8,16,32)",
+        help=f"closed-loop client counts (default: {default_levels})",
     )
     bn.add_argument("--rates", metavar="R,R,...", help="open-loop request rates per second instead")
+    bn.add_argument(
+        "--open-at",
+        metavar="F,F,...",
+        help="after the closed-loop levels, fixed-rate levels at these fractions of the "
+        "in-process limit, e.g. 0.3,0.4,0.5: the rate sustained when arrivals do not wait",
+    )
     bn.add_argument("--requests", type=int, default=200, help="requests per level (default: 200)")
     bn.add_argument("--max-seconds", type=float, default=15.0, help="time limit per level")
     bn.add_argument("--queries", type=int, default=200, help="distinct queries (default: 200)")

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 from kuberank.errors import KuberankError
 
@@ -64,29 +65,42 @@ SERVE_ENV = {
 
 
 INGRESS_MODES = ("direct", "proxy")
-# Direct ingress: the Ingress replica runs its own HTTP server on a port of this range (Ray
-# Serve's RAY_SERVE_ENABLE_DIRECT_INGRESS, host from http_options: 127.0.0.1), so a request
+DEFAULT_INGRESS = "direct"
+# Direct ingress: each Ingress replica runs its own HTTP server on a port of a range of at least
+# this many ports (Ray Serve's RAY_SERVE_ENABLE_DIRECT_INGRESS, host 127.0.0.1), so a request
 # costs one process hop instead of two (proxy actor -> replica). Measured on 2 cores: GET
 # /healthz 2150 req/s direct vs 446 through the proxy (docs/serving.md).
 DIRECT_PORT_SPAN = 8
 
 
-def apply_serve_env(env: dict | None = None) -> dict:
-    """Set the :data:`SERVE_ENV` defaults in ``env`` (``os.environ``) unless already set; the
-    values in effect."""
-    env = os.environ if env is None else env
-    for key, value in SERVE_ENV.items():
-        env.setdefault(key, value)
-    return {key: env[key] for key in SERVE_ENV}
+@contextmanager
+def cluster_env(direct_port: int | None = None, span: int = DIRECT_PORT_SPAN):
+    """``os.environ`` for a local Ray cluster about to start (its processes keep the environment
+    they start with): the :data:`SERVE_ENV` defaults unless already set and, with
+    ``direct_port``, the direct-ingress switches for it; restored afterwards, so a later cluster
+    of this process starts plain. Yields the values applied."""
+    values = {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
+    if direct_port is not None:
+        values.update(direct_ingress_env(direct_port, span))
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield values
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def direct_ingress_env(port: int) -> dict:
-    """The switches that make Ray Serve's ingress replicas listen on ``port`` (the lowest free
-    port of ``[port, port + DIRECT_PORT_SPAN)``) themselves."""
+def direct_ingress_env(port: int, span: int = DIRECT_PORT_SPAN) -> dict:
+    """The switches that make Ray Serve's ingress replicas listen on ports of their own (each
+    the lowest free port of ``[port, port + span)``)."""
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_PORT_SPAN - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + span - 1),
         # time for an external load balancer to take a stopping replica out of rotation
         # (default 30 s, which every local stop would wait out); nothing balances locally
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
@@ -101,7 +115,9 @@ class LocalServing:
     ``"proxy"``: every request goes through Serve's proxy actor on ``url``, which routes to
     several (autoscaled) Ingress replicas and retries around a dead one, at a lower ceiling.
     Direct ingress is a property of the Ray cluster, so it needs the cluster this object
-    starts (or one started with :func:`direct_ingress_env` for this port)."""
+    starts (or one started with :func:`direct_ingress_env` for this port exported). When Ray
+    already runs in this process without it, ``restart_ray=True`` stops that cluster and starts
+    one of its own (``kuberank bench`` does, after the demo's training); the default refuses."""
 
     def __init__(
         self,
@@ -112,23 +128,44 @@ class LocalServing:
         settings: dict | None = None,
         num_cpus: int | None = None,
         ready_timeout: float = 180.0,
-        ingress: str = "direct",
+        ingress: str = DEFAULT_INGRESS,
+        restart_ray: bool = False,
+        ingress_replicas: int = 0,
     ):
         from kuberank.serving.triton import free_port
 
         if ingress not in INGRESS_MODES:
             raise KuberankError(f"ingress: {ingress!r} is not one of {INGRESS_MODES}")
+        if ingress_replicas < 0 or (ingress == "proxy" and ingress_replicas):
+            raise KuberankError(
+                "ingress_replicas: a count >= 0 (0 = one per core), for ingress='direct' only"
+            )
         self.ingress = ingress
+        self.restart_ray = restart_ray
+        self.urls: list[str] = []  # direct: every Ingress replica's own URL
         self.store = str(store)
         self.port = port or free_port()
+        # direct ingress: the replica takes the lowest free port of [port, port + span), so
+        # ``port`` becomes the one it took; every readiness scan starts from the first one
+        self._first_port = self.port
+        self.ready: dict = {}  # the last /readyz answer
         self.proxy_port = self.port if ingress == "proxy" else free_port()
         self.use_triton = use_triton
         self.settings = dict(settings or {})
         self.num_cpus = num_cpus
+        self.ingress_replicas = ingress_replicas or self._cores()
+        # ports for every replica, and for their replacements during a rolling restart
+        self._span = max(DIRECT_PORT_SPAN, 4 * self.ingress_replicas)
         self.ready_timeout = ready_timeout
         self.triton = None
         self._ray_started = False
         self.revision = int(self.settings.pop("revision", 0))
+
+    def _cores(self) -> int:
+        """The CPUs of the Ray cluster this object starts."""
+        from kuberank.serving.app import usable_cores
+
+        return self.num_cpus or usable_cores()
 
     @property
     def url(self) -> str:
@@ -148,9 +185,19 @@ class LocalServing:
             "revision": self.revision,
             **self.settings,
         }
-        if self.ingress == "direct":  # one Ingress replica: one port to send traffic to
+        if self.ingress == "direct":
+            # a fixed number of Ingress replicas, each on its own port and with its share of
+            # the cores: one process per core by default, so each has a GIL of its own for its
+            # event loop and its batch worker (docs/serving.md). Traffic is spread over
+            # ``urls`` by the client, as a Kubernetes Service or HAProxy spreads it over pods.
             deployments = dict(args.get("deployments") or {})
-            deployments[INGRESS] = {**deployments.get(INGRESS, {}), "num_replicas": 1}
+            ingress = deployments.get(INGRESS, {})
+            actor = {"num_cpus": self._cores() / self.ingress_replicas}
+            deployments[INGRESS] = {
+                **ingress,
+                "num_replicas": self.ingress_replicas,
+                "ray_actor_options": {**actor, **ingress.get("ray_actor_options", {})},
+            }
             args["deployments"] = deployments
         return args
 
@@ -159,26 +206,23 @@ class LocalServing:
 
         from kuberank.raycluster import ensure_ray
 
-        wanted = direct_ingress_env(self.port) if self.ingress == "direct" else {}
+        direct = self.ingress == "direct"
         if ray.is_initialized():
-            have = {k: os.environ.get(k) for k in wanted}
-            if have != wanted:
+            wanted = direct_ingress_env(self._first_port, self._span) if direct else {}
+            if all(os.environ.get(k) == v for k, v in wanted.items()):
+                return  # proxy mode, or a cluster started with these switches exported
+            if not self.restart_ray:
                 raise KuberankError(
-                    f"ingress='direct' needs a Ray cluster started with {wanted} (Ray is already "
-                    "running without them); stop it or use ingress='proxy'"
+                    "ingress='direct' is switched on when Ray starts, and Ray is already running "
+                    "in this process without it: stop Ray first, pass restart_ray=True, or use "
+                    "ingress='proxy'"
                 )
-            return
-        saved = {k: os.environ.get(k) for k in wanted}
-        os.environ.update(wanted)  # read by the Serve controller and replicas at start-up
-        try:
-            apply_serve_env()
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+        with cluster_env(self._first_port if direct else None, self._span):
             ensure_ray(num_cpus=self.num_cpus)
-        finally:
-            for key, value in saved.items():  # later clusters of this process start plain
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         self._ray_started = True
 
     def start(self) -> LocalServing:
@@ -204,27 +248,41 @@ class LocalServing:
         return self
 
     def wait_ready(self) -> dict:
-        """Poll /readyz until 200. Direct ingress: the replica took the lowest free port of its
-        range, so the range is scanned and ``port`` set to the one that answers as this app."""
+        """Poll /readyz until 200. Direct ingress: each Ingress replica took the lowest free
+        port of the range, so the range is scanned until every replica answers as this app;
+        ``urls`` lists them and ``port`` is the first."""
         candidates = [self.port]
+        wanted = 1
         if self.ingress == "direct":
-            candidates = list(range(self.port, self.port + DIRECT_PORT_SPAN))
+            candidates = [
+                port
+                for port in range(self._first_port, self._first_port + self._span)
+                if port != self.proxy_port  # the proxy answers as this app too
+            ]
+            wanted = self.ingress_replicas
         deadline = time.monotonic() + self.ready_timeout
         last: object = None
         while time.monotonic() < deadline:
+            ready = {}
             for port in candidates:
                 try:
                     status, body = http_json("GET", f"http://{HOST}:{port}/readyz", timeout=2.0)
                 except OSError as exc:
-                    last = exc if port == self.port else last
+                    last = exc if port == self._first_port else last
                     continue
                 if status == 200 and isinstance(body, dict) and "model_version" in body:
-                    self.port = port
-                    return body
-                last = body
+                    ready[port] = body
+                else:
+                    last = body
+            if len(ready) >= wanted:
+                self.port = min(ready)
+                self.urls = [f"http://{HOST}:{port}" for port in sorted(ready)]
+                self.ready = ready[self.port]
+                return self.ready
             time.sleep(0.5)
         raise KuberankError(
-            f"kuberank app not ready at {self.url} after {self.ready_timeout:.0f}s: {last}"
+            f"kuberank app not ready at {self.url} after {self.ready_timeout:.0f}s "
+            f"({wanted} Ingress replica(s) wanted): {last}"
         )
 
     def reload(self, store: str | None = None) -> dict:
@@ -273,12 +331,18 @@ def serve_forever(
     use_triton: bool = True,
     settings: dict | None = None,
     on_ready=print,
-    ingress: str = "direct",
+    ingress: str = DEFAULT_INGRESS,
+    ingress_replicas: int = 0,
 ) -> int:
-    """``kuberank serve``: start, print the URL, block until SIGINT/SIGTERM, stop cleanly."""
+    """``kuberank serve``: start, print the URLs, block until SIGINT/SIGTERM, stop cleanly."""
     stop = threading.Event()
     running = LocalServing(
-        store, port=port, use_triton=use_triton, settings=settings, ingress=ingress
+        store,
+        port=port,
+        use_triton=use_triton,
+        settings=settings,
+        ingress=ingress,
+        ingress_replicas=ingress_replicas,
     )
     previous: dict = {}
     try:
@@ -288,11 +352,12 @@ def serve_forever(
             sig: signal.signal(sig, lambda *_: stop.set())
             for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        ready = running.wait_ready()
+        ready = running.ready
         on_ready(
             json.dumps(
                 {
                     "url": running.url,
+                    "urls": running.urls,
                     "proxy_url": running.proxy_url,
                     "ingress": running.ingress,
                     "model_version": ready.get("model_version"),

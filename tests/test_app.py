@@ -142,10 +142,10 @@ def serving_session(request, tmp_path_factory) -> dict:
     request.session.addfinalizer(stop)
     _SERVING["stop"] = stop
     triton.wait_ready()
-    from kuberank.serving.launcher import apply_serve_env
+    from kuberank.serving.launcher import cluster_env
 
-    apply_serve_env()  # the same Serve switches as `kuberank serve`
-    ensure_ray(num_cpus=2)
+    with cluster_env():  # the same Serve switches as `kuberank serve`
+        ensure_ray(num_cpus=2)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one = {"num_replicas": 1}

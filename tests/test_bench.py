@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -77,6 +78,53 @@ def test_summary_verdicts_and_table():
     assert "12% of bare Triton 800 req/s" in table and "700 req/s behind" in table
     ahead = bench.summarize({**results, "kuberank-onnx": [_row("kuberank-onnx", 32, 900, 40)]})
     assert "(100 req/s ahead)" in bench.format_table({"results": results, "summary": ahead})
+
+
+def test_open_loop_levels_give_the_rate_held_within_budget():
+    closed = [_row("kuberank-onnx", 32, 400, 30)]
+    fixed = [
+        {**_row("kuberank-onnx", rate, qps, p99), "mode": "open"}
+        for rate, qps, p99 in ((210.0, 210, 20), (280.0, 279, 45), (350.0, 300, 400))
+    ]
+    limit = [{**_row("limit", 32, 700, 0), "p99_ms": None}]
+    s = bench.summarize({"kuberank-onnx": closed + fixed, "limit": limit})
+    # the closed-loop verdict is unchanged; the open loop holds 280/s, not the overrun 350/s
+    assert s["best"]["qps"] == 400 and s["best"]["mode"] == "closed"
+    assert s["open_rates"] == [210.0, 280.0, 350.0]
+    assert s["open_best"]["level"] == 280.0 and s["open_vs_limit"] == round(279 / 700, 3)
+    table = bench.format_table({"results": {"kuberank-onnx": closed + fixed}, "summary": s})
+    assert "| kuberank-onnx | open | 280.0 |" in table
+    assert (
+        "open loop (fixed rate, tried 210, 280, 350 req/s): kuberank-onnx holds 279 req/s "
+        "= 40% of the limit (p99 45 ms)" in table
+    )
+    overrun = bench.summarize({"kuberank-onnx": closed + fixed[2:], "limit": limit})
+    assert overrun["open_best"] is None and overrun["open_vs_limit"] is None
+    assert "tried 350 req/s): no rate held p99 <= 50 ms" in bench.format_table(
+        {"results": {}, "summary": overrun}
+    )
+    assert "open_rates" not in bench.summarize({"kuberank-onnx": closed, "limit": limit})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"targets": ("kuberank-onnx",), "open_at": (0.5,)},  # no limit to take shares of
+        {"mode": "open", "open_at": (0.5,)},  # the levels are rates already
+        {"open_at": (0.5, 0.0)},
+    ],
+)
+def test_open_at_needs_closed_levels_and_the_limit(kw):
+    with pytest.raises(KuberankError, match="open_at"):
+        bench.serve_and_bench("/no/store", **kw)
+
+
+def test_bench_cli_names_a_bad_number_list(capsys):
+    from kuberank.cli import main
+
+    for flag in ("--concurrency", "--rates", "--open-at"):
+        assert main(["bench", "--model-store", "/no/store", flag, "8,x"]) == 2
+        assert f"{flag}: expected comma-separated numbers, got '8,x'" in capsys.readouterr().err
 
 
 def test_queries_are_distinct_and_bounded():
@@ -173,6 +221,39 @@ def test_load_generator_reconnects_and_counts_statuses_and_broken_answers():
     with raw_http_server(cut_short) as (port, _):
         result = _load(port, bench.Level("open", 50, 8, 30))
     assert result["ok"] == 0 and result["errors"] == {"599": 8}
+
+
+def test_load_generator_spreads_over_replicas_and_opens_its_pool_first():
+    def keep_alive(counts: list):
+        async def answer(reader, writer):
+            while True:
+                await read_request(reader)
+                counts.append(1)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+
+        return answer
+
+    a, b = [], []
+    with raw_http_server(keep_alive(a)) as (pa, sa), raw_http_server(keep_alive(b)) as (pb, sb):
+        urls = [f"http://127.0.0.1:{p}/search" for p in (pa, pb)]
+        closed = bench.run_load(urls, lambda i: {"query": "x"}, bench.Level("closed", 4, 40, 30))
+        assert closed["ok"] == 40 and len(a) + len(b) == 40 and a and b
+        assert sa["connections"] == sb["connections"] == 2  # each client keeps to one replica
+        before = len(a), len(b)
+        opened = bench.run_load(urls, lambda i: {"query": "x"}, bench.Level("open", 200, 40, 30))
+        assert opened["ok"] == 40 and (len(a) - before[0], len(b) - before[1]) == (20, 20)
+        # a pool of max(8, one 50 ms budget of arrivals) opened before the clock, half on each
+        before = sa["connections"], sb["connections"]
+        bench.run_load(urls, None, bench.Level("open", 400, 0, 30))
+        for _ in range(200):  # the servers' threads accept them a moment later
+            new = (sa["connections"] - before[0], sb["connections"] - before[1])
+            if new == (10, 10):
+                break
+            time.sleep(0.01)
+        assert new == (10, 10)
+    with pytest.raises(KuberankError, match="no target URL"):
+        bench.run_load([], None, bench.Level("closed", 1, 1, 1))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port
 from test_index import serving_store
 
+from kuberank.errors import KuberankError
 from kuberank.serving.launcher import http_json
 
 pytestmark = pytest.mark.slow
@@ -71,26 +72,34 @@ def test_serve_starts_triton_and_serve_and_stops_on_sigterm(tmp_path_factory):
 
 def test_direct_ingress_answers_like_the_proxy_and_sheds_overload(tmp_path_factory):
     import ray
-    from ray import serve
     from test_reliability import _load_with_statuses
 
+    from kuberank.raycluster import ensure_ray
     from kuberank.serving.launcher import LocalServing
 
     store, _, _ = serving_store(tmp_path_factory)
-    if ray.is_initialized():  # direct ingress is set when Ray starts; the shared session
-        serve.shutdown()  # of test_app restarts itself when a later test needs it
-        ray.shutdown()
     # the Ingress admits 2 ongoing + 2 queued requests: 8 clients are twice that
     limits = {"deployments": {"Ingress": {"max_ongoing_requests": 2, "max_queued_requests": 2}}}
+    # direct ingress is switched on when Ray starts: a cluster already running without it (here
+    # the shared session of test_app, which restarts itself when needed) is refused, or restarted
+    ensure_ray(num_cpus=2)
+    with pytest.raises(KuberankError, match="restart_ray=True"):
+        LocalServing(str(store), use_triton=False, ingress="direct").start()
     with LocalServing(
-        str(store), use_triton=False, settings=limits, ingress="direct", num_cpus=2
+        str(store), use_triton=False, settings=limits, num_cpus=2, restart_ray=True
     ) as running:
-        assert running.url != running.proxy_url
+        # one Ingress replica per core, each on its own port with one core's share: one batch
+        # worker with one ONNX Runtime thread
+        assert len(running.urls) == 2 and running.url == running.urls[0] != running.proxy_url
+        for url in running.urls:
+            ready = http_json("GET", url + "/readyz")[1]
+            assert (ready["batch_workers"], ready["onnx_threads"]) == (1, 1), ready
         body = {"query": "how to cook pasta", "k": 2}
-        direct = http_json("POST", running.url + "/search", body)
+        direct = [http_json("POST", url + "/search", body) for url in running.urls]
         proxied = http_json("POST", running.proxy_url + "/search", body)
-        assert direct[0] == proxied[0] == 200 and direct[1]["items"][0]["id"] == "d2"
-        assert direct[1]["items"] == proxied[1]["items"]
+        assert direct[0][0] == direct[1][0] == proxied[0] == 200
+        assert direct[0][1]["items"][0]["id"] == "d2"
+        assert direct[0][1]["items"] == direct[1][1]["items"] == proxied[1]["items"]
         results = _load_with_statuses(
             running.url + "/search", lambda i: {"query": f"pasta {i % 5}", "k": 3}, 8, 240
         )
