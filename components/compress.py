@@ -128,7 +128,7 @@ class CompressConfig:
     def rungs(self, depth: int) -> list[tuple[int, float]]:
         """The (layers, prune ratio) levels to try on a teacher of ``depth`` layers, in order,
         checked."""
-        if self.ladder is None:
+        if self.ladder is None or tuple(self.ladder) == DEFAULT_LADDER:  # as printed in --help
             return list(fit_default_ladder(depth))
         levels = [(int(a), float(b)) for a, b in self.ladder]
         if not levels:

@@ -156,27 +156,12 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return max(1, cores)
 
 
-def replica_cores() -> int:
-    """The cores this process works with: in a Ray worker given CPUs (a replica's
-    ``ray_actor_options.num_cpus``: its share of the node, as a Kubernetes pod gets its CPU
-    request), that share, else :func:`usable_cores`."""
-    cores = usable_cores()
-    ray = sys.modules.get("ray")  # only a process that runs Ray can be a Ray worker
-    if ray is not None and ray.is_initialized():
-        context = ray.get_runtime_context()
-        if context.worker.mode == ray.WORKER_MODE:
-            share = context.get_assigned_resources().get("CPU", 0)
-            if share > 0:
-                return max(1, min(cores, round(share)))
-    return cores
-
-
 def onnx_thread_count(requested: int, streams: int = 1) -> int:
     """``requested`` intra-op threads, or (0) this process's cores shared among the ``streams``
     batches that run at once."""
     if requested > 0:
         return requested
-    return max(1, replica_cores() // max(1, streams))
+    return max(1, usable_cores() // max(1, streams))
 
 
 @dataclass
@@ -197,8 +182,8 @@ class Settings:
     rank_all_max: int = 5000  # recommendation: score every item with F up to this catalogue size
     # (max_batch_size, batch_wait_timeout_s): chosen by measurement (docs/serving.md)
     pipeline_batch: tuple[int, float] = (16, 0.002)  # colocated: the whole request path
-    # colocated: batches run at once, one worker thread each (0 = one per core of the replica:
-    # its Ray CPUs when it has some, else the machine's, see replica_cores). On small
+    # colocated: batches run at once, one worker thread each (0 = one per core; the launcher's
+    # direct replicas set their share). On small
     # batches ONNX Runtime gets more from one thread per batch and batches side by side than
     # from several threads on one batch (docs/serving.md, batching)
     pipeline_workers: int = 0
@@ -240,7 +225,7 @@ class Settings:
 
     def batch_streams(self) -> int:
         """Batches the colocated Ingress runs at once: its pipeline workers."""
-        return self.pipeline_workers or replica_cores()
+        return self.pipeline_workers or usable_cores()
 
     @classmethod
     def from_args(cls, args: dict) -> "Settings":
@@ -1332,7 +1317,11 @@ if serve is not None:
                 # how this replica is sized: batches it runs side by side, and ONNX Runtime
                 # threads per batch (0 when queries are encoded elsewhere)
                 "batch_workers": self.batch_workers,
-                "onnx_threads": self.encoding.onnx_threads() if self.encoding else 0,
+                "onnx_threads": (
+                    self.encoding.onnx_threads()
+                    if self.encoding and self.encoding.needs_local()
+                    else 0
+                ),
             }
 
         @api.get("/metrics")

@@ -16,8 +16,8 @@ and ``bare-triton``      the Triton ensemble alone over gRPC (the best serving p
 HTTP itself; ``proxy``: through Serve's proxy actor, see kuberank.serving.launcher).
 
 Load: closed loop (``concurrency`` clients, each sends its next request when the last one
-answers) or open loop (fixed ``rate`` of arrivals; latency counted from the scheduled send
-time, so a slow server is not flattered by coordinated omission). Every level is bounded by a
+answers) or open loop (Poisson arrivals at a fixed mean ``rate``; latency counted from the
+scheduled send time, so a slow server is not flattered by coordinated omission). Every level is bounded by a
 request count and a time limit. Results: p50/p95/p99/max latency, QPS, errors by status; a
 JSON document and a PNG of latency versus achieved throughput.
 
@@ -229,23 +229,27 @@ async def _load(urls: list[str], make_body: Callable[[int], dict] | None, level:
         host, port, path = targets[t]
         raw = _raw_request(host, port, path, None if make_body is None else make_body(i))
         conn = None
-        async with slots:
-            try:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    conn = idle[t].pop() if idle[t] else None
-                    if conn is None or not conn.usable:
-                        _, conn = await loop.create_connection(_Connection, host, port)
-                        opened.append(conn)
-                    status = await conn.send(raw)
-            except (TimeoutError, OSError):
-                status = 599
-                if conn is not None:
-                    conn.close()
-                conn = None
-            latencies.append(time.perf_counter() - scheduled)
-            statuses.append(status)
-            if conn is not None and conn.usable:
-                idle[t].append(conn)
+        try:
+            # the timeout counts from the scheduled send, a wait for a free connection included
+            async with asyncio.timeout(REQUEST_TIMEOUT_S - (time.perf_counter() - scheduled)):
+                async with slots:
+                    try:
+                        conn = idle[t].pop() if idle[t] else None
+                        if conn is None or not conn.usable:
+                            _, conn = await loop.create_connection(_Connection, host, port)
+                            opened.append(conn)
+                        status = await conn.send(raw)
+                    except BaseException:
+                        if conn is not None:
+                            conn.close()
+                        conn = None
+                        raise
+                    if conn.usable:
+                        idle[t].append(conn)
+        except (TimeoutError, OSError):
+            status = 599
+        latencies.append(time.perf_counter() - scheduled)
+        statuses.append(status)
 
     try:
         if level.mode == "open":
@@ -274,10 +278,14 @@ async def _load(urls: list[str], make_body: Callable[[int], dict] | None, level:
             clients = int(level.value)
             await asyncio.gather(*(client(c % len(targets)) for c in range(clients)))
         else:
+            # Poisson arrivals (seeded): exponential gaps at the mean rate, as independent
+            # users send; a strictly periodic stream would flatter the tail
+            gaps = random.Random(0)
             tasks = []
-            interval = 1.0 / level.value
+            scheduled = started
             for i in range(level.requests):
-                scheduled = started + i * interval
+                if i:
+                    scheduled += gaps.expovariate(level.value)
                 if scheduled >= deadline:
                     break
                 delay = scheduled - time.perf_counter()
@@ -309,8 +317,9 @@ def run_load(url: str | list[str], make_body: Callable[[int], dict] | None, leve
 def sweep(
     name: str, url: str | list[str], make_body, levels: list[Level], warmup: int = 20
 ) -> list[dict]:
-    if warmup:
-        run_load(url, make_body, Level("closed", 4, warmup, 30))
+    if warmup:  # at least one client per replica, so that none is measured cold
+        replicas = 1 if isinstance(url, str) else len(url)
+        run_load(url, make_body, Level("closed", max(4, replicas), max(warmup, 5 * replicas), 30))
     out = []
     for level in bar(levels, desc=f"bench {name}", unit="level"):
         out.append({"target": name, **run_load(url, make_body, level)})

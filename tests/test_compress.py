@@ -39,6 +39,8 @@ def test_ladder_parsing_and_levels():
     base = {"model": "m", "dataset": "d", "out": "o"}
     assert CompressConfig(**base).rungs(6) == list(DEFAULT_LADDER)
     assert CompressConfig(**base).rungs(4) == list(fit_default_ladder(4))
+    spelled_out = CompressConfig(**base, ladder=parse_ladder("2x0.5,3x0.5,3x0.25,4x0.25,6x0"))
+    assert spelled_out.rungs(4) == list(fit_default_ladder(4))  # the default, as --help prints
     assert one_level(4, None) == ((4, 0.25),) and one_level(None, 0.0) == ((3, 0.0),)
     assert one_level(None, None) is None
     assert CompressConfig(**base, ladder=one_level(4, None)).rungs(6) == [(4, 0.25)]

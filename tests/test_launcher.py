@@ -70,6 +70,14 @@ def test_serve_starts_triton_and_serve_and_stops_on_sigterm(tmp_path_factory):
             proc.wait(timeout=10)
 
 
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:  # not a process, or gone
+        return ""
+
+
 def test_direct_ingress_answers_like_the_proxy_and_sheds_overload(tmp_path_factory):
     import ray
     from test_reliability import _load_with_statuses
@@ -94,6 +102,9 @@ def test_direct_ingress_answers_like_the_proxy_and_sheds_overload(tmp_path_facto
         for url in running.urls:
             ready = http_json("GET", url + "/readyz")[1]
             assert (ready["batch_workers"], ready["onnx_threads"]) == (1, 1), ready
+        # the replicas run at normal priority, not Ray's default worker niceness of 15
+        replicas = [pid for pid in os.listdir("/proc") if _cmdline(pid).startswith("ray::Serve")]
+        assert replicas and {os.getpriority(os.PRIO_PROCESS, int(p)) for p in replicas} == {0}
         body = {"query": "how to cook pasta", "k": 2}
         direct = [http_json("POST", url + "/search", body) for url in running.urls]
         proxied = http_json("POST", running.proxy_url + "/search", body)
