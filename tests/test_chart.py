@@ -829,5 +829,6 @@ def test_ingress_mode_switches_ray_serve_direct_ingress(mode):
     for pod in pods:
         env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
         assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == ("1" if mode == "haproxy" else None)
+        assert env["RAY_worker_niceness"] == "0"  # replicas at normal priority, as locally
     with pytest.raises(Exception, match="ingressMode"):
         render(serve={"ingressMode": "direct"})

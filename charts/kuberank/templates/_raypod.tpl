@@ -55,6 +55,10 @@ spec:
           value: "1"
         - name: RAY_USAGE_STATS_ENABLED
           value: "0"
+        {{- /* replicas at the priority of Ray's own daemons, not niceness 15 under them,
+               whose bursts would stall them (docs/serving.md) */}}
+        - name: RAY_worker_niceness
+          value: "0"
         {{- if eq $v.serve.ingressMode "haproxy" }}
         - name: RAY_SERVE_ENABLE_HA_PROXY
           value: "1"
