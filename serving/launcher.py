@@ -34,7 +34,9 @@ def http_json(
     raw: bytes | None = None,
     headers: dict | None = None,
 ) -> tuple[int, dict | str]:
-    """One loopback request; (status, parsed JSON or text). Never raises on HTTP errors."""
+    """One loopback request; (status, parsed JSON or text). Never raises on HTTP errors; a peer
+    that does not answer in HTTP/1 (a gRPC port, say) raises ConnectionError, like one that
+    refuses."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(
         url,
@@ -47,6 +49,8 @@ def http_json(
             status, text = resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         status, text = exc.code, exc.read().decode(errors="replace")
+    except http.client.HTTPException as exc:  # BadStatusLine and kin are not OSErrors
+        raise ConnectionError(f"{url}: not an HTTP/1 answer ({exc!r})") from exc
     try:
         return status, json.loads(text)
     except ValueError:
@@ -274,7 +278,7 @@ class LocalServing:
             for port in candidates:
                 try:
                     status, body = http_json("GET", f"http://{HOST}:{port}/readyz", timeout=2.0)
-                except (OSError, http.client.HTTPException) as exc:  # not an HTTP/1 server
+                except OSError as exc:
                     last = exc if port == self._first_port else last
                     continue
                 if status == 200 and isinstance(body, dict) and "model_version" in body:

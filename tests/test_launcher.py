@@ -70,6 +70,28 @@ def test_serve_starts_triton_and_serve_and_stops_on_sigterm(tmp_path_factory):
             proc.wait(timeout=10)
 
 
+def test_http_json_takes_a_non_http_answer_for_a_refusal():
+    import socket
+    import threading
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def answer_in_binary():  # what a gRPC (HTTP/2) port sends an HTTP/1 client
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00garbage\r\n\r\n")
+
+        thread = threading.Thread(target=answer_in_binary, daemon=True)
+        thread.start()
+        port = server.getsockname()[1]
+        with pytest.raises(ConnectionError, match="not an HTTP/1 answer"):
+            http_json("GET", f"http://127.0.0.1:{port}/readyz", timeout=5)
+        thread.join(10)
+
+
 def _cmdline(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
