@@ -1016,10 +1016,10 @@ if serve is not None:
             # this class by value, so a module global here would be a copy).
             self.metrics = replica_metrics()
             self.state: Pipeline | None = None
-            streams = self.settings.batch_streams() if self.settings.colocate else 1
-            self.batch_workers = streams if self.settings.colocate else 0
+            # colocated: batches run side by side (0: the stages do the work)
+            self.batch_workers = self.settings.batch_streams() if self.settings.colocate else 0
             self.encoding = (
-                QueryEncoding(triton_url, self.settings, streams)
+                QueryEncoding(triton_url, self.settings, self.batch_workers)
                 if self.settings.colocate
                 else None
             )
@@ -1036,7 +1036,7 @@ if serve is not None:
                     self._pipeline_batch,
                     *self.settings.pipeline_batch,
                     name="pipeline",
-                    workers=streams,
+                    workers=self.batch_workers,
                 )
                 if self.settings.colocate
                 else None

@@ -526,7 +526,9 @@ def summarize(results: dict[str, list[dict]], p99_budget_ms: float = P99_BUDGET_
     limit = limit_row.get("qps")
     best = _best_kuberank(results, p99_budget_ms)
     out: dict = {"p99_budget_ms": p99_budget_ms, "limit_qps": limit, "best": best}
-    opened = [r for name in KUBERANK_TARGETS for r in results.get(name, []) if r["mode"] == "open"]
+    opened = [
+        r for name in KUBERANK_TARGETS for r in results.get(name, []) if r.get("mode") == "open"
+    ]
     if opened:
         held = _best_kuberank(results, p99_budget_ms, mode="open")
         out["open_rates"] = sorted({r["level"] for r in opened})
@@ -626,15 +628,10 @@ def format_table(result: dict) -> str:
         held = s.get("open_best")
         if held:
             share = f" = {s['open_vs_limit']:.0%} of the limit" if s.get("open_vs_limit") else ""
-            lines.append(
-                f"  open loop (fixed rate, tried {rates} req/s): {held['target']} holds "
-                f"{held['qps']} req/s{share} (p99 {held['p99_ms']} ms)"
-            )
+            verdict = f"{held['target']} holds {held['qps']} req/s{share} (p99 {held['p99_ms']} ms)"
         else:
-            lines.append(
-                f"  open loop (fixed rate, tried {rates} req/s): no rate held p99 <= "
-                f"{s['p99_budget_ms']:.0f} ms without errors"
-            )
+            verdict = f"no rate held p99 <= {s['p99_budget_ms']:.0f} ms without errors"
+        lines.append(f"  open loop (fixed rate, tried {rates} req/s): {verdict}")
     if s.get("serve_floor_qps") and result["results"]:
         paths = ", ".join(f"{via} {qps} req/s" for via, qps in s["serve_floor_qps"].items())
         lines.append(
