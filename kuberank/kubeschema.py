@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -574,3 +575,189 @@ def gpu_consumers(objs: Iterable[dict[str, Any]]) -> list[str]:
                 if GPU_RESOURCE in res.get("limits", {}) or GPU_RESOURCE in res.get("requests", {}):
                     users.append(f"{where}:{c.get('name')}")
     return users
+
+
+# --- validation against the real CustomResourceDefinitions -------------------------------------
+#
+# The hand-written schemas above cover the fields kuberank uses; the authoritative check is the
+# operators' own CRDs (openAPIV3Schema of the served version). A CRD is a *structural* schema:
+# the API server prunes every field it does not describe (unless the node says
+# `x-kubernetes-preserve-unknown-fields: true`), so here an unknown field is an error, i.e. every
+# object node without that marker gets `additionalProperties: false`. The Kubernetes extensions
+# that carry meaning are translated: `nullable`, `x-kubernetes-int-or-string`,
+# `x-kubernetes-embedded-resource`, and `x-kubernetes-list-type` set/map (uniqueness, with the
+# map keys' defaults applied first, as the API server defaults before it validates). Required
+# fields that have a default are not reported (the server fills them in). CEL rules
+# (`x-kubernetes-validations`) are *not* evaluated: :func:`crd_cel_rule_count` says how many a
+# CRD carries, so the tests can say what is left unchecked.
+
+_CRD_DROP = {"description", "default", "example", "format", "externalDocs"}
+
+
+def _crd_to_jsonschema(node: Any, *, root: bool = False) -> Any:
+    """An OpenAPI v3 CRD schema node as a strict Draft 4 JSON Schema."""
+    if isinstance(node, list):
+        return [_crd_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _CRD_DROP or key.startswith("x-kubernetes-") or key == "nullable":
+            continue
+        if key == "properties":
+            out[key] = {k: _crd_to_jsonschema(v) for k, v in value.items()}
+        elif key in ("items", "additionalProperties", "not", "anyOf", "allOf", "oneOf"):
+            out[key] = _crd_to_jsonschema(value)
+        else:
+            out[key] = copy.deepcopy(value)
+    props = node.get("properties", {})
+    if "required" in out:  # the API server defaults before it validates
+        out["required"] = [r for r in out["required"] if "default" not in props.get(r, {})]
+        if not out["required"]:
+            del out["required"]
+    if node.get("x-kubernetes-embedded-resource"):
+        out.setdefault("properties", {})
+        for k in ("apiVersion", "kind"):
+            out["properties"].setdefault(k, {"type": "string"})
+        out["properties"].setdefault("metadata", {"type": "object"})
+    if root:
+        # ObjectMeta is validated by the API server itself, not by the CRD's schema
+        out["properties"]["metadata"] = {
+            "type": "object",
+            "properties": {
+                "name": _STR,
+                "namespace": _STR,
+                "labels": _STRMAP,
+                "annotations": _STRMAP,
+            },
+        }
+    if (
+        node.get("type") == "object"
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if node.get("x-kubernetes-int-or-string") and "type" not in node and "anyOf" not in node:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    list_type = node.get("x-kubernetes-list-type")
+    if list_type in ("set", "map"):
+        keys = node.get("x-kubernetes-list-map-keys", [])
+        item_props = (node.get("items") or {}).get("properties", {})
+        out["x-unique"] = {
+            "type": list_type,
+            "keys": keys,
+            "defaults": {k: item_props.get(k, {}).get("default") for k in keys},
+        }
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def _unique(validator: Any, spec: dict[str, Any], instance: Any, schema: Any) -> Iterable[Any]:
+    if not isinstance(instance, list):
+        return
+    seen: dict[Any, int] = {}
+    for i, item in enumerate(instance):
+        if spec["type"] == "set":
+            key = yaml.safe_dump(item, sort_keys=True)
+        elif isinstance(item, dict):
+            key = tuple((k, item.get(k, spec["defaults"].get(k))) for k in spec["keys"])
+        else:
+            continue
+        if key in seen:
+            what = ", ".join(f"{k}={v}" for k, v in key) if spec["type"] == "map" else str(item)
+            yield jsonschema.ValidationError(
+                f"items {seen[key]} and {i} duplicate ({what}) in a list-type={spec['type']} list"
+            )
+        else:
+            seen[key] = i
+
+
+_CRDValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-unique": _unique})
+
+
+def load_crd(path: str | Path) -> dict[str, Any]:
+    """A CustomResourceDefinition from a YAML file (the first CRD document in it)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for doc in yaml.load_all(Path(path).read_text(), Loader=loader):
+        if doc and doc.get("kind") == "CustomResourceDefinition":
+            return doc
+    raise ManifestError(f"{path}: no CustomResourceDefinition in the file")
+
+
+def _crd_version(crd: dict[str, Any], version: str) -> dict[str, Any]:
+    names = crd["spec"]["names"]["kind"]
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            if not v.get("served", False):
+                raise ManifestError(f"{crd['spec']['group']}/{version} {names} is not served")
+            return v
+    raise ManifestError(
+        f"{crd['spec']['group']}/{version} {names}: the CRD has no such version "
+        f"({[v['name'] for v in crd['spec']['versions']]})"
+    )
+
+
+_CRD_CACHE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
+def _crd_cached(path: str | Path) -> dict[str, Any]:
+    key = str(path)
+    if key not in _CRD_CACHE:
+        _CRD_CACHE[key] = (load_crd(path), {})
+    return _CRD_CACHE[key][0]
+
+
+def crd_validator(path: str | Path, version: str) -> Any:
+    """A (cached) validator for ``version`` of the CRD in ``path``."""
+    crd = _crd_cached(path)
+    validators = _CRD_CACHE[str(path)][1]
+    if version not in validators:
+        schema = _crd_version(crd, version)["schema"]["openAPIV3Schema"]
+        validators[version] = _CRDValidator(_crd_to_jsonschema(schema, root=True))
+    return validators[version]
+
+
+def crd_cel_rule_count(path: str | Path, version: str) -> int:
+    """How many CEL rules (`x-kubernetes-validations`) the CRD's schema has (not evaluated)."""
+    schema = _crd_version(_crd_cached(path), version)["schema"]["openAPIV3Schema"]
+
+    def count(node: Any) -> int:
+        if isinstance(node, dict):
+            return len(node.get("x-kubernetes-validations", [])) + sum(
+                count(v) for v in node.values()
+            )
+        if isinstance(node, list):
+            return sum(count(v) for v in node)
+        return 0
+
+    return count(schema)
+
+
+def crd_kind(path: str | Path) -> tuple[str, str]:
+    """(group, kind) of the CRD in ``path``."""
+    crd = _crd_cached(path)
+    return crd["spec"]["group"], crd["spec"]["names"]["kind"]
+
+
+def validate_against_crd(obj: dict[str, Any], path: str | Path) -> None:
+    """Validate a custom resource with the openAPIV3Schema of the real CRD in ``path``.
+
+    Raises :class:`ManifestError` naming the object, the CRD file and every failing field.
+    """
+    group, kind = crd_kind(path)
+    api_group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
+    if (api_group, obj.get("kind")) != (group, kind):
+        raise ManifestError(
+            f"{_describe(obj)}: {obj.get('apiVersion')} is not a {group} {kind} ({path})"
+        )
+    try:
+        validator = crd_validator(path, version)
+    except ManifestError as exc:
+        raise ManifestError(f"{_describe(obj)}: {exc} ({path})") from exc
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        name = Path(str(path)).name
+        raise ManifestError(
+            "; ".join(f"{_describe(obj)} [{name}]: {_path(e)}: {e.message}" for e in errors)
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from kuberank import kubechart, kubeschema
-from tests.conftest import require_binary
+from tests.conftest import require, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kuberank"
@@ -24,6 +25,18 @@ CI_FILES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 VARIANTS = ["defaults", *CI_FILES]
 KUBE_VERSION = "v" + kubeschema.KUBERNETES_VERSION
 GPU = "nvidia.com/gpu"
+# The operators' real CRDs (see its README.md); a user's checkout may not have them.
+CRDS = Path(os.environ.get("KUBERANK_CRDS_DIR") or ROOT.parent / "shared" / "crds")
+# (group, kind) -> CRD files of the oldest and newest operator versions the chart supports
+CHART_CRDS = {
+    ("ray.io", "RayService"): ["rayservices-v1.1.0.yaml", "rayservices-v1.7.0.yaml"],
+    ("gateway.networking.k8s.io", "HTTPRoute"): [
+        "httproutes-v1.2.0.yaml",
+        "httproutes-v1.6.1.yaml",
+    ],
+    ("monitoring.coreos.com", "ServiceMonitor"): ["servicemonitors-v0.93.0.yaml"],
+    ("monitoring.coreos.com", "PrometheusRule"): ["prometheusrules-v0.93.0.yaml"],
+}
 
 
 def values_for(variant: str) -> dict:
@@ -127,6 +140,94 @@ def test_validation_catches_broken_objects():
     rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
     with pytest.raises(kubeschema.ManifestError, match="for"):
         kubeschema.validate(rule)
+
+
+# --- custom resources against the operators' real CRDs ------------------------------------------
+
+
+def crd_file(name: str) -> Path:
+    """A CRD file from CRDS; skips (fails under CI=true) when it is not there."""
+    require(
+        CRDS.is_dir(),
+        f"real CRDs not found at {CRDS} (a development checkout keeps them in ../shared/crds; "
+        "set KUBERANK_CRDS_DIR to point elsewhere)",
+    )
+    path = CRDS / name
+    require(path.is_file(), f"{path} is missing")
+    return path
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_custom_resource_kind_has_crds(variant):
+    custom = {
+        (o["apiVersion"].rpartition("/")[0], o["kind"])
+        for o in render(variant)
+        if kubeschema.is_custom(o)
+    }
+    assert custom == set(CHART_CRDS)
+
+
+@pytest.mark.parametrize("crd", sorted(f for files in CHART_CRDS.values() for f in files))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_custom_resources_validate_against_real_crds(variant, crd):
+    """openAPIV3Schema of the served version; unknown fields are errors (the API server would
+    prune them silently). CEL rules are not evaluated (kubeschema.crd_cel_rule_count)."""
+    path = crd_file(crd)
+    group, kind = kubeschema.crd_kind(path)
+    objs = [o for o in render(variant) if o["kind"] == kind and o["apiVersion"] == f"{group}/v1"]
+    assert objs, f"{variant} renders no {group}/v1 {kind}"
+    for obj in objs:
+        kubeschema.validate_against_crd(obj, path)
+
+
+@pytest.mark.parametrize("crd", CHART_CRDS[("ray.io", "RayService")])
+def test_crd_validation_names_unknown_and_wrong_fields(crd):
+    """The CRD validator is not vacuous: unknown fields at any depth, wrong types and duplicate
+    list-map keys fail with the field named."""
+    path = crd_file(crd)
+    rs = by_kind(render(), "RayService")[0]
+    bad = copy.deepcopy(rs)
+    bad["spec"]["serveConfigV3"] = "applications: []"
+    with pytest.raises(kubeschema.ManifestError, match=r"\bspec: .*'serveConfigV3' was unexpected"):
+        kubeschema.validate_against_crd(bad, path)
+    bad = copy.deepcopy(rs)
+    cluster = bad["spec"]["rayClusterConfig"]
+    cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "x"
+    with pytest.raises(
+        kubeschema.ManifestError,
+        match=r"workerGroupSpecs\.0\.template\.spec\.containers\.0: .*'imagePullPolcy'",
+    ):
+        kubeschema.validate_against_crd(bad, path)
+    bad = copy.deepcopy(rs)
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(kubeschema.ManifestError, match=r"workerGroupSpecs\.0\.replicas: 'two'"):
+        kubeschema.validate_against_crd(bad, path)
+    bad = copy.deepcopy(rs)
+    head = bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["ports"].append({"name": "extra", "containerPort": head["ports"][0]["containerPort"]})
+    with pytest.raises(kubeschema.ManifestError, match=r"containers\.0\.ports: .*duplicate"):
+        kubeschema.validate_against_crd(bad, path)
+    bad = copy.deepcopy(rs)
+    bad["apiVersion"] = "ray.io/v2"
+    with pytest.raises(kubeschema.ManifestError, match="no such version"):
+        kubeschema.validate_against_crd(bad, path)
+
+
+def test_crd_validation_of_route_and_monitors_is_not_vacuous():
+    objs = render()
+    route = copy.deepcopy(one(objs, "HTTPRoute", "kuberank"))
+    route["spec"]["rules"][0]["backendRefs"][0]["weigth"] = 5
+    for crd in CHART_CRDS[("gateway.networking.k8s.io", "HTTPRoute")]:
+        with pytest.raises(kubeschema.ManifestError, match=r"backendRefs\.0: .*'weigth'"):
+            kubeschema.validate_against_crd(route, crd_file(crd))
+    sm = copy.deepcopy(one(objs, "ServiceMonitor", "kuberank-serve"))
+    sm["spec"]["endpoints"][0]["scrapeInterval"] = "15s"
+    with pytest.raises(kubeschema.ManifestError, match=r"endpoints\.0: .*'scrapeInterval'"):
+        kubeschema.validate_against_crd(sm, crd_file("servicemonitors-v0.93.0.yaml"))
+    rule = copy.deepcopy(one(objs, "PrometheusRule", "kuberank"))
+    rule["spec"]["groups"][0]["rules"][0]["severity"] = "page"
+    with pytest.raises(kubeschema.ManifestError, match=r"rules\.0: .*'severity'"):
+        kubeschema.validate_against_crd(rule, crd_file("prometheusrules-v0.93.0.yaml"))
 
 
 @pytest.mark.parametrize(

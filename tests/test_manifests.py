@@ -5,7 +5,9 @@ contracts with the rest of kuberank (the training CLI, the image, the canary plu
 
 from __future__ import annotations
 
+import copy
 import functools
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -14,10 +16,14 @@ import pytest
 import yaml
 
 from kuberank import canary, config, kubechart, kubeschema
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 TARGETS = {"base": None, "overlays/dev": "kuberank-dev", "overlays/prod": "kuberank"}
+# The operators' real CRDs (see its README.md): KubeRay's oldest and newest supported versions.
+CRDS = Path(os.environ.get("KUBERANK_CRDS_DIR") or ROOT.parent / "shared" / "crds")
+RAYJOB_CRDS = ["rayjobs-v1.1.0.yaml", "rayjobs-v1.7.0.yaml"]
 
 
 @functools.cache
@@ -70,6 +76,38 @@ def test_rayjob_schema_catches_mistakes():
     ]["limits"]["cpu"] = "two"
     with pytest.raises(kubeschema.ManifestError, match="workerGroupSpecs\\[0\\].template"):
         kubeschema.validate(job)
+
+
+def crd_file(name: str) -> Path:
+    """A CRD file from CRDS; skips (fails under CI=true) when it is not there."""
+    require(
+        CRDS.is_dir(),
+        f"real CRDs not found at {CRDS} (a development checkout keeps them in ../shared/crds; "
+        "set KUBERANK_CRDS_DIR to point elsewhere)",
+    )
+    path = CRDS / name
+    require(path.is_file(), f"{path} is missing")
+    return path
+
+
+@pytest.mark.parametrize("crd", RAYJOB_CRDS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_rayjob_validates_against_real_crds(target, crd):
+    """Every field of the RayJob is known to KubeRay 1.1 and 1.7 (unknown ones would be pruned)."""
+    kubeschema.validate_against_crd(rayjob(target), crd_file(crd))
+
+
+@pytest.mark.parametrize("crd", RAYJOB_CRDS)
+def test_rayjob_crd_validation_is_not_vacuous(crd):
+    path = crd_file(crd)
+    job = copy.deepcopy(rayjob("overlays/dev"))
+    job["spec"]["shutdownAfterJobFinish"] = True
+    with pytest.raises(kubeschema.ManifestError, match=r"spec: .*'shutdownAfterJobFinish'"):
+        kubeschema.validate_against_crd(job, path)
+    job = copy.deepcopy(rayjob("overlays/dev"))
+    job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubeschema.ManifestError, match=r"submitterPodTemplate.*'resource'"):
+        kubeschema.validate_against_crd(job, path)
 
 
 @pytest.mark.parametrize("target", TARGETS)
