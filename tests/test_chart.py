@@ -511,6 +511,81 @@ def test_network_policies_default_deny_and_allowed_flows(variant):
     assert len(serve_egress_to_triton) == 1
 
 
+# --- what KubeRay does with the RayService -------------------------------------------------------
+
+
+def _ray_pod_specs(rs: dict) -> list[tuple[str, dict]]:
+    cluster = rs["spec"]["rayClusterConfig"]
+    return [("head", cluster["headGroupSpec"]["template"]["spec"])] + [
+        (f"worker {g['groupName']}", g["template"]["spec"]) for g in cluster["workerGroupSpecs"]
+    ]
+
+
+def _kuberay_head_service_ports(rs: dict) -> dict[str, int]:
+    """The ports of the head Service KubeRay builds (ray-operator common/service.go
+    getServicePorts): every port of the head's Ray container by name (unnamed ones as
+    `<port>-port`), plus `metrics: 8080` when no port is named `metrics`."""
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {
+        p.get("name") or f"{p['containerPort']}-port": p["containerPort"] for p in head["ports"]
+    }
+    ports.setdefault("metrics", 8080)
+    return ports
+
+
+def _effective_token_mount(spec: dict, service_accounts: dict) -> bool:
+    """automountServiceAccountToken as the API server decides it: the pod's field, else the
+    service account's, else true."""
+    if "automountServiceAccountToken" in spec:
+        return spec["automountServiceAccountToken"]
+    sa = service_accounts.get(spec.get("serviceAccountName", "default"), {})
+    return sa.get("automountServiceAccountToken", True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kuberay_head_service_has_no_duplicate_ports(variant):
+    """The API server refuses a Service with two ports on the same (port, protocol)."""
+    for rs in by_kind(render(variant), "RayService"):
+        ports = _kuberay_head_service_ports(rs)
+        numbers = sorted(ports.values())
+        assert len(numbers) == len(set(numbers)), f"{rs['metadata']['name']}: {ports}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_acceptance_ray_metrics_port_named_metrics_and_head_token(variant):
+    """Acceptance: Ray's metrics port 8080 is named `metrics` (or left to KubeRay) on every Ray
+    pod, and the Ray head mounts a service-account token (its autoscaler sidecar reads it)."""
+    objs = render(variant)
+    sas = {sa["metadata"]["name"]: sa for sa in by_kind(objs, "ServiceAccount")}
+    rss = by_kind(objs, "RayService")
+    assert rss
+    for rs in rss:
+        for where, spec in _ray_pod_specs(rs):
+            ports = spec["containers"][0].get("ports", [])
+            assert [p.get("name") for p in ports if p["containerPort"] == 8080] in (
+                [],
+                ["metrics"],
+            ), f"{rs['metadata']['name']} {where}: {ports}"
+        head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+        assert _effective_token_mount(head, sas) is True, rs["metadata"]["name"]
+
+
+@pytest.mark.parametrize("autoscaler", [True, False])
+def test_token_only_on_the_head_and_only_for_the_autoscaler(autoscaler):
+    objs = render(serve={"autoscaler": {"enabled": autoscaler}})
+    sas = {sa["metadata"]["name"]: sa for sa in by_kind(objs, "ServiceAccount")}
+    (rs,) = by_kind(objs, "RayService")
+    for where, spec in _ray_pod_specs(rs):
+        assert _effective_token_mount(spec, sas) is (autoscaler and where == "head"), where
+    triton = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
+    assert _effective_token_mount(triton, sas) is False
+    # without service accounts of its own the chart still decides per pod
+    objs = render(serviceAccount={"create": False})
+    (rs,) = by_kind(objs, "RayService")
+    for where, spec in _ray_pod_specs(rs):
+        assert spec["automountServiceAccountToken"] is (where == "head"), where
+
+
 # --- wiring between the objects ----------------------------------------------------------------
 
 
@@ -541,6 +616,11 @@ def test_services_select_their_pods(variant):
             if d in matched:
                 names = {p["name"] for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]}
                 assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names
+        for rs in by_kind(objs, "RayService"):
+            if rs in matched:  # head and workers alike (the metrics Service is headless)
+                for where, spec in _ray_pod_specs(rs):
+                    names = {p["name"] for p in spec["containers"][0]["ports"]}
+                    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names, where
     for pdb in by_kind(objs, "PodDisruptionBudget"):
         assert pdb["spec"]["selector"]["matchLabels"]["kuberank.io/track"] in ("stable", "canary")
 

@@ -20,9 +20,10 @@ metadata:
   {{- end }}
 spec:
   serviceAccountName: {{ include "kuberank.serveServiceAccountName" $root }}
-  {{- if ne .kind "head" }}
-  automountServiceAccountToken: false
-  {{- end }}
+  {{- /* The chart's service accounts mount no token, so each pod says what it needs: the
+         autoscaler sidecar KubeRay adds to the head reads the pod's token to reach the API
+         server (without it, it crash-loops); nothing else talks to the API server. */}}
+  automountServiceAccountToken: {{ and (eq .kind "head") $v.serve.autoscaler.enabled }}
   {{- with include "kuberank.imagePullSecrets" $root }}{{ . | trim | nindent 2 }}{{ end }}
   securityContext:
     {{- toYaml $v.serve.podSecurityContext | nindent 4 }}
@@ -82,7 +83,10 @@ spec:
         - name: serve
           containerPort: {{ $v.serve.port }}
           protocol: TCP
-        - name: ray-metrics
+        {{- /* Named `metrics`: KubeRay adds a head Service port `metrics: 8080` unless a
+               container port has that name, and a second name on 8080 would make the API
+               server refuse the Service (duplicate port). */}}
+        - name: metrics
           containerPort: 8080
           protocol: TCP
       resources:
