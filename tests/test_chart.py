@@ -357,7 +357,12 @@ def test_gpu_products_become_required_node_affinity():
         "nodeSelectorTerms"
     ][0]
     assert term["matchExpressions"] == [
-        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4", "NVIDIA-A10G"]}
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4", "NVIDIA-A10G"]},
+        {
+            "key": "node.kubernetes.io/instance-type",
+            "operator": "In",
+            "values": ["g6.xlarge", "g5.xlarge"],
+        },
     ]
     assert spec["containers"][0]["resources"]["limits"][GPU] == "1"
 
@@ -584,6 +589,190 @@ def test_token_only_on_the_head_and_only_for_the_autoscaler(autoscaler):
     (rs,) = by_kind(objs, "RayService")
     for where, spec in _ray_pod_specs(rs):
         assert spec["automountServiceAccountToken"] is (where == "head"), where
+
+
+# --- scheduling: requests fit the node types the values pin pods to ------------------------------
+
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+# The EC2 instance types ci/ files pin pods to: nominal vCPUs and GiB, the GPU, and the pod limit
+# of the VPC CNI without prefix delegation (ENIs x (IPs per ENI - 1) + 2), which sets EKS's
+# kube-reserved memory. A values file naming a type missing here fails the test below.
+INSTANCE_TYPES = {
+    "c7i.2xlarge": {"vcpu": 8, "memory_gib": 16, "max_pods": 58, "gpu": None},
+    "g5.xlarge": {"vcpu": 4, "memory_gib": 16, "max_pods": 58, "gpu": "NVIDIA-A10G"},
+    "g6.xlarge": {"vcpu": 4, "memory_gib": 16, "max_pods": 58, "gpu": "NVIDIA-L4"},
+}
+# Headroom left for the DaemonSets on every node (kube-proxy, aws-node, ebs-csi-node,
+# node-exporter; on GPU nodes also the GPU operator's device plugin, DCGM exporter, GFD/NFD).
+DAEMONSET_HEADROOM = {"cpu": {"millicpu": 300, "mib": 512}, "gpu": {"millicpu": 500, "mib": 1024}}
+
+
+def node_allocatable(instance_type: str) -> tuple[int, int]:
+    """(millicpu, MiB) a pod can request on an otherwise empty node of this type, by the EKS
+    AMI rule: allocatable = capacity - kube-reserved - eviction threshold (no system-reserved);
+    kube-reserved CPU = 6% of core 1 + 1% of core 2 + 0.5% of cores 3-4 + 0.25% of the rest,
+    kube-reserved memory = 255 MiB + 11 MiB x max pods, eviction memory.available < 100 MiB.
+    The kernel keeps part of the nominal memory, so capacity is taken as 92.5% of it
+    (Karpenter's default VM memory overhead, 7.5%). Minus DAEMONSET_HEADROOM."""
+    t = INSTANCE_TYPES[instance_type]
+    cores = t["vcpu"]
+    reserved_cpu = 60 + 10 * (cores > 1) + 5 * min(max(cores - 2, 0), 2) + 2.5 * max(cores - 4, 0)
+    capacity_mib = t["memory_gib"] * 1024 * (1 - 0.075)
+    reserved_mib = 255 + 11 * t["max_pods"] + 100
+    headroom = DAEMONSET_HEADROOM["gpu" if t["gpu"] else "cpu"]
+    return (
+        int(cores * 1000 - reserved_cpu - headroom["millicpu"]),
+        int(capacity_mib - reserved_mib - headroom["mib"]),
+    )
+
+
+def test_node_allocatable_rule():
+    # c7i.2xlarge: 8000m - 90m kube-reserved - 300m; 15155 MiB - 893 - 100 - 512
+    assert node_allocatable("c7i.2xlarge") == (7610, 13650)
+    assert node_allocatable("g6.xlarge") == (3420, 13138)  # 4000m - 80m - 500m
+
+
+_QTY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_QTY_SCALE = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def quantity(value) -> float:
+    number, suffix = _QTY.match(str(value)).groups()
+    return float(number) * _QTY_SCALE[suffix]
+
+
+def pod_requests(spec: dict, extra: list[dict] = ()) -> tuple[float, float]:
+    """(millicpu, MiB) requested by a pod: its containers plus sidecars injected later."""
+    cpu = mem = 0.0
+    for c in [*spec["containers"], *extra]:
+        req = c.get("resources", {}).get("requests", {})
+        cpu += quantity(req.get("cpu", 0)) * 1000
+        mem += quantity(req.get("memory", 0)) / 2**20
+    return cpu, mem
+
+
+def pinned_instance_types(spec: dict) -> set[str] | None:
+    """The instance types a pod may run on, from its nodeSelector and required node affinity
+    (terms are ORed: every term must name types); None when it may run anywhere."""
+    types = None
+    if INSTANCE_TYPE_LABEL in spec.get("nodeSelector", {}):
+        types = {spec["nodeSelector"][INSTANCE_TYPE_LABEL]}
+    terms = (
+        spec.get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    if terms:
+        allowed = set()
+        for term in terms:
+            exprs = [
+                e
+                for e in term.get("matchExpressions", [])
+                if e["key"] == INSTANCE_TYPE_LABEL and e["operator"] == "In"
+            ]
+            if not exprs:
+                return types
+            allowed |= set.intersection(*(set(e["values"]) for e in exprs))
+        types = allowed if types is None else types & allowed
+    return types
+
+
+def scheduled_pods(objs: list[dict]) -> list[tuple[str, dict, list[dict]]]:
+    """(where, pod spec, sidecars KubeRay injects) for every pod the release creates."""
+    pods = []
+    for obj in objs:
+        sidecars: list[dict] = []
+        if (
+            obj["kind"] == "RayService"
+            and obj["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
+        ):
+            opts = obj["spec"]["rayClusterConfig"].get("autoscalerOptions", {})
+            sidecars = [{"name": "autoscaler", "resources": opts.get("resources", {})}]
+        for where, spec in kubeschema.pod_specs(obj):
+            pods.append((where, spec, sidecars if "headGroupSpec" in where else []))
+    return pods
+
+
+PINNED_VARIANTS = [
+    v
+    for v in CI_FILES
+    if INSTANCE_TYPE_LABEL in (CHART / "ci" / v).read_text()
+    or "instanceTypes" in (CHART / "ci" / v).read_text()
+]
+
+
+def test_production_values_name_their_node_types():
+    assert "gpu-prod-values.yaml" in PINNED_VARIANTS
+
+
+@pytest.mark.parametrize("variant", PINNED_VARIANTS)
+def test_pods_fit_the_allocatable_of_their_node_types(variant):
+    """Every pod (containers plus the autoscaler sidecar on the Ray head) is pinned to named
+    instance types, and its requests fit each one's allocatable; limits stay within capacity."""
+    for where, spec, sidecars in scheduled_pods(render(variant)):
+        types = pinned_instance_types(spec)
+        assert types, f"{variant}: {where} may land on any node; pin it to a node type"
+        cpu, mem = pod_requests(spec, sidecars)
+        for t in sorted(types):
+            assert t in INSTANCE_TYPES, f"{variant}: {where}: add {t} to INSTANCE_TYPES"
+            alloc_cpu, alloc_mem = node_allocatable(t)
+            assert cpu <= alloc_cpu and mem <= alloc_mem, (
+                f"{variant}: {where} requests {cpu:.0f}m / {mem:.0f}Mi; "
+                f"{t} has {alloc_cpu}m / {alloc_mem}Mi allocatable"
+            )
+            for c in [*spec["containers"], *sidecars]:
+                lim = c.get("resources", {}).get("limits", {})
+                assert quantity(lim.get("cpu", 0)) <= INSTANCE_TYPES[t]["vcpu"], (where, c["name"])
+                assert quantity(lim.get("memory", 0)) <= INSTANCE_TYPES[t]["memory_gib"] * 2**30, (
+                    where,
+                    c["name"],
+                )
+            if GPU in spec["containers"][0].get("resources", {}).get("limits", {}):
+                assert INSTANCE_TYPES[t]["gpu"], f"{where}: {t} has no GPU"
+                products = values_for(variant).get("triton", {}).get("gpu", {}).get("products", [])
+                assert not products or INSTANCE_TYPES[t]["gpu"] in products, (where, t)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_priority_classes_exist(variant):
+    """A pod naming a PriorityClass that does not exist is refused by the API server."""
+    objs = render(variant)
+    created = {p["metadata"]["name"] for p in by_kind(objs, "PriorityClass")}
+    builtin = {"system-cluster-critical", "system-node-critical"}
+    for where, spec in [p for o in objs for p in kubeschema.pod_specs(o)]:
+        name = spec.get("priorityClassName")
+        assert name is None or name in created | builtin, f"{variant}: {where}: {name}"
+
+
+def test_priority_class_created_for_the_serving_pods():
+    objs = render(priorityClass={"create": True, "value": 5000})
+    (pc,) = by_kind(objs, "PriorityClass")
+    assert pc["metadata"]["name"] == "kuberank-serving" and pc["value"] == 5000
+    assert pc["globalDefault"] is False and "namespace" not in pc["metadata"]
+    names = {spec.get("priorityClassName") for o in objs for _, spec in kubeschema.pod_specs(o)}
+    assert names == {"kuberank-serving"}
+    objs = render(
+        priorityClass={"create": True, "name": "serving-high"},
+        triton={"priorityClassName": "gpu-high"},
+    )
+    assert [p["metadata"]["name"] for p in by_kind(objs, "PriorityClass")] == ["serving-high"]
+    (triton,) = [o for o in by_kind(objs, "Deployment")]
+    assert triton["spec"]["template"]["spec"]["priorityClassName"] == "gpu-high"
+    (rs,) = by_kind(objs, "RayService")
+    assert {spec["priorityClassName"] for _, spec in _ray_pod_specs(rs)} == {"serving-high"}
+    assert by_kind(render(), "PriorityClass") == []
 
 
 # --- wiring between the objects ----------------------------------------------------------------

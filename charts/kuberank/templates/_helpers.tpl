@@ -174,6 +174,21 @@ s3://host:port/bucket/path form.
 {{- if .Values.serviceAccount.create -}}{{ printf "%s-triton" (include "kuberank.fullname" .) }}{{- else -}}default{{- end -}}
 {{- end -}}
 
+{{/* Name of the PriorityClass the chart creates (priorityClass.create). */}}
+{{- define "kuberank.priorityClassName" -}}
+{{- .Values.priorityClass.name | default (printf "%s-serving" (include "kuberank.fullname" .)) -}}
+{{- end -}}
+
+{{/* priorityClassName of a pod: its own value, else the chart's PriorityClass when created.
+ctx: dict root, name (the component's priorityClassName value). */}}
+{{- define "kuberank.podPriorityClassName" -}}
+{{- if .name -}}
+{{- .name -}}
+{{- else if .root.Values.priorityClass.create -}}
+{{- include "kuberank.priorityClassName" .root -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "kuberank.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:

@@ -25,6 +25,9 @@ spec:
          server (without it, it crash-loops); nothing else talks to the API server. */}}
   automountServiceAccountToken: {{ and (eq .kind "head") $v.serve.autoscaler.enabled }}
   {{- with include "kuberank.imagePullSecrets" $root }}{{ . | trim | nindent 2 }}{{ end }}
+  {{- with include "kuberank.podPriorityClassName" (dict "root" $root "name" $v.serve.priorityClassName) }}
+  priorityClassName: {{ . }}
+  {{- end }}
   securityContext:
     {{- toYaml $v.serve.podSecurityContext | nindent 4 }}
   {{- with .group.nodeSelector }}
