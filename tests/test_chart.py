@@ -241,6 +241,19 @@ def test_crd_validation_of_route_and_monitors_is_not_vacuous():
         ({"modelStore": {"uri": "/local/dir"}}, "/modelStore/uri"),
         ({"modelStore": {"s3": {"endpoint": "http://minio"}}}, "endpoint"),
         ({"serve": {"importPath": "no-colon"}}, "importPath"),
+        ({"serve": {"image": {"digest": "sha256:abc"}}}, "/serve/image/digest"),
+        ({"triton": {"image": {"digest": "latest"}}}, "/triton/image/digest"),
+        ({"canary": {"serveImageDigest": "md5:" + "a" * 32}}, "/canary/serveImageDigest"),
+        ({"priorityClass": {"value": 2000000000}}, "/priorityClass/value"),
+        (
+            {"networkPolicy": {"ingressPeers": [{"namespace": "gw"}]}},
+            "/networkPolicy/ingressPeers/0",
+        ),
+        (
+            {"networkPolicy": {"dnsPeers": [{"ipBlock": {"cidr": "x"}, "podSelector": {}}]}},
+            "/networkPolicy/dnsPeers/0",
+        ),
+        ({"networkPolicy": {"gatewayNamespaceSelector": {}}}, "gatewayNamespaceSelector"),
     ],
 )
 def test_values_schema_rejects_with_field_named(values, field):
@@ -488,9 +501,10 @@ def test_network_policies_default_deny_and_allowed_flows(variant):
         assert _selects(deny["podSelector"]["matchLabels"], labels)
     serve = policies["kuberank-serve"]["spec"]
     gateway_rule = serve["ingress"][0]
-    assert gateway_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "gateway-system"
-    }
+    assert gateway_rule["from"] == values_for("defaults").get("networkPolicy", {}).get(
+        "ingressPeers",
+        yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["ingressPeers"],
+    )
     assert gateway_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
     triton = policies["kuberank-triton"]["spec"]
     sources = [
@@ -773,6 +787,256 @@ def test_priority_class_created_for_the_serving_pods():
     (rs,) = by_kind(objs, "RayService")
     assert {spec["priorityClassName"] for _, spec in _ray_pod_specs(rs)} == {"serving-high"}
     assert by_kind(render(), "PriorityClass") == []
+
+
+# --- network policy flows a working release needs -----------------------------------------------
+
+
+def _runtime_pod_labels(objs: list[dict]) -> dict[str, dict]:
+    """Labels of every pod as it will run: KubeRay adds ray.io/node-type to Ray pods."""
+    pods = {}
+    for obj in objs:
+        if obj["kind"] == "Deployment":
+            pods[f"{obj['metadata']['name']}"] = obj["spec"]["template"]["metadata"]["labels"]
+        if obj["kind"] == "RayService":
+            cluster = obj["spec"]["rayClusterConfig"]
+            name = obj["metadata"]["name"]
+            pods[f"{name} head"] = {
+                **cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+                "ray.io/node-type": "head",
+            }
+            for g in cluster["workerGroupSpecs"]:
+                pods[f"{name} worker {g['groupName']}"] = {
+                    **g["template"]["metadata"]["labels"],
+                    "ray.io/node-type": "worker",
+                }
+    return pods
+
+
+def _egress_rules(objs: list[dict], labels: dict) -> list[dict]:
+    """Egress rules that apply to a pod with these labels and lead out of the release (the
+    rules among the release's own pods are left out)."""
+
+    def inside(peer: dict) -> bool:
+        return set(peer) == {"podSelector"} and "app.kubernetes.io/instance" in peer[
+            "podSelector"
+        ].get("matchLabels", {})
+
+    return [
+        rule
+        for p in by_kind(objs, "NetworkPolicy")
+        if _selects(p["spec"]["podSelector"].get("matchLabels", {}), labels)
+        for rule in p["spec"].get("egress", [])
+        if not (rule.get("to") and all(inside(peer) for peer in rule["to"]))
+    ]
+
+
+def _allows_port(rule: dict, port: int, protocol: str = "TCP") -> bool:
+    ports = rule.get("ports")
+    return not ports or any(
+        p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+    )
+
+
+def _store_port(values: dict) -> int:
+    endpoint = values.get("modelStore", {}).get("s3", {}).get("endpoint", "")
+    return int(endpoint.rsplit(":", 1)[1]) if endpoint else 443
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_may_reach_the_model_store(variant):
+    """Triton loads s3:// models and Ray reads the item index: both need egress to the store."""
+    objs = render(variant)
+    port = _store_port(values_for(variant))
+    for where, labels in _runtime_pod_labels(objs).items():
+        assert any(_allows_port(r, port) for r in _egress_rules(objs, labels)), (
+            f"{variant}: {where} cannot reach the model store on {port}"
+        )
+
+
+def test_cpu_dev_reaches_minio_and_nothing_else_outside():
+    objs = render("cpu-dev-values.yaml")
+    for where, labels in _runtime_pod_labels(objs).items():
+        rules = [r for r in _egress_rules(objs, labels) if _allows_port(r, 9000)]
+        assert rules, where
+        for r in rules:
+            assert r["to"] == [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}
+            ], where
+            assert r["ports"] == [{"port": 9000, "protocol": "TCP"}], where
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ray_head_may_reach_the_api_server_and_only_the_head(variant):
+    """The autoscaler sidecar on the head talks to the API server (443 on managed control
+    planes, 6443 on kubeadm, kind and k3d)."""
+    objs = render(variant)
+    external = values_for(variant).get("networkPolicy", {}).get("externalEgress", {})
+    for where, labels in _runtime_pod_labels(objs).items():
+        rules = _egress_rules(objs, labels)
+        for port in (443, 6443):
+            allowed = [r for r in rules if _allows_port(r, port) and r.get("to")]
+            api = [r for r in allowed if all("ipBlock" in peer for peer in r["to"])]
+            if where.endswith(" head"):
+                assert api, f"{variant}: {where} cannot reach the API server on {port}"
+            elif external.get("enabled") is False:
+                assert not api, f"{variant}: {where} may reach the API server on {port}"
+
+
+def test_model_store_and_api_server_egress_values():
+    objs = render(
+        modelStore={"s3": {"endpoint": "https://ceph.storage.svc:7480"}},
+        networkPolicy={
+            "externalEgress": {"enabled": False},
+            "modelStoreEgress": {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
+            "apiServerEgress": {"cidrs": ["172.16.0.10/32"], "ports": [8443]},
+        },
+    )
+    serve = one(objs, "NetworkPolicy", "kuberank-serve")["spec"]
+    assert {
+        "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+        "ports": [{"port": 7480, "protocol": "TCP"}],
+    } in serve["egress"]
+    head = one(objs, "NetworkPolicy", "kuberank-ray-head")["spec"]
+    assert head["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert head["policyTypes"] == ["Egress"]
+    assert head["egress"] == [
+        {
+            "to": [{"ipBlock": {"cidr": "172.16.0.10/32"}}],
+            "ports": [{"port": 8443, "protocol": "TCP"}],
+        }
+    ]
+    # no store traffic in PVC mode, no API server rule without the autoscaler
+    objs = render(
+        modelStore={"pvc": {"enabled": True, "claimName": "models"}},
+        serve={"autoscaler": {"enabled": False}},
+        networkPolicy={"externalEgress": {"enabled": False}},
+    )
+    assert [
+        p["metadata"]["name"]
+        for p in by_kind(objs, "NetworkPolicy")
+        if "head" in p["metadata"]["name"]
+    ] == []
+    for labels in _runtime_pod_labels(objs).values():
+        assert not [
+            r for r in _egress_rules(objs, labels) if _allows_port(r, 443) and r.get("ports")
+        ]
+
+
+def test_gateway_ingress_peers_are_values():
+    default = one(render(), "NetworkPolicy", "kuberank-serve")["spec"]["ingress"]
+    (gateway,) = [r for r in default if r.get("ports") == [{"port": 8000, "protocol": "TCP"}]]
+    namespaces = gateway["from"][0]["namespaceSelector"]["matchExpressions"][0]
+    assert namespaces["key"] == "kubernetes.io/metadata.name"
+    assert {"gateway-system", "envoy-gateway-system"} <= set(namespaces["values"])
+    peers = [
+        {"ipBlock": {"cidr": "10.0.0.0/16"}},
+        {
+            "namespaceSelector": {"matchLabels": {"team": "edge"}},
+            "podSelector": {"matchLabels": {"app": "envoy"}},
+        },
+    ]
+    ingress = one(render(networkPolicy={"ingressPeers": peers}), "NetworkPolicy", "kuberank-serve")
+    assert {"from": peers, "ports": [{"port": 8000, "protocol": "TCP"}]} in ingress["spec"][
+        "ingress"
+    ]
+    # no peers: no gateway rule at all (an empty `from` would admit every source)
+    ingress = one(render(networkPolicy={"ingressPeers": []}), "NetworkPolicy", "kuberank-serve")
+    assert [r for r in default if r is not gateway] == ingress["spec"]["ingress"]
+    assert all(r.get("from") for r in ingress["spec"]["ingress"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dns_egress_reaches_kube_dns_and_nodelocal_dnscache(variant):
+    objs = render(variant)
+    for where, labels in _runtime_pod_labels(objs).items():
+        dns = [r for r in _egress_rules(objs, labels) if _allows_port(r, 53, "UDP") and r.get("to")]
+        peers = [peer for r in dns for peer in r["to"]]
+        assert {"ipBlock": {"cidr": "169.254.20.10/32"}} in peers, where
+        assert {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+        } in peers, where
+    objs = render(networkPolicy={"dnsPeers": [{"ipBlock": {"cidr": "10.96.0.10/32"}}]})
+    serve = one(objs, "NetworkPolicy", "kuberank-serve")["spec"]
+    dns = [r for r in serve["egress"] if {"port": 53, "protocol": "UDP"} in r.get("ports", [])]
+    assert [r["to"] for r in dns] == [[{"ipBlock": {"cidr": "10.96.0.10/32"}}]]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_monitoring_objects_carry_the_prometheus_release_label(variant):
+    """kube-prometheus-stack selects ServiceMonitors and PrometheusRules by `release: <its
+    release name>` unless told otherwise."""
+    objs = render(variant)
+    monitoring = by_kind(objs, "ServiceMonitor") + by_kind(objs, "PrometheusRule")
+    assert monitoring
+    for obj in monitoring:
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack", obj["metadata"][
+            "name"
+        ]
+
+
+def test_prometheus_release_label_value():
+    objs = render(metrics={"release": "monitoring"})
+    assert {
+        o["metadata"]["labels"]["release"]
+        for o in by_kind(objs, "ServiceMonitor") + by_kind(objs, "PrometheusRule")
+    } == {"monitoring"}
+    objs = render(metrics={"release": ""})
+    assert all(
+        "release" not in o["metadata"]["labels"]
+        for o in by_kind(objs, "ServiceMonitor") + by_kind(objs, "PrometheusRule")
+    )
+    objs = render(metrics={"serviceMonitor": {"labels": {"release": "other"}}})
+    assert {o["metadata"]["labels"]["release"] for o in by_kind(objs, "ServiceMonitor")} == {
+        "other"
+    }
+    assert (
+        one(objs, "PrometheusRule", "kuberank")["metadata"]["labels"]["release"]
+        == "kube-prometheus-stack"
+    )
+
+
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+
+
+def _images(objs: list[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for obj in objs:
+        for _, spec in kubeschema.pod_specs(obj):
+            out.setdefault(obj["metadata"]["name"], set()).update(
+                c["image"] for c in spec["containers"]
+            )
+    return out
+
+
+def test_images_pinned_by_digest():
+    images = _images(
+        render(
+            serve={"image": {"digest": DIGEST_A}},
+            triton={"image": {"digest": DIGEST_B}},
+            canary={"enabled": True},
+        )
+    )
+    assert (
+        images["kuberank"] == images["kuberank-canary"] == {f"ghcr.io/kuberank/kuberank@{DIGEST_A}"}
+    )
+    assert (
+        images["kuberank-triton"]
+        == images["kuberank-canary-triton"]
+        == {f"nvcr.io/nvidia/tritonserver@{DIGEST_B}"}
+    )
+    # a canary image of its own does not inherit the stable's digest
+    images = _images(
+        render(
+            serve={"image": {"digest": DIGEST_A}},
+            triton={"image": {"digest": DIGEST_B}},
+            canary={"enabled": True, "serveImageTag": "0.2.0", "tritonImageDigest": DIGEST_A},
+        )
+    )
+    assert images["kuberank-canary"] == {"ghcr.io/kuberank/kuberank:0.2.0"}
+    assert images["kuberank-canary-triton"] == {f"nvcr.io/nvidia/tritonserver@{DIGEST_A}"}
+    assert _images(render())["kuberank"] == {"ghcr.io/kuberank/kuberank:0.1.0"}
 
 
 # --- wiring between the objects ----------------------------------------------------------------

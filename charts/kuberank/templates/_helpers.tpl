@@ -121,22 +121,45 @@ s3://host:port/bucket/path form.
 {{- printf "%s.%s.svc.cluster.local:%d" (include "kuberank.tritonName" .) .root.Release.Namespace (int .root.Values.triton.ports.grpc) -}}
 {{- end -}}
 
+{{/* registry/repository@digest when a digest is given (the tag is then documentation only),
+else registry/repository:tag. */}}
 {{- define "kuberank.image" -}}
+{{- if .digest -}}
+{{- printf "%s/%s@%s" .registry .repository .digest -}}
+{{- else -}}
 {{- printf "%s/%s:%s" .registry .repository (toString .tag) -}}
 {{- end -}}
+{{- end -}}
 
+{{/* The canary reuses the stable's tag and digest unless it names a tag or digest of its own
+(then the stable's digest, which pins another image, is not reused). */}}
 {{- define "kuberank.serveImage" -}}
 {{- $img := .root.Values.serve.image -}}
+{{- $c := .root.Values.canary -}}
 {{- $tag := $img.tag -}}
-{{- if and (eq .track "canary") .root.Values.canary.serveImageTag }}{{ $tag = .root.Values.canary.serveImageTag }}{{ end -}}
-{{- include "kuberank.image" (dict "registry" $img.registry "repository" $img.repository "tag" $tag) -}}
+{{- $digest := $img.digest -}}
+{{- if and (eq .track "canary") (or $c.serveImageTag $c.serveImageDigest) }}
+{{- $tag = $c.serveImageTag | default $img.tag }}
+{{- $digest = $c.serveImageDigest }}
+{{- end -}}
+{{- include "kuberank.image" (dict "registry" $img.registry "repository" $img.repository "tag" $tag "digest" $digest) -}}
 {{- end -}}
 
 {{- define "kuberank.tritonImage" -}}
 {{- $img := .root.Values.triton.image -}}
+{{- $c := .root.Values.canary -}}
 {{- $tag := $img.tag -}}
-{{- if and (eq .track "canary") .root.Values.canary.tritonImageTag }}{{ $tag = .root.Values.canary.tritonImageTag }}{{ end -}}
-{{- include "kuberank.image" (dict "registry" $img.registry "repository" $img.repository "tag" $tag) -}}
+{{- $digest := $img.digest -}}
+{{- if and (eq .track "canary") (or $c.tritonImageTag $c.tritonImageDigest) }}
+{{- $tag = $c.tritonImageTag | default $img.tag }}
+{{- $digest = $c.tritonImageDigest }}
+{{- end -}}
+{{- include "kuberank.image" (dict "registry" $img.registry "repository" $img.repository "tag" $tag "digest" $digest) -}}
+{{- end -}}
+
+{{/* `release: <metrics.release>` as YAML (kube-prometheus-stack's default selector), or nothing. */}}
+{{- define "kuberank.prometheusReleaseLabel" -}}
+{{- with .Values.metrics.release }}release: {{ . | quote }}{{ end -}}
 {{- end -}}
 
 {{/* S3 environment shared by Triton and Ray containers (no secret values: a secretKeyRef at most). */}}
