@@ -13,6 +13,10 @@ upstream API types:
 
 Unknown fields are rejected (``additionalProperties: false``) at every level the schemas
 describe, so a misspelt field fails here instead of being pruned silently by the API server.
+
+Where the operators' real CustomResourceDefinitions are at hand (CI and development keep them in
+``../shared/crds``), :func:`validate_against_crd` checks a custom resource against the served
+version's ``openAPIV3Schema`` of a given CRD file, just as strictly.
 """
 
 from __future__ import annotations
