@@ -12,7 +12,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast bench lint image clean
 
 venv: $(STAMP)
 
@@ -38,9 +38,15 @@ test-fast: venv
 bench: venv
 	$(BIN)/python -m benchmarks.run
 
+# Container images without a Docker daemon or registry (buildah, debootstrap): archives in
+# build/images/<name>-<appVersion>.tar; VARIANT=cuda for the CUDA torch build.
+image: venv
+	PYTHON=$(abspath $(BIN)/python) bash images/build.sh
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
+	if [ -d build/containers ]; then podman --root $(CURDIR)/build/containers/storage --runroot $(CURDIR)/build/containers/run --storage-driver vfs system reset --force >/dev/null 2>&1 || true; fi
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
