@@ -4,7 +4,8 @@ The server is the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` whe
 python backend is bundled), or another one named by ``KUBERANK_TRITONSERVER``. It binds only
 127.0.0.1 on free ports; every wait is bounded; a repository the server refuses raises
 :class:`TritonStartError` carrying the server's own messages (from its log and its repository
-index API).
+index API). The repository is only read (the server runs on a linked view of it in a temporary
+directory), and a server started from the main thread ends when this process dies.
 
     with TritonServer("STORE/triton-local") as server:   # start() + wait_ready()
         client = tritonclient.http.InferenceServerClient(server.http_url)
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -128,12 +130,64 @@ def server_env(binary: Path) -> dict[str, str]:
     return env
 
 
+def linked_view(repository: Path, dest: Path) -> Path:
+    """``dest``: the directories of ``repository`` made anew, each file a symlink to the
+    original. The server is pointed at this view, so whatever it or its stubs write beside the
+    models (the stubs import each model.py and write ``__pycache__`` next to it: their embedded
+    interpreter is isolated, PYTHONDONTWRITEBYTECODE does not reach it) lands in ``dest``,
+    never in the repository, which may be a read-only model store."""
+    for root, dirs, files in os.walk(repository, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")  # an earlier writer's leftovers
+        here = dest / Path(root).relative_to(repository)
+        here.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (here / name).symlink_to(os.path.realpath(os.path.join(root, name)))
+    return dest
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def parent_death_signal(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when this process dies,
+    however it dies (SIGKILL, OOM kill): a killed ``kuberank serve`` leaves no tritonserver
+    behind. None where that is not available (not Linux) or not sound: the kernel sends the
+    signal when the *thread* that forked the child ends, so it is armed only for a child forked
+    from the main thread (which lives as long as the process).
+
+    The function only calls a prctl loaded beforehand and ``os.getppid``, as a preexec_fn
+    must in a process with threads; a parent that died before the signal was armed makes the
+    child exit at once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
 class TritonServer:
     """One tritonserver process serving ``repository`` on 127.0.0.1.
 
     ``start()`` launches it, ``wait_ready(timeout)`` blocks until every model is ready (or
     raises with the server's messages), ``stop()`` ends it (SIGINT, then SIGKILL of its own
-    process group after ``stop_timeout``). ``http_url`` / ``grpc_url`` are ``host:port`` as
+    process group after ``stop_timeout``). Started from the main thread on Linux, the server
+    also gets SIGTERM from the kernel when this process dies without calling ``stop()``
+    (:func:`parent_death_signal`); from another thread it outlives a killed process. ``http_url`` / ``grpc_url`` are ``host:port`` as
     tritonclient expects; ``metrics_url`` is a full URL.
     """
 
@@ -159,6 +213,7 @@ class TritonServer:
         # a unique shared-memory prefix: several servers (tests, a dev server) can coexist
         self.shm_prefix = f"kuberank-{uuid.uuid4().hex[:10]}"
         self._workdir: Path | None = None
+        self.served_repository: Path | None = None  # the linked view the server reads
         self.log_path: Path | None = None
 
     @property
@@ -173,10 +228,10 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{HOST}:{self.metrics_port}/metrics"
 
-    def command(self, backend_dir: Path | None) -> list[str]:
+    def command(self, backend_dir: Path | None, repository: Path | None = None) -> list[str]:
         cmd = [
             str(self.binary),
-            f"--model-repository={self.repository}",
+            f"--model-repository={repository or self.repository}",
             f"--http-address={HOST}",
             f"--http-port={self.http_port}",
             f"--grpc-address={HOST}",
@@ -200,18 +255,27 @@ class TritonServer:
         if not self.repository.is_dir():
             raise KuberankError(f"{self.repository}: no such model repository")
         self._workdir = Path(tempfile.mkdtemp(prefix="kuberank-triton-"))
-        backend_dir = _python_backend_dir(self.binary, self._workdir / "backends")
-        self.log_path = self._workdir / "tritonserver.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(backend_dir),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=server_env(self.binary),
-                cwd=self._workdir,
-                start_new_session=True,  # its own process group: stop() can end the stubs too
-            )
+        try:
+            backend_dir = _python_backend_dir(self.binary, self._workdir / "backends")
+            self.served_repository = linked_view(self.repository, self._workdir / "models")
+            self.log_path = self._workdir / "tritonserver.log"
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    self.command(backend_dir, self.served_repository),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=server_env(self.binary),
+                    cwd=self._workdir,
+                    start_new_session=True,  # its own process group: stop() ends the stubs too
+                    # SIGTERM when this process dies without stop(): the server shuts down as
+                    # on Ctrl-C (its stubs exit, their shared-memory regions are removed)
+                    preexec_fn=parent_death_signal(signal.SIGTERM),
+                )
+        except BaseException:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+            raise
         return self
 
     def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -231,9 +295,15 @@ class TritonServer:
             return json.loads(resp.read() or b"[]")
 
     def log_text(self) -> str:
+        """The server's log, naming the repository rather than its linked view."""
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return self.log_path.read_text(errors="replace")
+        return self._unview(self.log_path.read_text(errors="replace"))
+
+    def _unview(self, text: str) -> str:
+        if self.served_repository is None:
+            return text
+        return text.replace(str(self.served_repository), str(self.repository))
 
     def _server_messages(self) -> str:
         """The server's own account of what went wrong: models not READY with their reasons
@@ -256,7 +326,7 @@ class TritonServer:
         parts.extend(errors[-20:])
         if not parts:
             parts = self.log_text().splitlines()[-20:]
-        return "\n".join(parts)
+        return self._unview("\n".join(parts))
 
     def wait_ready(self, timeout: float = 120.0) -> TritonServer:
         """Block until the server reports ready; raise TritonStartError with the server's

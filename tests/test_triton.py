@@ -4,7 +4,14 @@ server refuses is a clear error carrying the server's own message."""
 
 from __future__ import annotations
 
+import glob
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +21,12 @@ from test_export import MAX_LENGTH, exported_store
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.serving import model_repository as mr
-from kuberank.serving.triton import TritonServer, TritonStartError, find_tritonserver
+from kuberank.serving.triton import (
+    TritonServer,
+    TritonStartError,
+    find_tritonserver,
+    parent_death_signal,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +137,6 @@ def test_concurrent_single_text_requests_are_batched_correctly(server, reference
 
 @pytest.mark.parametrize("damage", ["config", "model_file"])
 def test_refused_repository_is_an_error_with_the_servers_message(store, tmp_path, damage):
-    import glob
-
     repo = tmp_path / "repo"
     shutil.copytree(store / "triton-local" / "tokenizer", repo / "tokenizer")
     cfg = repo / "tokenizer" / "config.pbtxt"
@@ -163,3 +173,92 @@ def test_missing_binary_and_repository_are_clear_errors(tmp_path, monkeypatch):
     require(_tritonserver_available(), "tritonserver not found (install nvidia-pytriton)")
     with pytest.raises(KuberankError, match="no such model repository"):
         TritonServer(tmp_path / "nowhere").start()
+
+
+def test_server_only_reads_its_repository(server, store):
+    """The python-backend stubs import model.py and write its bytecode beside it: they do so in
+    the server's linked view, never in the repository (a read-only model store in a pod)."""
+    repository = (store / "triton-local").resolve()
+    assert server.served_repository is not None and server.served_repository != repository
+    assert list(server.served_repository.rglob("__pycache__"))  # where the stubs wrote
+    assert not list(repository.rglob("__pycache__"))
+    model_py = next(server.served_repository.glob("tokenizer/*/model.py"))
+    assert model_py.is_symlink() and model_py.resolve().is_relative_to(repository)
+
+
+def test_parent_death_signal_is_armed_from_the_main_thread_only():
+    probe = (
+        "import ctypes; value = ctypes.c_int(); "
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0); print(value.value)"
+    )  # PR_GET_PDEATHSIG
+    armed = subprocess.run(
+        [sys.executable, "-c", probe],
+        preexec_fn=parent_death_signal(signal.SIGTERM),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert armed.stdout.strip() == str(int(signal.SIGTERM)), armed.stderr
+    # the kernel signals when the forking *thread* ends: from a worker thread it is not armed
+    found = []
+    worker = threading.Thread(target=lambda: found.append(parent_death_signal()))
+    worker.start()
+    worker.join(10)
+    assert found == [None]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_parent_takes_the_server_and_its_stubs_with_it(store):
+    """SIGKILL of the process that started the server (no stop(), no killpg of the server's
+    own group): the parent-death signal ends the server, which ends its stubs and removes their
+    shared memory."""
+    script = (
+        "import time\n"
+        "from kuberank.serving.triton import TritonServer\n"
+        f"server = TritonServer({str(store / 'triton-local')!r})\n"
+        "server.start()\n"
+        "server.wait_ready()\n"
+        "print(server.process.pid, server.shm_prefix, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    server = 0
+    try:
+        pid, prefix = proc.stdout.readline().split()  # bounded by wait_ready's timeout
+        server = int(pid)
+        group = [
+            int(p)
+            for p in os.listdir("/proc")
+            if p.isdigit() and _running(int(p)) and _pgid(int(p)) == server
+        ]
+        assert server in group and len(group) >= 3, group  # the server and its two stubs
+        assert glob.glob(f"/dev/shm/{prefix}*")
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_running(p) for p in group) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not [p for p in group if _running(p)]
+        assert not glob.glob(f"/dev/shm/{prefix}*")  # a clean shutdown, not a kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if server and _running(server) and _pgid(server) == server:
+            os.killpg(server, signal.SIGKILL)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
