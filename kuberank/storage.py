@@ -109,15 +109,35 @@ def arrow_filesystem(uri: str):
     return fs.S3FileSystem(**options), f"{bucket}/{key}".rstrip("/")
 
 
+def cache_dir() -> Path:
+    """Where downloads go: ``$KUBERANK_CACHE``, else ``$XDG_CACHE_HOME/kuberank``, else
+    ``~/.cache/kuberank``; where that cannot be written (a read-only root filesystem with no
+    cache variable set), ``kuberank-cache-UID`` in the temporary directory (``$TMPDIR``)."""
+    override = os.environ.get("KUBERANK_CACHE")
+    if override:
+        return Path(override)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg else Path.home() / ".cache"
+    wanted = root / "kuberank"
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        if os.access(wanted, os.W_OK):
+            return wanted
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"kuberank-cache-{os.getuid()}"
+
+
 def _cache_root() -> Path:
-    root = Path(os.environ.get("KUBERANK_CACHE", Path.home() / ".cache" / "kuberank")) / "s3"
+    root = cache_dir() / "s3"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def materialize(uri: str | os.PathLike) -> Path:
-    """Return a local path holding ``uri``: the path itself, or a fresh download of an S3
-    object (a file) or prefix (a directory)."""
+def materialize(uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """Return a local path holding ``uri``: the path itself (only read), or a fresh download of
+    an S3 object (a file) or prefix (a directory) under ``cache`` (default: :func:`cache_dir`,
+    where every download of ``uri`` replaces the previous one)."""
     uri = str(uri)
     if not is_s3(uri):
         path = Path(uri).expanduser()
@@ -126,7 +146,8 @@ def materialize(uri: str | os.PathLike) -> Path:
         return path
     bucket, key = split_s3(uri)
     client = s3_client()
-    dest_root = _cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    root = Path(cache) if cache is not None else _cache_root()
+    dest_root = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
     with _s3_errors(uri):
         if key:
             try:

@@ -46,3 +46,26 @@ def test_missing_s3_prefix_and_unreachable_endpoint_are_clear(s3_endpoint, monke
     monkeypatch.setenv("KUBERANK_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(StorageError, match="s3://empty/nothing"):
         storage.materialize("s3://empty/nothing")
+
+
+def test_cache_dir_honours_the_environment_and_falls_back_to_tmp(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("KUBERANK_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert storage.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("KUBERANK_CACHE")
+    assert storage.cache_dir() == tmp_path / "xdg" / "kuberank"
+    # a read-only root filesystem: the cache home cannot be made (a file is in the way, which
+    # stops root too), so downloads go to the temporary directory ($TMPDIR)
+    (tmp_path / "ro").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro" / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert storage.cache_dir().parent == tmp_path / "tmp"
+
+
+def test_materialize_downloads_into_the_given_cache(s3_endpoint, tmp_path):
+    storage.s3_client().create_bucket(Bucket="cached")
+    storage.publish(write_beir(tmp_path / "collection"), "s3://cached/c")
+    local = storage.materialize("s3://cached/c", cache=tmp_path / "run")
+    assert local.is_relative_to(tmp_path / "run") and (local / "corpus.jsonl").is_file()
