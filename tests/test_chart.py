@@ -1024,7 +1024,7 @@ def test_images_pinned_by_digest():
     assert (
         images["kuberank-triton"]
         == images["kuberank-canary-triton"]
-        == {f"nvcr.io/nvidia/tritonserver@{DIGEST_B}"}
+        == {f"ghcr.io/kuberank/tritonserver@{DIGEST_B}"}
     )
     # a canary image of its own does not inherit the stable's digest
     images = _images(
@@ -1035,7 +1035,7 @@ def test_images_pinned_by_digest():
         )
     )
     assert images["kuberank-canary"] == {"ghcr.io/kuberank/kuberank:0.2.0"}
-    assert images["kuberank-canary-triton"] == {f"nvcr.io/nvidia/tritonserver@{DIGEST_A}"}
+    assert images["kuberank-canary-triton"] == {f"ghcr.io/kuberank/tritonserver@{DIGEST_A}"}
     assert _images(render())["kuberank"] == {"ghcr.io/kuberank/kuberank:0.1.0"}
 
 
@@ -1124,7 +1124,7 @@ def test_triton_deployment_contract():
     objs = render()
     triton = one(objs, "Deployment", "kuberank-triton")["spec"]["template"]["spec"]
     c = triton["containers"][0]
-    assert c["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert c["image"] == "ghcr.io/kuberank/tritonserver:24.10-py3"
     assert "--model-repository=s3://kuberank-models/prod/triton" in c["args"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         "http": 8000,
