@@ -5,7 +5,9 @@ ranking app, everything on 127.0.0.1, shut down cleanly.
         httpx/urllib -> running.url + "/search"
 
 :func:`serve_forever` is ``kuberank serve``: it blocks until Ctrl-C or SIGTERM and then stops
-Serve, Ray and Triton (bounded waits).
+Serve, Ray and Triton (bounded waits). A serve that is killed instead (SIGKILL, OOM kill) leaves
+nothing running either: tritonserver gets the kernel's parent-death signal, and a watchdog
+process (serving/watchdog.py) ends what Ray and Triton started.
 """
 
 from __future__ import annotations
@@ -167,7 +169,9 @@ class LocalServing:
         self._span = max(DIRECT_PORT_SPAN, 4 * self.ingress_replicas)
         self.ready_timeout = ready_timeout
         self.triton = None
+        self._workdir: str | None = None  # what this run downloaded (an S3 store's triton-local)
         self._ray_started = False
+        self._watchdog = None
         self.revision = int(self.settings.pop("revision", 0))
 
     def _cores(self) -> int:
@@ -236,26 +240,46 @@ class LocalServing:
             ensure_ray(num_cpus=self.num_cpus)
         self._ray_started = True
 
-    def start(self) -> LocalServing:
-        from pathlib import Path
+    def _triton_repository(self):
+        """The store's ``triton-local`` (written by ``kuberank export`` ready to serve: its
+        models find their files relative to the repository). A local store's is served in
+        place and only read; an S3 store's is downloaded into a directory of this run under
+        ``$TMPDIR``, removed by :meth:`stop` (not the shared cache, where another run's
+        download would replace it under a running server)."""
+        import tempfile
 
+        from kuberank.storage import is_s3, materialize
+
+        uri = self.store.rstrip("/") + "/triton-local"
+        if not is_s3(uri):
+            return materialize(uri)
+        self._workdir = tempfile.mkdtemp(prefix="kuberank-serve-")
+        return materialize(uri, cache=self._workdir)
+
+    def start(self) -> LocalServing:
         from kuberank.serving.app import build_app, load_checked_index
-        from kuberank.storage import materialize
 
         load_checked_index(self.store)  # fail before starting anything
+        from kuberank.serving.watchdog import Watchdog
+
+        # ends what this start spawns (tritonserver, Ray's processes) if this process dies
+        # without stop(): a SIGKILLed `kuberank serve` leaves nothing running
+        self._watchdog = Watchdog()
         if self.use_triton:
             from kuberank.serving.triton import TritonServer
 
-            repo = Path(materialize(self.store.rstrip("/") + "/triton-local"))
-            self.triton = TritonServer(repo)
+            self.triton = TritonServer(self._triton_repository())
             self.triton.start()
+            self._watchdog.guard_new()
             self.triton.wait_ready()
         from ray import serve
 
         self._start_ray()
+        self._watchdog.guard_new()
         serve.start(http_options={"host": HOST, "port": self.proxy_port})
         serve.run(build_app(self.app_args()), name=APP_NAME, route_prefix="/", blocking=False)
         self.wait_ready()
+        self._watchdog.guard_new()  # the replicas
         return self
 
     def wait_ready(self) -> dict:
@@ -324,6 +348,14 @@ class LocalServing:
             if self.triton is not None:
                 self.triton.stop()
                 self.triton = None
+            if self._workdir is not None:
+                import shutil
+
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+            if self._watchdog is not None:
+                self._watchdog.release()
+                self._watchdog = None
 
     def __enter__(self) -> LocalServing:
         try:
