@@ -10,6 +10,7 @@ run only checks the inputs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import free_port, require_binary
+from test_chart import quantity
 from test_index import serving_store
 
 from kuberank.serving.launcher import http_json
@@ -193,9 +195,7 @@ def test_triton_extra_layer_loads_the_tokenizer_model(archives, podman, tmp_path
     tritonserver, with exactly those packages on its stub's path, loads it and tokenizes."""
     image = podman.load(archives["triton-local"])
     listed = podman(
-        "run",
-        "--runtime",
-        "runc",
+        *PODMAN_RUN,
         "--rm",
         "--entrypoint",
         "/opt/triton/bin/pip",
@@ -203,7 +203,6 @@ def test_triton_extra_layer_loads_the_tokenizer_model(archives, podman, tmp_path
         "list",
         "--format",
         "json",
-        check=True,
     ).stdout
     names = {p["name"].lower() for p in json.loads(listed)}
     # requirements.txt and their own dependencies; the server wheel without its Python deps
@@ -283,3 +282,410 @@ def test_make_image_with_a_missing_ca_bundle_fails_and_writes_no_archive(tmp_pat
     assert done.returncode == 2
     assert "nope.pem: no such readable file" in done.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_chart_images_are_the_ones_images_builds():
+    """The chart runs what images/ builds: the kuberank image at the chart's appVersion, run as
+    the uid/gid the Containerfile creates; Triton from images/triton/Containerfile (NVIDIA's
+    stock image has no `tokenizers`), on the NVIDIA tag the chart names."""
+    values = yaml.safe_load((ROOT / "charts" / "kuberank" / "values.yaml").read_text())
+    kuberank_file = (ROOT / "images" / "kuberank" / "Containerfile").read_text()
+    triton_file = (ROOT / "images" / "triton" / "Containerfile").read_text()
+    assert values["serve"]["image"]["tag"] == TAG
+    assert values["serve"]["image"]["repository"] == "kuberank/kuberank"
+    security = values["serve"]["podSecurityContext"]
+    assert f"--uid {security['runAsUser']} --gid {security['runAsGroup']}" in kuberank_file
+    assert f"USER {security['runAsUser']}:{security['runAsGroup']}" in kuberank_file
+    assert values["triton"]["image"]["repository"] == "kuberank/tritonserver"
+    base = next(
+        line.split("=", 1)[1] for line in triton_file.splitlines() if line.startswith("ARG BASE=")
+    )
+    assert base == f"nvcr.io/nvidia/tritonserver:{values['triton']['image']['tag']}"
+    assert "requirements.txt" in triton_file
+    reqs = (ROOT / "images" / "triton" / "requirements.txt").read_text()
+    assert "tokenizers==" in reqs and "numpy==1." in reqs
+
+
+# --- the RayService's pods, as KubeRay would run them, on two hosts of the test's own ---------
+
+SUBNET = "10.213.7"  # a bridge and two network namespaces made by this test (no other host)
+BUCKET = "kuberank-models"
+
+
+class PodNetwork:
+    """A bridge on this machine (SUBNET.1) and one network namespace per Ray pod (SUBNET.2,
+    .3, ...), as pods on a cluster network: each its own IP and ports. A namespace's default
+    route leads to a veth pair that goes nowhere, so Ray finds its node IP the way it does in a pod and no
+    packet leaves the machine."""
+
+    def __init__(self, names: list[str]):
+        tag = f"{os.getpid() % 100000}"
+        self.bridge = f"krbr{tag}"
+        self.hosts = {
+            name: (f"kr{tag}{name[:1]}", f"{SUBNET}.{i + 2}") for i, name in enumerate(names)
+        }
+
+    @staticmethod
+    def ip(*args: str, ns: str | None = None) -> None:
+        cmd = ["ip", "netns", "exec", ns, "ip", *args] if ns else ["ip", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{' '.join(cmd)}: {done.stderr}"
+
+    def __enter__(self) -> PodNetwork:
+        self.ip("link", "add", self.bridge, "type", "bridge")
+        self.ip("addr", "add", f"{SUBNET}.1/24", "dev", self.bridge)
+        self.ip("link", "set", self.bridge, "up")
+        for ns, addr in self.hosts.values():
+            self.ip("netns", "add", ns)
+            self.ip("link", "add", f"{ns}h", "type", "veth", "peer", "name", f"{ns}n")
+            self.ip("link", "set", f"{ns}n", "netns", ns)
+            self.ip("link", "set", f"{ns}h", "master", self.bridge)
+            self.ip("link", "set", f"{ns}h", "up")
+            self.ip("link", "set", "lo", "up", ns=ns)
+            self.ip("link", "set", f"{ns}n", "name", "eth0", ns=ns)
+            self.ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=ns)
+            self.ip("link", "set", "eth0", "up", ns=ns)
+            # a veth pair inside the namespace: what is routed to it ends at its peer
+            self.ip("link", "add", "nowhere", "type", "veth", "peer", "name", "nowhere1", ns=ns)
+            self.ip("link", "set", "nowhere", "up", ns=ns)
+            self.ip("route", "add", "default", "dev", "nowhere", "src", addr, ns=ns)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ns, _ in self.hosts.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+
+    def netns(self, name: str) -> str:
+        return f"ns:/run/netns/{self.hosts[name][0]}"
+
+    def addr(self, name: str) -> str:
+        return self.hosts[name][1]
+
+
+def kuberay_ray_start(params: dict, limits: dict, *, head: bool, head_address: str) -> str:
+    """The Ray container's command line as KubeRay (v1.7.0, common/pod.go BuildPod and
+    generateRayStartCommand) derives it from a group's rayStartParams and resource limits:
+    `--block`, `--dashboard-agent-listen-port=52365`, `--metrics-export-port=8080` unless set,
+    `--dashboard-host=0.0.0.0` on the head, `--address=<head>:6379` on workers, `--num-cpus`
+    from the CPU limit (rounded up) and `--memory` from the memory limit in bytes unless set;
+    flags sorted, "true" as a bare flag; behind `ulimit -n` in `/bin/bash -c --`. Workers
+    reach the head by its IP here (KubeRay: the head Service's DNS name)."""
+    flags = {str(k): str(v) for k, v in params.items()}
+    flags.setdefault("metrics-export-port", "8080")
+    flags.setdefault("block", "true")
+    flags.setdefault("dashboard-agent-listen-port", "52365")
+    if head:
+        flags.setdefault("dashboard-host", "0.0.0.0")
+    else:
+        flags.setdefault("address", f"{head_address}:6379")
+    if "num-cpus" not in flags and "cpu" in limits:
+        flags["num-cpus"] = str(math.ceil(quantity(str(limits["cpu"]))))
+    if "memory" not in flags and "memory" in limits:
+        flags["memory"] = str(int(quantity(str(limits["memory"]))))
+    rendered = [
+        f"--{k}" if v == "true" else f"--{k}={v}" for k, v in sorted(flags.items()) if v != "false"
+    ]
+    start = " ".join(["ray", "start", *(["--head"] if head else []), *rendered])
+    return f"ulimit -n ${{RAY_START_ULIMIT_OPEN_FILES:-65536}}; {start}"
+
+
+def kuberay_env(
+    container: dict, secrets: dict, *, cluster: str, head: bool, head_address: str
+) -> dict:
+    """The container's env as the kubelet resolves it, plus what KubeRay adds for a
+    RayService (common/pod.go setContainerEnvVars)."""
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+    if not head:
+        env["FQ_RAY_IP"] = env["RAY_IP"] = head_address
+    env.update(
+        {
+            "RAY_CLUSTER_NAME": cluster,
+            "RAY_CLOUD_INSTANCE_ID": f"{cluster}-{'head' if head else 'worker'}",
+            "RAY_NODE_TYPE_NAME": "headgroup" if head else "cpu",
+            "RAY_PORT": "6379",
+            "RAY_timeout_ms_task_wait_for_death_info": "0",
+            "RAY_gcs_server_request_timeout_seconds": "5",
+            "RAY_SERVE_KV_TIMEOUT_S": "5",
+            "RAY_ADDRESS": "127.0.0.1:6379" if head else f"{head_address}:6379",
+            "RAY_USAGE_STATS_KUBERAY_IN_USE": "1",
+        }
+    )
+    return env
+
+
+def pod_run_args(template: dict, container: dict, env: dict, netns: str) -> list[str]:
+    """`podman run` options for a container as the rendered pod template runs it: user and
+    group, read-only root, the template's emptyDir mounts (memory-backed /dev/shm, /tmp)."""
+    pod = template["spec"]
+    security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    args = [*PODMAN_RUN[:3], "--network", netns, *PODMAN_RUN[5:]]
+    args += ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
+    if security.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    if security.get("capabilities", {}).get("drop") == ["ALL"]:
+        args += ["--cap-drop", "ALL"]
+    if security.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    for mount in container.get("volumeMounts", []):
+        empty = volumes[mount["name"]].get("emptyDir")
+        assert empty is not None, f"volume {mount['name']} is not an emptyDir"
+        size = empty.get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
+        if mount["mountPath"] == "/dev/shm":
+            args += ["--shm-size", size]
+        else:
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,size={size},mode=1777"]
+    for key, value in env.items():
+        args += ["--env", f"{key}={value}"]
+    return args
+
+
+def test_rayservice_head_and_worker_serve_the_app_across_nodes(archives, podman, tmp_path_factory):
+    """The chart's RayService as KubeRay would run it, in the kuberank image: a Ray head and a
+    worker (two network namespaces, so two Ray nodes), the serveConfigV2 deployed with Ray's
+    own `serve deploy`, the model store on S3 (moto), /search answered through the head's
+    Serve proxy by a replica on the worker, and the worker's readiness probe passing."""
+    import boto3
+
+    from kuberank import kubechart
+    from kuberank.storage import publish
+
+    image = podman.load(archives["kuberank"])
+    store, _, _ = serving_store(tmp_path_factory)
+    with PodNetwork(["head", "worker"]) as net:
+        s3_port = free_port()
+        s3_url = f"http://{SUBNET}.1:{s3_port}"
+        log = tmp_path_factory.mktemp("moto") / "moto.log"
+        with open(log, "wb") as out:
+            moto = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", f"{SUBNET}.1", "-p", str(s3_port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        names = []
+        try:
+            creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(s3_url, timeout=1)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and moto.poll() is None, log.read_text()
+                    time.sleep(0.2)
+            saved = {k: os.environ.get(k) for k in [*creds, "KUBERANK_S3_ENDPOINT_URL"]}
+            os.environ.update({**creds, "KUBERANK_S3_ENDPOINT_URL": s3_url})
+            try:
+                client = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
+                client.create_bucket(Bucket=BUCKET)
+                publish(store, f"s3://{BUCKET}/prod")
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+            values = {
+                "modelStore": {
+                    "uri": f"s3://{BUCKET}/prod",
+                    "s3": {"endpoint": s3_url, "existingSecret": "kuberank-s3"},
+                },
+                "triton": {"enabled": False},
+            }
+            objs = kubechart.render(ROOT / "charts" / "kuberank", values)
+            service = next(o for o in objs if o["kind"] == "RayService")
+            cluster = service["spec"]["rayClusterConfig"]
+            secrets = {"kuberank-s3": creds}
+            head_ip = net.addr("head")
+            pods = [("head", cluster["headGroupSpec"], True)]
+            pods.append(("worker", cluster["workerGroupSpecs"][0], False))
+            for role, group, is_head in pods:
+                template = group["template"]
+                container = template["spec"]["containers"][0]
+                env = kuberay_env(
+                    container,
+                    secrets,
+                    cluster=service["metadata"]["name"],
+                    head=is_head,
+                    head_address=head_ip,
+                )
+                command = kuberay_ray_start(
+                    group["rayStartParams"],
+                    container["resources"].get("limits", {}),
+                    head=is_head,
+                    head_address=head_ip,
+                )
+                name = f"kuberank-{role}-{s3_port}"
+                if not is_head:  # KubeRay's wait-gcs-ready init container, bounded here
+                    wait = (
+                        f"for i in $(seq 1 60); do ray health-check --address {head_ip}:6379 "
+                        "&& exit 0; sleep 2; done; exit 1"
+                    )
+                    podman(
+                        *pod_run_args(template, container, env, net.netns(role)),
+                        "--rm",
+                        "--entrypoint",
+                        "/bin/bash",
+                        image,
+                        "-c",
+                        "--",
+                        wait,
+                        timeout=300,
+                    )
+                podman(
+                    *pod_run_args(template, container, env, net.netns(role)),
+                    "--detach",
+                    "--name",
+                    name,
+                    "--entrypoint",
+                    "/bin/bash",
+                    image,
+                    "-c",
+                    "--",
+                    command,
+                )
+                names.append(name)
+
+            # KubeRay PUTs serveConfigV2 to the head's dashboard; Ray's own `serve deploy`
+            # sends that request
+            config = service["spec"]["serveConfigV2"]
+            deploy = subprocess.run(
+                [
+                    "podman",
+                    *podman.opts,
+                    "exec",
+                    "-i",
+                    names[0],
+                    "bash",
+                    "-c",
+                    "cat > /tmp/serve.yaml && serve deploy /tmp/serve.yaml",
+                ],
+                input=config,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert deploy.returncode == 0, deploy.stderr[-3000:]
+
+            url = f"http://{head_ip}:8000"  # serve.port
+            took = wait_http(url + "/readyz", names[0], podman, timeout=300)
+            print(f"serve deploy to /readyz through the head's proxy: {took:.1f} s")
+            status, body = http_json(
+                "POST", url + "/search", {"query": "how to cook pasta", "k": 1}
+            )
+            assert status == 200 and body["items"][0]["id"] == "d2", body
+
+            # the replicas run on the worker (the head has num-cpus 0): the request crossed nodes
+            with urllib.request.urlopen(
+                f"http://{head_ip}:8265/api/serve/applications/", timeout=10
+            ) as resp:
+                apps = json.load(resp)
+            ingress = apps["applications"]["kuberank"]["deployments"]["Ingress"]
+            nodes = {r["node_ip"] for r in ingress["replicas"]}
+            assert nodes == {net.addr("worker")}, ingress["replicas"]
+            proxies = {p["node_ip"] for p in apps["proxies"].values()}
+            assert proxies == {head_ip, net.addr("worker")}  # proxy_location EveryNode
+
+            # KubeRay's readiness probe of a RayService worker (wget to the raylet and to Serve)
+            probe = (
+                "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz "
+                "| grep success && wget --tries 1 -T 10 -q -O- http://localhost:8000/-/healthz "
+                "| grep success"
+            )
+            done = podman("exec", names[1], "bash", "-c", probe, check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+        finally:
+            for name in reversed(names):
+                podman("stop", "--time", "20", name, check=False, timeout=120)
+                logs = podman("logs", name, check=False)
+                print(f"--- {name}\n{(logs.stdout + logs.stderr)[-1500:]}")
+                podman("rm", "--force", name, check=False)
+            moto.terminate()
+            moto.wait(timeout=10)
+
+
+def test_kfp_component_runs_in_the_image_as_the_launcher_would(archives, podman, tmp_path):
+    """One task of the compiled pipeline (data prep) run in the image with its IR command and
+    args, `{{$}}` replaced by an executor input as the KFP v2 launcher writes it (a minio://
+    output artifact, which the SDK maps to /minio/...; the launcher uploads it afterwards):
+    the output artifact is written, as uid 1000 on a read-only root."""
+    from fixtures import interaction_rows, write_jsonl
+
+    image = podman.load(archives["kuberank"])
+    ir_path = tmp_path / "pipeline.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "kuberank.cli", "pipeline", "compile", "--out", str(ir_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ir = next(yaml.safe_load_all(ir_path.read_text()))
+    task = ir["root"]["dag"]["tasks"]["data-prep-op"]
+    executor = ir["deploymentSpec"]["executors"][
+        ir["components"][task["componentRef"]["name"]]["executorLabel"]
+    ]["container"]
+    podman("tag", image, executor["image"])  # the image name the IR names
+
+    data = tmp_path / "data"
+    write_jsonl(data / "log.jsonl", interaction_rows(users=6, per_user=6))
+    outputs = tmp_path / "minio"
+    kfp_outputs = tmp_path / "kfp_outputs"
+    for path in (data, outputs, kfp_outputs):
+        path.mkdir(exist_ok=True)
+        path.chmod(0o777)
+    (data / "log.jsonl").chmod(0o644)
+    uri = "minio://mlpipeline/v2/artifacts/kuberank/run-1/data-prep-op/prepared"
+    executor_input = {
+        "inputs": {"parameterValues": {"dataset_spec": "interactions:/data/log.jsonl"}},
+        "outputs": {
+            "artifacts": {
+                "prepared": {
+                    "artifacts": [
+                        {
+                            "type": {"schemaTitle": "system.Dataset", "schemaVersion": "0.0.1"},
+                            "uri": uri,
+                            "metadata": {},
+                        }
+                    ]
+                }
+            },
+            "outputFile": "/tmp/kfp_outputs/output_metadata.json",
+        },
+    }
+    args = [a.replace("{{$}}", json.dumps(executor_input)) for a in executor["args"]]
+    done = podman(
+        *PODMAN_RUN,
+        "--rm",
+        "--user",
+        "1000:100",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,size=1g,mode=1777",
+        "--volume",
+        f"{data}:/data:ro",
+        "--volume",
+        f"{outputs}:/minio",
+        "--volume",
+        f"{kfp_outputs}:/tmp/kfp_outputs",
+        executor["image"],
+        *executor["command"],
+        *args,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    prepared = outputs / "mlpipeline/v2/artifacts/kuberank/run-1/data-prep-op/prepared"
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["kind"] == "recommendation", manifest
+    metadata = json.loads((kfp_outputs / "output_metadata.json").read_text())
+    assert "prepared" in metadata.get("artifacts", {}), metadata
