@@ -157,6 +157,8 @@ def test_entrypoint_matches_the_training_cli_and_the_cluster(target, workers):
     job = rayjob(target)
     flags = _train_args(job)
     assert flags["--out"].startswith("s3://")
+    # the image carries no dataset (no recbole files): the job reads prepared data on S3
+    assert flags["--dataset"].startswith("prepared:s3://"), flags["--dataset"]
     assert int(flags["--workers"]) == workers
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     # one Ray Train worker per pod, on a fixed-size cluster that is deleted afterwards
