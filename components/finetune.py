@@ -512,6 +512,15 @@ def _progress_actor():
     return Progress
 
 
+def checkpoint_storage(out: str) -> str:
+    """The default checkpoint storage of a run writing ``out``: ``<out>.checkpoints`` beside
+    it, on S3 when ``out`` is (every node of a cluster must reach it; a local path would be
+    each node's own disk)."""
+    if storage.is_s3(out):
+        return f"{str(out).rstrip('/')}.checkpoints"
+    return f"{Path(out).resolve()}.checkpoints"
+
+
 def train(config: TrainConfig) -> Path:
     """Fine-tune on the ``train`` split of ``config.dataset`` and write the model directory."""
     import ray
@@ -536,7 +545,7 @@ def train(config: TrainConfig) -> Path:
     use_gpu = gpus >= 1 if config.use_gpu is None else config.use_gpu
     cpus = int(ray.cluster_resources().get("CPU", 1))
     loop_config["threads_per_worker"] = max(1, cpus // config.workers)
-    storage_uri = config.storage or f"{Path(config.out).resolve()}.checkpoints"
+    storage_uri = config.storage or checkpoint_storage(config.out)
     storage.check_writable(storage_uri)
     filesystem, storage_path = storage.arrow_filesystem(storage_uri)
     run_name = _run_name(data, config)

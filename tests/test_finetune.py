@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kuberank.components.evaluate import evaluate
-from kuberank.components.finetune import TrainConfig, train
+from kuberank.components.finetune import TrainConfig, checkpoint_storage, train
 from kuberank.errors import KuberankError, StorageError
 from kuberank.model import read_info
 from tests.fixtures import interaction_rows, write_beir, write_jsonl
@@ -200,3 +200,12 @@ def test_mismatched_item_tower_tokenizer_is_refused(
     tokenizer.write_text(tokenizer.read_text().replace('"[unused0]"', '"[unused-x]"', 1))
     with pytest.raises(KuberankError, match="item tower's tokenizer does not match"):
         train(small(collection, tmp_path / "w", towers="separate", warm_start=str(broken)))
+
+
+def test_checkpoints_go_beside_the_output_on_s3_too(tmp_path, monkeypatch):
+    """A run writing to S3 keeps its checkpoints on S3, where every node of a cluster reaches
+    them (a RayJob's `train --out s3://...` had put them on each node's own /tmp)."""
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_storage("s3://bucket/runs/a/") == "s3://bucket/runs/a.checkpoints"
+    assert checkpoint_storage("s3://bucket/runs/a") == "s3://bucket/runs/a.checkpoints"
+    assert checkpoint_storage("models/a") == f"{tmp_path / 'models' / 'a'}.checkpoints"
