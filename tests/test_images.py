@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -332,6 +333,14 @@ class PodNetwork:
         assert done.returncode == 0, f"{' '.join(cmd)}: {done.stderr}"
 
     def __enter__(self) -> PodNetwork:
+        try:
+            self._create()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _create(self) -> None:
         self.ip("link", "add", self.bridge, "type", "bridge")
         self.ip("addr", "add", f"{SUBNET}.1/24", "dev", self.bridge)
         self.ip("link", "set", self.bridge, "up")
@@ -349,7 +358,6 @@ class PodNetwork:
             self.ip("link", "add", "nowhere", "type", "veth", "peer", "name", "nowhere1", ns=ns)
             self.ip("link", "set", "nowhere", "up", ns=ns)
             self.ip("route", "add", "default", "dev", "nowhere", "src", addr, ns=ns)
-        return self
 
     def __exit__(self, *exc) -> None:
         for ns, _ in self.hosts.values():
@@ -448,11 +456,14 @@ def pod_run_args(template: dict, container: dict, env: dict, netns: str) -> list
     return args
 
 
-def test_rayservice_head_and_worker_serve_the_app_across_nodes(archives, podman, tmp_path_factory):
+def test_rayservice_head_and_worker_serve_the_app_across_nodes(
+    archives, podman, tmp_path_factory, monkeypatch
+):
     """The chart's RayService as KubeRay would run it, in the kuberank image: a Ray head and a
     worker (two network namespaces, so two Ray nodes), the serveConfigV2 deployed with Ray's
     own `serve deploy`, the model store on S3 (moto), /search answered through the head's
-    Serve proxy by a replica on the worker, and the worker's readiness probe passing."""
+    Serve proxy by a replica on the worker, the worker's readiness probe passing; then the
+    RayJob's entrypoint submitted to that head trains on small data and writes its model."""
     import boto3
 
     from kuberank import kubechart
@@ -481,18 +492,12 @@ def test_rayservice_head_and_worker_serve_the_app_across_nodes(archives, podman,
                 except OSError:
                     assert time.monotonic() < deadline and moto.poll() is None, log.read_text()
                     time.sleep(0.2)
-            saved = {k: os.environ.get(k) for k in [*creds, "KUBERANK_S3_ENDPOINT_URL"]}
-            os.environ.update({**creds, "KUBERANK_S3_ENDPOINT_URL": s3_url})
-            try:
-                client = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
-                client.create_bucket(Bucket=BUCKET)
-                publish(store, f"s3://{BUCKET}/prod")
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            for key, value in {**creds, "KUBERANK_S3_ENDPOINT_URL": s3_url}.items():
+                monkeypatch.setenv(key, value)
+            client = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            publish(store, f"s3://{BUCKET}/prod")
+            small_dataset = prepared_small_dataset(tmp_path_factory)
 
             values = {
                 "modelStore": {
@@ -603,6 +608,10 @@ def test_rayservice_head_and_worker_serve_the_app_across_nodes(archives, podman,
             )
             done = podman("exec", names[1], "bash", "-c", probe, check=False)
             assert done.returncode == 0, done.stdout + done.stderr
+
+            # The RayJob's entrypoint (manifests/base) against that head, submitted from a
+            # submitter container as KubeRay's K8sJobMode submitter does, on small data
+            run_rayjob_entrypoint(image, podman, head_ip, small_dataset, names[1])
         finally:
             for name in reversed(names):
                 podman("stop", "--time", "20", name, check=False, timeout=120)
@@ -689,3 +698,104 @@ def test_kfp_component_runs_in_the_image_as_the_launcher_would(archives, podman,
     assert manifest["kind"] == "recommendation", manifest
     metadata = json.loads((kfp_outputs / "output_metadata.json").read_text())
     assert "prepared" in metadata.get("artifacts", {}), metadata
+
+
+def prepared_small_dataset(tmp_path_factory) -> str:
+    """A small interaction log prepared by `kuberank data prep` and published to the test's
+    S3 (KUBERANK_S3_ENDPOINT_URL is set by the caller)."""
+    from fixtures import interaction_rows, write_jsonl
+
+    from kuberank.storage import publish
+
+    root = tmp_path_factory.mktemp("rayjob-data")
+    log = write_jsonl(root / "log.jsonl", interaction_rows(users=8, per_user=6))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kuberank.cli",
+            "data",
+            "prep",
+            "--dataset",
+            f"interactions:{log}",
+            "--out",
+            str(root / "prepared"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    uri = f"s3://{BUCKET}/data/small"
+    publish(root / "prepared", uri)
+    return f"prepared:{uri}"
+
+
+def run_rayjob_entrypoint(
+    image: str, podman: Podman, head_ip: str, dataset: str, worker: str
+) -> None:
+    job = yaml.safe_load((ROOT / "manifests" / "base" / "rayjob-finetune.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    flags = dict(zip(argv[4::2], argv[5::2], strict=True))
+    out = f"s3://{BUCKET}/runs/rayjob-test"
+    entrypoint = shlex.join(
+        [
+            *argv[:4],
+            "--dataset",
+            dataset,
+            "--out",
+            out,
+            "--workers",
+            flags["--workers"],
+            "--epochs",
+            "1",
+        ]
+    )
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    address = f"http://{head_ip}:8265"
+    job_id = "kuberank-finetune-test"
+    # KubeRay's submitter: submit unless already submitted, then follow the logs
+    script = (
+        f"if ! ray job status --address {address} {job_id} >/dev/null 2>&1; then "
+        f"ray job submit --address {address} --no-wait --submission-id {job_id} -- {entrypoint}; "
+        f"fi; ray job logs --address {address} --follow {job_id}; "
+        f"ray job status --address {address} {job_id}"
+    )
+    env = {e["name"]: e["value"] for e in submitter.get("env", [])}
+    args = [
+        *PODMAN_RUN,
+        "--rm",
+        "--user",
+        "1000:100",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,size=1g,mode=1777",
+    ]
+    for key, value in env.items():
+        args += ["--env", f"{key}={value}"]
+    started = time.monotonic()
+    done = podman(
+        *args, "--entrypoint", "/bin/bash", image, "-c", "--", script, check=False, timeout=900
+    )
+    print(f"RayJob entrypoint on the cluster: {time.monotonic() - started:.0f} s")
+    if done.returncode != 0 or "SUCCEEDED" not in done.stdout:
+        errors = podman(
+            "exec",
+            worker,
+            "bash",
+            "-c",
+            "grep -l -i error /tmp/ray/session_latest/logs/*.err | xargs -r tail -n 40",
+            check=False,
+        )
+        pytest.fail(
+            f"RayJob: {(done.stdout + done.stderr)[-6000:]}\n--- worker logs\n"
+            f"{errors.stdout[-8000:]}"
+        )
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ.get("KUBERANK_S3_ENDPOINT_URL"))
+    keys = {
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/rayjob-test/")["Contents"]
+    }
+    assert "runs/rayjob-test/kuberank.json" in keys, sorted(keys)
