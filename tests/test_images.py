@@ -778,7 +778,8 @@ def run_rayjob_entrypoint(
         *args, "--entrypoint", "/bin/bash", image, "-c", "--", script, check=False, timeout=900
     )
     print(f"RayJob entrypoint on the cluster: {time.monotonic() - started:.0f} s")
-    if done.returncode != 0 or "SUCCEEDED" not in done.stdout:
+    said = done.stdout + done.stderr  # Ray's CLI logs to stderr
+    if done.returncode != 0 or f"Job '{job_id}' succeeded" not in said:
         errors = podman(
             "exec",
             worker,
@@ -799,3 +800,24 @@ def run_rayjob_entrypoint(
         for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/rayjob-test/")["Contents"]
     }
     assert "runs/rayjob-test/kuberank.json" in keys, sorted(keys)
+
+
+def test_make_image_with_an_unreachable_index_fails_and_writes_no_archive(archives, tmp_path):
+    """pip inside the build cannot reach its index: the build fails with pip's own message and
+    no archive is written (the base is already made, so this reaches pip at once)."""
+    out = tmp_path / "out"
+    done = make_image(
+        "triton-local",
+        env={
+            "PIP_CONFIG_FILE": os.devnull,  # only what is set here: no index of this machine
+            "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+            "PIP_FIND_LINKS": "",
+            "PIP_RETRIES": "0",
+            "KUBERANK_IMAGE_OUT": str(out),
+        },
+        timeout=900,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "triton-local: build failed" in done.stderr
+    assert "nvidia-pytriton" in done.stderr  # pip's own words about what it could not get
+    assert not out.exists() or not any(out.iterdir())
