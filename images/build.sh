@@ -195,6 +195,8 @@ build_one() {
   fi
   mv "$archive.part" "$archive"
   echo "$key" >"$stamp"
+  # the image this one replaced is left untagged: on vfs it is a full copy, so drop it
+  [ "$TOOL" = docker ] || images_tool image prune --force >/dev/null 2>&1 || true
   say "$name: $archive ($(du -m "$archive" | cut -f1) MB, built in $(( $(date +%s) - start )) s)"
 }
 
