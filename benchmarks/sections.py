@@ -244,3 +244,24 @@ def serving(out: Path, cisi: str | None):
     table = format_table(result)
     print(table, flush=True)
     return result, table + "\n\n![latency](serving/latency_vs_load.png)"
+
+
+def images(out: Path, cisi: str | None):
+    """The container images: sizes, build cold/warm, start to /readyz, /search in the container
+    vs outside it, and the ingress paths side by side (benchmarks/containers.py); search
+    traffic on the CISI documents with the base model."""
+    from benchmarks import containers
+    from kuberank.components.export import export_model
+    from kuberank.config import base_model_path
+    from kuberank.serving.index import build_index
+
+    if not cisi:
+        return {"skipped": "needs CISI"}, "skipped: needs ../shared/datasets/cisi (search traffic)"
+    model = Path(base_model_path())
+    store = out / "images-store"
+    export_model(model, store, fp16=False)
+    build_index(model, cisi, store)
+    result = containers.run(out / "images", store)
+    table = containers.markdown(result)
+    print(table, flush=True)
+    return result, table

@@ -1466,3 +1466,15 @@ def test_ingress_mode_switches_ray_serve_direct_ingress(mode):
         assert env["RAY_worker_niceness"] == "0"  # replicas at normal priority, as locally
     with pytest.raises(Exception, match="ingressMode"):
         render(serve={"ingressMode": "direct"})
+
+
+def test_default_ingress_is_haproxy_not_the_proxy_actor():
+    """Serve's proxy actor served /search at a quarter of HAProxy's rate in the kuberank image
+    (docs/benchmarks.md, `make bench` section images): the default is HAProxy."""
+    for variant in VARIANTS:
+        cluster = by_kind(render(variant), "RayService")[0]["spec"]["rayClusterConfig"]
+        for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            env = {
+                e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]
+            }
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", variant

@@ -3,8 +3,8 @@ with buildah (no Docker daemon, no registry: the base is made with debootstrap f
 mirror), written as archives, loaded with podman and run as the chart runs them: uid 1000, a
 read-only root with only the chart's writable mounts, the model store mounted read-only.
 
-On these machines podman runs with runc, host networking and explicit ulimits (crun and the
-default limits fail with setrlimit EPERM). The builds are cached under build/, so a second
+On these machines podman runs with runc and explicit ulimits (crun and the default limits fail
+with setrlimit EPERM). The builds are cached under build/, so a second
 run only checks the inputs."""
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ PODMAN_RUN = [
     "--network",
     "host",
     "--ulimit",
-    "nofile=1024:1024",
+    # HAProxy (the chart's default ingress) needs more than 10276 open files; the machine's
+    # hard limit forbids podman's default, so an explicit one under it
+    "nofile=16384:16384",
     "--ulimit",
     "nproc=1024:1024",
 ]
@@ -461,8 +463,9 @@ def test_rayservice_head_and_worker_serve_the_app_across_nodes(
 ):
     """The chart's RayService as KubeRay would run it, in the kuberank image: a Ray head and a
     worker (two network namespaces, so two Ray nodes), the serveConfigV2 deployed with Ray's
-    own `serve deploy`, the model store on S3 (moto), /search answered through the head's
-    Serve proxy by a replica on the worker, the worker's readiness probe passing; then the
+    own `serve deploy`, the model store on S3 (moto), /search answered through the head's serve
+    port (HAProxy, the chart's default ingress) by a replica on the worker, the worker's
+    readiness probe passing; then the
     RayJob's entrypoint submitted to that head trains on small data and writes its model."""
     import boto3
 
@@ -583,7 +586,7 @@ def test_rayservice_head_and_worker_serve_the_app_across_nodes(
 
             url = f"http://{head_ip}:8000"  # serve.port
             took = wait_http(url + "/readyz", names[0], podman, timeout=300)
-            print(f"serve deploy to /readyz through the head's proxy: {took:.1f} s")
+            print(f"serve deploy to /readyz through the head's serve port: {took:.1f} s")
             status, body = http_json(
                 "POST", url + "/search", {"query": "how to cook pasta", "k": 1}
             )
