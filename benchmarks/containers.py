@@ -32,6 +32,8 @@ PODMAN = [
     "--storage-driver",
     "vfs",
 ]
+# `podman run` as these machines need it (docs/operations.md, "Build the images"); the tests
+# (tests/test_images.py) run the containers with the same options
 RUN = [
     "run",
     "--runtime",
@@ -150,6 +152,7 @@ def load(urls: list[str], make_body, concurrency: int, requests: int) -> dict:
 
 
 def readable_copy(store: Path, dest: Path) -> Path:
+    """A copy of ``store`` that another user (uid 1000 in the container) can read."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(store, dest, symlinks=True)
@@ -166,6 +169,19 @@ def container_urls(name: str, port: int) -> list[str]:
         if line.startswith("{") and '"urls"' in line:
             return json.loads(line)["urls"]
     return [f"http://127.0.0.1:{port}"]
+
+
+def _row(where: str, ingress: str, create_s: float, ready_s: float, result, floor) -> dict:
+    row = {
+        "where": where,
+        "ingress": ingress,
+        "create_s": round(create_s, 1),
+        "start_to_readyz_s": round(ready_s, 1),
+        **{key: result[key] for key in ("qps", "p50_ms", "p99_ms", "error_rate")},
+        "healthz_qps": floor["qps"],
+    }
+    print(row, flush=True)
+    return row
 
 
 def run(out: Path, store: Path, concurrency: int = 32, requests: int = 3000) -> dict:
@@ -212,20 +228,7 @@ def run(out: Path, store: Path, concurrency: int = 32, requests: int = 3000) -> 
             floor = load([u + "/healthz" for u in urls], None, concurrency, requests)
         finally:
             stop(name)
-        rows.append(
-            {
-                "where": "container",
-                "ingress": ingress,
-                "create_s": round(create_s, 1),
-                "start_to_readyz_s": round(ready_s, 1),
-                "qps": result["qps"],
-                "p50_ms": result["p50_ms"],
-                "p99_ms": result["p99_ms"],
-                "error_rate": result["error_rate"],
-                "healthz_qps": floor["qps"],
-            }
-        )
-        print(rows[-1], flush=True)
+        rows.append(_row("container", ingress, create_s, ready_s, result, floor))
     for ingress in ("proxy", "direct"):  # the same app outside the container
         started = time.monotonic()
         with LocalServing(str(ro_store), use_triton=False, ingress=ingress, restart_ray=True) as s:
@@ -233,20 +236,7 @@ def run(out: Path, store: Path, concurrency: int = 32, requests: int = 3000) -> 
             urls = list(s.urls) if ingress == "direct" else [s.url]
             result = load([u + route for u in urls], make_body, concurrency, requests)
             floor = load([u + "/healthz" for u in urls], None, concurrency, requests)
-        rows.append(
-            {
-                "where": "host",
-                "ingress": ingress,
-                "create_s": 0.0,
-                "start_to_readyz_s": round(ready_s, 1),
-                "qps": result["qps"],
-                "p50_ms": result["p50_ms"],
-                "p99_ms": result["p99_ms"],
-                "error_rate": result["error_rate"],
-                "healthz_qps": floor["qps"],
-            }
-        )
-        print(rows[-1], flush=True)
+        rows.append(_row("host", ingress, 0.0, ready_s, result, floor))
     by = {(r["where"], r["ingress"]): r for r in rows}
     ratios = {
         f"container/host {ing}": round(by[("container", ing)]["qps"] / by[("host", ing)]["qps"], 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,25 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+# The operators' real CRDs (../shared/crds in a development checkout, KUBERANK_CRDS_DIR elsewhere)
+CRDS = Path(
+    os.environ.get("KUBERANK_CRDS_DIR")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "crds"
+)
+
+
+def crd_file(name: str) -> Path:
+    """A CRD file from CRDS; skips (fails under CI=true) when it is not there."""
+    require(
+        CRDS.is_dir(),
+        f"real CRDs not found at {CRDS} (a development checkout keeps them in ../shared/crds; "
+        "set KUBERANK_CRDS_DIR to point elsewhere)",
+    )
+    path = CRDS / name
+    require(path.is_file(), f"{path} is missing")
+    return path
 
 
 def require_binary(name: str, hint: str) -> str:

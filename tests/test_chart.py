@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from kuberank import kubechart, kubeschema
-from tests.conftest import require, require_binary
+from tests.conftest import crd_file, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kuberank"
@@ -26,7 +25,6 @@ VARIANTS = ["defaults", *CI_FILES]
 KUBE_VERSION = "v" + kubeschema.KUBERNETES_VERSION
 GPU = "nvidia.com/gpu"
 # The operators' real CRDs (see its README.md); a user's checkout may not have them.
-CRDS = Path(os.environ.get("KUBERANK_CRDS_DIR") or ROOT.parent / "shared" / "crds")
 # (group, kind) -> CRD files of the oldest and newest operator versions the chart supports
 CHART_CRDS = {
     ("ray.io", "RayService"): ["rayservices-v1.1.0.yaml", "rayservices-v1.7.0.yaml"],
@@ -143,18 +141,6 @@ def test_validation_catches_broken_objects():
 
 
 # --- custom resources against the operators' real CRDs ------------------------------------------
-
-
-def crd_file(name: str) -> Path:
-    """A CRD file from CRDS; skips (fails under CI=true) when it is not there."""
-    require(
-        CRDS.is_dir(),
-        f"real CRDs not found at {CRDS} (a development checkout keeps them in ../shared/crds; "
-        "set KUBERANK_CRDS_DIR to point elsewhere)",
-    )
-    path = CRDS / name
-    require(path.is_file(), f"{path} is missing")
-    return path
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

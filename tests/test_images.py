@@ -26,6 +26,8 @@ from conftest import free_port, require_binary
 from test_chart import quantity
 from test_index import serving_store
 
+from benchmarks.containers import RUN as PODMAN_RUN
+from benchmarks.containers import readable_copy
 from kuberank.serving.launcher import http_json
 
 pytestmark = pytest.mark.slow
@@ -34,19 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "images" / "build.sh"
 TAG = yaml.safe_load((ROOT / "charts" / "kuberank" / "Chart.yaml").read_text())["appVersion"]
 OUT = ROOT / "build" / "images"
-PODMAN_RUN = [
-    "run",
-    "--runtime",
-    "runc",
-    "--network",
-    "host",
-    "--ulimit",
-    # HAProxy (the chart's default ingress) needs more than 10276 open files; the machine's
-    # hard limit forbids podman's default, so an explicit one under it
-    "nofile=16384:16384",
-    "--ulimit",
-    "nproc=1024:1024",
-]
 
 
 def _tools() -> None:
@@ -110,14 +99,6 @@ def podman(tmp_path_factory):
     p = Podman(tmp_path_factory.mktemp("podman"))
     yield p
     p("rm", "--all", "--force", check=False)
-
-
-def readable_copy(store: Path, dest: Path) -> Path:
-    """The store as another user (uid 1000) can read it: pytest's tmp dirs are 0700."""
-    shutil.copytree(store, dest, symlinks=True)
-    for path in [dest, *dest.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return dest
 
 
 def wait_http(url: str, container: str, podman: Podman, timeout: float = 240) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -16,13 +15,12 @@ import pytest
 import yaml
 
 from kuberank import canary, config, kubechart, kubeschema
-from tests.conftest import require
+from tests.conftest import crd_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 TARGETS = {"base": None, "overlays/dev": "kuberank-dev", "overlays/prod": "kuberank"}
 # The operators' real CRDs (see its README.md): KubeRay's oldest and newest supported versions.
-CRDS = Path(os.environ.get("KUBERANK_CRDS_DIR") or ROOT.parent / "shared" / "crds")
 RAYJOB_CRDS = ["rayjobs-v1.1.0.yaml", "rayjobs-v1.7.0.yaml"]
 
 
@@ -76,18 +74,6 @@ def test_rayjob_schema_catches_mistakes():
     ]["limits"]["cpu"] = "two"
     with pytest.raises(kubeschema.ManifestError, match="workerGroupSpecs\\[0\\].template"):
         kubeschema.validate(job)
-
-
-def crd_file(name: str) -> Path:
-    """A CRD file from CRDS; skips (fails under CI=true) when it is not there."""
-    require(
-        CRDS.is_dir(),
-        f"real CRDs not found at {CRDS} (a development checkout keeps them in ../shared/crds; "
-        "set KUBERANK_CRDS_DIR to point elsewhere)",
-    )
-    path = CRDS / name
-    require(path.is_file(), f"{path} is missing")
-    return path
 
 
 @pytest.mark.parametrize("crd", RAYJOB_CRDS)
