@@ -7,7 +7,7 @@ by side: Serve's proxy (the chart's ``serve.ingressMode: proxy``), Ray 2.60's HA
 (``haproxy``) and direct ingress (the local launcher's default). Containers run as the chart
 runs them: uid 1000, read-only root, tmpfs ``/tmp``, the store read-only at ``/store``; with
 podman's ``--runtime runc``, host network and explicit ulimits as these machines need
-(16384 open files: HAProxy needs more than 10276).
+(16384 open files: HAProxy needs more than 10276; 16384 processes).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ RUN = [
     # the limit to 65536 and container runtimes on Kubernetes nodes allow that
     "nofile=16384:16384",
     "--ulimit",
-    "nproc=1024:1024",
+    # processes and threads of uid 1000 on the whole machine: a Ray head, a worker and a
+    # training job together passed 1024 ("can't start new thread")
+    "nproc=16384:16384",
 ]
 # ingress path -> (`kuberank serve --ingress`, extra environment)
 INGRESS = {
