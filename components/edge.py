@@ -10,8 +10,10 @@ Layout::
     EDGE/items.ids.json
 
 Pure core: :func:`write_edge_bundle`, :func:`quantize_embeddings`, :func:`write_edge_items`,
-:func:`edge_query`, :func:`edge_stats`. The runner needs only numpy, onnxruntime and tokenizers,
-and runs single-threaded.
+:func:`edge_query`, :func:`edge_stats`; :func:`index_store_bundle` gives a model store's bundle
+(``STORE/edge``, a path or s3://) the items the index step embedded, so a store is complete
+after ``kuberank export`` + ``kuberank index`` (or the pipeline's index step). The runner needs
+only numpy, onnxruntime and tokenizers, and runs single-threaded.
 """
 
 from __future__ import annotations
@@ -130,6 +132,41 @@ def write_edge_items(bundle_dir: str | os.PathLike, embeddings: np.ndarray, ids:
     (bundle_dir / ITEM_IDS).write_text(json.dumps([str(i) for i in ids]))
     meta["items"] = int(emb.shape[0])
     _write_bundle(bundle_dir, meta)
+    return meta
+
+
+def index_store_bundle(
+    store: str | os.PathLike, embeddings: np.ndarray, ids: list, fingerprint: str
+) -> dict | None:
+    """Give the model store's edge bundle (``STORE/edge``) the items of its index: ``embeddings``
+    (the index's vectors, row order of ``ids``) int8-quantised, written into a copy of the
+    bundle that then replaces ``STORE/edge`` (a local path or an s3:// prefix). ``fingerprint``
+    is the store's embedding fingerprint; a bundle from another export is refused. Returns the
+    bundle metadata, or None for a store without an edge bundle."""
+    import tempfile
+
+    from kuberank.errors import StorageError
+    from kuberank.storage import is_s3, materialize, publish
+
+    store = str(store)
+    uri = f"{store.rstrip('/')}/edge" if is_s3(store) else str(Path(store) / "edge")
+    try:
+        local = materialize(uri)
+    except StorageError:
+        return None
+    if not (local / BUNDLE_FILE).is_file():
+        return None
+    found = _read_bundle(local).get("fingerprint")
+    if found and found != fingerprint:
+        raise KuberankError(
+            f"{uri}: the edge bundle was exported with embedding {found}, the index is "
+            f"{fingerprint}; export the model again, then index"
+        )
+    with tempfile.TemporaryDirectory(prefix="kuberank-edge-") as tmp:
+        work = Path(tmp) / "edge"
+        shutil.copytree(local, work)
+        meta = write_edge_items(work, embeddings, ids)
+        publish(work, uri)
     return meta
 
 

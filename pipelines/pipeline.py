@@ -151,7 +151,7 @@ def release_record(manifest: dict, index_meta: dict, store: str, quality: dict) 
             k: (manifest.get("triton") or {}).get(k)
             for k in ("repository", "local_repository", "encoder_backend", "precision")
         },
-        "index": {k: index_meta.get(k) for k in ("count", "dim", "kind", "ann")},
+        "index": {k: index_meta.get(k) for k in ("count", "dim", "kind", "ann", "edge_items")},
         "compression": (manifest.get("model") or {}).get("compression"),
         "parity": manifest.get("parity"),
         "sizes": manifest.get("sizes"),
@@ -544,7 +544,8 @@ def publish_op(
     report: dsl.Output[dsl.Markdown],
 ):
     """Check the store is complete and consistent (manifest, Triton repositories, an index
-    embedded by this encoder, the one the index step reported), then write STORE/release.json:
+    embedded by this encoder, the one the index step reported, an edge bundle holding its
+    items), then write STORE/release.json:
     the record deploys read. (The join of the two branches is this string, not the index
     artifact: kfp's local runner resolves ``dsl.OneOf`` for parameters only.)"""
     import json
@@ -570,6 +571,12 @@ def publish_op(
             raise FileNotFoundError(
                 f"{store}/{part}: no query_encoder ensemble; export did not finish"
             )
+    edge = json.loads((Path(materialize(f"{store.rstrip('/')}/edge")) / "bundle.json").read_text())
+    if edge.get("items") != meta["count"] or edge.get("fingerprint") != index_fingerprint:
+        raise ValueError(
+            f"{store}/edge: {edge.get('items')} items of embedding {edge.get('fingerprint')}, the "
+            f"index holds {meta['count']} of {index_fingerprint}; the index step did not finish"
+        )
     quality = {k: v for k, v in scores.metadata.items() if isinstance(v, (int, float))}
     record = release_record(manifest, meta, store, quality)
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,9 +15,11 @@ def _cmd_index(args) -> int:
         print(json.dumps(meta, sort_keys=True))
     else:
         ann = meta["ann"]["type"] if meta["ann"] else "exact search"
+        edge = meta.get("edge_items")
         print(
             f"{meta['count']} items x {meta['dim']} -> {args.out}/index ({ann}); "
-            f"model fingerprint {meta['model_fingerprint']}"
+            + ("no edge bundle; " if edge is None else f"edge bundle {edge} items; ")
+            + f"model fingerprint {meta['model_fingerprint']}"
         )
     return 0
 
@@ -105,7 +107,8 @@ def register(sub, dataset_help: str) -> None:
         help="embed a dataset's items and write STORE/index",
         description="Embed the dataset's items (documents or catalogue) with the model and write "
         "STORE/index (embeddings, ids, an ANN index beyond --ann-threshold, the "
-        "encoder fingerprint) next to the export of the same model.",
+        "encoder fingerprint) next to the export of the same model; the store's edge bundle "
+        "(STORE/edge) gets the same items.",
     )
     ix.add_argument("--model", required=True, metavar="DIR", help="the exported model directory")
     ix.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)

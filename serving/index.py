@@ -12,6 +12,7 @@ Layout::
     STORE/index/embeddings.npy   float32 [count, dim], L2-normalised item vectors
     STORE/index/ids.json         item ids, row order of embeddings.npy
     STORE/index/ann.faiss        HNSW graph (faiss, inner product) when count > ann_threshold
+    STORE/edge/items.*           the same items for the edge bundle (int8; components/edge.py)
 
 Items are embedded with the exported fp32 ONNX encoder (``STORE/onnx/model.onnx``, the one the
 store's embedding fingerprint was computed with) when the towers are shared, and with the
@@ -126,6 +127,7 @@ def build_index(
     """Embed the dataset's items (documents or catalogue) with ``model_dir`` and write
     ``STORE/index``. The store must hold an export of the same model. Returns index.json."""
     from kuberank import datasets
+    from kuberank.components.edge import index_store_bundle
     from kuberank.components.export import read_manifest
     from kuberank.encoder import check_model_dir, model_fingerprint
     from kuberank.storage import materialize, publish
@@ -180,6 +182,10 @@ def build_index(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.perf_counter() - started, 1),
         }
+        # The store's edge bundle gets the same items (components/edge.py): a store is complete
+        # after export + index, and a device ranks what the server ranks.
+        edge = index_store_bundle(store, embeddings, ids, manifest["embedding"]["fingerprint"])
+        meta["edge_items"] = None if edge is None else edge["items"]
         (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         publish(work, _join(store, INDEX_DIR))
     return meta

@@ -134,3 +134,49 @@ def test_index_cli(indexed, tmp_path, capsys):
     assert printed["count"] == len(DOCS)
     with pytest.raises(KuberankError, match="no such file|manifest"):
         ix.build_index(model_dir, dataset, tmp_path / "empty-store")
+
+
+def test_index_gives_the_edge_bundle_its_items(indexed):
+    """A store is complete after export + index: the edge bundle ranks the indexed items, with
+    the ids and order of the index, and ``kuberank edge query`` answers from it."""
+    import subprocess
+    import sys
+
+    from kuberank.components import edge
+
+    store, _, _ = indexed
+    meta = json.loads((store / "index" / ix.META_FILE).read_text())
+    bundle = json.loads((store / "edge" / edge.BUNDLE_FILE).read_text())
+    assert meta["edge_items"] == bundle["items"] == len(DOCS)
+    assert bundle["fingerprint"] == meta["embedding_fingerprint"]
+    assert json.loads((store / "edge" / edge.ITEM_IDS).read_text()) == list(DOCS)
+    assert edge.edge_query(store / "edge", "how to cook pasta", k=1)[0][0] == "d2"
+    out = subprocess.run(
+        [sys.executable, "-m", "kuberank.cli", "edge", "query", "--bundle", str(store / "edge")]
+        + ["--text", "space opera", "--k", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["results"]) == 5
+
+
+def test_edge_bundle_of_another_export_is_refused_and_a_store_without_one_is_indexed(
+    indexed, tmp_path
+):
+    from kuberank.components import edge
+
+    store, model_dir, dataset = indexed
+    other = tmp_path / "other"
+    shutil.copytree(store, other, symlinks=True)
+    bundle_file = other / "edge" / edge.BUNDLE_FILE
+    bundle_file.write_text(
+        json.dumps({**json.loads(bundle_file.read_text()), "fingerprint": "sha256:another"})
+    )
+    with pytest.raises(KuberankError, match="exported with embedding sha256:another"):
+        ix.build_index(model_dir, dataset, other)
+    shutil.rmtree(other / "edge")
+    meta = ix.build_index(model_dir, dataset, other)
+    assert meta["edge_items"] is None and meta["count"] == len(DOCS)
+    assert not (other / "edge").exists()
