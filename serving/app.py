@@ -61,7 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kuberank.errors import KuberankError
-from kuberank.serving import json_routes
+from kuberank.serving import admission, json_routes
+from kuberank.serving.admission import DEFAULT_BUDGET_MS, Admission, Overloaded
 from kuberank.serving.batching import BatcherStopped, DynamicBatcher, run_on_loop
 from kuberank.serving.metrics import replica_metrics
 
@@ -74,6 +75,7 @@ MAX_K = 100
 MAX_HISTORY = 200
 MAX_ID_CHARS = 128
 MAX_BODY_BYTES = 64 * 1024
+MAX_DEADLINE_MS = 60_000
 MALFORMED_BODY = "malformed JSON body"
 
 
@@ -194,6 +196,11 @@ class Settings:
     retriever_batch: tuple[int, float] = (32, 0.001)
     ranker_batch: tuple[int, float] = (32, 0.001)
     stage_timeout_s: float = 5.0  # one downstream call; past it the request gets 503
+    # deadline-aware admission (serving/admission.py): a request whose estimated wait exceeds
+    # its budget (this, or the client's smaller ``deadline_ms``) gets 503 at once, and one whose
+    # deadline passed while queued is dropped before compute; False = queue up to Serve's limits
+    admission: bool = True
+    latency_budget_ms: float = DEFAULT_BUDGET_MS
     retries: int = 1  # retries of a downstream call whose replica died
     revision: int = 0  # bump (user_config) to reload the same store URI
     deployments: dict = field(default_factory=dict)  # per-deployment Serve option overrides
@@ -217,6 +224,10 @@ class Settings:
             raise KuberankError("pipeline_workers: need >= 0 (0 = one per core)")
         self.pipeline_workers = int(self.pipeline_workers)
         self.switch_interval_s = float(self.switch_interval_s)
+        self.admission = bool(self.admission)
+        self.latency_budget_ms = float(self.latency_budget_ms)
+        if not self.latency_budget_ms > 0:
+            raise KuberankError("latency_budget_ms: need > 0 (milliseconds)")
         if self.switch_interval_s < 0:
             raise KuberankError("switch_interval_s: need >= 0 (0 = Python's default)")
         unknown = set(self.deployments) - set(DEPLOYMENTS)
@@ -487,6 +498,12 @@ class RankerCore:
         return cands[top], scores[top].astype(np.float32)
 
 
+def _triton_queue_timeout(exc: Exception) -> bool:
+    """Triton rejected the request because it waited past the model's queue timeout
+    (``default_queue_policy``): the server works, it is busy."""
+    return "timeout expired" in str(exc).lower()
+
+
 class QueryEncoding:
     """Query texts -> vectors for one replica: Triton (when configured and not failed within
     ``triton_retry_s``) or in-process ONNX Runtime, with the ``triton_fallback`` policy. Shared by
@@ -527,6 +544,9 @@ class QueryEncoding:
                 # another batch's failure closed the channel under this call
                 failure: Exception = ConnectionError("channel closed during the call")
             except Exception as exc:
+                if _triton_queue_timeout(exc):  # Triton shed it (its queue policy): not a fault
+                    budget = self.settings.latency_budget_ms / 1000.0
+                    raise Overloaded("expired", budget, budget) from None
                 failure = exc
             try:
                 # marked down before the channel is closed: no batch opens a new one meanwhile
@@ -574,6 +594,7 @@ class QueuedRequest(NamedTuple):
 
     request: PipelineRequest
     queued_at: float  # time.perf_counter() at submit
+    budget_s: float  # its latency budget, counted from queued_at
     pipeline: "Pipeline"  # the model version current when it arrived
     loop: asyncio.AbstractEventLoop  # the Ingress event loop: Triton's gRPC channel lives there
 
@@ -677,6 +698,14 @@ class _UserContext(BaseModel):
         description="item ids the user interacted with, most recent last",
     )
     k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DEADLINE_MS,
+        description="this request's latency budget in milliseconds, when smaller than the "
+        "server's (latency_budget_ms): a request that cannot be answered within it gets 503 "
+        "with Retry-After at once",
+    )
 
 
 class SearchRequest(_UserContext):
@@ -720,9 +749,16 @@ def error_response(
 
 
 class RequestProblem(Exception):
-    def __init__(self, status: int, message: str, details: list | None = None):
+    def __init__(
+        self, status: int, message: str, details: list | None = None, retry_after_s: int = 1
+    ):
         self.status, self.message, self.details = status, message, details
+        self.retry_after_s = retry_after_s
         super().__init__(message)
+
+    @classmethod
+    def shed(cls, exc: Overloaded) -> "RequestProblem":
+        return cls(503, str(exc), retry_after_s=exc.retry_after_s)
 
 
 ERRORS = {
@@ -756,7 +792,7 @@ def invalid_request_response(problems: list[dict], loc_start: int = 0) -> JSONRe
 
 
 def problem_response(exc: RequestProblem) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.status == 503 else None
     return error_response(exc.status, exc.message, exc.details, headers)
 
 
@@ -801,6 +837,21 @@ class _BodyTooLarge(Exception):
     pass
 
 
+RANKED = ("/search", "/recommend")  # the routes admission sheds
+
+
+async def _send_shed(send, shed: Overloaded) -> None:
+    """The 503 of a shed request, straight to the ASGI server (the same JSON error shape)."""
+    body = json.dumps({"error": {"status": 503, "message": str(shed)}}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(shed.retry_after_s).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class LimitsAndMetrics:
     """Pure ASGI middleware (Starlette's ``BaseHTTPMiddleware`` costs a task group and memory
     streams per request): 413 for bodies over MAX_BODY_BYTES (declared or streamed), a JSON 500
@@ -835,6 +886,13 @@ class LimitsAndMetrics:
                     raise _BodyTooLarge
             return message
 
+        if route in RANKED and scope["method"] == "POST":  # shed before reading the body
+            shed = admission.gate()
+            if shed is not None:
+                replica_metrics().shed(shed.reason)
+                await _send_shed(send, shed)
+                replica_metrics().observe_request(route, 503, time.perf_counter() - started)
+                return
         too_big = f"request body over {MAX_BODY_BYTES} bytes"
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             await error_response(413, too_big)(scope, receive, counted_send)
@@ -1031,6 +1089,15 @@ if serve is not None:
                 # the workers and the event loop hand the GIL back and forth on every ONNX
                 # Runtime / numpy call; waiting Python's default 5 ms for it idles a core
                 sys.setswitchinterval(self.settings.switch_interval_s)
+            # deadline-aware admission; colocated: the batch workers are its servers; split: the
+            # requests in flight through the stage deployments (serving/admission.py)
+            self.admission = Admission(
+                self.settings.latency_budget_ms / 1000.0,
+                servers=max(1, self.batch_workers),
+                enabled=self.settings.admission,
+                floor=max(1, self.batch_workers) * self.settings.pipeline_batch[0],
+            )
+            self.in_flight = 0  # split path: requests between admission and their answer
             self.batcher = (
                 DynamicBatcher(
                     self._pipeline_batch,
@@ -1040,6 +1107,13 @@ if serve is not None:
                 )
                 if self.settings.colocate
                 else None
+            )
+            # the HTTP middleware sheds on the default budget before it reads a body
+            budget_s = self.admission.budget_s
+            admission.set_gate(
+                (lambda: self.admission.check(self.batcher.pending(), budget_s))
+                if self.settings.colocate
+                else (lambda: self.admission.check(self.in_flight, budget_s))
             )
             # the JSON fast path of this process (json_routes) answers with the same methods
             json_routes.register(
@@ -1061,10 +1135,22 @@ if serve is not None:
 
         def _pipeline_batch(self, items: list[QueuedRequest]) -> list:
             """The colocated request path, on the batcher's thread: one batch of encode +
-            retrieve + rank."""
+            retrieve + rank. A request whose deadline passed while it waited is dropped here,
+            before compute (Overloaded "expired")."""
             started = time.perf_counter()
-            pipe, loop = items[-1].pipeline, items[-1].loop  # the batch's newest model
-            reqs = [item.request for item in items]
+            out: list = [None] * len(items)
+            live = []
+            for i, item in enumerate(items):
+                shed = self.admission.expired(started - item.queued_at, item.budget_s)
+                if shed is None:
+                    live.append(i)
+                else:
+                    out[i] = (shed, started - item.queued_at, None)
+            if not live:
+                return out
+            batch = [items[i] for i in live]
+            pipe, loop = batch[-1].pipeline, batch[-1].loop  # the batch's newest model
+            reqs = [item.request for item in batch]
             texts = [r.query for r in reqs if r.query is not None]
             vectors, remote_s, fallback = None, 0.0, 0
             try:
@@ -1075,19 +1161,21 @@ if serve is not None:
                 results, timings = pipe.run(
                     reqs, vectors, self.settings.candidates, self.settings.rank_all_max
                 )
-            except EncoderUnavailableError as exc:  # Triton down and the fallback off
-                return [(exc, started - item.queued_at, None) for item in items]
-            timings["encode"] += remote_s
-            meta = {
-                "batch": len(items),
-                "timings": timings,
-                "fallback": fallback,
-                "version": (pipe.version, pipe.fingerprint),
-            }
-            return [
-                (result, started - item.queued_at, meta)
-                for result, item in zip(results, items, strict=True)
-            ]
+            except (EncoderUnavailableError, Overloaded) as exc:  # Triton down or shedding
+                results, timings = [exc] * len(batch), None
+            self.admission.observe(len(batch), time.perf_counter() - started)
+            meta = None
+            if timings is not None:
+                timings["encode"] += remote_s
+                meta = {
+                    "batch": len(batch),
+                    "timings": timings,
+                    "fallback": fallback,
+                    "version": (pipe.version, pipe.fingerprint),
+                }
+            for i, result in zip(live, results, strict=True):
+                out[i] = (result, started - items[i].queued_at, meta)
+            return out
 
         # -- plumbing
 
@@ -1123,7 +1211,13 @@ if serve is not None:
                 except EncoderUnavailableError as exc:
                     self.metrics.error(stage, "triton_unavailable")
                     raise RequestProblem(503, f"query encoder unavailable: {exc}") from None
+                except Overloaded as exc:  # Triton's queue policy shed it
+                    self.metrics.shed(exc.reason)
+                    raise RequestProblem.shed(exc) from None
                 except RayTaskError as exc:  # a stage's own error that Ray could not re-type
+                    if isinstance(exc.cause, Overloaded):
+                        self.metrics.shed(exc.cause.reason)
+                        raise RequestProblem.shed(exc.cause) from None
                     self.metrics.error(stage, type(exc.cause).__name__ if exc.cause else "error")
                     if isinstance(exc.cause, EncoderUnavailableError):
                         raise RequestProblem(
@@ -1178,11 +1272,45 @@ if serve is not None:
             history: list[str],
             k: int,
             exclude_history: bool,
+            deadline_ms: int | None,
         ) -> dict:
+            """Admission, then the request path (colocated or through the stage deployments);
+            the admitted request's latency is observed."""
+            arrived = time.perf_counter()
+            budget_s = self.admission.budget(deadline_ms)
             if self.settings.colocate:
-                return await self._rank_colocated(
-                    state, query, user_id, history, k, exclude_history
+                answer = await self._rank_colocated(
+                    state, query, user_id, history, k, exclude_history, budget_s
                 )
+                self.metrics.observe_admitted(time.perf_counter() - arrived)
+                return answer
+            try:
+                self.admission.check(self.in_flight, budget_s)
+            except Overloaded as exc:
+                self.metrics.shed(exc.reason)
+                raise RequestProblem.shed(exc) from None
+            self.in_flight += 1
+            try:
+                answer = await self._rank_stages(state, query, user_id, history, k, exclude_history)
+            finally:
+                concurrency = self.in_flight
+                self.in_flight -= 1
+            # Little's law: with `concurrency` requests in flight, each costs latency/concurrency
+            # of the stages' capacity
+            seconds = time.perf_counter() - arrived
+            self.admission.observe(1, seconds / max(1, concurrency))
+            self.metrics.observe_admitted(seconds)
+            return answer
+
+        async def _rank_stages(
+            self,
+            state: Pipeline,
+            query: str | None,
+            user_id: str | None,
+            history: list[str],
+            k: int,
+            exclude_history: bool,
+        ) -> dict:
             vector = None
             if query is not None:
                 t = time.perf_counter()
@@ -1224,13 +1352,20 @@ if serve is not None:
             history: list[str],
             k: int,
             exclude_history: bool,
+            budget_s: float,
         ) -> dict:
             request = PipelineRequest(query, history, user_id, k, exclude_history)
+            try:
+                self.admission.check(self.batcher.pending(), budget_s)
+            except Overloaded as exc:
+                self.metrics.shed(exc.reason)
+                raise RequestProblem.shed(exc) from None
+            queued_at = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.stage_timeout_s):  # no task per call
                     result, queue_s, meta = await self.batcher.submit(
                         QueuedRequest(
-                            request, time.perf_counter(), state, asyncio.get_running_loop()
+                            request, queued_at, budget_s, state, asyncio.get_running_loop()
                         )
                     )
             except TimeoutError:
@@ -1241,6 +1376,9 @@ if serve is not None:
             except BatcherStopped:  # the replica is shutting down: another one will answer
                 self.metrics.error("pipeline", "stopped")
                 raise RequestProblem(503, "replica shutting down, retry") from None
+            if isinstance(result, Overloaded):
+                self.metrics.shed(result.reason)
+                raise RequestProblem.shed(result)
             if isinstance(result, EncoderUnavailableError):
                 self.metrics.error("encode", "triton_unavailable")
                 raise RequestProblem(503, f"query encoder unavailable: {result}")
@@ -1286,11 +1424,15 @@ if serve is not None:
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
             state = self._check(body.user_id, body.history, need_signal=False)
-            return await self._rank(state, body.query, body.user_id, body.history, body.k, False)
+            return await self._rank(
+                state, body.query, body.user_id, body.history, body.k, False, body.deadline_ms
+            )
 
         async def _recommend(self, body: RecommendRequest) -> dict:
             state = self._check(body.user_id, body.history, need_signal=True)
-            return await self._rank(state, None, body.user_id, body.history, body.k, True)
+            return await self._rank(
+                state, None, body.user_id, body.history, body.k, True, body.deadline_ms
+            )
 
         @api.post("/search", response_model=RankResponse, responses=ERRORS)
         async def search(self, body: SearchRequest) -> dict:

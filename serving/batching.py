@@ -60,6 +60,7 @@ class DynamicBatcher:
         self.handle_batch = handle_batch
         self.max_batch_size, self.wait_s = int(max_batch_size), float(wait_s)
         self._queue: deque = deque()
+        self._running = 0  # items in the batches the workers run now
         self._ready = threading.Condition()
         self._stopped = False
         self._threads = [
@@ -79,6 +80,10 @@ class DynamicBatcher:
             if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
                 self._ready.notify()
         return await future
+
+    def pending(self) -> int:
+        """Items queued or in a running batch: what a request submitted now waits behind."""
+        return len(self._queue) + self._running
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the workers (each finishes its batch); requests still queued fail with
@@ -108,6 +113,7 @@ class DynamicBatcher:
                     self._ready.wait(left)
                 size = min(self.max_batch_size, len(self._queue))
                 if size and not self._stopped:
+                    self._running += size
                     return [self._queue.popleft() for _ in range(size)]
             return []
 
@@ -125,6 +131,8 @@ class DynamicBatcher:
                     )
             except Exception as exc:  # every caller of the batch gets the failure, its own copy
                 results = [_failed_batch(exc) for _ in items]
+            with self._ready:
+                self._running -= len(items)
             self._reply([(future, r) for (_, future, _), r in zip(batch, results, strict=True)])
 
     @staticmethod

@@ -9,6 +9,10 @@ Names are a contract with the chart (PrometheusRule, Grafana dashboard) and the 
 - ``kuberank_batch_size{stage}``                       histogram, the batch each request ran in
 - ``kuberank_queue_seconds{stage}``                    histogram, wait in a replica before its batch
 - ``kuberank_errors_total{stage,kind}``                counter, failures per stage and cause
+- ``kuberank_shed_total{reason}``                      counter, 503s of admission: reason =
+  queue (estimated wait over the budget, at arrival) | expired (deadline passed while queued)
+- ``kuberank_admitted_latency_seconds``                histogram, admitted requests, arrival to
+  answer
 - ``kuberank_encoder_fallback_total``                  counter, Triton failures served in process
 - ``kuberank_model_info{version,fingerprint,kind}``    gauge = 1 for the model being served
 
@@ -23,6 +27,8 @@ import os
 import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kuberank.serving.admission import SHED_REASONS
 
 LATENCY_BUCKETS = (
     0.001,
@@ -95,6 +101,20 @@ class AppMetrics:
             ["stage", "kind", *labels],
             registry=self.registry,
         )
+        self.shed_total = Counter(
+            "kuberank_shed_total",
+            "Requests answered 503 by admission, by reason (queue: estimated wait over the "
+            "budget at arrival; expired: the deadline passed while queued)",
+            ["reason", *labels],
+            registry=self.registry,
+        )
+        self.admitted = Histogram(
+            "kuberank_admitted_latency_seconds",
+            "Latency of admitted requests from arrival to answer",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.fallback = Counter(
             "kuberank_encoder_fallback_total",
             "Query batches encoded in process because Triton failed",
@@ -107,6 +127,9 @@ class AppMetrics:
             ["version", "fingerprint", "kind", *labels],
             registry=self.registry,
         )
+
+        for reason in SHED_REASONS:  # zero from the start, so rate() sees the first shed
+            self._child(self.shed_total, reason)
 
     def _child(self, metric, *labels: str):
         """``metric.labels(*labels, replica)``, memoised: the hot path observes about ten
@@ -136,6 +159,12 @@ class AppMetrics:
 
     def error(self, stage: str, kind: str) -> None:
         self.errors.labels(stage, kind, self.replica).inc()
+
+    def shed(self, reason: str) -> None:
+        self._child(self.shed_total, reason).inc()
+
+    def observe_admitted(self, seconds: float) -> None:
+        self._child(self.admitted).observe(seconds)
 
     def encoder_fallbacks(self, count: int) -> None:
         if count:

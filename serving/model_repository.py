@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kuberank.errors import KuberankError
+from kuberank.serving.admission import DEFAULT_BUDGET_MS
 
 TOKENIZER = "tokenizer"
 ENCODER = "encoder"
@@ -78,6 +79,9 @@ class RepositorySpec:
     max_batch_size: int = 64
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_queue_delay_us: int = 2000
+    # Triton's queue policy, matched to the Ingress's admission: a request still queued after
+    # the default latency budget is rejected (UNAVAILABLE), never run late (serving/admission.py)
+    queue_timeout_us: int = int(DEFAULT_BUDGET_MS * 1000)
     encoder_instances: int = 1
     tokenizer_instances: int = 1
     intra_op_threads: int = 1
@@ -127,6 +131,11 @@ def _dynamic_batching(spec: RepositorySpec) -> str:
         "dynamic_batching {\n"
         f"  preferred_batch_size: [ {sizes} ]\n"
         f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {spec.queue_timeout_us}\n"
+        "    allow_timeout_override: true\n"
+        "  }\n"
         "}\n"
     )
 

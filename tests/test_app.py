@@ -173,7 +173,7 @@ def serving_session(request, tmp_path_factory) -> dict:
             "triton_url": "",
             "colocate": False,
             "deployments": {
-                "Ingress": {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2},
+                "Ingress": one,
                 "QueryEncoder": one,
                 "Ranker": one,
                 "Retriever": {"num_replicas": 2},

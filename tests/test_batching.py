@@ -231,3 +231,31 @@ def test_run_on_loop_is_bounded():
         await asyncio.wait_for(cancelled.wait(), 5)  # the timed-out coroutine was cancelled
 
     _run(main())
+
+
+def test_pending_counts_queued_and_running_items():
+    gate = threading.Event()
+    seen = []
+
+    def held(items):
+        seen.append(len(items))
+        gate.wait(10)
+        return items
+
+    batcher = DynamicBatcher(held, max_batch_size=2, wait_s=0.0)
+
+    async def main():
+        tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        during = batcher.pending()  # 2 running + 3 queued
+        gate.set()
+        await asyncio.gather(*tasks)
+        return during
+
+    try:
+        assert _run(main()) == 5
+        assert batcher.pending() == 0
+    finally:
+        batcher.stop()

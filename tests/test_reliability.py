@@ -56,24 +56,82 @@ def _load_with_statuses(
     return out
 
 
-def test_overload_at_twice_capacity_gets_fast_503s(serving):  # noqa: F811
-    # /rec admits 2 ongoing + 2 queued requests at its Ingress: 8 clients are twice that
-    url = serving["base"] + "/rec/recommend"
-    results = _load_with_statuses(
-        url, lambda i: {"user_id": "u0", "history": ["d1"], "k": 3}, 8, 240
-    )
+@pytest.mark.parametrize(
+    "path, body, clients",
+    [
+        # colocated (the default): the Ingress runs encode + retrieve + rank in batches
+        ("", {"query": "how to cook pasta", "k": 3}, 128),
+        # the stages as deployments (split path): admission over the requests in flight
+        ("/rec", {"user_id": "u0", "history": ["d1"], "k": 3}, 128),
+    ],
+    ids=["colocated", "split"],
+)
+def test_overload_with_the_default_settings_sheds_fast_and_admits_in_budget(
+    serving,  # noqa: F811
+    path,
+    body,
+    clients,
+):
+    # no limit set for the test: admission is on by default with a 100 ms budget, and Serve's
+    # own limits (256 ongoing + 512 queued) would queue all of these clients
+    from kuberank.serving.admission import DEFAULT_BUDGET_MS
+    from kuberank.serving.metrics import metric_sum, parse_metrics
+
+    url = serving["base"] + path
+    budget = DEFAULT_BUDGET_MS / 1000
+
+    def shed_by_queue() -> float:
+        status, text = http_json("GET", url + "/metrics")
+        return metric_sum(parse_metrics(text), "kuberank_shed_total", reason="queue")
+
+    # a few clients are under capacity: nothing is shed for its estimate
+    before = shed_by_queue()
+    few = _load_with_statuses(url + _route(body), lambda i: body, 4, 120)
+    assert [s for s, _ in few].count(200) >= 0.99 * len(few), sorted({s for s, _ in few})
+    assert shed_by_queue() == before
+    # many times the saturating load: some requests are shed, fast; the admitted ones are
+    # answered within a generous multiple of the budget; the service stays ready
+    results = _load_with_statuses(url + _route(body), lambda i: body, clients, 30 * clients)
     statuses = [s for s, _ in results]
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
-    rejected = [t for s, t in results if s == 503]
-    assert statuses.count(200) > 0 and rejected, (statuses.count(200), len(rejected))
-    assert float(np.median(rejected)) < 0.1, f"median 503 after {np.median(rejected):.3f}s"
-    assert http_json("GET", serving["base"] + "/rec/readyz")[0] == 200  # still alive
-    assert post(serving, "/rec/recommend", {"history": ["d2"], "k": 2})[0] == 200
+    shed = [t for s, t in results if s == 503]
+    admitted = [t for s, t in results if s == 200]
+    stats = {
+        "shed": len(shed),
+        "admitted": len(admitted),
+        "shed_p50": np.percentile(shed, 50) if shed else None,
+        "admitted_p50": np.percentile(admitted, 50) if admitted else None,
+        "admitted_p99": np.percentile(admitted, 99) if admitted else None,
+    }
+    assert admitted and shed, stats
+    # through Serve's proxy actor (this fixture) the proxy's own event loop is the bottleneck
+    # at this load, and every answer waits for it: the direct-ingress test (test_launcher) holds
+    # the tighter bounds; the numbers are in `make bench` (section overload)
+    assert stats["shed_p50"] < 10 * budget, stats
+    assert stats["admitted_p50"] < 10 * budget, stats
+    assert shed_by_queue() > before
+    status, text = http_json("GET", url + "/metrics")
+    assert metric_sum(parse_metrics(text), "kuberank_admitted_latency_seconds_count") > 0
+    assert http_json("GET", url + "/readyz")[0] == 200  # still alive
+    assert http_json("POST", url + _route(body), body)[0] == 200
+
+
+def _route(body: dict) -> str:
+    return "/search" if "query" in body else "/recommend"
+
+
+def test_a_client_deadline_is_honoured_and_malformed_ones_named(serving):  # noqa: F811
+    url = serving["base"] + "/search"
+    body = {"query": "how to cook pasta", "k": 3}
+    assert http_json("POST", url, {**body, "deadline_ms": 5000})[0] == 200
+    for bad in (0, -1, 60_001, "soon", 1.5):
+        status, answer = http_json("POST", url, {**body, "deadline_ms": bad})
+        assert status == 422 and answer["error"]["details"][0]["field"] == "deadline_ms", answer
 
 
 def test_replica_killed_under_load_is_replaced(serving):  # noqa: F811
-    # /rec runs the stages as separate deployments (Retriever: 2 replicas); its Ingress admits 2
-    # ongoing requests, so 2 clients never meet the overload 503s
+    # /rec runs the stages as separate deployments (Retriever: 2 replicas); 2 clients are well
+    # under the requests its admission always lets through
     import ray
     from ray import serve
 
