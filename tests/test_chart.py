@@ -1259,7 +1259,7 @@ def test_prometheus_rules_pass_promtool(tmp_path):
     rule = one(render("canary-values.yaml"), "PrometheusRule", "kuberank")
     result = _promtool("check", "rules", str(_rules_file(tmp_path, rule["spec"]["groups"])))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout
 
 
 def test_dashboard_queries_pass_promtool(tmp_path):
@@ -1312,6 +1312,15 @@ def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
             "series": f'kuberank_requests_total{{{app},track="canary",status="503"}}',
             "values": "0+120x20",
         },
+        # admission: the canary sheds 10% of its requests, the stable track none
+        {
+            "series": f'kuberank_shed_total{{{app},track="canary",reason="queue"}}',
+            "values": "0+60x20",
+        },
+        {
+            "series": f'kuberank_shed_total{{{app},track="stable",reason="queue"}}',
+            "values": "0+0x20",
+        },
         # Triton canary: 100 ms queue per request, GPU memory at 95%
         {"series": f"nv_inference_queue_duration_us{{{tri}}}", "values": "0+60000000x20"},
         {"series": f"nv_inference_request_success{{{tri}}}", "values": "0+600x20"},
@@ -1349,6 +1358,11 @@ def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
                     {
                         "eval_time": "15m",
                         "alertname": "KuberankHighP99Latency",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary"}}],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "KuberankSustainedShedding",
                         "exp_alerts": [{"exp_labels": {"severity": "warning", "track": "canary"}}],
                     },
                     {
