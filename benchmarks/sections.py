@@ -265,3 +265,23 @@ def images(out: Path, cisi: str | None):
     table = containers.markdown(result)
     print(table, flush=True)
     return result, table
+
+
+def overload(out: Path, cisi: str | None):
+    """``kuberank serve``'s defaults under open-loop load from 0.5x to 10x its measured
+    capacity, deadline-aware admission off and on: goodput, admitted latency, 503s. The base
+    MiniLM over the CISI documents when present, else over the MovieLens titles (search)."""
+    from kuberank.components.export import export_model
+    from kuberank.config import base_model_path
+    from kuberank.serving.bench import format_overload
+    from kuberank.serving.bench import overload as run_overload
+    from kuberank.serving.index import build_index
+
+    model = Path(base_model_path())
+    store = out / "overload-store"
+    export_model(model, store, fp16=False)
+    build_index(model, cisi or ML, store)
+    result = run_overload(str(store), out_dir=out / "overload")
+    table = format_overload(result)
+    print(table, flush=True)
+    return result, table + "\n\n![overload](overload/overload.png)"

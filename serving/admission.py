@@ -5,11 +5,12 @@ Every request gets a budget: ``Settings.latency_budget_ms`` by default, or the s
 ``deadline_ms`` the client sends. The Ingress asks :meth:`Admission.check` before it queues a
 request; the estimate of the time ahead of it is Little's law on measured service times,
 
-    wait = ahead x item_s / servers + batch_s
+    wait = ahead x T(B) / B / servers + T(own batch)
 
-where ``ahead`` is the requests queued or running in front of it, ``item_s`` the recent service
-time per request (batch seconds / batch size, an exponentially weighted mean), ``servers`` the
-batches that run side by side, and ``batch_s`` the recent time of one batch (its own). Past the
+where ``ahead`` is the requests queued or running in front of it, ``T(n)`` the time of a batch of
+``n`` (a fixed cost plus a cost per request, fitted to the recent batches with exponentially
+weighted moments), ``B`` the largest batch (what a queue that long is served in), and
+``servers`` the batches that run side by side. Past the
 budget the answer is 503 with Retry-After, before any work. A request that waited in the queue
 until its budget passed is dropped when its batch forms, before compute starts (CoDel's sojourn-time rule
 on the request's own deadline, :meth:`expired`).
@@ -82,17 +83,40 @@ class Admission:
         alpha: float = 0.2,
         enabled: bool = True,
         floor: int = 1,
+        max_batch: int = 1,
     ):
-        if budget_s <= 0 or servers < 1 or not 0 < alpha <= 1 or floor < 1:
-            raise ValueError("need budget_s > 0, servers >= 1, 0 < alpha <= 1 and floor >= 1")
+        if budget_s <= 0 or servers < 1 or not 0 < alpha <= 1 or floor < 1 or max_batch < 1:
+            raise ValueError(
+                "need budget_s > 0, servers >= 1, 0 < alpha <= 1, floor >= 1 and max_batch >= 1"
+            )
         self.budget_s, self.servers, self.alpha = float(budget_s), int(servers), float(alpha)
         self.enabled = bool(enabled)
         # work-conserving: fewer than ``floor`` requests ahead (the servers' next batches) are
         # always admitted, so a replica never idles while it sheds; the service times it
         # measures under overload include the CPU that answering 503s takes from it
         self.floor = int(floor)
-        self.item_s = 0.0  # service seconds per request, per server
-        self.batch_s = 0.0  # seconds of one batch
+        self.max_batch = int(max_batch)
+        # moving moments of (batch size n, batch seconds t): T(n) = overhead + per_item * n
+        self._n = self._t = self._nn = self._nt = 0.0
+        self._seen = False
+
+    def batch_time(self, size: int) -> float:
+        """The fitted seconds of a batch of ``size``: a fixed cost plus a cost per request (a
+        least-squares line through the recent batches; while their sizes hardly vary, all of
+        it per request, which over-estimates larger batches: the safe side)."""
+        if not self._seen:
+            return 0.0
+        var = self._nn - self._n * self._n
+        per_item = self._t / max(self._n, 1e-9)
+        if var > 0.25:
+            per_item = min(per_item, max(0.0, (self._nt - self._n * self._t) / var))
+        overhead = max(0.0, self._t - per_item * self._n)
+        return overhead + per_item * size
+
+    @property
+    def item_s(self) -> float:
+        """Seconds per request in a full batch."""
+        return self.batch_time(self.max_batch) / self.max_batch
 
     def budget(self, deadline_ms: float | None) -> float:
         """A request's budget in seconds: the client's ``deadline_ms`` when smaller."""
@@ -101,8 +125,10 @@ class Admission:
         return min(self.budget_s, float(deadline_ms) / 1000.0)
 
     def estimate(self, ahead: int) -> float:
-        """Seconds until a request with ``ahead`` requests in front of it is answered."""
-        return ahead * self.item_s / self.servers + self.batch_s
+        """Seconds until a request with ``ahead`` requests in front of it is answered: the
+        full batches ahead, spread over the servers, then its own batch."""
+        queued = ahead * self.item_s / self.servers
+        return queued + self.batch_time(min(self.max_batch, ahead + 1))
 
     def check(self, ahead: int, budget_s: float) -> None:
         """Raise :class:`Overloaded` ("queue") when the estimate exceeds ``budget_s``."""
@@ -123,12 +149,15 @@ class Admission:
         """One batch of ``size`` requests took ``seconds`` of one server."""
         if size < 1 or seconds < 0:
             return
-        a = self.alpha
-        if self.batch_s == 0.0:
-            self.batch_s, self.item_s = seconds, seconds / size
+        n, t = float(size), float(seconds)
+        if not self._seen:
+            self._n, self._t, self._nn, self._nt, self._seen = n, t, n * n, n * t, True
             return
-        self.batch_s += a * (seconds - self.batch_s)
-        self.item_s += a * (seconds / size - self.item_s)
+        a = self.alpha
+        self._n += a * (n - self._n)
+        self._t += a * (t - self._t)
+        self._nn += a * (n * n - self._nn)
+        self._nt += a * (n * t - self._nt)
 
 
 # The process's gate (one Ingress replica per process): the HTTP middleware asks it before it

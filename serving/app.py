@@ -56,8 +56,16 @@ from typing import Annotated, Any, NamedTuple
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kuberank.errors import KuberankError
@@ -709,12 +717,49 @@ class _UserContext(BaseModel):
 
 
 class SearchRequest(_UserContext):
-    query: QueryText = Field(description="query text (1-512 characters, not blank)")
-    user_id: ItemId | None = Field(None, description="a user the model knows (personalisation)")
+    query: QueryText = Field(
+        description="query text (1-512 characters, at least one of them not whitespace)",
+        # enforced by Ingress._search (str.strip, the same whitespace as Python's \\s), not by
+        # pydantic's pattern engine (Rust's \\s differs on a few control characters)
+        json_schema_extra={"pattern": r"\S"},
+    )
+    user_id: ItemId | None = Field(
+        None,
+        description="a user the model knows (personalisation; 404 when the model has users and "
+        "this is not one of them, ignored by a model without users)",
+    )
 
 
 class RecommendRequest(_UserContext):
-    user_id: ItemId | None = Field(None, description="a user the model knows")
+    """A recommendation needs a signal: at least one history item, or a user_id (422 without
+    either)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["history"], "properties": {"history": {"minItems": 1}}},
+                {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+            ]
+        }
+    )
+    user_id: ItemId | None = Field(
+        None,
+        description="a user the model knows (404 when it does not: when the model has users, "
+        "or when the history is empty and the user is the only signal)",
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_signal(self) -> "RecommendRequest":
+        if not self.history and self.user_id is None:
+            # a ValidationError at ``history``, so the 422 names the field
+            problem = PydanticCustomError(
+                "history_or_user_id", "give at least one item id, or a user_id"
+            )
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=problem, loc=("history",), input=self.history)],
+            )
+        return self
 
 
 class ScoredItem(BaseModel):
@@ -761,12 +806,41 @@ class RequestProblem(Exception):
         return cls(503, str(exc), retry_after_s=exc.retry_after_s)
 
 
+def unknown_items_problem(ids: list[str]) -> RequestProblem:
+    """404 for history item ids the model does not know, naming each (at most 20): a
+    well-formed request about items that are not in this model's catalogue, like an unknown
+    user_id. Every path that meets unknown ids (Ingress._check, the stages, the colocated
+    batch) answers with this."""
+    return RequestProblem(
+        404,
+        "history: unknown item ids",
+        [{"field": "history", "problem": f"unknown item id {i!r}"} for i in ids[:20]],
+    )
+
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
 ERRORS = {
-    400: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    413: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-    503: {"model": ErrorResponse},
+    400: {"model": ErrorResponse, "description": "the body is not JSON"},
+    404: {
+        "model": ErrorResponse,
+        "description": "a user_id or history item id this model does not know",
+    },
+    413: {"model": ErrorResponse, "description": f"a body over {MAX_BODY_BYTES} bytes"},
+    422: {"model": ErrorResponse, "description": "a field is invalid (the error names it)"},
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded: the request cannot be answered within its latency budget "
+        "(the server's, or the client's deadline_ms), or the model is not loaded yet or a stage "
+        "is unavailable; retry after Retry-After",
+        "headers": RETRY_AFTER,
+    },
 }
 
 api = FastAPI(
@@ -1096,6 +1170,7 @@ if serve is not None:
                 servers=max(1, self.batch_workers),
                 enabled=self.settings.admission,
                 floor=max(1, self.batch_workers) * self.settings.pipeline_batch[0],
+                max_batch=self.settings.pipeline_batch[0] if self.settings.colocate else 1,
             )
             self.in_flight = 0  # split path: requests between admission and their answer
             self.batcher = (
@@ -1224,17 +1299,10 @@ if serve is not None:
                             503, f"query encoder unavailable: {exc.cause}"
                         ) from None
                     if isinstance(exc.cause, UnknownItemsError):
-                        raise RequestProblem(422, "history: unknown item ids") from None
+                        raise unknown_items_problem(getattr(exc.cause, "ids", [])) from None
                     raise
                 except UnknownItemsError as exc:
-                    raise RequestProblem(
-                        422,
-                        "history: unknown item ids",
-                        [
-                            {"field": "history", "problem": f"unknown item id {i!r}"}
-                            for i in exc.ids[:20]
-                        ],
-                    ) from None
+                    raise unknown_items_problem(exc.ids) from None
 
         def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> Pipeline:
             state = self.state
@@ -1242,25 +1310,17 @@ if serve is not None:
                 raise RequestProblem(503, "model not loaded yet")
             unknown = [h for h in history if h not in state.items]
             if unknown:
-                raise RequestProblem(
-                    422,
-                    "history: unknown item ids",
-                    [
-                        {"field": "history", "problem": f"unknown item id {i!r}"}
-                        for i in unknown[:20]
-                    ],
-                )
-            if user_id is not None and state.users and user_id not in state.users:
+                raise unknown_items_problem(unknown)
+            # a user_id the model does not know: 404 when the model has users, or when it is
+            # the request's only signal (a recommendation with an empty history; RecommendRequest
+            # requires history or user_id); a search model without users ignores it otherwise
+            only_signal = need_signal and not history
+            if user_id is not None and (state.users or only_signal) and user_id not in state.users:
+                problem = "not a user of this model" + ("" if state.users else " (it has none)")
                 raise RequestProblem(
                     404,
                     f"unknown user_id {user_id!r}",
-                    [{"field": "user_id", "problem": "not a user of this model"}],
-                )
-            if need_signal and not history and not (user_id and state.users):
-                raise RequestProblem(
-                    422,
-                    "history: empty and no known user_id",
-                    [{"field": "history", "problem": "give at least one item id"}],
+                    [{"field": "user_id", "problem": problem}],
                 )
             return state
 
@@ -1383,14 +1443,7 @@ if serve is not None:
                 self.metrics.error("encode", "triton_unavailable")
                 raise RequestProblem(503, f"query encoder unavailable: {result}")
             if isinstance(result, UnknownItemsError):
-                raise RequestProblem(
-                    422,
-                    "history: unknown item ids",
-                    [
-                        {"field": "history", "problem": f"unknown item id {i!r}"}
-                        for i in result.ids[:20]
-                    ],
-                )
+                raise unknown_items_problem(result.ids)
             timings, batch = meta["timings"], meta["batch"]
             for stage in (
                 ("encode", "retrieve", "rank") if query is not None else ("retrieve", "rank")
@@ -1466,7 +1519,11 @@ if serve is not None:
                 ),
             }
 
-        @api.get("/metrics")
+        @api.get(
+            "/metrics",
+            response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}},
+        )
         async def metrics(self) -> Response:
             from prometheus_client import CONTENT_TYPE_LATEST
 

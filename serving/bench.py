@@ -129,11 +129,16 @@ def stats(latencies: list[float], statuses: list[int], seconds: float, level: Le
     def q(p):
         return round(float(np.percentile(ok, p)) * 1000, 2) if len(ok) else None
 
+    shed = np.array([s for s, st in zip(latencies, statuses, strict=True) if st == 503])
     return {
         "mode": level.mode,
         "level": level.value,
         "requests": len(statuses),
         "ok": int(len(ok)),
+        # the 503s (admission's fast refusals) and how fast they came
+        "shed": int(len(shed)),
+        "shed_p50_ms": round(float(np.percentile(shed, 50)) * 1000, 2) if len(shed) else None,
+        "shed_p99_ms": round(float(np.percentile(shed, 99)) * 1000, 2) if len(shed) else None,
         "errors": errors,
         "error_rate": round(1 - len(ok) / max(1, len(statuses)), 4),
         "seconds": round(seconds, 3),
@@ -853,3 +858,125 @@ def serve_and_bench(
         result["plot"] = str(plot(result, out / "latency_vs_load.png"))
         (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --------------------------------------------------------------------------- overload
+
+OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def overload(
+    store: str,
+    factors: tuple[float, ...] = OVERLOAD_FACTORS,
+    seconds: float = 6.0,
+    out_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Open-loop search traffic (Poisson arrivals) at ``factors`` x the measured capacity,
+    against ``kuberank serve``'s defaults (direct ingress, every replica's URL, in-process
+    encoder) with admission off, then on. Capacity: the closed-loop throughput of 32 clients
+    with admission off. Per level: offered and achieved rate, goodput (200/s), admitted
+    p50/p99, 503s and their p99."""
+    from kuberank.serving.admission import DEFAULT_BUDGET_MS
+    from kuberank.serving.launcher import LocalServing
+
+    path, make_body = request_factory("search", [], bench_queries(200))
+    runs: dict[str, list[dict]] = {}
+    capacity = 0.0
+    for label, settings in (("off", {"admission": False}), ("on", {})):
+        with LocalServing(store, use_triton=False, settings=settings, restart_ray=True) as running:
+            urls = [u + path for u in running.urls]
+            run_load(urls, make_body, Level("closed", 8, 400, 30))  # warm every replica
+            if label == "off":
+                capacity = run_load(urls, make_body, Level("closed", 32, 100_000, seconds))["qps"]
+            rows = []
+            for factor in bar(factors, desc=f"overload, admission {label}", unit="level"):
+                rate = factor * capacity
+                level = Level("open", rate, int(rate * seconds) + 1, seconds)
+                row = run_load(urls, make_body, level)
+                row["factor"] = factor
+                row["offered_qps"] = round(row["requests"] / max(row["seconds"], 1e-9), 1)
+                rows.append(row)
+            runs[label] = rows
+    result = {
+        "capacity_qps": capacity,
+        "budget_ms": DEFAULT_BUDGET_MS,
+        "seconds_per_level": seconds,
+        "runs": runs,
+    }
+    on = runs["on"]
+    result["summary"] = {
+        "min_goodput_vs_capacity": round(min(r["qps"] for r in on) / capacity, 3)
+        if capacity
+        else None,
+        "max_admitted_p99_ms": max((r["p99_ms"] or 0) for r in on),
+        "max_shed_p99_ms": max((r["shed_p99_ms"] or 0) for r in on),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "overload.json").write_text(json.dumps(result, indent=2))
+        plot_overload(result, out / "overload.png")
+    return result
+
+
+def format_overload(result: dict) -> str:
+    lines = [
+        f"capacity (closed loop, 32 clients, admission off): {result['capacity_qps']:.0f} req/s; "
+        f"budget {result['budget_ms']:.0f} ms; {result['seconds_per_level']:g} s per level",
+        "",
+        "| admission | offered (x capacity) | offered req/s | goodput req/s | goodput / capacity "
+        "| admitted p50 ms | admitted p99 ms | 503s | 503 p99 ms | other errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cap = result["capacity_qps"] or 1.0
+    for label, rows in result["runs"].items():
+        for r in rows:
+            other = {k: v for k, v in r["errors"].items() if k != "503"}
+            lines.append(
+                f"| {label} | {r['factor']:g} | {r['offered_qps']:.0f} | {r['qps']:.0f} | "
+                f"{r['qps'] / cap:.2f} | {r['p50_ms']} | {r['p99_ms']} | {r['shed']} | "
+                f"{r['shed_p99_ms']} | {other or '-'} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_overload(result: dict, path: str | os.PathLike) -> Path:
+    """Goodput and admitted p50/p99 against offered load, admission on and off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in result["runs"].items():
+        x = [r["factor"] for r in rows]
+        left.plot(x, [r["qps"] for r in rows], marker="o", label=f"admission {label}")
+        right.plot(
+            x,
+            [r["p99_ms"] or float("nan") for r in rows],
+            marker="o",
+            label=f"p99, admission {label}",
+        )
+        right.plot(
+            x,
+            [r["p50_ms"] or float("nan") for r in rows],
+            marker=".",
+            linestyle="--",
+            label=f"p50, admission {label}",
+        )
+    left.axhline(result["capacity_qps"], color="grey", linestyle=":", label="capacity")
+    left.set(xlabel="offered load (x capacity)", ylabel="goodput (200/s)", xscale="log")
+    right.axhline(result["budget_ms"], color="grey", linestyle=":", label="budget")
+    right.set(
+        xlabel="offered load (x capacity)",
+        ylabel="admitted latency (ms)",
+        xscale="log",
+        yscale="log",
+    )
+    left.legend()
+    right.legend(fontsize=7)
+    fig.suptitle("kuberank serve under overload (open loop, Poisson arrivals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -14,10 +14,10 @@ def test_admits_everything_until_a_batch_is_measured():
 
 
 def test_estimate_is_littles_law_over_the_servers():
-    adm = Admission(0.1, servers=2)
+    adm = Admission(0.1, servers=2, max_batch=10)
     adm.observe(10, 0.02)  # a batch of 10 in 20 ms: 2 ms per request per server
-    assert adm.item_s == pytest.approx(0.002) and adm.batch_s == pytest.approx(0.02)
-    # 40 ahead on 2 servers: 40 ms, then its own batch: 20 ms
+    assert adm.item_s == pytest.approx(0.002) and adm.batch_time(10) == pytest.approx(0.02)
+    # 40 ahead on 2 servers: 40 ms, then its own (full) batch: 20 ms
     assert adm.estimate(40) == pytest.approx(0.06)
     adm.check(40, 0.1)
     with pytest.raises(Overloaded) as shed:
@@ -25,6 +25,27 @@ def test_estimate_is_littles_law_over_the_servers():
     assert shed.value.reason == "queue" and shed.value.wait_s == pytest.approx(0.22)
     assert "estimated wait 220 ms exceeds the latency budget of 100 ms" in str(shed.value)
     assert shed.value.retry_after_s == 1
+
+
+def test_batches_amortise_a_fixed_cost():
+    # T(n) = 4 ms + 1 ms x n: small batches at low load must not make a queue that will run
+    # in full batches look slower than it is
+    adm = Admission(0.1, servers=1, max_batch=16)
+    for n in (1, 2, 3, 1, 4, 2, 1, 3, 2, 4) * 5:
+        adm.observe(n, 0.004 + 0.001 * n)
+    assert adm.batch_time(16) == pytest.approx(0.020, rel=0.02)
+    assert adm.item_s == pytest.approx(0.020 / 16, rel=0.02)
+    # 32 ahead: two full batches (40 ms), then its own full batch (20 ms)
+    assert adm.estimate(32) == pytest.approx(0.06, rel=0.02)
+    # admitted; per request alone (2.7 ms at these sizes: 48 x 2.7 = 130 ms) it would be shed
+    adm.check(32, 0.1)
+
+
+def test_same_sized_batches_count_all_of_it_per_request():
+    adm = Admission(0.1, max_batch=16)
+    for _ in range(10):
+        adm.observe(1, 0.005)
+    assert adm.batch_time(16) == pytest.approx(0.08)  # the safe side: no fixed cost assumed
 
 
 def test_moving_means_follow_a_slower_replica():
@@ -37,7 +58,7 @@ def test_moving_means_follow_a_slower_replica():
     assert adm.estimate(50) > 8 * before
     # the queue limit shrinks with it: the most requests ahead that still fit the budget
     fits = max(n for n in range(1000) if adm.estimate(n) <= 0.1)
-    assert fits == 6  # 6 x 10 ms + 40 ms
+    assert fits == 9  # 9 x 10 ms + its own 10 ms
 
 
 def test_expired_is_the_requests_own_deadline():
@@ -90,7 +111,9 @@ def test_disabled_admits_everything():
     assert adm.expired(10.0, 0.01) is None
 
 
-@pytest.mark.parametrize("args", [(0, 1), (0.1, 0), (-1, 1), (0.1, 1, 0.2, True, 0)])
+@pytest.mark.parametrize(
+    "args", [(0, 1), (0.1, 0), (-1, 1), (0.1, 1, 0.2, True, 0), (0.1, 1, 0.2, True, 1, 0)]
+)
 def test_bad_arguments_are_refused(args):
     with pytest.raises(ValueError):
         Admission(*args)
