@@ -133,7 +133,7 @@ def _cmd_edge_query(args) -> int:
 def _cmd_demo(args) -> int:
     from kuberank.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, verbose=args.verbose)
     return 0
 
 
@@ -323,10 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the embedded demo on MovieLens-100K",
-        description="Prepare MovieLens-100K, evaluate, write runs/<timestamp>/report.md.",
+        description="The whole pipeline on MovieLens-100K on kfp's local runner, then serving "
+        "and a short load test; writes runs/<timestamp>/report.md. The console shows one line "
+        "per step; each step's output is in runs/<timestamp>/logs/.",
     )
     demo.add_argument(
         "--out", default="runs", metavar="DIR", help="where runs are written (default: runs)"
+    )
+    demo.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show each step's output (kfp's executor payloads, task logs) on the console",
     )
     demo.set_defaults(func=_cmd_demo)
     return parser

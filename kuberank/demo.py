@@ -5,12 +5,18 @@ fine-tune F(Q,B,I) on Ray Train within a time budget, evaluate against the basel
 behind the quality gate, export to ONNX and Triton repositories, index, publish), then serves
 the model store on 127.0.0.1 and benchmarks it, and writes one report,
 ``runs/<timestamp>/report.md``, with the quality, compression and latency tables and plots.
+
+The console shows one line per step (name, seconds, its headline number), the tables and the
+report's path; each step's own output (kfp's executor payloads, the tasks' logs, Ray, Triton)
+is in ``runs/<timestamp>/logs/<step>.log`` (:mod:`kuberank.console`). ``kuberank demo
+--verbose`` shows it on the console as well.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import time
 from pathlib import Path
 
 from kuberank import datasets, report
@@ -24,45 +30,90 @@ TRAIN_BUDGET_MINUTES = 4.0
 def run_demo(
     out_root: str = "runs",
     split: str = "test",
-    echo=print,
+    echo=None,
     pipeline: bool = True,
     serve: bool = True,
+    verbose: bool = False,
 ) -> Path:
-    """``pipeline=False`` only evaluates the baselines (seconds; what the unit test runs)."""
+    """``pipeline=False`` only evaluates the baselines (seconds; what the unit test runs).
+
+    The console gets one line per step (name, seconds, headline number), the tables and a
+    closing summary; each step's own output (kfp's executor payloads, the tasks' logs, Ray and
+    Triton) goes to ``RUN/logs/<step>.log``. ``verbose`` keeps that output on the console too.
+    ``echo`` takes the console lines instead of standard output."""
+    from kuberank.console import StepConsole
+
+    started = time.perf_counter()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_root) / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    sections: list[str] = []
-    if pipeline:
-        from kuberank.pipelines.pipeline import run_local
+    logs = run_dir / "logs"
+    console = StepConsole(logs, verbose=verbose, echo=echo)
+    try:
+        return _run(console, run_dir, stamp, split, pipeline, serve, started)
+    finally:
+        console.close()
 
-        echo(
-            f"[1/3] the kuberank pipeline on kfp's local runner: prepare -> fine-tune (Ray Train, 2 workers, "
-            f"<= {TRAIN_BUDGET_MINUTES:g} min) -> evaluate -> compress -> export -> index -> publish"
+
+def _run(console, run_dir: Path, stamp: str, split: str, pipeline: bool, serve: bool, started):
+    say = console.say
+    logs = console.log_dir
+    say(f"kuberank demo: {DEMO_DATASET} on this machine; run {run_dir}, step logs in {logs}/")
+    sections: list[str] = []
+    store = None
+    if pipeline:
+        from kuberank.pipelines.pipeline import run_local, step_headline
+
+        say(
+            f"[1/3] the kuberank pipeline on kfp's local runner: prepare -> fine-tune (Ray Train, "
+            f"2 workers, <= {TRAIN_BUDGET_MINUTES:g} min) -> evaluate -> compress -> export -> "
+            "index -> publish"
         )
-        outputs = run_local(
-            run_dir / "pipeline",
-            dataset_spec=DEMO_DATASET,
-            max_minutes=TRAIN_BUDGET_MINUTES,
-            baselines=",".join(DEMO_BASELINES),
-            eval_split=split,
-        )
-        echo(
-            f"      done in {outputs['seconds'] / 60:.1f} min; model store {outputs['model_store']}"
-        )
-        rows = [dict(row) for row in outputs["quality_rows"]]
-        data = datasets.load_prepared(outputs["prepared_path"])
+
+        def on_step(result) -> None:
+            console.done(
+                result.name,
+                result.seconds,
+                step_headline(result.name, result.outputs),
+                ok=result.ok,
+                log=result.log,
+            )
+
+        with console.capture("pipeline"):
+            outputs = run_local(
+                run_dir / "pipeline",
+                log_dir=logs,
+                on_start=console.begin,
+                on_step=on_step,
+                tee=console.verbose,
+                dataset_spec=DEMO_DATASET,
+                max_minutes=TRAIN_BUDGET_MINUTES,
+                baselines=",".join(DEMO_BASELINES),
+                eval_split=split,
+            )
         store = outputs["model_store"]
-        served = evaluate(data, store, split)  # the exported, compressed model as served
-        served["model"] = "served: distilled + ONNX"
+        say(f"      pipeline done in {outputs['seconds'] / 60:.1f} min; model store {store}")
+        rows = [_whole_numbers(row) for row in outputs["quality_rows"]]
+        data = datasets.load_prepared(outputs["prepared_path"])
+        say("[2/3] the served model (distilled + ONNX) on the same split, and encoder speed")
+        with console.step("evaluate-served") as step:
+            served = evaluate(data, store, split)  # the exported, compressed model as served
+            served["model"] = "served: distilled + ONNX"
+            step.headline = f"{split} nDCG@10 {served['ndcg@10']:.4f}"
         rows.append(served)
-        sections += _compression_section(outputs, rows, data)
+        with console.step("encoder-speed") as step:
+            section, speed = _compression_section(outputs, rows, data)
+            step.headline = speed
+        sections += section
     else:
         data = datasets.load(DEMO_DATASET)
-        echo(f"[1/1] evaluating baselines on the {split} split (full ranking, seen items excluded)")
-        rows = [evaluate(data, model, split) for model in DEMO_BASELINES]
+        say(f"[1/1] evaluating baselines on the {split} split (full ranking, seen items excluded)")
+        with console.step("baselines") as step:
+            rows = [evaluate(data, model, split) for model in DEMO_BASELINES]
+            best = max(rows, key=lambda r: r["ndcg@10"])
+            step.headline = f"{split} nDCG@10 {best['ndcg@10']:.4f} (best: {best['model']})"
     table = report.format_table(rows, report.QUALITY_COLUMNS)
-    echo("\n" + table + "\n")
+    say("\n" + table + "\n")
     plot = report.bar_plot(
         rows,
         ["ndcg@10", "mrr@10", "hit@10"],
@@ -72,14 +123,21 @@ def run_demo(
     if pipeline and serve:
         from kuberank.serving.bench import format_table, serve_and_bench
 
-        echo(
-            "[3/3] serving the store on 127.0.0.1 (Ray Serve + Triton, Ray Serve + ONNX Runtime) and benchmarking"
+        say(
+            "[3/3] serving the store on 127.0.0.1 (Ray Serve + Triton, Ray Serve + ONNX Runtime) "
+            "and a short load test"
         )
-        result = serve_and_bench(
-            store, levels=(1, 8, 32), requests=200, max_seconds=10.0, out_dir=run_dir / "bench"
-        )
+        with console.step("serve-and-bench") as step:
+            result = serve_and_bench(
+                store,
+                levels=(1, 8, 32),
+                requests=200,
+                max_seconds=10.0,
+                out_dir=run_dir / "bench",
+            )
+            step.headline = _bench_headline(result)
         latency = format_table(result)
-        echo("\n" + latency + "\n")
+        say("\n" + latency + "\n")
         sections += [
             "## Serving latency",
             "",
@@ -104,11 +162,31 @@ def run_demo(
         *sections,
     ]
     (run_dir / "report.md").write_text("\n".join(lines))
-    echo(f"report: {run_dir / 'report.md'}")
+    minutes = (time.perf_counter() - started) / 60
+    say(f"done in {minutes:.1f} min. report: {run_dir / 'report.md'}")
+    say(f"  step logs: {logs}/" + (f"; model store: {store}" if store else ""))
     return run_dir
 
 
-def _speed_table(outputs: dict, rows: list[dict], data) -> str:
+def _whole_numbers(row: dict) -> dict:
+    """kfp hands metadata numbers back as floats: counts (queries, items) become ints again."""
+    return {
+        k: int(v) if k in ("queries", "items") and isinstance(v, float) and v.is_integer() else v
+        for k, v in row.items()
+    }
+
+
+def _bench_headline(result: dict) -> str:
+    best = (result.get("summary") or {}).get("best")
+    if not best:
+        return "no level within the p99 budget"
+    return (
+        f"best {best['qps']} req/s at p99 {best['p99_ms']} ms ({best['target']}, "
+        f"{best['mode']} {float(best['level']):g})"
+    )
+
+
+def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
     """Batch-32 encoder throughput: the fine-tuned PyTorch model against the served ONNX
     models (fp32 and int8) of the store, on the catalogue's texts."""
     from kuberank.encoder import TextEncoder
@@ -151,12 +229,17 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> str:
         )
     for row in table:
         row["speed-up"] = f"{row['b32 texts/s'] / table[0]['b32 texts/s']:.2f}x"
-    return report.format_table(
+    text = report.format_table(
         table, ("runtime", "b32 texts/s", "b32 p50 ms", "speed-up", "test ndcg@10")
+    )
+    return (
+        text,
+        f"{table[-1]['runtime']} {table[-1]['speed-up']} the speed of {table[0]['runtime']}",
     )
 
 
-def _compression_section(outputs: dict, rows: list[dict], data) -> list[str]:
+def _compression_section(outputs: dict, rows: list[dict], data) -> tuple[list[str], str]:
+    """The report's fine-tuning and compression sections, and the encoder speed headline."""
     model_info = json.loads((Path(outputs["model_store"]) / "model" / "kuberank.json").read_text())
     compression = model_info.get("compression") or {}
     training = model_info.get("training") or {}
@@ -177,4 +260,5 @@ def _compression_section(outputs: dict, rows: list[dict], data) -> list[str]:
         )
     else:
         lines.append("The served model is not compressed.")
-    return lines + ["", _speed_table(outputs, rows, data), ""]
+    speed, headline = _speed_table(outputs, rows, data)
+    return lines + ["", speed, ""], headline

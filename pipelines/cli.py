@@ -47,12 +47,36 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
         return 2
+    from pathlib import Path
+
+    from kuberank.console import StepConsole
+    from kuberank.pipelines.pipeline import step_headline
+
     params = parse_params(args.param)
+    logs = Path(args.root) / "logs"
     print(
-        f"running the pipeline locally under {args.root} (kfp SubprocessRunner) ...",
+        f"running the pipeline locally under {args.root} (kfp SubprocessRunner); step logs in "
+        f"{logs}/ ...",
         file=sys.stderr,
     )
-    result = run_local(args.root, **params)
+    console = StepConsole(logs, verbose=args.verbose, fd=2)  # stdout stays for --json
+
+    def on_step(result) -> None:
+        headline = step_headline(result.name, result.outputs)
+        console.done(result.name, result.seconds, headline, ok=result.ok, log=result.log)
+
+    try:
+        with console.capture("pipeline"):
+            result = run_local(
+                args.root,
+                log_dir=logs,
+                on_start=console.begin,
+                on_step=on_step,
+                tee=args.verbose,
+                **params,
+            )
+    finally:
+        console.close()
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -191,7 +215,8 @@ def register(sub) -> None:
         "run",
         help="run the whole pipeline on this machine",
         description="Run every step with kfp's local SubprocessRunner; "
-        "artifacts under --root, the model store at ROOT/store.",
+        "artifacts under --root, the model store at ROOT/store, each step's output in "
+        "ROOT/logs/<step>.log (one line per step on stderr).",
     )
     run.add_argument("--local", action="store_true", required=True, help="run locally (required)")
     run.add_argument(
@@ -201,6 +226,11 @@ def register(sub) -> None:
         help="local pipeline root (default: runs/pipeline)",
     )
     run.add_argument("--param", action="append", metavar="NAME=VALUE", help=param_help)
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show each task's output (kfp's executor payloads, its log) on the console",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(func=cmd_run)
 

@@ -1,11 +1,12 @@
-"""The embedded demo writes a report with a table and a plot."""
+"""The embedded demo writes a report with a table and a plot, and keeps its console to one
+line per step (the steps' own output is in RUN/logs/)."""
 
 import json
 
 from kuberank.demo import run_demo
 
 
-def test_demo_writes_report_and_plot(tmp_path):
+def test_demo_writes_report_and_plot(tmp_path, capfd):
     lines = []
     run_dir = run_demo(str(tmp_path), echo=lines.append, pipeline=False)
     report = (run_dir / "report.md").read_text()
@@ -15,3 +16,11 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert [r["model"] for r in rows] == ["popularity", "ease", "zero-shot"]
     assert all(r["queries"] == 943 for r in rows)
     assert any("ndcg@10" in line for line in lines)
+    # the console: a header, the step line with its headline number, the table, the summary
+    text = "\n".join(lines)
+    assert lines[0].startswith("kuberank demo: movielens-100k") and f"{run_dir}/logs/" in lines[0]
+    step = next(line for line in lines if line.startswith("  baselines "))
+    assert step.split()[2] == "s" and "test nDCG@10 0.0406 (best: ease)" in step
+    assert f"report: {run_dir / 'report.md'}" in text
+    assert capfd.readouterr() == ("", "")  # the work's own output went to its log
+    assert (run_dir / "logs" / "baselines.log").is_file()

@@ -409,8 +409,11 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
         available = False
     require(available, "tritonserver not found (install nvidia-pytriton)")
     log = write_jsonl(tmp_path / "log.jsonl", interaction_rows(users=12, per_user=6))
+    steps = []
     result = pl.run_local(
         tmp_path / "root",
+        log_dir=tmp_path / "logs",
+        on_step=steps.append,
         dataset_spec=f"interactions:{log}",
         workers=1,
         epochs=1,
@@ -432,6 +435,20 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     index = load_index(store)
     assert index.meta["embedding_fingerprint"] == release["embedding_fingerprint"]
     assert len(index) == 8
+    # one log per step, each step reported with its headline number
+    names = [step.name for step in steps]
+    assert set(names) == {pl.PREP, pl.FINETUNE, pl.EVALUATE, pl.EXPORT, pl.INDEX, pl.PUBLISH}
+    assert names[-1] == pl.PUBLISH and all(step.ok for step in steps)
+    assert all("executor_input" in step.log.read_text() for step in steps)
+    headlines = {step.name: pl.step_headline(step.name, step.outputs) for step in steps}
+    assert headlines[pl.INDEX] == "8 items x 384, exact search; edge bundle 8 items"
+    assert headlines[pl.EVALUATE].startswith("test nDCG@10 ")
+    # a complete store: the edge bundle answers from the indexed items
+    from kuberank.components.edge import edge_query
+
+    found = edge_query(store / "edge", "item number 3", k=5)
+    assert len(found) == 5 and "3" in [item for item, _ in found]
+    assert release["index"]["edge_items"] == 8
     with TritonServer(store / "triton-local") as server:
         assert server.http_url.startswith("127.0.0.1:")
         vectors = _infer(server.http_url, ["item number 3", "item number 5"])
