@@ -235,7 +235,7 @@ def run(out: Path, store: Path, concurrency: int = 32, requests: int = 3000) -> 
         started = time.monotonic()
         with LocalServing(str(ro_store), use_triton=False, ingress=ingress, restart_ray=True) as s:
             ready_s = time.monotonic() - started
-            urls = list(s.urls) if ingress == "direct" else [s.url]
+            urls = s.endpoints
             result = load([u + route for u in urls], make_body, concurrency, requests)
             floor = load([u + "/healthz" for u in urls], None, concurrency, requests)
         rows.append(_row("host", ingress, 0.0, ready_s, result, floor))

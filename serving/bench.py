@@ -771,7 +771,7 @@ def serve_and_bench(
             restart_ray=True,  # the demo calls this after training on a Ray cluster of its own
         ) as running:
             replicas = len(running.urls)
-            endpoints = [url + route for url in running.urls]  # every Ingress replica
+            endpoints = [url + route for url in running.endpoints]  # the front, or each replica
             results[name] = sweep(name, endpoints, make_body, plan)
             if open_plan:
                 results[name] += sweep(name, endpoints, make_body, open_plan, warmup=0)
@@ -779,7 +779,9 @@ def serve_and_bench(
                 top = Level(
                     "closed", max(levels) if mode == "closed" else 32, requests, max_seconds
                 )
-                paths = {ingress: running.urls}
+                paths = {ingress: running.endpoints}
+                if ingress == "haproxy":  # the replicas without the front
+                    paths["direct"] = running.urls
                 if running.proxy_url != running.url:
                     paths["proxy"] = [running.proxy_url]
                 results["serve-floor"] = [
@@ -872,8 +874,8 @@ def overload(
     out_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Open-loop search traffic (Poisson arrivals) at ``factors`` x the measured capacity,
-    against ``kuberank serve``'s defaults (direct ingress, every replica's URL, in-process
-    encoder) with admission off, then on. Capacity: the closed-loop throughput of 32 clients
+    against ``kuberank serve``'s defaults (its one URL: the HAProxy front over the direct
+    replicas; in-process encoder) with admission off, then on. Capacity: the closed-loop throughput of 32 clients
     with admission off. Per level: offered and achieved rate, goodput (200/s), admitted
     p50/p99, 503s and their p99."""
     from kuberank.serving.admission import DEFAULT_BUDGET_MS
@@ -884,7 +886,7 @@ def overload(
     capacity = 0.0
     for label, settings in (("off", {"admission": False}), ("on", {})):
         with LocalServing(store, use_triton=False, settings=settings, restart_ray=True) as running:
-            urls = [u + path for u in running.urls]
+            urls = [u + path for u in running.endpoints]
             run_load(urls, make_body, Level("closed", 8, 400, 30))  # warm every replica
             if label == "off":
                 capacity = run_load(urls, make_body, Level("closed", 32, 100_000, seconds))["qps"]

@@ -41,16 +41,18 @@ def _ingress_option(parser) -> None:
         "--ingress",
         choices=INGRESS_MODES,
         default=DEFAULT_INGRESS,
-        help="direct (default): each Ingress replica serves HTTP itself, on a port of its own; "
-        "proxy: through Ray Serve's proxy, which balances replicas and retries a dead one",
+        help="haproxy (default): one local HAProxy in front of the Ingress replicas, which "
+        "bounds what each replica holds and sheds the excess with a fast 503; direct: each "
+        "Ingress replica serves HTTP itself, on a port of its own; proxy: through Ray Serve's "
+        "proxy, which balances replicas and retries a dead one",
     )
     parser.add_argument(
         "--ingress-replicas",
         type=int,
         default=0,
         metavar="N",
-        help="direct ingress: Ingress replicas, each with its share of the cores and its own "
-        "port (default 0: one per core)",
+        help="haproxy or direct ingress: Ingress replicas, each with its share of the cores and "
+        "its own port (default 0: one per core)",
     )
 
 

@@ -75,8 +75,10 @@ SERVE_ENV = {
 }
 
 
-INGRESS_MODES = ("direct", "proxy")
-DEFAULT_INGRESS = "direct"
+INGRESS_MODES = ("haproxy", "direct", "proxy")
+# haproxy: the direct-ingress replicas behind one local HAProxy (serving/front.py), which bounds
+# what reaches each replica and sheds the excess in C (docs/serving.md, "Admission")
+DEFAULT_INGRESS = "haproxy"
 # Direct ingress: each Ingress replica runs its own HTTP server on a port of a range of at least
 # this many ports (Ray Serve's RAY_SERVE_ENABLE_DIRECT_INGRESS, host 127.0.0.1), so a request
 # costs one process hop instead of two (proxy actor -> replica). Measured on 2 cores: GET
@@ -121,8 +123,10 @@ def direct_ingress_env(port: int, span: int = DIRECT_PORT_SPAN) -> dict:
 class LocalServing:
     """Triton (optional) + a local Ray cluster + Serve with the app, on 127.0.0.1.
 
-    ``ingress``: ``"direct"`` (default) serves HTTP from the Ingress replica itself, pinned to
-    one replica so that ``url`` is one port; Serve's proxy still runs, on ``proxy_url``.
+    ``ingress``: ``"haproxy"`` (default): the direct-ingress replicas behind one local HAProxy
+    on ``url`` (serving/front.py: it bounds the requests each replica holds and sheds the excess
+    with a fast 503). ``"direct"`` serves HTTP from each Ingress replica itself, on a port of
+    its own (``urls``; ``url`` is the first); Serve's proxy still runs, on ``proxy_url``.
     ``"proxy"``: every request goes through Serve's proxy actor on ``url``, which routes to
     several (autoscaled) Ingress replicas and retries around a dead one, at a lower ceiling.
     Direct ingress is a property of the Ray cluster, so it needs the cluster this object
@@ -149,13 +153,25 @@ class LocalServing:
             raise KuberankError(f"ingress: {ingress!r} is not one of {INGRESS_MODES}")
         if ingress_replicas < 0 or (ingress == "proxy" and ingress_replicas):
             raise KuberankError(
-                "ingress_replicas: a count >= 0 (0 = one per core), for ingress='direct' only"
+                "ingress_replicas: a count >= 0 (0 = one per core), for ingress='haproxy' or "
+                "'direct' only"
             )
         self.ingress = ingress
         self.restart_ray = restart_ray
-        self.urls: list[str] = []  # direct: every Ingress replica's own URL
+        self.urls: list[str] = []  # direct replicas: every Ingress replica's own URL
         self.store = str(store)
-        self.port = port or free_port()
+        self.num_cpus = num_cpus
+        self.ingress_replicas = ingress_replicas or self._cores()
+        # ports for every replica, and for their replacements during a rolling restart
+        self._span = max(DIRECT_PORT_SPAN, 4 * self.ingress_replicas)
+        self.front = None  # haproxy: the HAProxyFront on front_port
+        self.front_port = (port or free_port()) if ingress == "haproxy" else None
+        if self.front_port is None:
+            self.port = port or free_port()
+        else:  # the replicas' range starts elsewhere, clear of the front's port
+            self.port = free_port()
+            while self.port <= self.front_port < self.port + self._span:
+                self.port = free_port()
         # direct ingress: the replica takes the lowest free port of [port, port + span), so
         # ``port`` becomes the one it took; every readiness scan starts from the first one
         self._first_port = self.port
@@ -163,10 +179,6 @@ class LocalServing:
         self.proxy_port = self.port if ingress == "proxy" else free_port()
         self.use_triton = use_triton
         self.settings = dict(settings or {})
-        self.num_cpus = num_cpus
-        self.ingress_replicas = ingress_replicas or self._cores()
-        # ports for every replica, and for their replacements during a rolling restart
-        self._span = max(DIRECT_PORT_SPAN, 4 * self.ingress_replicas)
         self.ready_timeout = ready_timeout
         self.triton = None
         self._workdir: str | None = None  # what this run downloaded (an S3 store's triton-local)
@@ -182,7 +194,22 @@ class LocalServing:
 
     @property
     def url(self) -> str:
+        """Where clients send requests: the front (haproxy), else the first replica or the
+        proxy."""
+        if self.front_port is not None:
+            return f"http://{HOST}:{self.front_port}"
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Where a client (or a Kubernetes Service) spreads requests: the front or the proxy
+        (one URL), or with direct ingress every replica's own URL."""
+        return list(self.urls) if self.ingress == "direct" else [self.url]
+
+    @property
+    def direct_replicas(self) -> bool:
+        """The Ingress replicas serve HTTP themselves (direct ingress), fronted or not."""
+        return self.ingress in ("haproxy", "direct")
 
     @property
     def proxy_url(self) -> str:
@@ -198,7 +225,7 @@ class LocalServing:
             "revision": self.revision,
             **self.settings,
         }
-        if self.ingress == "direct":
+        if self.direct_replicas:
             # a fixed number of Ingress replicas, each on its own port and sized to its share of
             # the cores: one process per core by default, so each has a GIL of its own for its
             # event loop and its batch worker (docs/serving.md). Traffic is spread over ``urls``
@@ -221,7 +248,7 @@ class LocalServing:
 
         from kuberank.raycluster import ensure_ray
 
-        direct = self.ingress == "direct"
+        direct = self.direct_replicas
         if ray.is_initialized():
             wanted = direct_ingress_env(self._first_port, self._span) if direct else {}
             if all(os.environ.get(k) == v for k, v in wanted.items()):
@@ -280,7 +307,44 @@ class LocalServing:
         serve.run(build_app(self.app_args()), name=APP_NAME, route_prefix="/", blocking=False)
         self.wait_ready()
         self._watchdog.guard_new()  # the replicas
+        self._start_front()
+        self._watchdog.guard_new()  # the front
         return self
+
+    def _start_front(self) -> None:
+        """haproxy: (re)start the front over the replicas' ports, then wait until it answers
+        /readyz as this app."""
+        if self.ingress != "haproxy":
+            return
+        from kuberank.serving.admission import DEFAULT_BUDGET_MS
+        from kuberank.serving.app import Settings
+        from kuberank.serving.front import HAProxyFront
+
+        ports = [int(u.rsplit(":", 1)[1]) for u in self.urls]
+        if self.front is not None:
+            if self.front.servers == ports:
+                return
+            self.front.stop()
+        args = self.app_args()
+        batch = Settings(**{k: v for k, v in args.items() if k == "pipeline_batch"})
+        workers = int(args.get("pipeline_workers") or 1)
+        self.front = HAProxyFront(
+            self.front_port,
+            ports,
+            # one batch running and one forming per worker: the workers never idle
+            conns_per_server=2 * batch.pipeline_batch[0] * workers,
+            budget_ms=float(self.settings.get("latency_budget_ms", DEFAULT_BUDGET_MS)),
+        ).start()
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            try:
+                status, _ = http_json("GET", self.url + "/readyz", timeout=2.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise KuberankError(f"the HAProxy front at {self.url} did not answer /readyz")
 
     def wait_ready(self) -> dict:
         """Poll /readyz until 200. Direct ingress: each Ingress replica took the lowest free
@@ -288,7 +352,7 @@ class LocalServing:
         ``urls`` lists them and ``port`` is the first."""
         candidates = [self.port]
         wanted = 1
-        if self.ingress == "direct":
+        if self.direct_replicas:
             candidates = [
                 port
                 for port in range(self._first_port, self._first_port + self._span)
@@ -330,9 +394,14 @@ class LocalServing:
         self.store = str(store or self.store)
         self.revision += 1
         serve.run(build_app(self.app_args()), name=APP_NAME, route_prefix="/", blocking=False)
-        return self.wait_ready()
+        ready = self.wait_ready()
+        self._start_front()  # replicas replaced on other ports: the front follows them
+        return ready
 
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
         try:
             import ray
             from ray import serve

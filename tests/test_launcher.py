@@ -140,7 +140,7 @@ def _alive(processes: dict[int, str]) -> dict[int, str]:
     }
 
 
-def test_killed_serve_leaves_no_tritonserver_or_ray_behind(tmp_path_factory):
+def test_killed_serve_leaves_no_tritonserver_haproxy_or_ray_behind(tmp_path_factory):
     """SIGKILL of ``kuberank serve`` (no clean stop): its tritonserver (own process group, so a
     kill of serve's group misses it) gets the kernel's parent-death signal and ends, its
     python-backend stubs with it; Ray's processes share the driver's fate the same way."""
@@ -169,6 +169,8 @@ def test_killed_serve_leaves_no_tritonserver_or_ray_behind(tmp_path_factory):
         stubs = {p: t for p, t in children.items() if "python_backend_stub" in _cmdline(str(p))}
         assert len(triton) == 1 and stubs, {p: _cmdline(str(p)) for p in children}
         assert any(_cmdline(str(p)).startswith("ray::") for p in children)  # Ray's workers
+        front = {p: t for p, t in children.items() if "haproxy" in _cmdline(str(p))}
+        assert len(front) == 1 and ready["ingress"] == "haproxy", ready  # the default front
         proc.kill()  # serve alone, not its process group
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
@@ -201,7 +203,9 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-def test_direct_ingress_answers_like_the_proxy_and_sheds_overload_by_default(tmp_path_factory):
+def test_the_haproxy_front_and_direct_ingress_answer_like_the_proxy_and_shed_by_default(
+    tmp_path_factory,
+):
     import ray
     from test_reliability import _load_with_statuses
 
@@ -216,8 +220,10 @@ def test_direct_ingress_answers_like_the_proxy_and_sheds_overload_by_default(tmp
         LocalServing(str(store), use_triton=False, ingress="direct").start()
     with LocalServing(str(store), use_triton=False, num_cpus=2, restart_ray=True) as running:
         # one Ingress replica per core, each on its own port with one core's share: one batch
-        # worker with one ONNX Runtime thread
-        assert len(running.urls) == 2 and running.url == running.urls[0] != running.proxy_url
+        # worker with one ONNX Runtime thread; the default ingress puts the HAProxy front on
+        # the one URL
+        assert running.ingress == "haproxy" and running.endpoints == [running.url]
+        assert len(running.urls) == 2 and running.url not in (*running.urls, running.proxy_url)
         for url in running.urls:
             ready = http_json("GET", url + "/readyz")[1]
             assert (ready["batch_workers"], ready["onnx_threads"]) == (1, 1), ready
@@ -227,11 +233,13 @@ def test_direct_ingress_answers_like_the_proxy_and_sheds_overload_by_default(tmp
         body = {"query": "how to cook pasta", "k": 2}
         direct = [http_json("POST", url + "/search", body) for url in running.urls]
         proxied = http_json("POST", running.proxy_url + "/search", body)
-        assert direct[0][0] == direct[1][0] == proxied[0] == 200
+        fronted = http_json("POST", running.url + "/search", body)
+        assert direct[0][0] == direct[1][0] == proxied[0] == fronted[0] == 200
         assert direct[0][1]["items"][0]["id"] == "d2"
         assert direct[0][1]["items"] == direct[1][1]["items"] == proxied[1]["items"]
+        assert fronted[1]["items"] == proxied[1]["items"]
         # the default settings (admission on, 100 ms budget; no limits set for the test): 128
-        # clients on one replica's URL are many times its saturating load
+        # clients on the one URL are many times the replicas' saturating load
         budget = DEFAULT_BUDGET_MS / 1000
         results = _load_with_statuses(
             running.url + "/search", lambda i: {"query": f"pasta {i % 5}", "k": 3}, 128, 3000

