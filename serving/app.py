@@ -14,8 +14,9 @@ HTTP API (OpenAPI schema at ``/openapi.json``):
 - ``GET /healthz`` (process up), ``GET /readyz`` (model loaded), ``GET /metrics`` (Prometheus)
 
 Every response carries the model version and each item's score F(Q, B, I). Bad input gets a
-4xx JSON body ``{"error": {"status", "message", "details"?}}``; overload gets a fast 503 (Serve's
-``max_queued_requests`` on the Ingress, and downstream back-pressure mapped to 503).
+4xx JSON body ``{"error": {"status", "message", "details"?}}``; overload gets a fast 503 with
+Retry-After from deadline-aware admission (kuberank.serving.admission: a request that cannot be
+answered within its latency budget is shed at once), and downstream back-pressure maps to 503.
 
 Request path: colocated (``colocate``, the default for one node) the Ingress itself runs
 encode + retrieve + rank, batched by worker threads (kuberank.serving.batching; one process, no
@@ -345,8 +346,17 @@ class InProcessEncoder:
 class TritonEncoder:
     """The ``query_encoder`` ensemble over gRPC; one aio client (one channel) per replica."""
 
-    def __init__(self, url: str, model: str = "query_encoder", timeout_s: float = 2.0):
+    def __init__(
+        self,
+        url: str,
+        model: str = "query_encoder",
+        timeout_s: float = 2.0,
+        queue_timeout_us: int | None = None,
+    ):
         self.url, self.model, self.timeout_s = url, model, timeout_s
+        # Triton rejects a request still queued after this long (its queue policy, with
+        # allow_timeout_override): the latency budget; None = the model's default
+        self.queue_timeout_us = queue_timeout_us
         self._client = None
 
     def _get_client(self):
@@ -369,6 +379,7 @@ class TritonEncoder:
                 [text],
                 outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
                 client_timeout=self.timeout_s,
+                timeout=self.queue_timeout_us,
             ),
             self.timeout_s + 0.5,
         )
@@ -521,7 +532,12 @@ class QueryEncoding:
     def __init__(self, triton_url: str, settings: Settings, streams: int = 1):
         self.settings, self.streams = settings, streams
         self.triton = (
-            TritonEncoder(triton_url, settings.triton_model, settings.triton_timeout_s)
+            TritonEncoder(
+                triton_url,
+                settings.triton_model,
+                settings.triton_timeout_s,
+                int(settings.latency_budget_ms * 1000) if settings.admission else None,
+            )
             if triton_url
             else None
         )
