@@ -262,3 +262,43 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_a_request_past_its_budget_in_tritons_queue_is_shed_not_a_failure(server):
+    """Triton's queue policy (REJECT after the budget, overridable per request) sheds what
+    waited too long; the app answers that 503 (Overloaded) and keeps using Triton: no fallback,
+    no 'Triton down'."""
+    import asyncio
+
+    from kuberank.serving.admission import Overloaded
+    from kuberank.serving.app import QueryEncoding, Settings
+
+    config = (server.repository / "encoder" / "config.pbtxt").read_text()
+    assert "timeout_action: REJECT" in config and "allow_timeout_override: true" in config
+    # a 1 ms budget: 100 batches at once cannot all start within it
+    encoding = QueryEncoding(server.grpc_url, Settings(latency_budget_ms=1.0))
+
+    async def main():
+        try:
+            return await asyncio.gather(
+                *(encoding.remote(["space opera"] * 8) for _ in range(100)),
+                return_exceptions=True,
+            )
+        finally:
+            await encoding.triton.close()
+
+    results = asyncio.run(main())
+    shed = [r for r in results if isinstance(r, Overloaded)]
+    assert shed and all(r.reason == "expired" for r in shed)
+    assert all(isinstance(r, Overloaded | np.ndarray) for r in results), results[:3]
+    assert encoding.triton_down_until == 0.0  # not marked down: the next batch goes to Triton
+    # the default budget (100 ms) lets the same single request through
+    ok = QueryEncoding(server.grpc_url, Settings())
+
+    async def one():
+        try:
+            return await ok.remote(["space opera"])
+        finally:
+            await ok.triton.close()
+
+    assert asyncio.run(one()).shape == (1, 384)
