@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         metavar="MODEL",
-        help="zero-shot | bm25 | popularity | a model directory",
+        help="a baseline (popularity | ease | bpr | zero-shot | bm25) or a model directory",
     )
     ev.add_argument(
         "--split",
