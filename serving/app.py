@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -709,7 +711,28 @@ def load_pipeline(store: str, encoding: QueryEncoding | None) -> Pipeline:
 # --------------------------------------------------------------------------- HTTP schema
 
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
+# A query needs a character that is not whitespace: what str.isspace() calls whitespace (what
+# str.strip() removes), spelled out, since \s differs between regex engines (ECMA-262's, which
+# JSON Schema patterns use, leaves out U+001C-U+001F and U+0085). The schema's pattern and the
+# server's check (Ingress._search) are this one expression.
+NOT_BLANK = (
+    r"[^\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+)
+_NOT_BLANK = re.compile(NOT_BLANK)
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+def _integral(value):
+    """JSON has one number type: 3.0 is the integer 3 (JSON Schema's ``integer``); strict
+    validation still refuses "3", true and 3.5."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# the bounds before the validator, so that the schema keeps them (minimum, maximum)
+TopK = Annotated[int, Field(ge=1, le=MAX_K), BeforeValidator(_integral)]
+DeadlineMs = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS), BeforeValidator(_integral)]
 
 
 class _UserContext(BaseModel):
@@ -721,11 +744,9 @@ class _UserContext(BaseModel):
         max_length=MAX_HISTORY,
         description="item ids the user interacted with, most recent last",
     )
-    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
-    deadline_ms: int | None = Field(
+    k: TopK = Field(10, description="number of items to return")
+    deadline_ms: DeadlineMs | None = Field(
         None,
-        ge=1,
-        le=MAX_DEADLINE_MS,
         description="this request's latency budget in milliseconds, when smaller than the "
         "server's (latency_budget_ms): a request that cannot be answered within it gets 503 "
         "with Retry-After at once",
@@ -735,9 +756,8 @@ class _UserContext(BaseModel):
 class SearchRequest(_UserContext):
     query: QueryText = Field(
         description="query text (1-512 characters, at least one of them not whitespace)",
-        # enforced by Ingress._search (str.strip, the same whitespace as Python's \\s), not by
-        # pydantic's pattern engine (Rust's \\s differs on a few control characters)
-        json_schema_extra={"pattern": r"\S"},
+        # enforced by Ingress._search (a 422 that says "blank")
+        json_schema_extra={"pattern": NOT_BLANK},
     )
     user_id: ItemId | None = Field(
         None,
@@ -1488,7 +1508,7 @@ if serve is not None:
         # takes the JsonRoutes fast path to the same _search / _recommend.
 
         async def _search(self, body: SearchRequest) -> dict:
-            if not body.query.strip():
+            if _NOT_BLANK.search(body.query) is None:
                 raise RequestProblem(
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
