@@ -265,15 +265,26 @@ BAD_REQUESTS = [
     ("/search", {"query": "pasta", "k": 101}, None, 422, "k"),
     ("/search", {"query": "pasta", "k": "3"}, None, 422, "k"),
     ("/search", {"query": "pasta", "k": True}, None, 422, "k"),
+    ("/search", {"query": "pasta", "k": 2.5}, None, 422, "k"),
     ("/search", {"query": 7}, None, 422, "query"),
     ("/search", {"query": "pasta", "colour": "red"}, None, 422, "colour"),
     ("/search", [1, 2], None, 422, "body"),
     ("/search", {"query": "pasta", "history": ["d1"] * 201}, None, 422, "history"),
-    ("/search", {"query": "pasta", "history": ["nope"]}, None, 422, "history"),
+    # well formed, about items the model does not know: 404 like an unknown user_id
+    ("/search", {"query": "pasta", "history": ["nope"]}, None, 404, "history"),
+    ("/search", {"query": "pasta", "history": ["d1", "nope"]}, None, 404, "nope"),
     ("/search", None, b'{"query": "' + b"x" * 70_000 + b'"}', 413, "body"),
+    # a recommendation needs history or a user_id (the schema's anyOf)
     ("/recommend", {"history": []}, None, 422, "history"),
+    ("/recommend", {"history": [], "user_id": None}, None, 422, "history"),
+    ("/recommend", {"k": 3}, None, 422, "history"),
     ("/recommend", {"history": [1, 2]}, None, 422, "history"),
+    ("/recommend", {"history": ["nope"]}, None, 404, "history"),
+    # the only signal is a user the model does not know (a model without users knows none)
+    ("/recommend", {"user_id": "stranger"}, None, 404, "user_id"),
+    ("/rec/recommend", {"user_id": "stranger"}, None, 404, "user_id"),
     ("/rec/recommend", {"user_id": "stranger", "history": ["d1"]}, None, 404, "user_id"),
+    ("/rec/recommend", {"user_id": "u0", "history": ["nope"]}, None, 404, "history"),
 ]
 
 
@@ -289,6 +300,9 @@ def test_bad_requests_get_clear_4xx_json(serving, path, body, raw, status, menti
 FAST_PATH_CASES = [
     ("/search", {"query": "pasta", "k": 3}, None),
     ("/rec/recommend", {"user_id": "u0", "history": ["d1", "d2"], "k": 4}, None),
+    ("/rec/recommend", {"user_id": "u1", "k": 4}, None),  # a known user alone is enough
+    ("/search", {"query": "pasta", "user_id": "anyone", "k": 2}, None),  # no users: ignored
+    ("/search", {"query": "pasta", "k": 2.0, "deadline_ms": 5000.0}, None),  # JSON integers
     ("/search", None, b"null"),
     ("/search", None, b"\xff\xfe"),
     ("/search", None, b"\xff"),  # not UTF-8
@@ -322,12 +336,20 @@ def test_fastapi_refusals_use_the_error_shape(serving):
 
 
 def test_openapi_schema_and_health(serving):
+    from kuberank.serving.app import NOT_BLANK
+
     status, schema = http_json("GET", serving["base"] + "/openapi.json")
     assert status == 200
     assert {"/search", "/recommend", "/healthz", "/readyz"} <= set(schema["paths"])
     search = schema["components"]["schemas"]["SearchRequest"]
     assert search["properties"]["k"]["maximum"] == 100 and search["additionalProperties"] is False
     assert "ErrorResponse" in schema["components"]["schemas"]
+    # what the server requires is in the schema, where generators and clients see it
+    assert search["properties"]["query"]["pattern"] == NOT_BLANK
+    recommend = schema["components"]["schemas"]["RecommendRequest"]
+    assert {tuple(c["required"]) for c in recommend["anyOf"]} == {("history",), ("user_id",)}
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    # the rest of the schema's contract: tests/test_api_contract.py
     assert http_json("GET", serving["base"] + "/healthz")[0] == 200
     assert http_json("GET", serving["base"] + "/readyz")[1]["status"] == "ready"
 
