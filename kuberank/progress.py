@@ -3,7 +3,7 @@
 On a terminal a bar is tqdm's, drawn in place. Anywhere else (a log file, a pipe: a kfp task's
 output, ``make demo > demo.log``) it is a few plain lines instead: one when a tenth of the work
 is done since the last line or when 30 s have passed and something moved (never closer than
-2 s), and one at the end; nothing while nothing moves. ``KUBERANK_PROGRESS=0`` turns progress
+2 s), and one at the end; nothing while nothing moves, nothing for work done within 2 s. ``KUBERANK_PROGRESS=0`` turns progress
 off, ``=lines`` or ``=bars`` picks one form whatever stderr is.
 """
 
@@ -116,8 +116,10 @@ class LineProgress:
     def close(self) -> None:
         if self.closed:
             return
-        if self.n != self._last_n:
-            self._line(self.clock(), done=True)
+        now = self.clock()
+        # the closing line, unless the work took less than min_seconds and wrote nothing yet
+        if self.n != self._last_n and (self._last_n or now - self.start >= self.min_seconds):
+            self._line(now, done=True)
         self.closed = True
 
     def format(self, now: float, done: bool = False) -> str:

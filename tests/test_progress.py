@@ -88,13 +88,22 @@ def test_a_stall_writes_nothing_and_slow_work_a_line_per_30_s_at_most():
 def test_fast_and_unsized_work():
     clock = Clock()
     fast, out = make(27, clock)
-    for _ in range(27):  # 27 batches in 1.7 s: only the closing line
+    for _ in range(27):  # 27 batches in 1.7 s: nothing (a terminal's bar would be gone too)
         clock.now += 0.0625
         fast.update()
-    fast.set_postfix_str("int8")
     fast.close()
-    fast.close()
-    assert lines(out) == ["work: 27/27 step (100%) in 00:01 [int8]"]
+    assert lines(out) == []
+    slower, out = make(27, clock)
+    for _ in range(27):  # 27 batches in 2.5 s: a line at 2 s, the closing line
+        clock.now += 0.09375
+        slower.update()
+    slower.set_postfix_str("int8")
+    slower.close()
+    slower.close()
+    assert lines(out) == [
+        "work: 22/27 step (81%) in 00:02, ~00:00 left",
+        "work: 27/27 step (100%) in 00:02 [int8]",
+    ]
     out = io.StringIO()
     for _ in progress.LineProgress(range(40), desc="encode", unit="batch", file=out, clock=clock):
         clock.now += 0.125  # 5 s: lines 2 s apart (each more than a tenth), the closing line
@@ -121,7 +130,7 @@ CHILD = textwrap.dedent(
     import time
     from kuberank.progress import bar
     for _ in bar(range(40), desc="encode", unit="batch"):
-        time.sleep(0.01)
+        time.sleep(0.06)  # 2.4 s: work under 2 s writes nothing to a log
     """
 )
 
@@ -140,8 +149,8 @@ def test_a_process_logging_to_a_file_writes_lines_and_a_terminal_gets_a_bar(tmp_
     with open(log, "w") as fh:
         assert _child(fh, None).wait(timeout=60) == 0
     text = log.read_text()
-    assert "\r" not in text and len(text.splitlines()) == 1, text
-    assert text.startswith("encode: 40/40 batch (100%) in 00:0")
+    assert "\r" not in text and 1 <= len(text.splitlines()) <= 2, text  # a line at 2 s, the end
+    assert text.splitlines()[-1].startswith("encode: 40/40 batch (100%) in 00:0")
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 0x0 draws nothing
     drawn = b""
