@@ -244,3 +244,11 @@ def test_every_step_has_its_headline_number(tmp_path):
         pl.PUBLISH: "release 3 -> s/",
     }
     assert pl.step_headline(pl.INDEX, {}) == ""  # an unexpected output never fails a run
+
+
+def test_tee_keeps_the_console_and_writes_the_logs(local_root, tmp_path, capfd):
+    steps = []
+    run_logged(_toy(("delta",)), tmp_path / "logs", on_step=steps.append, tee=True)
+    out, _ = capfd.readouterr()
+    assert "task output: delta" in out and "executor_input" in out  # --verbose
+    assert "task output: delta" in steps[0].log.read_text()
