@@ -867,51 +867,131 @@ def serve_and_bench(
 OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
+# the before/after of deadline-aware admission: the former defaults (direct ingress, no
+# admission: Serve's 256 ongoing + 512 queued per replica) and the current ones
+OVERLOAD_RUNS = {
+    "before": {"ingress": "direct", "settings": {"admission": False}},
+    "now": {"ingress": "haproxy", "settings": {}},
+}
+STORM_CLIENTS = (8, 32, 128, 512)  # hey's closed-loop clients (no think time, no back-off)
+
+
+def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
+    """``hey`` (an independent load generator) with ``clients`` closed-loop clients POSTing
+    ``body`` to ``url`` for ``seconds``; per status: count and p50/p99 latency."""
+    import shutil
+    import tempfile
+
+    hey = shutil.which("hey")
+    if hey is None:
+        raise KuberankError("hey not found (Debian: apt-get install hey)")
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as out:
+        subprocess.run(
+            [
+                hey,
+                "-z",
+                f"{seconds}s",
+                "-c",
+                str(clients),
+                "-m",
+                "POST",
+                "-T",
+                "application/json",
+                "-d",
+                json.dumps(body),
+                "-o",
+                "csv",
+                url,
+            ],
+            stdout=open(out.name, "w"),  # noqa: SIM115 - hey writes, the context closes it
+            stderr=subprocess.DEVNULL,
+            check=True,
+            timeout=seconds + 60,
+        )
+        import csv
+
+        rows = list(csv.DictReader(open(out.name)))  # noqa: SIM115
+    by: dict[str, list[float]] = {}
+    for row in rows:
+        by.setdefault(row["status-code"], []).append(float(row["response-time"]))
+    row = {"clients": clients, "requests": len(rows), "seconds": seconds}
+    for status, times in sorted(by.items()):
+        t = np.array(times) * 1000
+        row[status] = {
+            "count": len(t),
+            "per_s": round(len(t) / seconds, 1),
+            "p50_ms": round(float(np.percentile(t, 50)), 1),
+            "p99_ms": round(float(np.percentile(t, 99)), 1),
+        }
+    return row
+
+
 def overload(
     store: str,
     factors: tuple[float, ...] = OVERLOAD_FACTORS,
     seconds: float = 6.0,
     out_dir: str | os.PathLike | None = None,
+    storm: tuple[int, ...] = STORM_CLIENTS,
 ) -> dict:
-    """Open-loop search traffic (Poisson arrivals) at ``factors`` x the measured capacity,
-    against ``kuberank serve``'s defaults (its one URL: the HAProxy front over the direct
-    replicas; in-process encoder) with admission off, then on. Capacity: the closed-loop throughput of 32 clients
-    with admission off. Per level: offered and achieved rate, goodput (200/s), admitted
-    p50/p99, 503s and their p99."""
+    """``kuberank serve`` of ``store`` (search traffic, in-process encoder) under overload, with
+    the former defaults (``before``: direct ingress, no admission) and the current ones
+    (``now``: the HAProxy front and deadline-aware admission), each on the one URL a client
+    uses (the first replica's, without the front).
+
+    Open loop: Poisson arrivals at ``factors`` x the capacity (the closed-loop throughput of
+    32 clients, ``before``); per level the offered and achieved rate, goodput (200/s),
+    admitted p50/p99, the 503s and their p99. The generator shares the cores: its
+    ``offered_qps`` shows where it could not keep up. Storm: ``hey`` with ``storm`` closed-loop
+    clients that never back off (skipped without hey)."""
+    import shutil
+
     from kuberank.serving.admission import DEFAULT_BUDGET_MS
     from kuberank.serving.launcher import LocalServing
 
     path, make_body = request_factory("search", [], bench_queries(200))
     runs: dict[str, list[dict]] = {}
+    storms: dict[str, list[dict]] = {}
     capacity = 0.0
-    for label, settings in (("off", {"admission": False}), ("on", {})):
-        with LocalServing(store, use_triton=False, settings=settings, restart_ray=True) as running:
-            urls = [u + path for u in running.endpoints]
-            run_load(urls, make_body, Level("closed", 8, 400, 30))  # warm every replica
-            if label == "off":
-                capacity = run_load(urls, make_body, Level("closed", 32, 100_000, seconds))["qps"]
+    for label, how in OVERLOAD_RUNS.items():
+        with LocalServing(
+            store,
+            use_triton=False,
+            settings=how["settings"],
+            ingress=how["ingress"],
+            restart_ray=True,
+        ) as running:
+            url = running.url + path
+            run_load(url, make_body, Level("closed", 8, 400, 30))  # warm every replica
+            if label == "before":
+                capacity = run_load(url, make_body, Level("closed", 32, 100_000, seconds))["qps"]
             rows = []
-            for factor in bar(factors, desc=f"overload, admission {label}", unit="level"):
+            for factor in bar(factors, desc=f"overload, {label}", unit="level"):
                 rate = factor * capacity
                 level = Level("open", rate, int(rate * seconds) + 1, seconds)
-                row = run_load(urls, make_body, level)
+                row = run_load(url, make_body, level)
                 row["factor"] = factor
                 row["offered_qps"] = round(row["requests"] / max(row["seconds"], 1e-9), 1)
                 rows.append(row)
             runs[label] = rows
+            if storm and shutil.which("hey"):
+                storms[label] = [
+                    hey_storm(url, make_body(0), clients, seconds)
+                    for clients in bar(storm, desc=f"storm, {label}", unit="level")
+                ]
     result = {
         "capacity_qps": capacity,
         "budget_ms": DEFAULT_BUDGET_MS,
         "seconds_per_level": seconds,
         "runs": runs,
+        "storm": storms,
     }
-    on = runs["on"]
+    now = runs["now"]
     result["summary"] = {
-        "min_goodput_vs_capacity": round(min(r["qps"] for r in on) / capacity, 3)
+        "min_goodput_vs_capacity": round(min(r["qps"] for r in now) / capacity, 3)
         if capacity
         else None,
-        "max_admitted_p99_ms": max((r["p99_ms"] or 0) for r in on),
-        "max_shed_p99_ms": max((r["shed_p99_ms"] or 0) for r in on),
+        "max_admitted_p99_ms": max((r["p99_ms"] or 0) for r in now),
+        "max_shed_p99_ms": max((r["shed_p99_ms"] or 0) for r in now),
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -923,10 +1003,10 @@ def overload(
 
 def format_overload(result: dict) -> str:
     lines = [
-        f"capacity (closed loop, 32 clients, admission off): {result['capacity_qps']:.0f} req/s; "
+        f"capacity (closed loop, 32 clients, before): {result['capacity_qps']:.0f} req/s; "
         f"budget {result['budget_ms']:.0f} ms; {result['seconds_per_level']:g} s per level",
         "",
-        "| admission | offered (x capacity) | offered req/s | goodput req/s | goodput / capacity "
+        "| defaults | offered (x capacity) | offered req/s | goodput req/s | goodput / capacity "
         "| admitted p50 ms | admitted p99 ms | 503s | 503 p99 ms | other errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -939,6 +1019,26 @@ def format_overload(result: dict) -> str:
                 f"{r['qps'] / cap:.2f} | {r['p50_ms']} | {r['p99_ms']} | {r['shed']} | "
                 f"{r['shed_p99_ms']} | {other or '-'} |"
             )
+    if result.get("storm"):
+        lines += [
+            "",
+            "hey, closed loop without back-off (one URL):",
+            "",
+            "| defaults | clients | 200/s | 200 p50 ms | 200 p99 ms | 503/s | 503 p50 ms "
+            "| 503 p99 ms | other |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, rows in result["storm"].items():
+            for r in rows:
+                ok, shed = r.get("200", {}), r.get("503", {})
+                other = {
+                    k: v["count"] for k, v in r.items() if k.isdigit() and k not in ("200", "503")
+                }
+                lines.append(
+                    f"| {label} | {r['clients']} | {ok.get('per_s', 0)} | {ok.get('p50_ms', '-')} "
+                    f"| {ok.get('p99_ms', '-')} | {shed.get('per_s', 0)} | {shed.get('p50_ms', '-')} "
+                    f"| {shed.get('p99_ms', '-')} | {other or '-'} |"
+                )
     return "\n".join(lines)
 
 
@@ -952,19 +1052,19 @@ def plot_overload(result: dict, path: str | os.PathLike) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in result["runs"].items():
         x = [r["factor"] for r in rows]
-        left.plot(x, [r["qps"] for r in rows], marker="o", label=f"admission {label}")
+        left.plot(x, [r["qps"] for r in rows], marker="o", label=label)
         right.plot(
             x,
             [r["p99_ms"] or float("nan") for r in rows],
             marker="o",
-            label=f"p99, admission {label}",
+            label=f"p99, {label}",
         )
         right.plot(
             x,
             [r["p50_ms"] or float("nan") for r in rows],
             marker=".",
             linestyle="--",
-            label=f"p50, admission {label}",
+            label=f"p50, {label}",
         )
     left.axhline(result["capacity_qps"], color="grey", linestyle=":", label="capacity")
     left.set(xlabel="offered load (x capacity)", ylabel="goodput (200/s)", xscale="log")
