@@ -606,13 +606,23 @@ class QueryEncoding:
 
 @dataclass
 class PipelineRequest:
-    """One request of the colocated path."""
+    """One ranking request, as both request paths take it."""
 
     query: str | None
     history: list[str]
     user_id: str | None
     k: int
     exclude_history: bool
+
+
+def rank_response(version: tuple[str, str], kind: str, ids: list[str], scores) -> dict:
+    """The body of a /search or /recommend answer (RankResponse)."""
+    return {
+        "model_version": version[0],
+        "fingerprint": version[1],
+        "kind": kind,
+        "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)],
+    }
 
 
 class QueuedRequest(NamedTuple):
@@ -1360,34 +1370,30 @@ if serve is not None:
                 )
             return state
 
+        def _admit(self, ahead: int, budget_s: float) -> None:
+            """Admission's decision for a request with ``ahead`` requests in front of it: a
+            shed is counted and answered 503 with Retry-After."""
+            try:
+                self.admission.check(ahead, budget_s)
+            except Overloaded as exc:
+                self.metrics.shed(exc.reason)
+                raise RequestProblem.shed(exc) from None
+
         async def _rank(
-            self,
-            state: Pipeline,
-            query: str | None,
-            user_id: str | None,
-            history: list[str],
-            k: int,
-            exclude_history: bool,
-            deadline_ms: int | None,
+            self, state: Pipeline, request: PipelineRequest, deadline_ms: int | None
         ) -> dict:
             """Admission, then the request path (colocated or through the stage deployments);
             the admitted request's latency is observed."""
             arrived = time.perf_counter()
             budget_s = self.admission.budget(deadline_ms)
             if self.settings.colocate:
-                answer = await self._rank_colocated(
-                    state, query, user_id, history, k, exclude_history, budget_s
-                )
+                answer = await self._rank_colocated(state, request, budget_s)
                 self.metrics.observe_admitted(time.perf_counter() - arrived)
                 return answer
-            try:
-                self.admission.check(self.in_flight, budget_s)
-            except Overloaded as exc:
-                self.metrics.shed(exc.reason)
-                raise RequestProblem.shed(exc) from None
+            self._admit(self.in_flight, budget_s)
             self.in_flight += 1
             try:
-                answer = await self._rank_stages(state, query, user_id, history, k, exclude_history)
+                answer = await self._rank_stages(state, request)
             finally:
                 concurrency = self.in_flight
                 self.in_flight -= 1
@@ -1398,15 +1404,8 @@ if serve is not None:
             self.metrics.observe_admitted(seconds)
             return answer
 
-        async def _rank_stages(
-            self,
-            state: Pipeline,
-            query: str | None,
-            user_id: str | None,
-            history: list[str],
-            k: int,
-            exclude_history: bool,
-        ) -> dict:
+        async def _rank_stages(self, state: Pipeline, request: PipelineRequest) -> dict:
+            query, history, k = request.query, request.history, request.k
             vector = None
             if query is not None:
                 t = time.perf_counter()
@@ -1421,41 +1420,25 @@ if serve is not None:
             rows, _, meta = await self._call(
                 "retrieve",
                 self.retriever.retrieve,
-                RetrieveRequest(vector, history, n, exclude_history),
+                RetrieveRequest(vector, history, n, request.exclude_history),
             )
             self.metrics.observe_stage(
                 "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
             t = time.perf_counter()
             ids, scores, version, meta = await self._call(
-                "rank", self.ranker.rank, RankRequest(vector, rows, history, user_id, k)
+                "rank", self.ranker.rank, RankRequest(vector, rows, history, request.user_id, k)
             )
             self.metrics.observe_stage(
                 "rank", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
-            return {
-                "model_version": version[0],
-                "fingerprint": version[1],
-                "kind": state.kind,
-                "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)],
-            }
+            return rank_response(version, state.kind, ids, scores)
 
         async def _rank_colocated(
-            self,
-            state: Pipeline,
-            query: str | None,
-            user_id: str | None,
-            history: list[str],
-            k: int,
-            exclude_history: bool,
-            budget_s: float,
+            self, state: Pipeline, request: PipelineRequest, budget_s: float
         ) -> dict:
-            request = PipelineRequest(query, history, user_id, k, exclude_history)
-            try:
-                self.admission.check(self.batcher.pending(), budget_s)
-            except Overloaded as exc:
-                self.metrics.shed(exc.reason)
-                raise RequestProblem.shed(exc) from None
+            query = request.query
+            self._admit(self.batcher.pending(), budget_s)
             queued_at = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.stage_timeout_s):  # no task per call
@@ -1495,12 +1478,7 @@ if serve is not None:
                 self.metrics.encoder_fallbacks(1)
             ids, scores = result
             version = meta["version"]
-            return {
-                "model_version": version[0],
-                "fingerprint": version[1],
-                "kind": state.kind,
-                "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)],
-            }
+            return rank_response(version, state.kind, ids, scores)
 
         # -- routes
 
@@ -1513,15 +1491,13 @@ if serve is not None:
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
             state = self._check(body.user_id, body.history, need_signal=False)
-            return await self._rank(
-                state, body.query, body.user_id, body.history, body.k, False, body.deadline_ms
-            )
+            request = PipelineRequest(body.query, body.history, body.user_id, body.k, False)
+            return await self._rank(state, request, body.deadline_ms)
 
         async def _recommend(self, body: RecommendRequest) -> dict:
             state = self._check(body.user_id, body.history, need_signal=True)
-            return await self._rank(
-                state, None, body.user_id, body.history, body.k, True, body.deadline_ms
-            )
+            request = PipelineRequest(None, body.history, body.user_id, body.k, True)
+            return await self._rank(state, request, body.deadline_ms)
 
         @api.post("/search", response_model=RankResponse, responses=ERRORS)
         async def search(self, body: SearchRequest) -> dict:
