@@ -180,6 +180,12 @@ def test_triton_stopped_under_load_falls_back_then_503_never_hangs(serving):  # 
 
     url = serving["base"] + "/tri/search"
     assert post(serving, "/tri/search", {"query": "pasta", "k": 1})[0] == 200
+
+    def shed() -> float:
+        samples = parse_metrics(http_json("GET", serving["base"] + "/tri/metrics")[1])
+        return metric_sum(samples, "kuberank_shed_total")
+
+    shed_before = shed()
     result: dict = {}
     load = threading.Thread(
         target=lambda: result.update(run_load(url, _search, Level("closed", 4, 300, 60)))
@@ -188,7 +194,14 @@ def test_triton_stopped_under_load_falls_back_then_503_never_hangs(serving):  # 
     time.sleep(1.0)
     serving["triton"].stop()
     load.join(timeout=90)
-    assert result["errors"] == {} and result["ok"] == result["requests"], result
+    # the batch that meets the stopping Triton waits for it (up to triton_timeout_s) before it
+    # falls back; requests queued behind it pass their latency budget and admission sheds them
+    # (503, at most one per client), every other request is answered in process
+    shed_503 = result["errors"].get("503", 0)
+    print("triton stopped:", result["errors"], shed() - shed_before)
+    assert set(result["errors"]) <= {"503"} and shed_503 <= 4, result
+    assert result["ok"] + shed_503 == result["requests"] and result["ok"] >= 290, result
+    assert shed() - shed_before == shed_503  # each 503 was admission's, counted as a shed
     samples = parse_metrics(http_json("GET", serving["base"] + "/tri/metrics")[1])
     assert metric_sum(samples, "kuberank_encoder_fallback_total") > 0
     assert metric_sum(samples, "kuberank_errors_total", stage="encode") == 0
