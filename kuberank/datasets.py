@@ -16,8 +16,11 @@ Splits, one rule used everywhere:
 
 - search: ``qrels/train.tsv`` (if present) is ``train`` and ``qrels/test.tsv`` is ``test``
   (``qrels/dev.tsv`` is ``validation``); without ``train.tsv`` the queries of ``test.tsv`` are
-  split 50/50 by a stable hash of the query id into ``train`` and ``test``. ``all`` is every
-  judged query.
+  split 50/50 by a stable hash of the query id into ``train`` and ``test``. Without
+  ``dev.tsv``, one training query in five (a second, independent stable hash) is held out as
+  ``validation`` when there are at least ``MIN_HOLDOUT_TRAIN`` training queries, so that
+  epochs, fusion weights and the compression gate are chosen without the test queries; the
+  test queries are the same either way. ``all`` is every judged query.
 - recommendation (leave-last-out): per user, interactions sorted by (timestamp, item_id); the
   last is ``test``, the second-to-last ``validation``, the rest ``train``. Users with fewer
   than three interactions only contribute training data.
@@ -282,7 +285,31 @@ def load_beir(uri: str) -> Dataset:
             frame["split"] = stem
         frames.append(frame)
     qrels = pd.concat(frames, ignore_index=True)
+    if "dev" not in files:
+        qrels = hold_out_validation(qrels)
     return Dataset(root.name, SEARCH, str(uri), items, queries=queries, qrels=qrels)
+
+
+# a collection without dev.tsv holds out one training query in HOLDOUT_EVERY as validation,
+# when it has at least MIN_HOLDOUT_TRAIN training queries (fewer leave nothing to choose on)
+HOLDOUT_EVERY = 5
+MIN_HOLDOUT_TRAIN = 20
+
+
+def holdout_split(query_id: str) -> str:
+    """``validation`` for one training query id in ``HOLDOUT_EVERY``, else ``train`` (md5 of a
+    salted id: independent of :func:`hash_split`, the same on every machine)."""
+    digest = int(hashlib.md5(f"validation:{query_id}".encode()).hexdigest(), 16)
+    return "validation" if digest % HOLDOUT_EVERY == 0 else "train"
+
+
+def hold_out_validation(qrels: pd.DataFrame) -> pd.DataFrame:
+    """Move the held-out training queries (:func:`holdout_split`) to ``validation``."""
+    train = qrels["split"] == "train"
+    if qrels.loc[train, "query_id"].nunique() < MIN_HOLDOUT_TRAIN:
+        return qrels
+    held = train & (qrels["query_id"].map(holdout_split) == "validation")
+    return qrels.assign(split=qrels["split"].where(~held, "validation"))
 
 
 def hash_split(query_id: str) -> str:

@@ -200,3 +200,36 @@ def test_unknown_spec_and_split_are_clear_errors(tmp_path):
     with pytest.raises(KuberankError, match="split 'validation' does not exist"):
         datasets.eval_task(data, "validation")
     assert set(QRELS) == set(datasets.eval_task(data, "all").query_ids)
+
+
+def test_beir_without_dev_holds_out_a_fifth_of_the_training_queries(tmp_path):
+    from tests.fixtures import write_jsonl
+
+    root = tmp_path / "big"
+    write_jsonl(root / "corpus.jsonl", [{"_id": "d", "text": "x"}])
+    write_jsonl(root / "queries.jsonl", [{"_id": f"q{i}", "text": "x"} for i in range(200)])
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td\t1\n" for i in range(200))
+    )
+    data = datasets.load(f"beir:{root}")
+    split = dict(zip(data.qrels["query_id"], data.qrels["split"]))
+    # the test queries are exactly the 50/50 hash's; validation comes only from its train half
+    assert {q for q, s in split.items() if s == "test"} == {
+        q for q in split if datasets.hash_split(q) == "test"
+    }
+    held = {q for q, s in split.items() if s == "validation"}
+    assert held and all(datasets.hash_split(q) == "train" for q in held)
+    assert all(datasets.holdout_split(q) == "validation" for q in held)
+    share = len(held) / sum(datasets.hash_split(q) == "train" for q in split)
+    assert 0.1 < share < 0.3
+    assert "validation" in data.splits()
+
+
+def test_beir_with_few_training_queries_or_a_dev_file_holds_nothing_out(tmp_path):
+    small = datasets.load(f"beir:{write_beir(tmp_path / 's')}")
+    assert "validation" not in set(small.qrels["split"])
+    pairs = {f"q{i}": "d1" for i in range(1, 7)}
+    dev = write_beir(tmp_path / "d", {"train": pairs, "dev": {"q1": "d1"}, "test": {"q2": "d2"}})
+    data = datasets.load(f"beir:{dev}")
+    assert datasets.eval_task(data, "validation").query_ids == ["q1"]
