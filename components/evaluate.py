@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from kfp import dsl
 
-from kuberank import datasets, metrics
+from kuberank import datasets, fusion, metrics
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.progress import bar
@@ -170,9 +170,11 @@ class ModelRanker(Ranker):
         import torch
 
         data = task.dataset
-        self.item_text = torch.from_numpy(
-            np.array(self.item_encoder.encode(data.item_texts, desc="encode items"))
-        )
+        if getattr(self, "_encoded", None) is not data:  # once per dataset (hybrid fits first)
+            self.item_text = torch.from_numpy(
+                np.array(self.item_encoder.encode(data.item_texts, desc="encode items"))
+            )
+            self._encoded = data
         model_items = {iid: i for i, iid in enumerate(self.info.item_ids)}
         unknown = self.info.scorer.n_items
         self.item_index = torch.tensor(
@@ -218,6 +220,62 @@ class ModelRanker(Ranker):
                 history_text=self.item_text[hist.clamp(min=0)],
                 users=torch.tensor([self.user_index[r] for r in rows], dtype=torch.long),
             ).numpy()
+
+
+class HybridRanker(Ranker):
+    """A dense ranker (a model) fused with BM25 over the same items (:mod:`kuberank.fusion`):
+    ``rrf``, or ``convex`` with a weight given or fitted on the ``validation`` queries
+    (never on the split being evaluated). Without a validation split, convex falls back to
+    RRF and says so in :attr:`fusion`."""
+
+    def __init__(self, dense: Ranker, method: str = "convex", weight: float | None = None):
+        if method not in fusion.METHODS:
+            raise KuberankError(f"--fusion: one of {', '.join(fusion.METHODS)}, got {method!r}")
+        self.dense, self.lexical = dense, BM25Ranker()
+        self.name = f"{dense.name}+bm25"
+        self.method, self.weight = method, weight
+        self.fusion: dict = {}
+
+    def prepare(self, task):
+        if task.dataset.kind != datasets.SEARCH:
+            raise KuberankError(
+                "--retrieval hybrid: fuses BM25 with the dense ranking of query text; "
+                "this dataset is a recommendation log (use --retrieval dense)"
+            )
+        self.lexical.prepare(task)
+        method, weight = self.method, self.weight
+        if method == "convex" and weight is None:
+            weight, curve = self._fit(task.dataset)
+            if weight is None:
+                method = "rrf"
+                self.fusion["note"] = "no validation split to fit the weight on: RRF instead"
+            else:
+                self.fusion.update(fitted_on="validation", validation_ndcg10=curve)
+        self.fusion.update(method=method, weight=weight)
+        self.dense.prepare(task)
+
+    def _fit(self, data: datasets.Dataset):
+        if "validation" not in data.splits():
+            return None, None
+        task = datasets.eval_task(data, "validation")
+        self.dense.prepare(task)
+        rows = np.arange(len(task))
+        dense, lexical = self.dense.scores(task, rows), self.lexical.scores(task, rows)
+        item_ids = np.asarray(data.item_ids, dtype=object)
+
+        def ndcg10(fused: np.ndarray) -> float:
+            run = {
+                task.query_ids[r]: item_ids[top_k(fused[r], task.exclude[r], 10)].tolist()
+                for r in rows
+            }
+            return metrics.evaluate_run(run, task.qrels, cutoffs=(10,))["ndcg@10"]
+
+        weight, curve = fusion.fit_weight(dense, lexical, ndcg10)
+        return weight, {str(w): round(q, 4) for w, q in curve.items()}
+
+    def scores(self, task, rows):
+        dense, lexical = self.dense.scores(task, rows), self.lexical.scores(task, rows)
+        return fusion.fuse(dense, lexical, self.fusion["method"], self.fusion["weight"])
 
 
 def load_ranker(model: str) -> Ranker:
@@ -273,15 +331,44 @@ def rank(
     return run
 
 
-def evaluate(dataset: datasets.Dataset | str, model: str | Ranker, split: str = "test") -> dict:
-    """Metrics of ``model`` on ``split`` of ``dataset`` (see :mod:`kuberank.metrics`)."""
+RETRIEVALS = ("dense", "bm25", "hybrid")
+
+
+def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: str = "convex"):
+    """The ranker of ``model`` under ``--retrieval``: ``dense`` (the model alone), ``bm25``
+    (the lexical baseline alone) or ``hybrid`` (both fused, :class:`HybridRanker`)."""
+    if retrieval not in (None, *RETRIEVALS):
+        raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
+    if retrieval == "bm25":
+        return BM25Ranker()
+    ranker = load_ranker(model) if isinstance(model, str) else model
+    if retrieval == "hybrid":
+        if isinstance(ranker, (BM25Ranker, PopularityRanker, EASERanker, BPRRanker)):
+            raise KuberankError(
+                f"--retrieval hybrid: fuses BM25 with a dense model; {ranker.name} is not one"
+            )
+        return HybridRanker(ranker, fusion_method)
+    return ranker
+
+
+def evaluate(
+    dataset: datasets.Dataset | str,
+    model: str | Ranker,
+    split: str = "test",
+    retrieval: str | None = None,
+    fusion_method: str = "convex",
+) -> dict:
+    """Metrics of ``model`` on ``split`` of ``dataset`` (see :mod:`kuberank.metrics`);
+    ``retrieval`` as in :func:`retrieval_ranker` (default: the model as given)."""
     started = time.perf_counter()
     data = datasets.load(dataset) if isinstance(dataset, str) else dataset
     task = datasets.eval_task(data, split)
     if len(task) == 0:
         raise KuberankError(f"split {split!r} of {data.name} has no judged queries")
-    ranker = load_ranker(model) if isinstance(model, str) else model
+    ranker = retrieval_ranker(model, retrieval, fusion_method)
     result = metrics.evaluate_run(rank(ranker, task), task.qrels)
+    if isinstance(ranker, HybridRanker):
+        result["fusion"] = ranker.fusion
     result.update(
         model=ranker.name,
         dataset=data.name,

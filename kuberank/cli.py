@@ -32,7 +32,7 @@ def _cmd_evaluate(args) -> int:
     from kuberank import report
     from kuberank.components.evaluate import evaluate
 
-    result = evaluate(args.dataset, args.model, args.split)
+    result = evaluate(args.dataset, args.model, args.split, args.retrieval, args.fusion)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -193,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="test",
         metavar="SPLIT",
         help="train | validation | test | all (default: test)",
+    )
+    ev.add_argument(
+        "--retrieval",
+        choices=("dense", "bm25", "hybrid"),
+        default=None,
+        help="dense: the model alone (default); bm25: the lexical baseline; hybrid: both "
+        "fused (search collections)",
+    )
+    ev.add_argument(
+        "--fusion",
+        choices=("convex", "rrf"),
+        default="convex",
+        help="hybrid fusion: convex (weight fitted on the validation queries; RRF when there "
+        "are none) or rrf (default: convex)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)

@@ -90,3 +90,47 @@ def test_every_subcommand_has_help(capsys):
     actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
     for name, sub in actions[0].choices.items():
         assert sub.format_help().startswith("usage: kuberank " + name)
+
+
+def _with_dev(tmp_path):
+    from tests.fixtures import QRELS
+
+    split = {"train": ["q1", "q2"], "dev": ["q3", "q4"], "test": ["q5", "q6"]}
+    files = {name: {q: QRELS[q] for q in qids} for name, qids in split.items()}
+    return f"beir:{write_beir(tmp_path / 'd', files)}"
+
+
+def test_hybrid_fits_its_weight_on_validation_only(tmp_path):
+    collection = _with_dev(tmp_path)
+    result = evaluate(collection, "zero-shot", "test", retrieval="hybrid")
+    fused = result["fusion"]
+    assert fused["method"] == "convex" and fused["fitted_on"] == "validation"
+    assert 0.0 <= fused["weight"] <= 1.0 and len(fused["validation_ndcg10"]) == 21
+    assert result["model"] == "zero-shot+bm25" and result["queries"] == 2
+    # weight 1 is the dense ranking: the fitted curve's end point is dense validation nDCG@10
+    dense = evaluate(collection, "zero-shot", "validation")["ndcg@10"]
+    assert fused["validation_ndcg10"]["1.0"] == round(dense, 4)
+    lexical = evaluate(collection, "zero-shot", "test", retrieval="bm25")
+    assert lexical["model"] == "bm25"
+    assert lexical["ndcg@10"] == evaluate(collection, "bm25", "test")["ndcg@10"]
+
+
+def test_hybrid_without_validation_fuses_by_rrf_and_says_so(collection):
+    result = evaluate(collection, "zero-shot", "all", retrieval="hybrid")
+    assert result["fusion"]["method"] == "rrf" and "no validation split" in result["fusion"]["note"]
+    assert result["ndcg@10"] > 0.6
+
+
+def test_cli_retrieval_errors(collection, capsys):
+    args = ["evaluate", "--dataset", collection, "--split", "all"]
+    assert main([*args, "--model", "bm25", "--retrieval", "hybrid"]) == 2
+    assert "bm25 is not one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--model", "zero-shot", "--retrieval", "lexical"])
+    assert "invalid choice: 'lexical'" in capsys.readouterr().err
+
+
+def test_hybrid_is_refused_on_recommendation_logs(tmp_path):
+    log = write_jsonl(tmp_path / "l.jsonl", interaction_rows(users=6, per_user=5))
+    with pytest.raises(KuberankError, match="recommendation log"):
+        evaluate(f"interactions:{log}", "zero-shot", "test", retrieval="hybrid")

@@ -1,0 +1,74 @@
+"""Hybrid retrieval: fusing a lexical (BM25) and a dense (F = Q·I) ranking of the same items.
+
+Pure functions on score rows aligned by item (one row per query, one column per item), used
+by ``kuberank evaluate --retrieval hybrid`` and by the index that records the fitted weight.
+
+- ``rrf``: reciprocal rank fusion (Cormack et al., 2009), sum of 1 / (k + rank) over the two
+  rankings, k = 60. No parameter to fit; ranks only, so score scales never matter.
+- ``convex``: ``weight * norm(dense) + (1 - weight) * norm(lexical)``, each row min-max
+  normalised to [0, 1] (Bruch et al., 2023: a convex combination of normalised scores with a
+  tuned weight is at least as good as RRF once a few judged queries exist). The weight is
+  chosen on validation queries only (:func:`fit_weight`), never on test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+RRF_K = 60
+WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))
+METHODS = ("rrf", "convex")
+
+
+def minmax(scores: np.ndarray) -> np.ndarray:
+    """Each row scaled to [0, 1]; a constant row becomes zeros (it ranks nothing)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    low = scores.min(axis=-1, keepdims=True)
+    span = scores.max(axis=-1, keepdims=True) - low
+    return np.divide(scores - low, span, out=np.zeros_like(scores), where=span > 0)
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of every item in its row (ties to the lower index, as in evaluation)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((np.broadcast_to(np.arange(scores.shape[-1]), scores.shape), -scores))
+    out = np.empty_like(order)
+    np.put_along_axis(out, order, np.arange(1, scores.shape[-1] + 1)[None, :], axis=-1)
+    return out
+
+
+def rrf(dense: np.ndarray, lexical: np.ndarray, k: int = RRF_K) -> np.ndarray:
+    return 1.0 / (k + ranks(np.atleast_2d(dense))) + 1.0 / (k + ranks(np.atleast_2d(lexical)))
+
+
+def convex(dense: np.ndarray, lexical: np.ndarray, weight: float) -> np.ndarray:
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
+    return weight * minmax(np.atleast_2d(dense)) + (1.0 - weight) * minmax(np.atleast_2d(lexical))
+
+
+def fuse(dense: np.ndarray, lexical: np.ndarray, method: str, weight: float | None = None):
+    if method == "rrf":
+        return rrf(dense, lexical)
+    if method == "convex":
+        if weight is None:
+            raise ValueError("convex fusion needs a weight (fit it on validation)")
+        return convex(dense, lexical, weight)
+    raise ValueError(f"fusion method must be one of {METHODS}, got {method!r}")
+
+
+def fit_weight(
+    dense: np.ndarray,
+    lexical: np.ndarray,
+    quality: Callable[[np.ndarray], float],
+    grid: tuple[float, ...] = WEIGHT_GRID,
+) -> tuple[float, dict[float, float]]:
+    """The grid weight whose fused scores give the best ``quality`` (e.g. validation nDCG@10
+    of the ranking they induce); ties go to the weight nearest 0.5 (the least committed).
+    Returns the weight and the quality of every grid point."""
+    curve = {w: float(quality(convex(dense, lexical, w))) for w in grid}
+    best = max(curve.values())
+    weight = min((w for w, q in curve.items() if q == best), key=lambda w: (abs(w - 0.5), w))
+    return weight, curve
