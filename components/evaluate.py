@@ -18,11 +18,12 @@ from kfp import dsl
 from kuberank import datasets, fusion, metrics
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
+from kuberank.metrics import top_k
 from kuberank.progress import bar
+from kuberank.store import is_store
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
 BASELINES = ("bm25", "popularity", "zero-shot", "ease", "bpr")
-BM25_PARAMS = {"k1": 0.9, "b": 0.4}
 
 
 class Ranker:
@@ -38,29 +39,17 @@ class Ranker:
 
 
 class BM25Ranker(Ranker):
-    """BM25 (bm25s, Lucene variant, k1=0.9, b=0.4, English stopwords) over item text
-    (title + text for search collections)."""
+    """BM25 over item text (:mod:`kuberank.lexical`: bm25s, the store's lexical index)."""
 
     name = "bm25"
 
     def prepare(self, task):
-        import bm25s
+        from kuberank.lexical import LexicalIndex
 
-        self._bm25s = bm25s
-        self.model = bm25s.BM25(**BM25_PARAMS)
-        corpus_tokens = bm25s.tokenize(task.dataset.item_texts, stopwords="en", show_progress=False)
-        self.model.index(corpus_tokens, show_progress=False)
-        self.vocab = corpus_tokens.vocab
+        self.index = LexicalIndex.build(task.dataset.item_ids, task.dataset.item_texts)
 
     def scores(self, task, rows):
-        texts = [task.texts[r] or "" for r in rows]
-        tokens = self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
-        out = np.zeros((len(rows), len(task.dataset.items)), dtype=np.float32)
-        for i, query in enumerate(tokens):
-            known = [t for t in query if t in self.vocab]
-            if known:
-                out[i] = self.model.get_scores(known)
-        return out
+        return self.index.scores([task.texts[r] for r in rows])
 
 
 class PopularityRanker(Ranker):
@@ -228,13 +217,22 @@ class HybridRanker(Ranker):
     (never on the split being evaluated). Without a validation split, convex falls back to
     RRF and says so in :attr:`fusion`."""
 
-    def __init__(self, dense: Ranker, method: str = "convex", weight: float | None = None):
+    def __init__(
+        self,
+        dense: Ranker,
+        method: str = "convex",
+        weight: float | None = None,
+        stored: dict | None = None,
+    ):
         if method not in fusion.METHODS:
             raise KuberankError(f"--fusion: one of {', '.join(fusion.METHODS)}, got {method!r}")
         self.dense, self.lexical = dense, BM25Ranker()
         self.name = f"{dense.name}+bm25"
         self.method, self.weight = method, weight
         self.fusion: dict = {}
+        if stored:  # the fusion a store's index recorded (fitted on validation at index time)
+            self.method, self.weight = stored["method"], stored.get("weight")
+            self.fusion = {"from": "store", **stored}
 
     def prepare(self, task):
         if task.dataset.kind != datasets.SEARCH:
@@ -260,18 +258,15 @@ class HybridRanker(Ranker):
         task = datasets.eval_task(data, "validation")
         self.dense.prepare(task)
         rows = np.arange(len(task))
-        dense, lexical = self.dense.scores(task, rows), self.lexical.scores(task, rows)
-        item_ids = np.asarray(data.item_ids, dtype=object)
-
-        def ndcg10(fused: np.ndarray) -> float:
-            run = {
-                task.query_ids[r]: item_ids[top_k(fused[r], task.exclude[r], 10)].tolist()
-                for r in rows
-            }
-            return metrics.evaluate_run(run, task.qrels, cutoffs=(10,))["ndcg@10"]
-
-        weight, curve = fusion.fit_weight(dense, lexical, ndcg10)
-        return weight, {str(w): round(q, 4) for w, q in curve.items()}
+        fitted = fusion.fit_on_judged(
+            self.dense.scores(task, rows),
+            self.lexical.scores(task, rows),
+            task.query_ids,
+            task.exclude,
+            task.qrels,
+            data.item_ids,
+        )
+        return fitted["weight"], fitted["validation_ndcg10"]
 
     def scores(self, task, rows):
         dense, lexical = self.dense.scores(task, rows), self.lexical.scores(task, rows)
@@ -300,19 +295,6 @@ def load_ranker(model: str) -> Ranker:
     )
 
 
-def top_k(scores: np.ndarray, exclude: np.ndarray, depth: int) -> np.ndarray:
-    """Indices of the ``depth`` best items, excluded ones removed; ties go to the lower
-    index so runs are deterministic."""
-    scores = np.array(scores, dtype=np.float64)
-    if len(exclude):
-        scores[exclude] = -np.inf
-    depth = min(depth, int(np.isfinite(scores).sum()))
-    if depth == 0:
-        return np.zeros(0, dtype=np.int64)
-    candidates = np.argpartition(-scores, depth - 1)[:depth]
-    return candidates[np.lexsort((candidates, -scores[candidates]))]
-
-
 def rank(
     ranker: Ranker, task: datasets.EvalTask, depth: int = RUN_DEPTH, batch_size: int = 256
 ) -> dict[str, list[str]]:
@@ -336,18 +318,28 @@ RETRIEVALS = ("dense", "bm25", "hybrid")
 
 def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: str = "convex"):
     """The ranker of ``model`` under ``--retrieval``: ``dense`` (the model alone), ``bm25``
-    (the lexical baseline alone) or ``hybrid`` (both fused, :class:`HybridRanker`)."""
+    (the lexical baseline alone) or ``hybrid`` (both fused, :class:`HybridRanker`). Unset, a
+    model store's lexical index decides (hybrid where fusion beat dense on validation), and
+    its recorded fusion is used; anything else is dense."""
     if retrieval not in (None, *RETRIEVALS):
         raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
     if retrieval == "bm25":
         return BM25Ranker()
+    stored = None
+    if isinstance(model, str) and retrieval in (None, "hybrid") and is_store(model):
+        from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+
+        lexical = Path(model) / LEXICAL_DIR
+        if lexical.is_dir() or retrieval == "hybrid":  # names `kuberank index` when absent
+            stored = LexicalIndex.load(lexical).meta["fusion"]
+            retrieval = retrieval or stored["default"]
     ranker = load_ranker(model) if isinstance(model, str) else model
     if retrieval == "hybrid":
         if isinstance(ranker, (BM25Ranker, PopularityRanker, EASERanker, BPRRanker)):
             raise KuberankError(
                 f"--retrieval hybrid: fuses BM25 with a dense model; {ranker.name} is not one"
             )
-        return HybridRanker(ranker, fusion_method)
+        return HybridRanker(ranker, fusion_method, stored=stored)
     return ranker
 
 

@@ -44,6 +44,7 @@ from kuberank.config import MAX_LENGTH
 from kuberank.errors import KuberankError, StorageError
 from kuberank.kfp_component import step_component
 from kuberank.progress import bar
+from kuberank.store import MANIFEST, STORE_FORMAT
 
 OPSET = 17
 FP32_MAX_ABS_DIFF = 1e-4
@@ -53,8 +54,6 @@ FP16_MIN_COSINE = 0.999
 # (quantising its QKV projection costs ~0.002 cosine for 8 MB). On an unfused graph the
 # word-embedding table is a Gather.
 INT8_OP_TYPES = ("MatMul", "EmbedLayerNormalization", "Gather")
-MANIFEST = "manifest.json"
-STORE_FORMAT = "kuberank-store/1"
 # Files of a model directory that the ONNX export replaces; everything else is copied through.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 DEFAULT_CUTOFFS = (1, 5, 10, 100)
 
 
@@ -78,3 +80,16 @@ def evaluate_run(
     means = {name: value / len(judged) for name, value in totals.items()} if judged else {}
     means["queries"] = len(judged)
     return means
+
+
+def top_k(scores: np.ndarray, exclude: np.ndarray, depth: int) -> np.ndarray:
+    """Indices of the ``depth`` best items, excluded ones removed; ties go to the lower
+    index so runs are deterministic."""
+    scores = np.array(scores, dtype=np.float64)
+    if len(exclude):
+        scores[exclude] = -np.inf
+    depth = min(depth, int(np.isfinite(scores).sum()))
+    if depth == 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.argpartition(-scores, depth - 1)[:depth]
+    return candidates[np.lexsort((candidates, -scores[candidates]))]

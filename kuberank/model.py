@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from kuberank.encoder import model_fingerprint
+from kuberank.store import is_store
 
 MODEL_FORMAT = "kuberank-model"
 MANIFEST = "kuberank.json"
@@ -194,7 +195,6 @@ def item_tower_path(path: str | os.PathLike) -> Path:
     return separate if separate.is_dir() else Path(path)
 
 
-STORE_FORMAT_PREFIX = "kuberank-store/"
 INT8_ENCODER = Path("onnx") / "model.int8.onnx"
 
 
@@ -220,10 +220,7 @@ def resolve_model(path: str | os.PathLike, threads: int | None = None) -> Resolv
     from kuberank.onnx_encoder import OnnxEncoder
 
     root = Path(path)
-    store_manifest = root / "manifest.json"
-    if store_manifest.is_file() and str(
-        json.loads(store_manifest.read_text()).get("format", "")
-    ).startswith(STORE_FORMAT_PREFIX):
+    if is_store(root):
         extras = root / "model"
         info = read_info(extras) if is_kuberank_model(extras) else None
         encoder = OnnxEncoder(root / "onnx", intra_op_threads=threads)

@@ -12,6 +12,7 @@ Layout::
     STORE/index/embeddings.npy   float32 [count, dim], L2-normalised item vectors
     STORE/index/ids.json         item ids, row order of embeddings.npy
     STORE/index/ann.faiss        HNSW graph (faiss, inner product) when count > ann_threshold
+    STORE/lexical/               BM25 over the same items and the fitted fusion (kuberank/lexical.py)
     STORE/edge/items.*           the same items for the edge bundle (int8; components/edge.py)
 
 Items are embedded with the exported fp32 ONNX encoder (``STORE/onnx/model.onnx``, the one the
@@ -182,6 +183,15 @@ def build_index(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.perf_counter() - started, 1),
         }
+        meta["lexical"] = build_lexical(
+            store,
+            store_local,
+            data,
+            ids,
+            texts,
+            embeddings,
+            int(manifest["embedding"]["max_length"]),
+        )
         # The store's edge bundle gets the same items (components/edge.py): a store is complete
         # after export + index, and a device ranks what the server ranks.
         edge = index_store_bundle(store, embeddings, ids, manifest["embedding"]["fingerprint"])
@@ -189,6 +199,39 @@ def build_index(
         (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         publish(work, _join(store, INDEX_DIR))
     return meta
+
+
+def build_lexical(
+    store: str, store_local: Path, data, ids, texts, embeddings, max_length: int
+) -> dict:
+    """STORE/lexical (:mod:`kuberank.lexical`) over the same items, and for a search collection
+    with validation queries the hybrid fusion fitted there (:func:`kuberank.fusion.fit_on_judged`)
+    with the store's own query encoder and these item vectors: what serving computes."""
+    from kuberank import datasets, fusion
+    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.onnx_encoder import OnnxEncoder
+    from kuberank.storage import publish
+
+    lexical = LexicalIndex.build(ids, texts)
+    record = {"method": "rrf", "default": "dense", "note": "no validation queries to fit on"}
+    if data.kind == datasets.SEARCH and "validation" in data.splits():
+        task = datasets.eval_task(data, "validation")
+        onnx_dir = store_local / "onnx"  # the query encoder serving runs (fp32 here)
+        encoder = OnnxEncoder(
+            onnx_dir / "model.onnx",
+            tokenizer=onnx_dir / "tokenizer.json",
+            max_length=max_length,
+            intra_op_threads=None,
+        )
+        queries = encoder.encode(task.texts, desc="fit fusion")
+        dense = np.asarray(queries, dtype=np.float32) @ embeddings.T
+        record = fusion.fit_on_judged(
+            dense, lexical.scores(task.texts), task.query_ids, task.exclude, task.qrels, ids
+        )
+    with tempfile.TemporaryDirectory(prefix="kuberank-lexical-") as tmp:
+        meta = lexical.save(Path(tmp) / LEXICAL_DIR, {"fusion": record})
+        publish(Path(tmp) / LEXICAL_DIR, _join(store, LEXICAL_DIR))
+    return {"items": meta["count"], "default": record["default"], "weight": record.get("weight")}
 
 
 def check_index(meta: dict, manifest: dict, where: str = "index") -> None:

@@ -180,3 +180,56 @@ def test_edge_bundle_of_another_export_is_refused_and_a_store_without_one_is_ind
     meta = ix.build_index(model_dir, dataset, other)
     assert meta["edge_items"] is None and meta["count"] == len(DOCS)
     assert not (other / "edge").exists()
+
+
+def test_index_writes_the_lexical_index_beside_the_dense_one(indexed):
+    """STORE/lexical: BM25 over the same items in the same order; the fixture has no
+    validation queries, so nothing is fitted, RRF is recorded and dense stays the default."""
+    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+
+    store, _, _ = indexed
+    lexical = LexicalIndex.load(store / LEXICAL_DIR)
+    assert lexical.ids == ix.load_index(store).ids == list(DOCS)
+    assert (
+        lexical.meta["fusion"]["default"] == "dense" and lexical.meta["fusion"]["method"] == "rrf"
+    )
+    scores = lexical.scores(["neural ranking transformers", "zzz unknown"])
+    assert scores[0].argmax() == lexical.ids.index("d1") and not scores[1].any()
+    assert json.loads((store / "index" / ix.META_FILE).read_text())["lexical"]["items"] == 6
+
+
+def test_fusion_fitted_on_validation_is_recorded_and_used_by_evaluate(indexed, tmp_path):
+    from fixtures import QRELS
+
+    from kuberank.components.evaluate import evaluate
+    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+
+    store, model_dir, _ = indexed
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    split = {"train": ["q1", "q2"], "dev": ["q3", "q4"], "test": ["q5", "q6"]}
+    files = {name: {q: QRELS[q] for q in qids} for name, qids in split.items()}
+    dataset = f"beir:{write_beir(tmp_path / 'dev', files)}"
+    meta = ix.build_index(model_dir, dataset, copy)
+    shutil.rmtree(copy / "model")  # the export fixture's F is a stand-in: evaluate the encoder
+    record = LexicalIndex.load(copy / LEXICAL_DIR).meta["fusion"]
+    assert record["fitted_on"] == "validation" and record["queries"] == 2
+    assert meta["lexical"]["weight"] == record["weight"]
+    assert record["default"] in ("dense", "hybrid")
+    result = evaluate(dataset, str(copy), "test", retrieval="hybrid")
+    assert result["fusion"]["from"] == "store" and result["fusion"]["weight"] == record["weight"]
+    default = evaluate(dataset, str(copy), "test")
+    assert ("fusion" in default) == (record["default"] == "hybrid")
+
+
+def test_hybrid_on_a_store_without_a_lexical_index_names_the_command(indexed, tmp_path):
+    from kuberank.components.evaluate import evaluate
+
+    store, _, dataset = indexed
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    shutil.rmtree(copy / "lexical")
+    shutil.rmtree(copy / "model")  # the export fixture's F is a stand-in: evaluate the encoder
+    with pytest.raises(KuberankError, match="kuberank index"):
+        evaluate(dataset, str(copy), "all", retrieval="hybrid")
+    assert "fusion" not in evaluate(dataset, str(copy), "all")  # dense, as before
