@@ -7,7 +7,9 @@ latest checkpoint after a worker failure (``FailureConfig(max_failures)``).
 
 - search collections: the text towers are fine-tuned with an in-batch-negative contrastive
   loss (InfoNCE with temperature; other positives of the same query are masked out of the
-  negatives), optionally with one BM25 hard negative per pair.
+  negatives), optionally with one BM25 hard negative per pair; where the collection has
+  validation queries (``dev.tsv``, or those held out by :mod:`kuberank.datasets`), the epoch
+  kept is the best by validation nDCG@10.
 - recommendation: next-item prediction with a (sampled) softmax over items trains F's
   behaviour and collaborative terms on top of the item text vectors; the number of epochs
   kept is chosen on the validation split only (best checkpoint by validation nDCG@10).
@@ -417,8 +419,44 @@ def _search_setup(config: dict):
         labels = torch.arange(len(batch_pairs), device=logits.device)
         return torch.nn.functional.cross_entropy(logits.float(), labels)
 
+    validate = None
+    if config.get("validation"):
+        validation = config["validation"]
+        docs = doc_texts[: validation["n_docs"]]  # replayed documents follow: not judged here
+
+        def encode(model, tower, texts, max_length):
+            device = next(model.parameters()).device
+            out = [
+                model.embed(tower, tokenize(texts[i : i + 64], max_length, device)).float().cpu()
+                for i in range(0, len(texts), 64)
+            ]
+            return torch.cat(out)
+
+        def validate(model):
+            from kuberank import metrics as m
+
+            item_tower = model.item_tower if model.item_tower is not None else model.query_tower
+            model.eval()
+            with torch.no_grad():
+                q = encode(
+                    model, model.query_tower, validation["queries"], config["query_max_length"]
+                )
+                d = encode(model, item_tower, docs, config["max_length"])
+            scores = (q @ d.T).numpy()
+            run = {
+                str(r): [str(i) for i in np.argsort(-scores[r], kind="stable")[:100]]
+                for r in range(len(scores))
+            }
+            qrels = {
+                str(r): {str(i): rel for i, rel in relevant.items()}
+                for r, relevant in enumerate(validation["relevant"])
+            }
+            result = m.evaluate_run(run, qrels, cutoffs=(10,))
+            model.train()
+            return {"val_ndcg@10": result["ndcg@10"], "val_hit@10": result["hit@10"]}
+
     params = [p for p in model.parameters() if p.requires_grad]
-    return step, model, params, {}
+    return step, model, params, {"validate": validate}
 
 
 def _recommendation_setup(config: dict):
@@ -566,13 +604,12 @@ def train(config: TrainConfig) -> Path:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            # Recommendation keeps the best epochs by validation nDCG@10 (tuning on validation
+            # With validation queries (recommendation always; search where the collection
+            # has them) the best epoch by validation nDCG@10 is kept (tuning on validation
             # only); resuming after a failure always starts from the latest checkpoint.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,
-                checkpoint_score_attribute="val_ndcg@10"
-                if data.kind == datasets.RECOMMENDATION
-                else None,
+                checkpoint_score_attribute="val_ndcg@10" if loop_config.get("validation") else None,
                 checkpoint_score_order="max",
             ),
         ),
@@ -691,6 +728,17 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
         )
         if hard is not None:
             loop["hard_negatives"] = hard
+        if "validation" in data.splits():  # the checkpoint kept is the best on these queries
+            task = datasets.eval_task(data, "validation")
+            index_of = {iid: i for i, iid in enumerate(data.item_ids)}
+            loop["validation"] = {
+                "queries": [t or "" for t in task.texts],
+                "relevant": [
+                    {index_of[d]: int(rel) for d, rel in task.qrels[qid].items()}
+                    for qid in task.query_ids
+                ],
+                "n_docs": len(data.item_ids),
+            }
     else:
         loop.update(_recommendation_loop(data, config, init_model))
 
@@ -769,7 +817,7 @@ def _warm_scorer_state(previous: str, data: datasets.Dataset, users: list[str]) 
 
 
 def _best_checkpoint(result, kind: str):
-    if kind == datasets.RECOMMENDATION and getattr(result, "best_checkpoints", None):
+    if getattr(result, "best_checkpoints", None):
         scored = [(ckpt, m) for ckpt, m in result.best_checkpoints if "val_ndcg@10" in m]
         if scored:
             return max(scored, key=lambda pair: pair[1]["val_ndcg@10"])
