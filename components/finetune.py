@@ -35,6 +35,7 @@ from kfp import dsl
 
 from kuberank import datasets, storage
 from kuberank.config import base_model_path
+from kuberank.corpus_pairs import corpus_pairs
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 
@@ -53,6 +54,7 @@ class TrainConfig:
     lr: float | None = None
     temperature: float = 0.05
     hard_negatives: bool = False
+    corpus_pairs: float = 0.0  # in-domain pairs from the documents per judged pair (search)
     towers: str = "shared"  # or "separate"
     lora: bool = False
     lora_rank: int = 8
@@ -122,13 +124,11 @@ def recommendation_examples(data: datasets.Dataset, max_history: int) -> dict:
 
 
 def bm25_hard_negatives(data: datasets.Dataset, examples: dict, depth: int = 20) -> list[int]:
-    """For each pair, the best-ranked BM25 document that is not relevant to its query."""
-    from kuberank.components.evaluate import BM25Ranker
+    """For each pair, one of the three best-ranked BM25 documents of ``data`` that is not
+    relevant to its query (``examples``: query texts and (query, document row) pairs)."""
+    from kuberank.lexical import LexicalIndex
 
-    task = datasets.eval_task(data, "train")
-    ranker = BM25Ranker()
-    ranker.prepare(task)
-    scores = ranker.scores(task, np.arange(len(task)))
+    scores = LexicalIndex.build(data.item_ids, data.item_texts).scores(examples["queries"])
     positives: dict[int, set[int]] = {}
     for q, d in examples["pairs"]:
         positives.setdefault(q, set()).add(d)
@@ -389,7 +389,7 @@ def _search_setup(config: dict):
     model = TwoTower.module(query_tower, item_tower)
     queries, pairs = config["queries"], config["pairs"]
     doc_texts, hard = config["doc_texts"], config.get("hard_negatives")
-    positives = {(q, d) for q, d in pairs}
+    positives = {(q, d) for q, d in pairs} | {(q, d) for q, d in config.get("mask_pairs", [])}
 
     def tokenize(texts, max_length, device):
         batch = tokenizer(
@@ -697,6 +697,23 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
         examples = search_examples(data)
         doc_texts = list(data.item_texts)
         hard = bm25_hard_negatives(data, examples) if config.hard_negatives else None
+        mask_pairs, adapted = [], {}
+        if config.corpus_pairs > 0:  # in-domain pairs from the documents themselves
+            titles, bodies = data.item_titles_and_bodies()
+            limit = max(1, round(config.corpus_pairs * len(examples["pairs"])))
+            extra, adapted = corpus_pairs(titles, bodies, seed=config.seed, limit=limit)
+            if extra and not adapted["title"]:
+                print(f"{data.name}: the documents have no titles: corpus pairs by cropping")
+            offset_q, offset_d = len(examples["queries"]), len(doc_texts)
+            examples["queries"] += [q for q, _, _ in extra]
+            doc_texts += [positive for _, positive, _ in extra]
+            examples["pairs"] += [(offset_q + i, offset_d + i) for i in range(len(extra))]
+            # the whole document a pair was cut from is no negative of its query either
+            mask_pairs = [(offset_q + i, row) for i, (_, _, row) in enumerate(extra)]
+            if hard is not None:
+                hard += bm25_hard_negatives(
+                    data, {"queries": examples["queries"], "pairs": mask_pairs}
+                )
         replayed = 0
         previous = (
             replay_sample(config.warm_start, config.replay_fraction, config.seed)
@@ -725,6 +742,8 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
             doc_texts=doc_texts,
             n_rows=len(examples["pairs"]),
             replayed_rows=replayed,
+            mask_pairs=mask_pairs,
+            corpus_pairs_used=adapted,
         )
         if hard is not None:
             loop["hard_negatives"] = hard
@@ -874,6 +893,7 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
             },
             "trainable_parameters": int(trainable),
             "replayed_rows": int(loop.get("replayed_rows", 0)),
+            "corpus_pairs_used": dict(loop.get("corpus_pairs_used") or {}),
             "total_parameters": int(total),
             "epochs_run": len(history),
             "chosen_epoch": int(chosen.get("epoch", -1)),

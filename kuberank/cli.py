@@ -55,6 +55,7 @@ def _cmd_train(args) -> int:
         towers=args.towers,
         lora=args.lora,
         hard_negatives=args.hard_negatives,
+        corpus_pairs=args.corpus_pairs,
         warm_start=args.warm_start,
         replay_fraction=args.replay_fraction,
         storage=args.storage,
@@ -241,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--hard-negatives", action="store_true", help="add one BM25 hard negative per pair (search)"
+    )
+    tr.add_argument(
+        "--corpus-pairs",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="search: add R in-domain pairs from the documents per judged pair (title -> body, "
+        "else random crops); 0: none (default)",
     )
     tr.add_argument("--warm-start", metavar="DIR", help="continue from a previous model directory")
     tr.add_argument(

@@ -86,6 +86,18 @@ class Dataset:
     def item_texts(self) -> list[str]:
         return self.items["text"].tolist()
 
+    def item_titles_and_bodies(self) -> tuple[list[str], list[str]]:
+        """Each item's title ('' where there is none: a BEIR corpus without titles, a log) and
+        its text without the title (``text`` is title + body)."""
+        if "title" not in self.items:
+            return [""] * len(self.items), self.item_texts
+        titles = [str(t or "") for t in self.items["title"]]
+        bodies = [
+            str(x or "")[len(t) :].strip() if t and str(x or "").startswith(t) else str(x or "")
+            for t, x in zip(titles, self.items["text"], strict=True)
+        ]
+        return titles, bodies
+
     def splits(self) -> list[str]:
         if self.kind == SEARCH:
             return sorted(set(self.qrels["split"])) + ["all"]
@@ -264,7 +276,8 @@ def load_beir(uri: str) -> Dataset:
         )
         for _, r in corpus_rows
     ]
-    items = pd.DataFrame({"item_id": doc_ids, "text": texts})
+    titles = [str(r.get("title") or "").strip() for _, r in corpus_rows]
+    items = pd.DataFrame({"item_id": doc_ids, "text": texts, "title": titles})
     query_rows = list(_read_jsonl(root / "queries.jsonl", required=("_id", "text")))
     query_ids = _unique_ids(root / "queries.jsonl", query_rows)
     queries = pd.DataFrame({"query_id": query_ids, "text": [str(r["text"]) for _, r in query_rows]})

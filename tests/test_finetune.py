@@ -83,6 +83,23 @@ def test_search_keeps_the_best_epoch_on_validation_queries(ray_cluster, tmp_path
     assert info.metrics["val_ndcg@10"] == max(scores)
 
 
+def test_corpus_pairs_are_mixed_in_and_recorded(ray_cluster, collection, tmp_path):
+    """--corpus-pairs: the fixture's documents have titles, so each with a body gives a
+    title -> body pair; with hard negatives each of those pairs gets one too."""
+    model = train(
+        small(collection, tmp_path / "m", epochs=1, corpus_pairs=1.0, hard_negatives=True)
+    )
+    info = read_info(model)
+    from kuberank import datasets
+    from kuberank.corpus_pairs import MIN_BODY_WORDS
+
+    titles, bodies = datasets.load(collection).item_titles_and_bodies()
+    usable = sum(bool(t) and len(b.split()) >= MIN_BODY_WORDS for t, b in zip(titles, bodies))
+    assert usable >= 3 and info.training["corpus_pairs_used"] == {"title": usable, "crop": 0}
+    assert info.training["corpus_pairs"] == 1.0
+    assert evaluate(collection, str(model), "test")["ndcg@10"] > 0.9
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, collection, tmp_path):
     marker = tmp_path / "killed"
     out = train(
