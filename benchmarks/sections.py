@@ -71,24 +71,7 @@ def quality(out: Path, cisi: str | None):
             for r in checks
         ]
         result["cisi_reference"] = checks
-        cisi_rows = [evaluate(cisi, name, "test") for name in ("bm25", "zero-shot")]
-        cmodel, cseconds = _train(cisi, out / "models" / "cisi", workers=2)
-        ctuned = evaluate(cisi, str(cmodel), "test")
-        ctuned["model"] = "fine-tuned"
-        cisi_rows.append(ctuned)
-        delta = ctuned["ndcg@10"] - cisi_rows[1]["ndcg@10"]
-        extra = [
-            "",
-            "CISI, test split (hash split of the judged queries), fine-tuned on train with the defaults:",
-            "",
-            report.format_table(cisi_rows, report.QUALITY_COLUMNS),
-            "",
-            f"fine-tuned - zero-shot nDCG@10: {delta:+.4f} (target +0.03); training {_training_minutes(cmodel):.1f} min "
-            f"(wall clock with Ray start and data loading {cseconds / 60:.1f} min), 2 workers.",
-        ]
-        print("\n".join(extra), flush=True)
-        lines += extra
-        result.update(cisi=cisi_rows, cisi_train_seconds=cseconds, cisi_delta=delta)
+        lines += ["", "CISI's test split, fine-tuned and hybrid: the search section."]
     return result, "\n".join(lines)
 
 
@@ -285,3 +268,6 @@ def overload(out: Path, cisi: str | None):
     table = format_overload(result)
     print(table, flush=True)
     return result, table + "\n\n![overload](overload/overload.png)"
+
+
+from benchmarks.search import search  # noqa: E402,F401 - a section of its own module
