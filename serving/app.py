@@ -77,6 +77,13 @@ from kuberank.serving import admission, json_routes
 from kuberank.serving.admission import DEFAULT_BUDGET_MS, Admission, Overloaded
 from kuberank.serving.batching import BatcherStopped, DynamicBatcher, run_on_loop
 from kuberank.serving.explain import Explanation, explain_rows
+from kuberank.serving.filters import (
+    Filter,
+    FilterError,
+    attribute_table,
+    blocked_rows,
+    served_schema,
+)
 from kuberank.serving.metrics import replica_metrics
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
@@ -412,6 +419,7 @@ class RetrieveRequest:
     history: list[str]
     n: int
     exclude_history: bool
+    filter: Filter | None = None  # serving/filters.py: the rows it blocks are excluded
 
 
 def retrieve_batch(
@@ -425,6 +433,8 @@ def retrieve_batch(
         if unknown:
             raise UnknownItemsError(unknown)
         exclude = rows if req.exclude_history else np.zeros(0, dtype=np.int64)
+        if req.filter is not None:
+            exclude = np.union1d(exclude, blocked_rows(index, req.filter))
         if req.query is None and len(index) <= rank_all_max:
             everything = np.setdiff1d(np.arange(len(index)), exclude)
             out[i] = (everything, np.zeros(len(everything), dtype=np.float32))
@@ -622,6 +632,7 @@ class PipelineRequest:
     k: int
     exclude_history: bool
     explain: bool = False
+    filter: Filter | None = None
 
 
 def rank_response(
@@ -684,7 +695,7 @@ class Pipeline:
                 j += 1
         t = time.perf_counter()
         retrieve = [
-            RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history)
+            RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history, r.filter)
             for q, r in zip(queries, reqs, strict=True)
         ]
         try:
@@ -775,6 +786,9 @@ class _UserContext(BaseModel):
     )
     explain: StrictBool = Field(
         False, description="add to each item the terms of F behind its score (`explain`)"
+    )
+    filter: Filter | None = Field(
+        None, description="which items may be returned, applied before top-k (serving/filters.py)"
     )
 
 
@@ -1259,6 +1273,11 @@ if serve is not None:
         async def reconfigure(self, config: dict):
             # loads in a thread beside the old model; requests keep running on the old one
             state = await asyncio.to_thread(load_pipeline, config["model_store"], self.encoding)
+            # the served schema lists the attributes this index holds (Filter.where)
+            self.app.openapi_schema = None
+            self.app.openapi_schema = served_schema(
+                self.app.openapi(), attribute_table(state.index).fields
+            )
             self.state = state
             self.metrics.set_model(state.version, state.fingerprint, state.kind)
 
@@ -1362,10 +1381,18 @@ if serve is not None:
                 except UnknownItemsError as exc:
                     raise unknown_items_problem(exc.ids) from None
 
-        def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> Pipeline:
+        def _check(
+            self, user_id: str | None, history: list[str], need_signal: bool, flt=None
+        ) -> Pipeline:
             state = self.state
             if state is None:
                 raise RequestProblem(503, "model not loaded yet")
+            if flt is not None and flt.where:  # a predicate the index cannot answer: 422
+                try:
+                    attribute_table(state.index).check(flt)
+                except FilterError as exc:
+                    detail = {"field": exc.field, "problem": exc.problem, "type": "filter"}
+                    raise RequestProblem(422, f"invalid request: {exc.field}", [detail]) from None
             unknown = [h for h in history if h not in state.items]
             if unknown:
                 raise unknown_items_problem(unknown)
@@ -1432,7 +1459,7 @@ if serve is not None:
             rows, _, meta = await self._call(
                 "retrieve",
                 self.retriever.retrieve,
-                RetrieveRequest(vector, history, n, request.exclude_history),
+                RetrieveRequest(vector, history, n, request.exclude_history, request.filter),
             )
             self.metrics.observe_stage(
                 "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
@@ -1503,15 +1530,17 @@ if serve is not None:
                 raise RequestProblem(
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
-            state = self._check(body.user_id, body.history, need_signal=False)
+            state = self._check(body.user_id, body.history, need_signal=False, flt=body.filter)
             request = PipelineRequest(
-                body.query, body.history, body.user_id, body.k, False, body.explain
+                body.query, body.history, body.user_id, body.k, False, body.explain, body.filter
             )
             return await self._rank(state, request, body.deadline_ms)
 
         async def _recommend(self, body: RecommendRequest) -> dict:
-            state = self._check(body.user_id, body.history, need_signal=True)
-            request = PipelineRequest(None, body.history, body.user_id, body.k, True, body.explain)
+            state = self._check(body.user_id, body.history, need_signal=True, flt=body.filter)
+            request = PipelineRequest(
+                None, body.history, body.user_id, body.k, True, body.explain, body.filter
+            )
             return await self._rank(state, request, body.deadline_ms)
 
         @api.post(

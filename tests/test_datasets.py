@@ -200,3 +200,18 @@ def test_unknown_spec_and_split_are_clear_errors(tmp_path):
     with pytest.raises(KuberankError, match="split 'validation' does not exist"):
         datasets.eval_task(data, "validation")
     assert set(QRELS) == set(datasets.eval_task(data, "all").query_ids)
+
+
+def test_item_attributes_movielens_genres_and_year_and_beir_fields(tmp_path):
+    items = datasets.load("movielens-100k").items.set_index("item_id")
+    assert items.loc["1", "genres"] == ["Animation", "Children's", "Comedy"]  # Toy Story
+    assert items.loc["1", "year"] == 1995
+    root = write_beir(tmp_path / "c")
+    rows = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    rows[0]["metadata"] = {"topic": "search", "year": 2020, "nested": {"dropped": 1}}
+    rows[1]["tags"] = ["food", "italian"]
+    write_jsonl(root / "corpus.jsonl", rows)
+    beir = datasets.load(f"beir:{root}").items.set_index("item_id")
+    assert beir.loc["d1", "topic"] == "search" and beir.loc["d1", "year"] == 2020
+    assert beir.loc["d2", "tags"] == ["food", "italian"] and pd.isna(beir.loc["d2", "topic"])
+    assert "nested" not in beir.columns and "metadata" not in beir.columns
