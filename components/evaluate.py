@@ -6,7 +6,9 @@ component :func:`evaluate_op` and ``kuberank evaluate`` in the CLI.
 
 Contract: ``kuberank evaluate --dataset SPEC --model zero-shot|bm25|popularity|DIR
 [--split train|test|all] --json`` prints one JSON object with at least ``ndcg@10``,
-``mrr@10``, ``recall@100`` and ``queries``.
+``mrr@10``, ``recall@100`` and ``queries``, and the beyond-accuracy metrics of
+:mod:`kuberank.beyond_accuracy` (``coverage@10``, ``gini@10``, ``arp@10``, ``ild@10``,
+``novelty@10``, ``exposure_{head,mid,tail}@10``).
 """
 
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from kfp import dsl
 
-from kuberank import datasets, fusion, metrics
+from kuberank import beyond_accuracy, datasets, fusion, metrics
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.metrics import top_k
@@ -358,7 +360,9 @@ def evaluate(
     if len(task) == 0:
         raise KuberankError(f"split {split!r} of {data.name} has no judged queries")
     ranker = retrieval_ranker(model, retrieval, fusion_method)
-    result = metrics.evaluate_run(rank(ranker, task), task.qrels)
+    run = rank(ranker, task)
+    result = metrics.evaluate_run(run, task.qrels)
+    result.update(beyond_accuracy.evaluate_run(data, run))  # coverage@10, gini@10, ild@10, ...
     if isinstance(ranker, HybridRanker):
         result["fusion"] = ranker.fusion
     result.update(

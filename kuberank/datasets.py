@@ -57,7 +57,9 @@ SPEC_HELP = (
 class Dataset:
     """A dataset in kuberank's one shape.
 
-    ``items``: item_id, text (documents of a search collection, or the catalogue).
+    ``items``: item_id, text (documents of a search collection, or the catalogue), and
+    optional attribute columns that serving filters on (MovieLens: ``genres``, ``year``; BEIR:
+    the corpus' other fields).
     search: ``queries`` (query_id, text) and ``qrels`` (query_id, item_id, relevance, split).
     recommendation: ``interactions`` (user_id, item_id, timestamp, rating, query, split).
     """
@@ -225,7 +227,15 @@ def load_movielens_100k() -> Dataset:
             items_raw["movie_title"], items_raw["release_year"], items_raw["class"]
         )
     ]
-    items = pd.DataFrame({"item_id": items_raw["item_id"].astype(str), "text": text})
+    items = pd.DataFrame(
+        {
+            "item_id": items_raw["item_id"].astype(str),
+            "text": text,
+            # attributes (filters in serving): the genre list and the release year
+            "genres": [str(g).split() for g in items_raw["class"]],
+            "year": pd.to_numeric(items_raw["release_year"], errors="coerce"),
+        }
+    )
     inter_raw = _read_atomic_tsv(root / "ml-100k.inter")
     inter = pd.DataFrame(
         {
@@ -277,7 +287,8 @@ def load_beir(uri: str) -> Dataset:
         for _, r in corpus_rows
     ]
     titles = [str(r.get("title") or "").strip() for _, r in corpus_rows]
-    items = pd.DataFrame({"item_id": doc_ids, "text": texts, "title": titles})
+    attributes = _corpus_attributes(corpus_rows)
+    items = pd.DataFrame({"item_id": doc_ids, "text": texts, "title": titles, **attributes})
     query_rows = list(_read_jsonl(root / "queries.jsonl", required=("_id", "text")))
     query_ids = _unique_ids(root / "queries.jsonl", query_rows)
     queries = pd.DataFrame({"query_id": query_ids, "text": [str(r["text"]) for _, r in query_rows]})
@@ -323,6 +334,22 @@ def hold_out_validation(qrels: pd.DataFrame) -> pd.DataFrame:
         return qrels
     held = train & (qrels["query_id"].map(holdout_split) == "validation")
     return qrels.assign(split=qrels["split"].where(~held, "validation"))
+
+
+def _corpus_attributes(rows: list[tuple[int, dict]]) -> dict[str, list]:
+    """The corpus' other fields (besides _id, title, text; ``metadata``'s fields one level
+    down) as item attribute columns: strings, numbers, booleans or lists of strings."""
+    columns: dict[str, list] = {}
+    for position, (_, row) in enumerate(rows):
+        fields = {k: v for k, v in row.items() if k not in ("_id", "title", "text", "metadata")}
+        if isinstance(row.get("metadata"), dict):
+            fields = {**row["metadata"], **fields}
+        for key, value in fields.items():
+            scalar = isinstance(value, (str, int, float, bool))
+            strings = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            if scalar or strings:
+                columns.setdefault(str(key), [None] * len(rows))[position] = value
+    return columns
 
 
 def hash_split(query_id: str) -> str:

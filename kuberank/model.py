@@ -37,6 +37,7 @@ MODEL_FORMAT = "kuberank-model"
 MANIFEST = "kuberank.json"
 SCORER_FILE = "scorer.safetensors"
 ITEM_TOWER_DIR = "item_tower"
+TERMS = ("relevance", "behaviour", "collaborative")  # F's terms, in the order they are summed
 
 
 @dataclass
@@ -105,24 +106,53 @@ class Scorer(nn.Module):
         users: torch.Tensor | None = None,  # [B] user indices (n_users = unknown)
         item_behaviour: torch.Tensor | None = None,  # [N, D] behaviour_vectors of the candidates
     ) -> torch.Tensor:
-        """Scores [B, N] of every candidate for every row. ``item_behaviour``: the candidates'
-        behaviour vectors when the caller keeps them (they depend on the model only)."""
-        w = self.term_weights
+        """Scores [B, N] of every candidate for every row: the sum of :meth:`terms`.
+        ``item_behaviour``: the candidates' behaviour vectors when the caller keeps them (they
+        depend on the model only)."""
+        parts = self.terms(
+            item_text, item_index, query, history, history_text, users, item_behaviour
+        )
         batch = next(t.shape[0] for t in (query, history, users) if t is not None)
         score = item_text.new_zeros(batch, item_text.shape[0])
+        for name in TERMS:
+            if name in parts:
+                score = score + parts[name]
+        return score
+
+    def terms(
+        self,
+        item_text: torch.Tensor,
+        item_index: torch.Tensor,
+        query: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        history_text: torch.Tensor | None = None,
+        users: torch.Tensor | None = None,
+        item_behaviour: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """F's terms as they enter the score (arguments as :meth:`forward`), each [B, N] and
+        weighted: ``relevance`` (w_rel Q·I), ``behaviour`` (w_beh sum_k a_k B_k·I) and
+        ``collaborative`` (w_cf (U·V + b)), only those the model uses and the input feeds. With
+        the behaviour term come ``attention`` [B, L, N] (a_k) and ``contribution`` [B, L, N]
+        (w_beh a_k B_k·I, which sums over L to the behaviour term)."""
+        w = self.term_weights
+        parts: dict[str, torch.Tensor] = {}
         if self.cfg.use_relevance and query is not None:
-            score = score + w[0] * query @ item_text.T
+            parts["relevance"] = w[0] * query @ item_text.T
         if self.cfg.use_behaviour and history is not None and history.shape[1] > 0:
             if item_behaviour is None:
                 item_behaviour = self.behaviour_vectors(item_text, item_index)
-            score = score + w[1] * self._behaviour(item_behaviour, history, history_text)
+            attention, sims = self._attention(item_behaviour, history, history_text)
+            parts["behaviour"] = w[1] * (attention * sims).sum(1)
+            parts["attention"] = attention
+            parts["contribution"] = w[1] * attention * sims
         if self.cfg.use_collaborative and users is not None:
             cf = self.user_cf(users) @ self.item_cf(item_index).T + self.item_bias(item_index).T
-            score = score + w[2] * cf
-        return score
+            parts["collaborative"] = w[2] * cf
+        return parts
 
-    def _behaviour(self, cand_vecs, history, history_text):
-        """Attention of the history over each candidate; ``cand_vecs`` [N, D]."""
+    def _attention(self, cand_vecs, history, history_text):
+        """Attention of the history over each candidate ([B, L, N]) and the similarities it
+        weighs; ``cand_vecs`` [N, D]."""
         mask = history >= 0  # [B, L]
         hist_index = torch.where(mask, history, torch.full_like(history, self.cfg.n_items))
         hist_vecs = self.behaviour_vectors(history_text, hist_index)  # [B, L, D]
@@ -132,7 +162,7 @@ class Scorer(nn.Module):
         logits = self.attention_scale * sims + recency[None, -length:, None]
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
         attention = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows without history -> 0
-        return (attention * sims).sum(1)
+        return attention, sims
 
 
 # --------------------------------------------------------------------------- persistence

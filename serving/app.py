@@ -64,6 +64,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -75,6 +76,14 @@ from kuberank.errors import KuberankError
 from kuberank.serving import admission, json_routes
 from kuberank.serving.admission import DEFAULT_BUDGET_MS, Admission, Overloaded
 from kuberank.serving.batching import BatcherStopped, DynamicBatcher, run_on_loop
+from kuberank.serving.explain import Explanation, explain_rows
+from kuberank.serving.filters import (
+    Filter,
+    FilterError,
+    attribute_table,
+    blocked_rows,
+    served_schema,
+)
 from kuberank.serving.metrics import replica_metrics
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
@@ -410,6 +419,7 @@ class RetrieveRequest:
     history: list[str]
     n: int
     exclude_history: bool
+    filter: Filter | None = None  # serving/filters.py: the rows it blocks are excluded
 
 
 def retrieve_batch(
@@ -423,6 +433,8 @@ def retrieve_batch(
         if unknown:
             raise UnknownItemsError(unknown)
         exclude = rows if req.exclude_history else np.zeros(0, dtype=np.int64)
+        if req.filter is not None:
+            exclude = np.union1d(exclude, blocked_rows(index, req.filter))
         if req.query is None and len(index) <= rank_all_max:
             everything = np.setdiff1d(np.arange(len(index)), exclude)
             out[i] = (everything, np.zeros(len(everything), dtype=np.float32))
@@ -447,6 +459,7 @@ class RankRequest:
     history: list[str]
     user_id: str | None
     k: int
+    explain: bool = False  # also the terms of F behind each returned score (serving/explain.py)
 
 
 class RankerCore:
@@ -487,36 +500,41 @@ class RankerCore:
                 query = req.query
             scores = self.index.embeddings[cands] @ query
         else:
-            from kuberank.model import pad_histories
-
-            info = self.tables.info
-            hist_rows = self.index.rows_of(req.history)[0]
-            hist = torch.from_numpy(pad_histories([hist_rows], info.scorer.max_history))
-            hist_model = torch.where(
-                hist >= 0, self.model_rows[hist.clamp(min=0)], torch.full_like(hist, -1)
-            )
-            user = (
-                self.tables.user_row.get(req.user_id, info.scorer.n_users)
-                if req.user_id
-                else info.scorer.n_users
-            )
-            cand_t = torch.from_numpy(cands)
-            query = None if req.query is None else torch.from_numpy(np.asarray(req.query)[None, :])
             with torch.no_grad():
-                scores = self.scorer(
-                    self.text[cand_t],
-                    self.model_rows[cand_t],
-                    query=query,
-                    history=hist_model,
-                    history_text=self.text[hist.clamp(min=0)],
-                    users=torch.tensor([user], dtype=torch.long),
-                    item_behaviour=(
-                        None if self.item_behaviour is None else self.item_behaviour[cand_t]
-                    ),
-                )[0].numpy()
+                scores = self.scorer(**self.scorer_inputs(req, cands)[0])[0].numpy()
         scores = np.asarray(scores, dtype=np.float64)
         top = np.lexsort((cands, -scores))[: req.k]
         return cands[top], scores[top].astype(np.float32)
+
+    def scorer_inputs(self, req: RankRequest, cands: np.ndarray) -> tuple[dict, np.ndarray]:
+        """F's arguments for one request over candidate rows, and the history's index rows
+        as F sees them ([1, L], right-aligned, -1 = padding)."""
+        from kuberank.model import pad_histories
+
+        torch, info = self.torch, self.tables.info
+        hist_rows = self.index.rows_of(req.history)[0]
+        padded = pad_histories([hist_rows], info.scorer.max_history)
+        hist = torch.from_numpy(padded)
+        hist_model = torch.where(
+            hist >= 0, self.model_rows[hist.clamp(min=0)], torch.full_like(hist, -1)
+        )
+        user = (
+            self.tables.user_row.get(req.user_id, info.scorer.n_users)
+            if req.user_id
+            else info.scorer.n_users
+        )
+        cand_t = torch.from_numpy(np.asarray(cands, dtype=np.int64))
+        query = None if req.query is None else torch.from_numpy(np.asarray(req.query)[None, :])
+        inputs = {
+            "item_text": self.text[cand_t],
+            "item_index": self.model_rows[cand_t],
+            "query": query,
+            "history": hist_model,
+            "history_text": self.text[hist.clamp(min=0)],
+            "users": torch.tensor([user], dtype=torch.long),
+            "item_behaviour": None if self.item_behaviour is None else self.item_behaviour[cand_t],
+        }
+        return inputs, padded
 
 
 def _triton_queue_timeout(exc: Exception) -> bool:
@@ -613,16 +631,19 @@ class PipelineRequest:
     user_id: str | None
     k: int
     exclude_history: bool
+    explain: bool = False
+    filter: Filter | None = None
 
 
-def rank_response(version: tuple[str, str], kind: str, ids: list[str], scores) -> dict:
-    """The body of a /search or /recommend answer (RankResponse)."""
-    return {
-        "model_version": version[0],
-        "fingerprint": version[1],
-        "kind": kind,
-        "items": [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)],
-    }
+def rank_response(
+    version: tuple[str, str], kind: str, ids: list[str], scores, explained: list | None = None
+) -> dict:
+    """The body of a /search or /recommend answer (RankResponse); ``explained``: each item's
+    ``explain`` object (serving/explain.py) when the request asked for them."""
+    items = [{"id": i, "score": float(s)} for i, s in zip(ids, scores, strict=True)]
+    for item, why in zip(items, explained or [], strict=False):
+        item["explain"] = why
+    return {"model_version": version[0], "fingerprint": version[1], "kind": kind, "items": items}
 
 
 class QueuedRequest(NamedTuple):
@@ -674,7 +695,7 @@ class Pipeline:
                 j += 1
         t = time.perf_counter()
         retrieve = [
-            RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history)
+            RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history, r.filter)
             for q, r in zip(queries, reqs, strict=True)
         ]
         try:
@@ -693,8 +714,10 @@ class Pipeline:
             if isinstance(f, Exception):
                 out.append(f)
                 continue
-            rows, scores = self.ranker.rank(RankRequest(q, f[0], r.history, r.user_id, r.k))
-            out.append(([self.index.ids[i] for i in rows], scores.tolist()))
+            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain)
+            rows, scores = self.ranker.rank(ranked)
+            why = explain_rows(self.ranker, ranked, rows) if r.explain else None
+            out.append(([self.index.ids[i] for i in rows], scores.tolist(), why))
         timings["rank"] = time.perf_counter() - t
         return out, timings
 
@@ -761,6 +784,12 @@ class _UserContext(BaseModel):
         "server's (latency_budget_ms): a request that cannot be answered within it gets 503 "
         "with Retry-After at once",
     )
+    explain: StrictBool = Field(
+        False, description="add to each item the terms of F behind its score (`explain`)"
+    )
+    filter: Filter | None = Field(
+        None, description="which items may be returned, applied before top-k (serving/filters.py)"
+    )
 
 
 class SearchRequest(_UserContext):
@@ -811,6 +840,7 @@ class RecommendRequest(_UserContext):
 class ScoredItem(BaseModel):
     id: str
     score: float
+    explain: Explanation | None = Field(None, description="with `explain: true` only")
 
 
 class RankResponse(BaseModel):
@@ -1171,14 +1201,10 @@ if serve is not None:
             out = []
             for req, t0 in items:
                 rows, scores = core.rank(req)
-                out.append(
-                    (
-                        [core.index.ids[r] for r in rows],
-                        scores.tolist(),
-                        version,
-                        {"batch": len(items), "queue_s": started - t0},
-                    )
-                )
+                meta = {"batch": len(items), "queue_s": started - t0}
+                if req.explain:
+                    meta["explain"] = explain_rows(core, req, rows)
+                out.append(([core.index.ids[r] for r in rows], scores.tolist(), version, meta))
             return out
 
         async def rank(self, req: RankRequest):
@@ -1247,6 +1273,11 @@ if serve is not None:
         async def reconfigure(self, config: dict):
             # loads in a thread beside the old model; requests keep running on the old one
             state = await asyncio.to_thread(load_pipeline, config["model_store"], self.encoding)
+            # the served schema lists the attributes this index holds (Filter.where)
+            self.app.openapi_schema = None
+            self.app.openapi_schema = served_schema(
+                self.app.openapi(), attribute_table(state.index).fields
+            )
             self.state = state
             self.metrics.set_model(state.version, state.fingerprint, state.kind)
 
@@ -1350,10 +1381,18 @@ if serve is not None:
                 except UnknownItemsError as exc:
                     raise unknown_items_problem(exc.ids) from None
 
-        def _check(self, user_id: str | None, history: list[str], need_signal: bool) -> Pipeline:
+        def _check(
+            self, user_id: str | None, history: list[str], need_signal: bool, flt=None
+        ) -> Pipeline:
             state = self.state
             if state is None:
                 raise RequestProblem(503, "model not loaded yet")
+            if flt is not None and flt.where:  # a predicate the index cannot answer: 422
+                try:
+                    attribute_table(state.index).check(flt)
+                except FilterError as exc:
+                    detail = {"field": exc.field, "problem": exc.problem, "type": "filter"}
+                    raise RequestProblem(422, f"invalid request: {exc.field}", [detail]) from None
             unknown = [h for h in history if h not in state.items]
             if unknown:
                 raise unknown_items_problem(unknown)
@@ -1420,19 +1459,21 @@ if serve is not None:
             rows, _, meta = await self._call(
                 "retrieve",
                 self.retriever.retrieve,
-                RetrieveRequest(vector, history, n, request.exclude_history),
+                RetrieveRequest(vector, history, n, request.exclude_history, request.filter),
             )
             self.metrics.observe_stage(
                 "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
             t = time.perf_counter()
             ids, scores, version, meta = await self._call(
-                "rank", self.ranker.rank, RankRequest(vector, rows, history, request.user_id, k)
+                "rank",
+                self.ranker.rank,
+                RankRequest(vector, rows, history, request.user_id, k, request.explain),
             )
             self.metrics.observe_stage(
                 "rank", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
-            return rank_response(version, state.kind, ids, scores)
+            return rank_response(version, state.kind, ids, scores, meta.get("explain"))
 
         async def _rank_colocated(
             self, state: Pipeline, request: PipelineRequest, budget_s: float
@@ -1476,9 +1517,8 @@ if serve is not None:
                 )
             if query is not None and meta["fallback"]:
                 self.metrics.encoder_fallbacks(1)
-            ids, scores = result
-            version = meta["version"]
-            return rank_response(version, state.kind, ids, scores)
+            ids, scores, explained = result
+            return rank_response(meta["version"], state.kind, ids, scores, explained)
 
         # -- routes
 
@@ -1490,20 +1530,34 @@ if serve is not None:
                 raise RequestProblem(
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
-            state = self._check(body.user_id, body.history, need_signal=False)
-            request = PipelineRequest(body.query, body.history, body.user_id, body.k, False)
+            state = self._check(body.user_id, body.history, need_signal=False, flt=body.filter)
+            request = PipelineRequest(
+                body.query, body.history, body.user_id, body.k, False, body.explain, body.filter
+            )
             return await self._rank(state, request, body.deadline_ms)
 
         async def _recommend(self, body: RecommendRequest) -> dict:
-            state = self._check(body.user_id, body.history, need_signal=True)
-            request = PipelineRequest(None, body.history, body.user_id, body.k, True)
+            state = self._check(body.user_id, body.history, need_signal=True, flt=body.filter)
+            request = PipelineRequest(
+                None, body.history, body.user_id, body.k, True, body.explain, body.filter
+            )
             return await self._rank(state, request, body.deadline_ms)
 
-        @api.post("/search", response_model=RankResponse, responses=ERRORS)
+        @api.post(
+            "/search",
+            response_model=RankResponse,
+            responses=ERRORS,
+            response_model_exclude_none=True,
+        )
         async def search(self, body: SearchRequest) -> dict:
             return await self._search(body)
 
-        @api.post("/recommend", response_model=RankResponse, responses=ERRORS)
+        @api.post(
+            "/recommend",
+            response_model=RankResponse,
+            responses=ERRORS,
+            response_model_exclude_none=True,
+        )
         async def recommend(self, body: RecommendRequest) -> dict:
             return await self._recommend(body)
 

@@ -24,6 +24,25 @@ def _cmd_index(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    from kuberank.model import TERMS
+    from kuberank.serving.explain import explain_offline
+
+    answer = explain_offline(args.model_store, args.query, args.history, args.user_id, args.k)
+    if args.json:
+        print(json.dumps(answer, sort_keys=True))
+        return 0
+    for item in answer["items"]:
+        why = item["explain"]
+        terms = ", ".join(f"{t} {why[t]:+.4f}" for t in TERMS if t in why)
+        print(f"{item['id']}\t{item['score']:.4f} = {terms}")
+        for h in why.get("history", []):
+            print(
+                f"\t  history {h['id']}: attention {h['attention']:.3f}, {h['contribution']:+.4f}"
+            )
+    return 0
+
+
 def _settings(args) -> dict:
     settings = {}
     if getattr(args, "settings", None):
@@ -124,6 +143,22 @@ def register(sub, dataset_help: str) -> None:
     )
     ix.add_argument("--json", action="store_true", help="print index.json")
     ix.set_defaults(func=_cmd_index)
+
+    xp = sub.add_parser(
+        "explain",
+        help="rank offline and show the terms of F behind each score",
+        description="What /search (with --query) or /recommend (without) answers with "
+        '"explain": true, computed in this process from the store (no server): each item\'s '
+        "relevance, behaviour (with the history items that weighed most) and collaborative "
+        "terms, which sum to its score.",
+    )
+    xp.add_argument("--model-store", required=True, metavar="STORE", help="path or s3:// URI")
+    xp.add_argument("--query", help="query text (a search); without it, a recommendation")
+    xp.add_argument("--history", nargs="*", default=[], metavar="ID", help="history item ids")
+    xp.add_argument("--user-id", help="a user the model knows")
+    xp.add_argument("--k", type=int, default=10, help="results (default: 10)")
+    xp.add_argument("--json", action="store_true", help="the response body as one JSON line")
+    xp.set_defaults(func=_cmd_explain)
 
     sv = sub.add_parser(
         "serve",

@@ -11,6 +11,7 @@ Layout::
     STORE/index/index.json       format, count, dim, kind, dataset, fingerprints, ann settings
     STORE/index/embeddings.npy   float32 [count, dim], L2-normalised item vectors
     STORE/index/ids.json         item ids, row order of embeddings.npy
+    STORE/index/attributes.json  the items' attributes that filters use (serving/filters.py)
     STORE/index/ann.faiss        HNSW graph (faiss, inner product) when count > ann_threshold
     STORE/lexical/               BM25 over the same items and the fitted fusion (kuberank/lexical.py)
     STORE/edge/items.*           the same items for the edge bundle (int8; components/edge.py)
@@ -46,6 +47,7 @@ META_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.json"
 ANN_FILE = "ann.faiss"
+ATTRIBUTES_FILE = "attributes.json"
 # Exact search over 50k x 384 float32 items is ~20 MFLOP per query (~2-4 ms on one core); beyond
 # that an HNSW graph answers in well under a millisecond.
 DEFAULT_ANN_THRESHOLD = 50_000
@@ -131,6 +133,7 @@ def build_index(
     from kuberank.components.edge import index_store_bundle
     from kuberank.components.export import read_manifest
     from kuberank.encoder import check_model_dir, model_fingerprint
+    from kuberank.serving.filters import attributes_of
     from kuberank.storage import materialize, publish
 
     started = time.perf_counter()
@@ -158,6 +161,8 @@ def build_index(
         work.mkdir()
         np.save(work / EMBEDDINGS_FILE, embeddings.astype(np.float32))
         (work / IDS_FILE).write_text(json.dumps(ids))
+        attributes = attributes_of(data.items)
+        (work / ATTRIBUTES_FILE).write_text(json.dumps(attributes))
         if len(ids) > ann_threshold:
             graph = build_hnsw(embeddings, hnsw_m, ef_construction)
             _faiss().write_index(graph, str(work / ANN_FILE))
@@ -178,6 +183,7 @@ def build_index(
             "embedding_fingerprint": manifest["embedding"]["fingerprint"],
             "model_version": manifest.get("version"),
             "item_encoder": item_encoder,
+            "attributes": attributes["fields"],
             "ann_threshold": ann_threshold,
             "ann": ann,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -258,6 +264,7 @@ class ItemIndex:
     ids: list[str]
     embeddings: np.ndarray  # [N, D] float32
     ann: object | None = None
+    attributes: dict | None = None  # ATTRIBUTES_FILE: {"fields", "values"}; None: none kept
 
     def __post_init__(self):
         self.row = {item: i for i, item in enumerate(self.ids)}
@@ -327,7 +334,9 @@ def load_index(store: str | os.PathLike) -> ItemIndex:
     if meta.get("ann"):
         ann = _faiss().read_index(str(root / meta["ann"]["file"]))
         ann.hnsw.efSearch = int(meta["ann"].get("ef_search", HNSW_EF_SEARCH))
-    return ItemIndex(meta=meta, ids=ids, embeddings=embeddings, ann=ann)
+    attributes_file = root / ATTRIBUTES_FILE  # indexes built before filters have none
+    attributes = json.loads(attributes_file.read_text()) if attributes_file.is_file() else None
+    return ItemIndex(meta=meta, ids=ids, embeddings=embeddings, ann=ann, attributes=attributes)
 
 
 @step_component()

@@ -52,7 +52,10 @@ def schemathesis_run(base: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 def validator(name: str):
     rs = pytest.importorskip("jsonschema_rs")  # installed with schemathesis (dev extras)
-    return rs.Draft202012Validator(app.api.openapi()["components"]["schemas"][name])
+    components = app.api.openapi()["components"]  # the request models refer to Filter & co
+    return rs.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{name}", "components": components}
+    )
 
 
 def test_blank_query_is_the_same_in_the_schema_and_the_server():
@@ -87,6 +90,16 @@ BODIES = [
     ("RecommendRequest", {"history": []}),
     ("RecommendRequest", {"history": [], "user_id": None, "k": 10}),
     ("RecommendRequest", {"user_id": ""}),
+    ("SearchRequest", {"query": "pasta", "explain": True, "filter": {"exclude": ["d1"]}}),
+    ("SearchRequest", {"query": "pasta", "explain": 1}),
+    ("SearchRequest", {"query": "pasta", "filter": {"include": ["d1"], "exclude": ["d2"]}}),
+    ("SearchRequest", {"query": "pasta", "filter": {"include": None, "exclude": []}}),
+    ("SearchRequest", {"query": "pasta", "filter": {"include": []}}),
+    ("SearchRequest", {"query": "pasta", "filter": {"colour": "red"}}),
+    ("SearchRequest", {"query": "pasta", "filter": {"where": {"year": {"gte": 1990}}}}),
+    ("SearchRequest", {"query": "pasta", "filter": {"where": {"year": {}}}}),
+    ("SearchRequest", {"query": "pasta", "filter": {"where": {"g": {"in": ["a"], "lt": 1}}}}),
+    ("RecommendRequest", {"history": ["d1"], "filter": {"where": {"genres": {"in": []}}}}),
 ]
 
 

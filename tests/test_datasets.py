@@ -233,3 +233,18 @@ def test_beir_with_few_training_queries_or_a_dev_file_holds_nothing_out(tmp_path
     dev = write_beir(tmp_path / "d", {"train": pairs, "dev": {"q1": "d1"}, "test": {"q2": "d2"}})
     data = datasets.load(f"beir:{dev}")
     assert datasets.eval_task(data, "validation").query_ids == ["q1"]
+
+
+def test_item_attributes_movielens_genres_and_year_and_beir_fields(tmp_path):
+    items = datasets.load("movielens-100k").items.set_index("item_id")
+    assert items.loc["1", "genres"] == ["Animation", "Children's", "Comedy"]  # Toy Story
+    assert items.loc["1", "year"] == 1995
+    root = write_beir(tmp_path / "c")
+    rows = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    rows[0]["metadata"] = {"topic": "search", "year": 2020, "nested": {"dropped": 1}}
+    rows[1]["tags"] = ["food", "italian"]
+    write_jsonl(root / "corpus.jsonl", rows)
+    beir = datasets.load(f"beir:{root}").items.set_index("item_id")
+    assert beir.loc["d1", "topic"] == "search" and beir.loc["d1", "year"] == 2020
+    assert beir.loc["d2", "tags"] == ["food", "italian"] and pd.isna(beir.loc["d2", "topic"])
+    assert "nested" not in beir.columns and "metadata" not in beir.columns

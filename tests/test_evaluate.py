@@ -59,6 +59,21 @@ def test_movielens_popularity_matches_the_reference_protocol():
     result = evaluate(datasets.load("movielens-100k"), "popularity", "test")
     assert result["queries"] == 943
     assert abs(result["ndcg@10"] - 0.0254) < 0.002
+    # the same ten popular items for (nearly) everyone: little coverage, all in the head
+    assert result["coverage@10"] < 0.1 and result["gini@10"] > 0.95
+    assert result["exposure_head@10"] > 0.99 and result["exposure_tail@10"] == 0.0
+
+
+def test_beyond_accuracy_metrics_for_every_ranker_kind(collection):
+    bm25 = evaluate(collection, "bm25", "all")
+    dense = evaluate(collection, "zero-shot", "all")
+    for result in (bm25, dense):
+        assert 0 < result["coverage@10"] <= 1 and 0 <= result["gini@10"] < 1
+        assert 0 < result["ild@10"] <= 2 and result["novelty@10"] >= 0
+        shares = [result[f"exposure_{t}@10"] for t in ("head", "mid", "tail")]
+        assert sum(shares) == pytest.approx(1.0)
+    # six documents, six queries, ten slots each: every document is shown to every query
+    assert dense["coverage@10"] == 1.0 and dense["gini@10"] == pytest.approx(0.0)
 
 
 def test_cli_json_contract(collection, capsys):
@@ -68,6 +83,8 @@ def test_cli_json_contract(collection, capsys):
     )
     out = json.loads(capsys.readouterr().out)
     assert {"ndcg@10", "mrr@10", "recall@100", "queries"} <= set(out)
+    assert {"coverage@10", "gini@10", "arp@10", "ild@10", "novelty@10"} <= set(out)
+    assert {"exposure_head@10", "exposure_mid@10", "exposure_tail@10"} <= set(out)
     assert out["split"] == "all" and out["model"] == "bm25"
 
 
