@@ -215,8 +215,9 @@ class ModelRanker(Ranker):
 
 class HybridRanker(Ranker):
     """A dense ranker (a model) fused with BM25 over the same items (:mod:`kuberank.fusion`):
-    ``rrf``, or ``convex`` with a weight given or fitted on the ``validation`` queries
-    (never on the split being evaluated). Without a validation split, convex falls back to
+    ``rrf``, or ``convex`` with a weight given or fitted on the ``tuning`` queries (train and
+    validation: never test, never the split evaluated). Without a validation split, convex
+    falls back to
     RRF and says so in :attr:`fusion`."""
 
     def __init__(
@@ -250,14 +251,14 @@ class HybridRanker(Ranker):
                 method = "rrf"
                 self.fusion["note"] = "no validation split to fit the weight on: RRF instead"
             else:
-                self.fusion.update(fitted_on="validation", validation_ndcg10=curve)
+                self.fusion.update(fitted_on="tuning", tuning_ndcg10=curve)
         self.fusion.update(method=method, weight=weight)
         self.dense.prepare(task)
 
     def _fit(self, data: datasets.Dataset):
-        if "validation" not in data.splits():
+        if "tuning" not in data.splits():
             return None, None
-        task = datasets.eval_task(data, "validation")
+        task = datasets.eval_task(data, "tuning")
         self.dense.prepare(task)
         rows = np.arange(len(task))
         fitted = fusion.fit_on_judged(
@@ -268,7 +269,7 @@ class HybridRanker(Ranker):
             task.qrels,
             data.item_ids,
         )
-        return fitted["weight"], fitted["validation_ndcg10"]
+        return fitted["weight"], fitted["tuning_ndcg10"]
 
     def scores(self, task, rows):
         dense, lexical = self.dense.scores(task, rows), self.lexical.scores(task, rows)

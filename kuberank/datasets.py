@@ -20,7 +20,8 @@ Splits, one rule used everywhere:
   ``dev.tsv``, one training query in five (a second, independent stable hash) is held out as
   ``validation`` when there are at least ``MIN_HOLDOUT_TRAIN`` training queries, so that
   epochs, fusion weights and the compression gate are chosen without the test queries; the
-  test queries are the same either way. ``all`` is every judged query.
+  test queries are the same either way. ``tuning`` is train + validation (where there is a
+  validation split): every judged query outside test. ``all`` is every judged query.
 - recommendation (leave-last-out): per user, interactions sorted by (timestamp, item_id); the
   last is ``test``, the second-to-last ``validation``, the rest ``train``. Users with fewer
   than three interactions only contribute training data.
@@ -102,7 +103,8 @@ class Dataset:
 
     def splits(self) -> list[str]:
         if self.kind == SEARCH:
-            return sorted(set(self.qrels["split"])) + ["all"]
+            named = sorted(set(self.qrels["split"]))
+            return named + (["tuning"] if "validation" in named else []) + ["all"]
         return ["validation", "test"]
 
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -143,7 +145,10 @@ def eval_task(dataset: Dataset, split: str) -> EvalTask:
         )
     empty = np.zeros(0, dtype=np.int64)
     if dataset.kind == SEARCH:
-        judged = dataset.qrels if split == "all" else dataset.qrels[dataset.qrels["split"] == split]
+        chosen = TUNING_SPLITS if split == "tuning" else (split,)
+        judged = (
+            dataset.qrels if split == "all" else dataset.qrels[dataset.qrels["split"].isin(chosen)]
+        )
         judged = judged[judged["relevance"] > 0]
         qrels: dict[str, dict[str, int]] = {}
         for qid, iid, rel in zip(judged["query_id"], judged["item_id"], judged["relevance"]):
@@ -313,6 +318,10 @@ def load_beir(uri: str) -> Dataset:
         qrels = hold_out_validation(qrels)
     return Dataset(root.name, SEARCH, str(uri), items, queries=queries, qrels=qrels)
 
+
+# ``tuning``: every judged query outside test, where a collection has validation queries
+# (fusion weights are fitted there: a dozen validation queries alone are too few)
+TUNING_SPLITS = ("train", "validation")
 
 # a collection without dev.tsv holds out one training query in HOLDOUT_EVERY as validation,
 # when it has at least MIN_HOLDOUT_TRAIN training queries (fewer leave nothing to choose on)

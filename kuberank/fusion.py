@@ -8,7 +8,8 @@ by ``kuberank evaluate --retrieval hybrid`` and by the index that records the fi
 - ``convex``: ``weight * norm(dense) + (1 - weight) * norm(lexical)``, each row min-max
   normalised to [0, 1] (Bruch et al., 2023: a convex combination of normalised scores with a
   tuned weight is at least as good as RRF once a few judged queries exist). The weight is
-  chosen on validation queries only (:func:`fit_weight`), never on test.
+  chosen on the judged queries outside test (:func:`fit_on_judged`): a dozen held-out
+  validation queries alone picked weights that did not hold on test.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def fit_weight(
 
 
 def fit_on_judged(dense, lexical, query_ids, excludes, qrels, item_ids) -> dict:
-    """Fit the convex weight on judged (validation) queries: the weight whose fused ranking
-    (seen items excluded) has the best nDCG@10. The record kept with the lexical index:
-    ``default`` is ``hybrid`` only where fusion beat the dense ranking (weight 1) there."""
+    """Fit the convex weight on judged queries outside test (the ``tuning`` split: train and
+    validation): the weight whose fused ranking (seen items excluded) has the best nDCG@10.
+    The record kept with the lexical index: ``default`` is ``hybrid`` only where fusion beat
+    the dense ranking (weight 1) there."""
     item_ids = np.asarray(item_ids, dtype=object)
 
     def ndcg10(fused: np.ndarray) -> float:
@@ -93,8 +95,8 @@ def fit_on_judged(dense, lexical, query_ids, excludes, qrels, item_ids) -> dict:
     return {
         "method": "convex",
         "weight": weight,
-        "fitted_on": "validation",
+        "fitted_on": "tuning",
         "queries": len(query_ids),
-        "validation_ndcg10": {str(w): round(q, 4) for w, q in curve.items()},
+        "tuning_ndcg10": {str(w): round(q, 4) for w, q in curve.items()},
         "default": "hybrid" if curve[weight] > curve[1.0] else "dense",
     }

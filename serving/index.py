@@ -211,8 +211,9 @@ def build_lexical(
     store: str, store_local: Path, data, ids, texts, embeddings, max_length: int
 ) -> dict:
     """STORE/lexical (:mod:`kuberank.lexical`) over the same items, and for a search collection
-    with validation queries the hybrid fusion fitted there (:func:`kuberank.fusion.fit_on_judged`)
-    with the store's own query encoder and these item vectors: what serving computes."""
+    with validation queries the hybrid fusion fitted on its tuning queries (train and
+    validation; :func:`kuberank.fusion.fit_on_judged`) with the store's own query encoder and
+    these item vectors: what serving computes."""
     from kuberank import datasets, fusion
     from kuberank.lexical import LEXICAL_DIR, LexicalIndex
     from kuberank.onnx_encoder import OnnxEncoder
@@ -220,8 +221,8 @@ def build_lexical(
 
     lexical = LexicalIndex.build(ids, texts)
     record = {"method": "rrf", "default": "dense", "note": "no validation queries to fit on"}
-    if data.kind == datasets.SEARCH and "validation" in data.splits():
-        task = datasets.eval_task(data, "validation")
+    if data.kind == datasets.SEARCH and "tuning" in data.splits():
+        task = datasets.eval_task(data, "tuning")
         onnx_dir = store_local / "onnx"  # the query encoder serving runs (fp32 here)
         encoder = OnnxEncoder(
             onnx_dir / "model.onnx",

@@ -117,16 +117,17 @@ def _with_dev(tmp_path):
     return f"beir:{write_beir(tmp_path / 'd', files)}"
 
 
-def test_hybrid_fits_its_weight_on_validation_only(tmp_path):
+def test_hybrid_fits_its_weight_on_the_queries_outside_test(tmp_path):
     collection = _with_dev(tmp_path)
     result = evaluate(collection, "zero-shot", "test", retrieval="hybrid")
     fused = result["fusion"]
-    assert fused["method"] == "convex" and fused["fitted_on"] == "validation"
-    assert 0.0 <= fused["weight"] <= 1.0 and len(fused["validation_ndcg10"]) == 21
+    assert fused["method"] == "convex" and fused["fitted_on"] == "tuning"
+    assert 0.0 <= fused["weight"] <= 1.0 and len(fused["tuning_ndcg10"]) == 21
     assert result["model"] == "zero-shot+bm25" and result["queries"] == 2
-    # weight 1 is the dense ranking: the fitted curve's end point is dense validation nDCG@10
-    dense = evaluate(collection, "zero-shot", "validation")["ndcg@10"]
-    assert fused["validation_ndcg10"]["1.0"] == round(dense, 4)
+    # weight 1 is the dense ranking: the fitted curve's end point is dense nDCG@10 on the
+    # tuning queries (train and validation: q1-q4)
+    tuning = evaluate(collection, "zero-shot", "tuning")
+    assert tuning["queries"] == 4 and fused["tuning_ndcg10"]["1.0"] == round(tuning["ndcg@10"], 4)
     lexical = evaluate(collection, "zero-shot", "test", retrieval="bm25")
     assert lexical["model"] == "bm25"
     assert lexical["ndcg@10"] == evaluate(collection, "bm25", "test")["ndcg@10"]

@@ -198,7 +198,7 @@ def test_index_writes_the_lexical_index_beside_the_dense_one(indexed):
     assert json.loads((store / "index" / ix.META_FILE).read_text())["lexical"]["items"] == 6
 
 
-def test_fusion_fitted_on_validation_is_recorded_and_used_by_evaluate(indexed, tmp_path):
+def test_fusion_fitted_outside_test_is_recorded_and_used_by_evaluate(indexed, tmp_path):
     from fixtures import QRELS
 
     from kuberank.components.evaluate import evaluate
@@ -213,7 +213,7 @@ def test_fusion_fitted_on_validation_is_recorded_and_used_by_evaluate(indexed, t
     meta = ix.build_index(model_dir, dataset, copy)
     shutil.rmtree(copy / "model")  # the export fixture's F is a stand-in: evaluate the encoder
     record = LexicalIndex.load(copy / LEXICAL_DIR).meta["fusion"]
-    assert record["fitted_on"] == "validation" and record["queries"] == 2
+    assert record["fitted_on"] == "tuning" and record["queries"] == 4
     assert meta["lexical"]["weight"] == record["weight"]
     assert record["default"] in ("dense", "hybrid")
     result = evaluate(dataset, str(copy), "test", retrieval="hybrid")
