@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from test_app import serving  # noqa: F401 - the shared session fixture (slow test)
 
 from kuberank.diversity import mmr, mmr_reranker
 
@@ -35,3 +36,44 @@ def test_reranker_reorders_the_head_and_keeps_the_tail():
     rerank = mmr_reranker(vectors, 0.5, candidates=3)
     items = np.array([1, 0, 2, 3])  # ranked item indices, best first
     assert rerank(items, np.array([1.0, 0.9, 0.5, 0.1])).tolist() == [1, 2, 0, 3]
+
+
+def test_the_served_ranker_applies_mmr_over_its_candidates(tmp_path_factory):
+    from test_app import in_process
+    from test_index import serving_store
+
+    from kuberank.serving.app import RankRequest
+
+    store, _, _ = serving_store(tmp_path_factory)
+    encoder, index, ranker = in_process(store)
+    query = encoder.encode(["run containers on a cluster"])[0]
+    everything = np.arange(len(index))
+    plain = ranker.rank(RankRequest(query, everything, [], None, 4))
+    same = ranker.rank(RankRequest(query, everything, [], None, 4, mmr_lambda=1.0))
+    assert plain[0].tolist() == same[0].tolist()
+    rows, scores = ranker.rank(RankRequest(query, everything, [], None, 4, mmr_lambda=0.0))
+    assert rows[0] == plain[0][0]  # the best item first, then the least like those picked
+    vecs = index.embeddings
+    rest = [r for r in everything if r != rows[0]]
+    assert rows[1] == min(rest, key=lambda r: (float(vecs[r] @ vecs[rows[0]]), r))
+    # the items keep F's scores (no longer in score order)
+    assert np.allclose(scores, vecs[rows] @ query, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_served_diversity_per_request(serving):  # noqa: F811
+    from test_filters import post
+
+    body = {"query": "run containers on a cluster", "k": 4}
+    status, plain = post(serving, "/search", body)
+    assert status == 200, plain
+    status, diverse = post(serving, "/search", {**body, "diversity": {"mmr_lambda": 0.0}})
+    assert status == 200 and len(diverse["items"]) == 4, diverse
+    assert diverse["items"][0] == plain["items"][0]
+    assert [i["id"] for i in diverse["items"]] != [i["id"] for i in plain["items"]]
+    status, same = post(
+        serving, "/rec/recommend", {"history": ["d1"], "diversity": {"mmr_lambda": 1}}
+    )
+    assert status == 200, same
+    status, bad = post(serving, "/search", {**body, "diversity": {"mmr_lambda": 1.5}})
+    assert status == 422 and bad["error"]["details"][0]["field"] == "diversity.mmr_lambda"
