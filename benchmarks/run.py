@@ -5,7 +5,8 @@ writes ``runs/bench-<timestamp>/bench.json`` and ``report.md`` with plots. Timin
 2-core machine are noisy: the ratios are what to read. CISI (../shared/datasets/cisi) is used
 when present; everything else runs on the embedded MovieLens-100K.
 
-    python -m benchmarks.run [--sections quality,search,train,compression,serving,images,overload] [--out runs]
+    python -m benchmarks.run [--sections quality,search,diversity,train,compression,serving,images,overload]
+        [--out runs]
 
 ``search`` also runs every BEIR directory in ``KUBERANK_COLLECTIONS`` (colon-separated).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from benchmarks import sections
 
 CISI = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "cisi"
-ALL = ("quality", "search", "train", "compression", "serving", "images", "overload")
+ALL = ("quality", "search", "diversity", "train", "compression", "serving", "images", "overload")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -299,9 +299,14 @@ def load_ranker(model: str) -> Ranker:
 
 
 def rank(
-    ranker: Ranker, task: datasets.EvalTask, depth: int = RUN_DEPTH, batch_size: int = 256
+    ranker: Ranker,
+    task: datasets.EvalTask,
+    depth: int = RUN_DEPTH,
+    batch_size: int = 256,
+    rerank=None,
 ) -> dict[str, list[str]]:
-    """The run: query id -> ranked item ids (full ranking over all items, seen items excluded)."""
+    """The run: query id -> ranked item ids (full ranking over all items, seen items excluded);
+    ``rerank(items, scores) -> items`` re-orders each ranked list (kuberank.diversity)."""
     ranker.prepare(task)
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}
@@ -310,9 +315,10 @@ def rank(
         rows = np.arange(start, min(start + batch_size, len(task)))
         block = ranker.scores(task, rows)
         for offset, row in enumerate(rows):
-            run[task.query_ids[row]] = item_ids[
-                top_k(block[offset], task.exclude[row], depth)
-            ].tolist()
+            top = top_k(block[offset], task.exclude[row], depth)
+            if rerank is not None:
+                top = rerank(top, np.asarray(block[offset])[top])
+            run[task.query_ids[row]] = item_ids[top].tolist()
     return run
 
 
@@ -352,16 +358,25 @@ def evaluate(
     split: str = "test",
     retrieval: str | None = None,
     fusion_method: str = "convex",
+    mmr_lambda: float | None = None,
 ) -> dict:
     """Metrics of ``model`` on ``split`` of ``dataset`` (see :mod:`kuberank.metrics`);
-    ``retrieval`` as in :func:`retrieval_ranker` (default: the model as given)."""
+    ``retrieval`` as in :func:`retrieval_ranker` (default: the model as given);
+    ``mmr_lambda``: MMR re-ranking of each list's top 100 (:mod:`kuberank.diversity`)."""
     started = time.perf_counter()
     data = datasets.load(dataset) if isinstance(dataset, str) else dataset
     task = datasets.eval_task(data, split)
     if len(task) == 0:
         raise KuberankError(f"split {split!r} of {data.name} has no judged queries")
     ranker = retrieval_ranker(model, retrieval, fusion_method)
-    run = rank(ranker, task)
+    rerank = None
+    if mmr_lambda is not None:
+        if not 0.0 <= mmr_lambda <= 1.0:
+            raise KuberankError(f"--mmr-lambda: {mmr_lambda} is not in [0, 1]")
+        from kuberank.diversity import mmr_reranker
+
+        rerank = mmr_reranker(beyond_accuracy.item_embeddings(data), mmr_lambda)
+    run = rank(ranker, task, rerank=rerank)
     result = metrics.evaluate_run(run, task.qrels)
     result.update(beyond_accuracy.evaluate_run(data, run))  # coverage@10, gini@10, ild@10, ...
     if isinstance(ranker, HybridRanker):
@@ -371,6 +386,7 @@ def evaluate(
         dataset=data.name,
         split=split,
         items=len(data.items),
+        **({} if mmr_lambda is None else {"mmr_lambda": mmr_lambda}),
         seconds=round(time.perf_counter() - started, 2),
     )
     return result

@@ -32,7 +32,14 @@ def _cmd_evaluate(args) -> int:
     from kuberank import report
     from kuberank.components.evaluate import evaluate
 
-    result = evaluate(args.dataset, args.model, args.split, args.retrieval, args.fusion)
+    result = evaluate(
+        args.dataset,
+        args.model,
+        args.split,
+        args.retrieval,
+        args.fusion,
+        mmr_lambda=args.mmr_lambda,
+    )
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -193,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         default="test",
         metavar="SPLIT",
-        help="train | validation | test | all (default: test)",
+        help="train | validation | tuning (train + validation) | test | all (default: test)",
     )
     ev.add_argument(
         "--retrieval",
@@ -206,8 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--fusion",
         choices=("convex", "rrf"),
         default="convex",
-        help="hybrid fusion: convex (weight fitted on the validation queries; RRF when there "
-        "are none) or rrf (default: convex)",
+        help="hybrid fusion: convex (weight fitted on the judged queries outside test; RRF "
+        "without a validation split) or rrf (default: convex)",
+    )
+    ev.add_argument(
+        "--mmr-lambda",
+        type=float,
+        metavar="L",
+        help="re-rank each list's top 100 by MMR with this lambda in [0, 1] (1 = as ranked; "
+        "similarity: the item text encoded by all-MiniLM-L6-v2, ILD's vectors)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)

@@ -42,6 +42,7 @@ class ScoredItem:
 
     id: str
     score: float
+    explain: dict | None = None  # with explain=True: the terms of F behind the score
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,10 @@ class RankResult:
     def from_json(cls, body: dict) -> RankResult:
         try:
             return cls(
-                items=[ScoredItem(str(i["id"]), float(i["score"])) for i in body["items"]],
+                items=[
+                    ScoredItem(str(i["id"]), float(i["score"]), i.get("explain"))
+                    for i in body["items"]
+                ],
                 model_version=str(body["model_version"]),
                 fingerprint=str(body.get("fingerprint", "")),
                 kind=str(body.get("kind", "")),
@@ -166,10 +170,12 @@ class KuberankClient:
         user_id: str | None = None,
         history: Sequence[str] | None = None,
         deadline_ms: int | None = None,
+        **options,
     ) -> RankResult:
         """The ``k`` best items for ``query`` (personalised by ``user_id`` and ``history``
-        when the model uses them)."""
-        body = {"query": query, "k": k, **_context(user_id, history, deadline_ms)}
+        when the model uses them). ``options``: ``explain=True``, ``filter={...}``,
+        ``diversity={"mmr_lambda": ...}`` as the API takes them (docs/serving.md)."""
+        body = {"query": query, "k": k, **_context(user_id, history, deadline_ms), **options}
         return RankResult.from_json(self._post("/search", body))
 
     def recommend(
@@ -178,10 +184,12 @@ class KuberankClient:
         k: int = 10,
         user_id: str | None = None,
         deadline_ms: int | None = None,
+        **options,
     ) -> RankResult:
         """The ``k`` best items for a user: from the items in ``history`` (excluded from the
-        answer) and/or a ``user_id`` the model knows (the server needs one of them)."""
-        body = {"k": k, **_context(user_id, history, deadline_ms)}
+        answer) and/or a ``user_id`` the model knows (the server needs one of them);
+        ``options`` as :meth:`search`'s."""
+        body = {"k": k, **_context(user_id, history, deadline_ms), **options}
         return RankResult.from_json(self._post("/recommend", body))
 
     def ready(self) -> bool:

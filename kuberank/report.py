@@ -47,3 +47,34 @@ def bar_plot(rows: Sequence[dict], metrics: Sequence[str], path: str | Path, tit
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def curve_plot(
+    curves: dict[str, Sequence[dict]], x: str, y: str, label: str, path: str | Path, title: str
+) -> Path:
+    """One line per curve (name -> rows), ``y`` against ``x``, each point labelled with the
+    row's ``label`` (e.g. an accuracy-diversity curve over MMR's lambda)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    for name, rows in curves.items():
+        xs, ys = [float(r[x]) for r in rows], [float(r[y]) for r in rows]
+        ax.plot(xs, ys, marker="o", label=name)
+        for r, px, py in zip(rows, xs, ys, strict=True):
+            ax.annotate(
+                f"{r[label]:g}", (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -72,6 +72,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kuberank.diversity import mmr
 from kuberank.errors import KuberankError
 from kuberank.serving import admission, json_routes
 from kuberank.serving.admission import DEFAULT_BUDGET_MS, Admission, Overloaded
@@ -223,6 +224,9 @@ class Settings:
     latency_budget_ms: float = DEFAULT_BUDGET_MS
     retries: int = 1  # retries of a downstream call whose replica died
     revision: int = 0  # bump (user_config) to reload the same store URI
+    # MMR re-ranking of F's candidates by default (kuberank.diversity; a request's
+    # diversity.mmr_lambda overrides it); None = off
+    mmr_lambda: float | None = None
     deployments: dict = field(default_factory=dict)  # per-deployment Serve option overrides
 
     def __post_init__(self):
@@ -250,6 +254,8 @@ class Settings:
             raise KuberankError("latency_budget_ms: need > 0 (milliseconds)")
         if self.switch_interval_s < 0:
             raise KuberankError("switch_interval_s: need >= 0 (0 = Python's default)")
+        if self.mmr_lambda is not None and not 0.0 <= float(self.mmr_lambda) <= 1.0:
+            raise KuberankError(f"mmr_lambda: {self.mmr_lambda} is not in [0, 1]")
         unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
@@ -460,6 +466,7 @@ class RankRequest:
     user_id: str | None
     k: int
     explain: bool = False  # also the terms of F behind each returned score (serving/explain.py)
+    mmr_lambda: float | None = None  # MMR over the candidates (kuberank.diversity); None = off
 
 
 class RankerCore:
@@ -503,7 +510,11 @@ class RankerCore:
             with torch.no_grad():
                 scores = self.scorer(**self.scorer_inputs(req, cands)[0])[0].numpy()
         scores = np.asarray(scores, dtype=np.float64)
-        top = np.lexsort((cands, -scores))[: req.k]
+        order = np.lexsort((cands, -scores))
+        if req.mmr_lambda is not None:  # the k picks of MMR over every candidate, in its order
+            vectors = self.index.embeddings[cands[order]]
+            order = order[mmr(scores[order], vectors, req.mmr_lambda, req.k)]
+        top = order[: req.k]
         return cands[top], scores[top].astype(np.float32)
 
     def scorer_inputs(self, req: RankRequest, cands: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -633,6 +644,7 @@ class PipelineRequest:
     exclude_history: bool
     explain: bool = False
     filter: Filter | None = None
+    mmr_lambda: float | None = None
 
 
 def rank_response(
@@ -714,7 +726,7 @@ class Pipeline:
             if isinstance(f, Exception):
                 out.append(f)
                 continue
-            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain)
+            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.mmr_lambda)
             rows, scores = self.ranker.rank(ranked)
             why = explain_rows(self.ranker, ranked, rows) if r.explain else None
             out.append(([self.index.ids[i] for i in rows], scores.tolist(), why))
@@ -768,6 +780,18 @@ TopK = Annotated[int, Field(ge=1, le=MAX_K), BeforeValidator(_integral)]
 DeadlineMs = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS), BeforeValidator(_integral)]
 
 
+class Diversity(BaseModel):
+    """MMR re-ranking (kuberank.diversity) of F's candidates: each pick maximises
+    lambda * relevance - (1 - lambda) * its largest cosine to the items already picked."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    mmr_lambda: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="1: F's order; smaller: more diverse lists (items stay scored by F)",
+    )
+
+
 class _UserContext(BaseModel):
     """What both routes take besides the query: the user, the history and k."""
 
@@ -789,6 +813,9 @@ class _UserContext(BaseModel):
     )
     filter: Filter | None = Field(
         None, description="which items may be returned, applied before top-k (serving/filters.py)"
+    )
+    diversity: Diversity | None = Field(
+        None, description="re-ranking for diversity; without it, the server's default"
     )
 
 
@@ -1468,7 +1495,9 @@ if serve is not None:
             ids, scores, version, meta = await self._call(
                 "rank",
                 self.ranker.rank,
-                RankRequest(vector, rows, history, request.user_id, k, request.explain),
+                RankRequest(
+                    vector, rows, history, request.user_id, k, request.explain, request.mmr_lambda
+                ),
             )
             self.metrics.observe_stage(
                 "rank", time.perf_counter() - t, meta["batch"], meta["queue_s"]
@@ -1534,13 +1563,20 @@ if serve is not None:
             request = PipelineRequest(
                 body.query, body.history, body.user_id, body.k, False, body.explain, body.filter
             )
+            request.mmr_lambda = self._mmr_lambda(body)
             return await self._rank(state, request, body.deadline_ms)
+
+        def _mmr_lambda(self, body) -> float | None:
+            if body.diversity is not None:
+                return body.diversity.mmr_lambda
+            return self.settings.mmr_lambda
 
         async def _recommend(self, body: RecommendRequest) -> dict:
             state = self._check(body.user_id, body.history, need_signal=True, flt=body.filter)
             request = PipelineRequest(
                 None, body.history, body.user_id, body.k, True, body.explain, body.filter
             )
+            request.mmr_lambda = self._mmr_lambda(body)
             return await self._rank(state, request, body.deadline_ms)
 
         @api.post(

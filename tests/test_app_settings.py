@@ -46,6 +46,7 @@ def test_limits_and_metrics_wrap_the_json_fast_path():
         ({"pipeline_batch": (0, 0.002)}, "pipeline_batch"),
         ({"onnx_precision": "fp16"}, "onnx_precision"),
         ({"deployments": {"Nope": {}}}, "deployments"),
+        ({"mmr_lambda": 1.5}, "mmr_lambda"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):

@@ -112,6 +112,27 @@ def test_search_and_recommend_send_the_documented_body_and_return_typed_results(
         client.search("x", history="d1")
 
 
+def test_explain_filter_and_diversity_are_sent_and_explanations_returned():
+    why = {"relevance": 0.91}
+    answer = {**ANSWER, "items": [{"id": "d2", "score": 0.91, "explain": why}]}
+    with Scripted(reply(body=answer)) as server:
+        client = KuberankClient(server.url, timeout_s=2)
+        result = client.search(
+            "pasta", k=1, explain=True, filter={"exclude": ["d1"]}, diversity={"mmr_lambda": 0.5}
+        )
+        client.recommend(history=["d1"], filter={"where": {"year": {"gte": 1990}}})
+    assert result.items == [ScoredItem("d2", 0.91, why)]
+    (_, _, b1), (_, _, b2) = server.requests
+    assert b1 == {
+        "query": "pasta",
+        "k": 1,
+        "explain": True,
+        "filter": {"exclude": ["d1"]},
+        "diversity": {"mmr_lambda": 0.5},
+    }
+    assert b2 == {"k": 10, "history": ["d1"], "filter": {"where": {"year": {"gte": 1990}}}}
+
+
 def test_503_is_retried_after_retry_after_and_the_answer_returned():
     shed = error(503, "overloaded: cannot answer within 40 ms", headers={"Retry-After": "1"})
     with Scripted(shed, shed, reply()) as server:

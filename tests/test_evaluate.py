@@ -76,6 +76,31 @@ def test_beyond_accuracy_metrics_for_every_ranker_kind(collection):
     assert dense["coverage@10"] == 1.0 and dense["gini@10"] == pytest.approx(0.0)
 
 
+def test_mmr_reranking_trades_relevance_for_diversity(collection, capsys):
+    plain = evaluate(collection, "zero-shot", "all")
+    same = evaluate(collection, "zero-shot", "all", mmr_lambda=1.0)
+    assert same["ndcg@10"] == plain["ndcg@10"] and same["ild@10"] == plain["ild@10"]
+    assert same["mmr_lambda"] == 1.0 and "mmr_lambda" not in plain
+    # lambda 0: after the best item, each pick is the one least like those already chosen
+    from kuberank import beyond_accuracy
+    from kuberank.components.evaluate import load_ranker, rank
+    from kuberank.diversity import mmr_reranker
+
+    data = datasets.load(collection)
+    vectors = beyond_accuracy.item_embeddings(data)
+    task = datasets.eval_task(data, "all")
+    plain_run = rank(load_ranker("bm25"), task)
+    run = rank(load_ranker("bm25"), task, rerank=mmr_reranker(vectors, 0.0))
+    row = {iid: i for i, iid in enumerate(data.item_ids)}
+    for qid, ranked in run.items():
+        assert ranked[0] == plain_run[qid][0] and sorted(ranked) == sorted(plain_run[qid])
+        first = vectors[row[ranked[0]]]
+        sims = {i: float(vectors[row[i]] @ first) for i in ranked[1:]}
+        assert sims[ranked[1]] == min(sims.values())
+    assert main(["evaluate", "--dataset", collection, "--model", "bm25", "--mmr-lambda", "2"]) == 2
+    assert "--mmr-lambda: 2.0 is not in [0, 1]" in capsys.readouterr().err
+
+
 def test_cli_json_contract(collection, capsys):
     assert (
         main(["evaluate", "--dataset", collection, "--model", "bm25", "--split", "all", "--json"])
