@@ -37,6 +37,9 @@ README = ROOT / "README.md"
 DATA_PREP = "kuberank data prep --dataset movielens-100k --out runs/ml100k"
 EVAL_BASELINE = "kuberank evaluate --dataset movielens-100k --model popularity --json"
 EVAL_BM25 = "kuberank evaluate --dataset beir:path/to/cisi --model bm25 --split all --json"
+EVAL_HYBRID = (
+    "kuberank evaluate --dataset beir:path/to/cisi --model zero-shot --retrieval hybrid --json"
+)
 TRAIN = "kuberank train --dataset movielens-100k --out models/ml --workers 2"
 EVAL_MODEL = "kuberank evaluate --dataset movielens-100k --model models/ml --split test --json"
 COMPRESS = "kuberank compress --model models/ml --dataset movielens-100k --out models/ml-small"
@@ -52,6 +55,7 @@ RUN = [
     DATA_PREP,
     EVAL_BASELINE,
     EVAL_BM25,
+    EVAL_HYBRID,
     TRAIN,
     EVAL_MODEL,
     COMPRESS,
@@ -212,6 +216,8 @@ def test_readme_commands_run_against_a_small_store(tmp_path):
         command = EVAL_BASELINE.replace("popularity", model)
         assert json.loads(run(command))["model"] == model
     assert json.loads(run(EVAL_BM25))["ndcg@10"] > 0.5
+    hybrid = json.loads(run(EVAL_HYBRID))  # six queries, no validation split: RRF, said so
+    assert hybrid["model"] == "zero-shot+bm25" and hybrid["fusion"]["method"] == "rrf"
 
     run(TRAIN)
     assert (work / "models/ml/kuberank.json").is_file()
