@@ -18,14 +18,33 @@ from kuberank.errors import KuberankError
 def _cmd_data_prep(args) -> int:
     from kuberank.components.data_prep import prepare
 
-    manifest = prepare(args.dataset, args.out, engine=args.engine, ray_address=args.ray_address)
+    manifest = prepare(
+        args.dataset,
+        args.out,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        tie_break=args.tie_break,
+        seed=args.seed,
+    )
     print(
         json.dumps(manifest, indent=2)
         if args.json
         else f"{manifest['name']} ({manifest['kind']}): {manifest['rows']} -> {args.out}\n"
         f"splits {manifest['splits']}, content hash {manifest['content_hash'][:16]}…, engine {manifest['engine']}"
+        + _split_line(manifest.get("split"))
     )
     return 0
+
+
+def _split_line(rule: dict | None) -> str:
+    if not rule:
+        return ""
+    return (
+        f"\nsplit: {rule['rule']}, ties by {rule['tie_break']} order"
+        + (f" (seed {rule['seed']})" if "seed" in rule else "")
+        + f"; {rule['users_tied_last_two']} of {rule['users_evaluated']} users' validation and "
+        "test interactions share a timestamp"
+    )
 
 
 def _cmd_evaluate(args) -> int:
@@ -173,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--ray-address", metavar="ADDR", help="Ray cluster to use (default: local on 127.0.0.1)"
     )
+    prep.add_argument(
+        "--tie-break",
+        default="log",
+        choices=["log", "random"],
+        help="order of interactions with equal timestamps: the log's own order (default) "
+        "or a seeded random order",
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of --tie-break random (default: 0)")
     prep.add_argument("--json", action="store_true", help="print the manifest as JSON")
     prep.set_defaults(func=_cmd_data_prep)
 
