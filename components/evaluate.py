@@ -21,7 +21,8 @@ from kuberank.kfp_component import step_component
 from kuberank.progress import bar
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
-BASELINES = ("bm25", "popularity", "zero-shot", "ease", "bpr")
+BASELINES = ("bm25", "popularity", "zero-shot", "ease")
+PEERS = ("sasrec", "gru4rec", "lightgcn", "bpr", "itemknn")  # RecBole: components/peers.py
 BM25_PARAMS = {"k1": 0.9, "b": 0.4}
 
 
@@ -121,30 +122,6 @@ class EASERanker(Ranker):
         return np.asarray(self.matrix[rows] @ self.weights)
 
 
-class BPRRanker(Ranker):
-    """Bayesian personalised ranking from the maintained ``implicit`` library."""
-
-    name = "bpr"
-
-    def __init__(self, factors: int = 64, iterations: int = 100, seed: int = 0):
-        self.params = {"factors": factors, "iterations": iterations, "random_state": seed}
-
-    def prepare(self, task):
-        if task.dataset.kind != datasets.RECOMMENDATION:
-            raise KuberankError(
-                "--model bpr: a recommendation baseline; this dataset is a search collection"
-            )
-        from implicit.cpu.bpr import BayesianPersonalizedRanking
-        from threadpoolctl import threadpool_limits
-
-        self.model = BayesianPersonalizedRanking(**self.params, num_threads=1)
-        with threadpool_limits(1, "blas"):
-            self.model.fit(_user_item_matrix(task), show_progress=False)
-
-    def scores(self, task, rows):
-        return np.asarray(self.model.user_factors[rows] @ self.model.item_factors.T)
-
-
 class ModelRanker(Ranker):
     """A model in any form (see :func:`kuberank.model.resolve_model`): the towers embed
     queries and items and F scores them. For search F reduces to Q·I; for recommendation the
@@ -221,7 +198,9 @@ class ModelRanker(Ranker):
 
 
 def load_ranker(model: str) -> Ranker:
-    """``bm25``, ``popularity``, ``zero-shot`` or a model directory."""
+    """``bm25``, ``popularity``, ``zero-shot``, ``ease``, a RecBole peer (``sasrec``,
+    ``gru4rec``, ``lightgcn``, ``bpr``, ``itemknn``; see :mod:`kuberank.components.peers`) or a
+    model directory."""
     if model == "bm25":
         return BM25Ranker()
     if model == "popularity":
@@ -232,13 +211,16 @@ def load_ranker(model: str) -> Ranker:
         return ModelRanker(base_model_path(), name="zero-shot")
     if model == "ease":
         return EASERanker()
-    if model == "bpr":
-        return BPRRanker()
+    if model in PEERS:
+        from kuberank.components.peers import RecBoleRanker
+
+        return RecBoleRanker(model)
     path = Path(model)
     if path.exists():
         return ModelRanker(str(path))
     raise KuberankError(
-        f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory"
+        f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}), a peer "
+        f"({', '.join(PEERS)}) nor a directory"
     )
 
 

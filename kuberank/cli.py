@@ -49,9 +49,23 @@ def _split_line(rule: dict | None) -> str:
 
 def _cmd_evaluate(args) -> int:
     from kuberank import report
-    from kuberank.components.evaluate import evaluate
+    from kuberank.components.evaluate import PEERS, evaluate
 
-    result = evaluate(args.dataset, args.model, args.split)
+    if args.model not in PEERS and (args.max_epochs is not None or args.seed is not None):
+        raise KuberankError(
+            f"--max-epochs/--seed: only for the peers ({', '.join(PEERS)}), not {args.model!r}"
+        )
+    args.max_epochs = 300 if args.max_epochs is None else args.max_epochs
+    args.seed = 0 if args.seed is None else args.seed
+
+    model = args.model
+    if model in PEERS:
+        from kuberank.components.peers import load_peer
+
+        model = load_peer(model, max_epochs=args.max_epochs, seed=args.seed)
+    result = evaluate(args.dataset, model, args.split)
+    if getattr(model, "training", None):
+        result["training"] = model.training
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -213,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         metavar="MODEL",
-        help="a baseline (popularity | ease | bpr | zero-shot | bm25) or a model directory",
+        help="a baseline (popularity | ease | zero-shot | bm25), a peer trained with RecBole "
+        "(sasrec | gru4rec | lightgcn | bpr | itemknn) or a model directory",
     )
     ev.add_argument(
         "--split",
@@ -221,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPLIT",
         help="train | validation | test | all (default: test)",
     )
+    ev.add_argument(
+        "--max-epochs",
+        type=int,
+        metavar="N",
+        help="peers: cap on training epochs (default 300; early stopping on validation ends "
+        "training before)",
+    )
+    ev.add_argument("--seed", type=int, metavar="N", help="peers: training seed (default 0)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)
 
