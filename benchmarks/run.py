@@ -5,7 +5,7 @@ writes ``runs/bench-<timestamp>/bench.json`` and ``report.md`` with plots. Timin
 2-core machine are noisy: the ratios are what to read. CISI (../shared/datasets/cisi) is used
 when present; everything else runs on the embedded MovieLens-100K.
 
-    python -m benchmarks.run [--sections quality,train,compression,serving,images,overload] [--out runs]
+    python -m benchmarks.run [--sections quality,rec-peers,train,compression,serving,images,overload] [--out runs]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks import sections
 
 CISI = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "cisi"
-ALL = ("quality", "train", "compression", "serving", "images", "overload")
+ALL = ("quality", "rec-peers", "train", "compression", "serving", "images", "overload")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ALL:
             parser.error(f"--sections: unknown section {name!r}")
         print(f"\n=== {name} ===", flush=True)
-        result, markdown = getattr(sections, name)(out, cisi)
+        result, markdown = getattr(sections, name.replace("-", "_"))(out, cisi)
         results[name] = result
         report += [f"## {name}", "", markdown, ""]
         (out / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

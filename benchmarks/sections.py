@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kuberank import datasets, report
+from benchmarks.rec_peers import rec_peers  # noqa: E402,F401  (the rec-peers section)
+from kuberank import datasets, metrics, report, significance
 from kuberank.components.evaluate import evaluate
 from kuberank.perf import encoder_flops, encoder_throughput, matmul_peak_flops
 
 ML = "movielens-100k"
-# Measured elsewhere under the same MovieLens-100K protocol (issue 3); not re-run here.
-REFERENCE_ML = {"SASRec (RecBole, 6 epochs)": 0.0637, "BPR (implicit)": 0.0398, "EASE^R": 0.0371}
 
 
 def _train(spec: str, out: Path, **kwargs) -> tuple[Path, float]:
@@ -23,6 +22,19 @@ def _train(spec: str, out: Path, **kwargs) -> tuple[Path, float]:
     started = time.perf_counter()
     path = train(TrainConfig(dataset=spec, out=str(out), **kwargs))
     return path, time.perf_counter() - started
+
+
+def scored(data: datasets.Dataset, model, split: str) -> tuple[dict, dict[str, float]]:
+    """What :func:`evaluate` returns (metrics, model, split) and the per-query NDCG@10 of the
+    same run, for the paired tests."""
+    from kuberank.components.evaluate import load_ranker, rank
+
+    task = datasets.eval_task(data, split)
+    ranker = load_ranker(model) if isinstance(model, str) else model
+    run = rank(ranker, task)
+    result = metrics.evaluate_run(run, task.qrels)
+    result.update(model=ranker.name, dataset=data.name, split=split)
+    return result, significance.per_query_metric(run, task.qrels, "ndcg@10")
 
 
 def _history(model: Path) -> list[dict]:
@@ -38,12 +50,12 @@ def _training_minutes(model: Path) -> float:
 
 def quality(out: Path, cisi: str | None):
     data = datasets.load(ML)
-    rows = [evaluate(data, name, "test") for name in ("popularity", "ease", "bpr", "zero-shot")]
+    rows = [evaluate(data, name, "test") for name in ("popularity", "ease", "zero-shot")]
     model, seconds = _train(ML, out / "models" / "movielens", workers=2)
     tuned = evaluate(data, str(model), "test")
     tuned["model"] = "F(Q,B,I) fine-tuned"
     rows.append(tuned)
-    best_base = max(r["ndcg@10"] for r in rows[:3])
+    best_base = max(r["ndcg@10"] for r in rows[:2])
     lines = [
         f"MovieLens-100K, test split, full ranking over {len(data.items)} items (943 users).",
         "",
@@ -51,9 +63,8 @@ def quality(out: Path, cisi: str | None):
         "",
         f"F(Q,B,I) / best non-sequential baseline in this run: {tuned['ndcg@10'] / best_base:.2f}x "
         f"(training {_training_minutes(model):.1f} min with 2 workers, epoch chosen on validation).",
-        "References measured elsewhere under the same protocol (not re-run): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in REFERENCE_ML.items())
-        + f"; F / SASRec = {tuned['ndcg@10'] / REFERENCE_ML['SASRec (RecBole, 6 epochs)']:.2f}x.",
+        "The learned peers (RecBole's SASRec, GRU4Rec, LightGCN, BPR, ItemKNN) over seeds, with "
+        "a paired test: the rec-peers section.",
     ]
     plot = report.bar_plot(
         rows, ["ndcg@10", "hit@10"], out / "quality-movielens.png", "MovieLens-100K test"
@@ -71,12 +82,15 @@ def quality(out: Path, cisi: str | None):
             for r in checks
         ]
         result["cisi_reference"] = checks
-        cisi_rows = [evaluate(cisi, name, "test") for name in ("bm25", "zero-shot")]
+        cisi_data = datasets.load(cisi)
+        cisi_rows = [evaluate(cisi_data, "bm25", "test")]
+        zero, zero_q = scored(cisi_data, "zero-shot", "test")
         cmodel, cseconds = _train(cisi, out / "models" / "cisi", workers=2)
-        ctuned = evaluate(cisi, str(cmodel), "test")
+        ctuned, tuned_q = scored(cisi_data, str(cmodel), "test")
         ctuned["model"] = "fine-tuned"
-        cisi_rows.append(ctuned)
-        delta = ctuned["ndcg@10"] - cisi_rows[1]["ndcg@10"]
+        cisi_rows += [zero, ctuned]
+        delta = ctuned["ndcg@10"] - zero["ndcg@10"]
+        paired = significance.paired_test(tuned_q, zero_q)
         extra = [
             "",
             "CISI, test split (hash split of the judged queries), fine-tuned on train with the defaults:",
@@ -85,10 +99,16 @@ def quality(out: Path, cisi: str | None):
             "",
             f"fine-tuned - zero-shot nDCG@10: {delta:+.4f} (target +0.03); training {_training_minutes(cmodel):.1f} min "
             f"(wall clock with Ray start and data loading {cseconds / 60:.1f} min), 2 workers.",
+            f"Paired over the {paired['queries']} test queries (kuberank/significance.py): "
+            f"difference {paired['difference']:+.4f}, bootstrap 95% interval "
+            f"[{paired['bootstrap_ci95'][0]:+.4f}, {paired['bootstrap_ci95'][1]:+.4f}], "
+            f"paired t-test p = {paired['t_p']:.3g}, bootstrap p = {paired['bootstrap_p']:.3g}.",
         ]
         print("\n".join(extra), flush=True)
         lines += extra
-        result.update(cisi=cisi_rows, cisi_train_seconds=cseconds, cisi_delta=delta)
+        result.update(
+            cisi=cisi_rows, cisi_train_seconds=cseconds, cisi_delta=delta, cisi_paired=paired
+        )
     return result, "\n".join(lines)
 
 

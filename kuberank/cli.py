@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs",
         type=int,
         metavar="N",
-        help="peers: cap on training epochs (default 300; early stopping on validation ends "
-        "training before)",
+        help="peers: cap on training epochs (default 300; training stops earlier once "
+        "validation NDCG@10 has not improved for 10 epochs)",
     )
     ev.add_argument("--seed", type=int, metavar="N", help="peers: training seed (default 0)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
