@@ -72,6 +72,11 @@ def prepare(
     manifest and on stderr)."""
     if engine not in ENGINES:
         raise KuberankError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if tie_break != "log" and not spec_splits_fresh(spec):
+        raise KuberankError(
+            f"--tie-break: {spec!r} is already prepared and keeps its split; "
+            "prepare the original log with --tie-break instead"
+        )
     data = datasets.load(spec, tie_break=tie_break, seed=seed)
     used = "local"
     if data.kind == datasets.RECOMMENDATION and (

@@ -8,6 +8,7 @@ import pytest
 from kuberank import datasets
 from kuberank.cli import main
 from kuberank.components.data_prep import prepare
+from kuberank.errors import KuberankError
 from tests.fixtures import interaction_rows, write_beir, write_jsonl
 
 
@@ -67,6 +68,8 @@ def test_seeded_random_tie_break_is_deterministic_per_seed(tmp_path):
         runs[name] = pd.read_parquet(tmp_path / name / "interactions.parquet")
     pd.testing.assert_frame_equal(runs["a"], runs["b"])
     assert not runs["a"]["item_id"].equals(runs["c"]["item_id"])
+    with pytest.raises(KuberankError, match="already prepared and keeps its split"):
+        prepare(f"prepared:{tmp_path / 'a'}", str(tmp_path / "d"), tie_break="random")
 
 
 def test_all_equal_timestamps_split_by_log_order_and_say_so(tmp_path, capsys):
