@@ -55,14 +55,12 @@ def _cmd_evaluate(args) -> int:
         raise KuberankError(
             f"--max-epochs/--seed: only for the peers ({', '.join(PEERS)}), not {args.model!r}"
         )
-    args.max_epochs = 300 if args.max_epochs is None else args.max_epochs
-    args.seed = 0 if args.seed is None else args.seed
-
     model = args.model
     if model in PEERS:
-        from kuberank.components.peers import load_peer
+        from kuberank.components.peers import RecBoleRanker
 
-        model = load_peer(model, max_epochs=args.max_epochs, seed=args.seed)
+        given = {"max_epochs": args.max_epochs, "seed": args.seed}
+        model = RecBoleRanker(model, **{k: v for k, v in given.items() if v is not None})
     result = evaluate(args.dataset, model, args.split)
     if getattr(model, "training", None):
         result["training"] = model.training
