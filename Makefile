@@ -17,7 +17,8 @@ export PYTHONUNBUFFERED := 1
 venv: $(STAMP)
 
 # Idempotent: re-runs only when pyproject.toml changes. torch first (CPU wheel pinned),
-# then the project, then recbole without dependencies (only its bundled MovieLens files).
+# then the project, then recbole without dependencies (its bundled MovieLens files, and the
+# peers of components/peers.py with the runtime imports the dev extra pins).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from kuberank import datasets, report
+from kuberank import datasets, report, significance
 from kuberank.components.evaluate import evaluate
 
 FINETUNE_GAIN = 0.03
@@ -35,21 +35,31 @@ def one_collection(spec: str, out: Path, train_kwargs: dict | None = None) -> di
     data = datasets.load(spec)
     queries = data.qrels.groupby("split")["query_id"].nunique().to_dict()
     rows = [
-        evaluate(data, "bm25", "test"),
-        evaluate(data, "zero-shot", "test"),
-        evaluate(data, "zero-shot", "test", retrieval="hybrid"),
+        evaluate(data, "bm25", "test", per_query=True),
+        evaluate(data, "zero-shot", "test", per_query=True),
+        evaluate(data, "zero-shot", "test", retrieval="hybrid", per_query=True),
     ]
     started = time.perf_counter()
     model = train(
         TrainConfig(dataset=spec, out=str(out / data.name), workers=2, **(train_kwargs or {}))
     )
     seconds = time.perf_counter() - started
-    rows.append({**evaluate(data, str(model), "test"), "model": "fine-tuned"})
-    rows.append(
-        {**evaluate(data, str(model), "test", retrieval="hybrid"), "model": "fine-tuned+bm25"}
-    )
+    rows.append({**evaluate(data, str(model), "test", per_query=True), "model": "fine-tuned"})
+    hybrid = evaluate(data, str(model), "test", retrieval="hybrid", per_query=True)
+    rows.append({**hybrid, "model": "fine-tuned+bm25"})
+    per_query = {r["model"]: r.pop("per_query_ndcg@10") for r in rows}
     ndcg = {r["model"]: r["ndcg@10"] for r in rows}
+    best_single = max(("bm25", "fine-tuned"), key=lambda m: ndcg[m])
+    paired = {  # paired over the test queries (kuberank/significance.py)
+        "fine-tuned vs zero-shot": significance.paired_test(
+            per_query["fine-tuned"], per_query["zero-shot"]
+        ),
+        f"fine-tuned+bm25 vs {best_single}": significance.paired_test(
+            per_query["fine-tuned+bm25"], per_query[best_single]
+        ),
+    }
     return {
+        "paired": paired,
         "collection": data.name,
         "items": len(data.items),
         "queries": queries,
@@ -83,9 +93,15 @@ def search(out: Path, cisi: str | None):
             f"- hybrid - max(BM25, dense), zero-shot: {result['hybrid_gain']:+.4f}; fine-tuned: "
             f"{result['hybrid_gain_tuned']:+.4f} (goal +{HYBRID_GAIN}; "
             f"{'met' if min(result['hybrid_gain'], result['hybrid_gain_tuned']) >= HYBRID_GAIN else 'NOT met'})",
-            f"- fusion weights fitted on validation: {result['fusion_weights']}; "
-            f"training {result['train_seconds'] / 60:.1f} min (2 workers)",
-            "",
+            f"- fusion weights fitted on the tuning queries (train + validation): "
+            f"{result['fusion_weights']}; training {result['train_seconds'] / 60:.1f} min (2 workers)",
         ]
-        print("\n".join(lines[-9:]), flush=True)
+        lines += [
+            f"- {name}: {p['difference']:+.4f} over {p['queries']} queries, bootstrap 95% "
+            f"[{p['bootstrap_ci95'][0]:+.4f}, {p['bootstrap_ci95'][1]:+.4f}], t-test p = "
+            f"{p['t_p']:.3g}"
+            for name, p in result["paired"].items()
+        ]
+        lines.append("")
+        print("\n".join(lines[-12:]), flush=True)
     return {"collections": results}, "\n".join(lines)

@@ -11,10 +11,12 @@ Output directory (written to a temporary sibling, then renamed: never half-writt
     queries.parquet          query_id, text                      (search)
     qrels.parquet            query_id, item_id, relevance, split (search)
     interactions.parquet     user_id, item_id, timestamp, rating, query, split (recommendation)
-    manifest.json            format, name, kind, source, rows, content_hash, engine
+    manifest.json            format, name, kind, source, rows, content_hash, engine,
+                             split (recommendation: the rule, tie-break, tied users)
 """
 
 import datetime as _dt
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +32,8 @@ ENGINES = ("auto", "local", "ray")
 
 
 def split_on_ray(interactions: pd.DataFrame, ray_address: str | None = None) -> pd.DataFrame:
-    """The leave-last-out split on Ray Data: Parquet in, one group per user, Parquet out."""
+    """The leave-last-out split on Ray Data: Parquet in, one group per user, Parquet out.
+    The rows' order in ``interactions`` is the log order (ties keep it, via ``_log_order``)."""
     import ray
 
     from kuberank.raycluster import ensure_ray
@@ -39,9 +42,9 @@ def split_on_ray(interactions: pd.DataFrame, ray_address: str | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="kuberank-prep-") as tmp:
         source, sink = Path(tmp) / "in", Path(tmp) / "out"
         source.mkdir()
-        interactions.drop(columns=["split"], errors="ignore").to_parquet(
-            source / "part-0.parquet", index=False
-        )
+        interactions.drop(columns=["split"], errors="ignore").assign(
+            **{datasets.TIE_COLUMN: datasets.tie_keys(len(interactions))}
+        ).to_parquet(source / "part-0.parquet", index=False)
         (
             ray.data.read_parquet(str(source))
             .groupby("user_id")
@@ -49,23 +52,44 @@ def split_on_ray(interactions: pd.DataFrame, ray_address: str | None = None) -> 
             .write_parquet(str(sink))
         )
         result = pd.read_parquet(sink)
-    result = result.sort_values(["user_id", "timestamp"], kind="mergesort")
     # Re-apply on the whole table: same function, restores the canonical row order.
-    return datasets.assign_leave_last_out(result.drop(columns="split"))
+    result = datasets.assign_leave_last_out(result.drop(columns="split"))
+    return result.drop(columns=datasets.TIE_COLUMN)
 
 
-def prepare(spec: str, out: str, engine: str = "auto", ray_address: str | None = None) -> dict:
+def prepare(
+    spec: str,
+    out: str,
+    engine: str = "auto",
+    ray_address: str | None = None,
+    tie_break: str = "log",
+    seed: int = 0,
+) -> dict:
     """Load ``spec``, split it and write the artifacts to ``out`` (a directory or s3:// URI).
-    Returns the manifest."""
+    ``tie_break``/``seed``: how timestamp ties in an interaction log are ordered (the log's
+    own order by default; see :func:`kuberank.datasets.assign_leave_last_out`). Returns the
+    manifest; a log whose timestamps are all equal is split by that order and says so (in the
+    manifest and on stderr)."""
     if engine not in ENGINES:
         raise KuberankError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
-    data = datasets.load(spec)
+    if tie_break != "log" and not spec_splits_fresh(spec):
+        raise KuberankError(
+            f"--tie-break: {spec!r} is already prepared and keeps its split; "
+            "prepare the original log with --tie-break instead"
+        )
+    data = datasets.load(spec, tie_break=tie_break, seed=seed)
     used = "local"
     if data.kind == datasets.RECOMMENDATION and (
         engine == "ray" or (engine == "auto" and len(data.interactions) > RAY_THRESHOLD_ROWS)
     ):
+        # The loaded rows are already in the chosen order: Ray keeps it as the log order.
         data.interactions = split_on_ray(data.interactions, ray_address)
         used = "ray"
+    split_rule = None
+    if data.kind == datasets.RECOMMENDATION and spec_splits_fresh(spec):
+        split_rule = datasets.split_summary(data.interactions, tie_break, seed)
+        if split_rule.get("note"):
+            print(f"kuberank data prep: {split_rule['note']}", file=sys.stderr)
     local_out = (
         Path(tempfile.mkdtemp(prefix="kuberank-out-")) / "prepared"
         if storage.is_s3(out)
@@ -88,12 +112,18 @@ def prepare(spec: str, out: str, engine: str = "auto", ray_address: str | None =
             "splits": _split_counts(data),
             "content_hash": storage.sha256_files(paths),
             "engine": used,
+            **({"split": split_rule} if split_rule else {}),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         storage.write_json(tmp / "manifest.json", manifest)
     if storage.is_s3(out):
         storage.publish(local_out, out)
     return manifest
+
+
+def spec_splits_fresh(spec: str) -> bool:
+    """Whether loading ``spec`` splits a log (a prepared dataset keeps its own split)."""
+    return not (str(spec).startswith("prepared:") or (Path(str(spec)) / "manifest.json").is_file())
 
 
 def _split_counts(data: datasets.Dataset) -> dict[str, int]:
@@ -103,11 +133,17 @@ def _split_counts(data: datasets.Dataset) -> dict[str, int]:
 
 
 @step_component()
-def data_prep_op(dataset_spec: str, prepared: dsl.Output[dsl.Dataset], engine: str = "auto"):
+def data_prep_op(
+    dataset_spec: str,
+    prepared: dsl.Output[dsl.Dataset],
+    engine: str = "auto",
+    tie_break: str = "log",
+    seed: int = 0,
+):
     """kfp wrapper around :func:`prepare`; the manifest's counts become artifact metadata."""
     from kuberank.components.data_prep import prepare
 
-    manifest = prepare(dataset_spec, prepared.path, engine=engine)
+    manifest = prepare(dataset_spec, prepared.path, engine=engine, tie_break=tie_break, seed=seed)
     prepared.metadata.update(
         {
             "kind": manifest["kind"],

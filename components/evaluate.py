@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from kfp import dsl
 
-from kuberank import beyond_accuracy, datasets, fusion, metrics
+from kuberank import beyond_accuracy, datasets, fusion, metrics, significance
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.metrics import top_k
@@ -25,7 +25,8 @@ from kuberank.progress import bar
 from kuberank.store import is_store
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
-BASELINES = ("bm25", "popularity", "zero-shot", "ease", "bpr")
+BASELINES = ("bm25", "popularity", "zero-shot", "ease")
+PEERS = ("sasrec", "gru4rec", "lightgcn", "bpr", "itemknn")  # RecBole: components/peers.py
 
 
 class Ranker:
@@ -110,30 +111,6 @@ class EASERanker(Ranker):
 
     def scores(self, task, rows):
         return np.asarray(self.matrix[rows] @ self.weights)
-
-
-class BPRRanker(Ranker):
-    """Bayesian personalised ranking from the maintained ``implicit`` library."""
-
-    name = "bpr"
-
-    def __init__(self, factors: int = 64, iterations: int = 100, seed: int = 0):
-        self.params = {"factors": factors, "iterations": iterations, "random_state": seed}
-
-    def prepare(self, task):
-        if task.dataset.kind != datasets.RECOMMENDATION:
-            raise KuberankError(
-                "--model bpr: a recommendation baseline; this dataset is a search collection"
-            )
-        from implicit.cpu.bpr import BayesianPersonalizedRanking
-        from threadpoolctl import threadpool_limits
-
-        self.model = BayesianPersonalizedRanking(**self.params, num_threads=1)
-        with threadpool_limits(1, "blas"):
-            self.model.fit(_user_item_matrix(task), show_progress=False)
-
-    def scores(self, task, rows):
-        return np.asarray(self.model.user_factors[rows] @ self.model.item_factors.T)
 
 
 class ModelRanker(Ranker):
@@ -277,7 +254,9 @@ class HybridRanker(Ranker):
 
 
 def load_ranker(model: str) -> Ranker:
-    """``bm25``, ``popularity``, ``zero-shot`` or a model directory."""
+    """``bm25``, ``popularity``, ``zero-shot``, ``ease``, a RecBole peer (``sasrec``,
+    ``gru4rec``, ``lightgcn``, ``bpr``, ``itemknn``; see :mod:`kuberank.components.peers`) or a
+    model directory."""
     if model == "bm25":
         return BM25Ranker()
     if model == "popularity":
@@ -288,13 +267,16 @@ def load_ranker(model: str) -> Ranker:
         return ModelRanker(base_model_path(), name="zero-shot")
     if model == "ease":
         return EASERanker()
-    if model == "bpr":
-        return BPRRanker()
+    if model in PEERS:
+        from kuberank.components.peers import RecBoleRanker
+
+        return RecBoleRanker(model)
     path = Path(model)
     if path.exists():
         return ModelRanker(str(path))
     raise KuberankError(
-        f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}) nor a directory"
+        f"--model: {model!r} is neither a baseline ({', '.join(BASELINES)}), a peer "
+        f"({', '.join(PEERS)}) nor a directory"
     )
 
 
@@ -344,7 +326,7 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
             retrieval = retrieval or stored["default"]
     ranker = load_ranker(model) if isinstance(model, str) else model
     if retrieval == "hybrid":
-        if isinstance(ranker, (BM25Ranker, PopularityRanker, EASERanker, BPRRanker)):
+        if isinstance(ranker, (BM25Ranker, PopularityRanker, EASERanker)) or ranker.name in PEERS:
             raise KuberankError(
                 f"--retrieval hybrid: fuses BM25 with a dense model; {ranker.name} is not one"
             )
@@ -359,10 +341,13 @@ def evaluate(
     retrieval: str | None = None,
     fusion_method: str = "convex",
     mmr_lambda: float | None = None,
+    per_query: bool = False,
 ) -> dict:
     """Metrics of ``model`` on ``split`` of ``dataset`` (see :mod:`kuberank.metrics`);
     ``retrieval`` as in :func:`retrieval_ranker` (default: the model as given);
-    ``mmr_lambda``: MMR re-ranking of each list's top 100 (:mod:`kuberank.diversity`)."""
+    ``mmr_lambda``: MMR re-ranking of each list's top 100 (:mod:`kuberank.diversity`);
+    ``per_query``: also every judged query's nDCG@10 (``per_query_ndcg@10``, for paired tests,
+    :mod:`kuberank.significance`)."""
     started = time.perf_counter()
     data = datasets.load(dataset) if isinstance(dataset, str) else dataset
     task = datasets.eval_task(data, split)
@@ -381,6 +366,8 @@ def evaluate(
     result.update(beyond_accuracy.evaluate_run(data, run))  # coverage@10, gini@10, ild@10, ...
     if isinstance(ranker, HybridRanker):
         result["fusion"] = ranker.fusion
+    if per_query:
+        result["per_query_ndcg@10"] = significance.per_query_metric(run, task.qrels, "ndcg@10")
     result.update(
         model=ranker.name,
         dataset=data.name,

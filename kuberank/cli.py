@@ -18,28 +18,59 @@ from kuberank.errors import KuberankError
 def _cmd_data_prep(args) -> int:
     from kuberank.components.data_prep import prepare
 
-    manifest = prepare(args.dataset, args.out, engine=args.engine, ray_address=args.ray_address)
+    manifest = prepare(
+        args.dataset,
+        args.out,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        tie_break=args.tie_break,
+        seed=args.seed,
+    )
     print(
         json.dumps(manifest, indent=2)
         if args.json
         else f"{manifest['name']} ({manifest['kind']}): {manifest['rows']} -> {args.out}\n"
         f"splits {manifest['splits']}, content hash {manifest['content_hash'][:16]}…, engine {manifest['engine']}"
+        + _split_line(manifest.get("split"))
     )
     return 0
 
 
+def _split_line(rule: dict | None) -> str:
+    if not rule:
+        return ""
+    return (
+        f"\nsplit: {rule['rule']}, ties by {rule['tie_break']} order"
+        + (f" (seed {rule['seed']})" if "seed" in rule else "")
+        + f"; {rule['users_tied_last_two']} of {rule['users_evaluated']} users' validation and "
+        "test interactions share a timestamp"
+    )
+
+
 def _cmd_evaluate(args) -> int:
     from kuberank import report
-    from kuberank.components.evaluate import evaluate
+    from kuberank.components.evaluate import PEERS, evaluate
 
+    if args.model not in PEERS and (args.max_epochs is not None or args.seed is not None):
+        raise KuberankError(
+            f"--max-epochs/--seed: only for the peers ({', '.join(PEERS)}), not {args.model!r}"
+        )
+    model = args.model
+    if model in PEERS:
+        from kuberank.components.peers import RecBoleRanker
+
+        given = {"max_epochs": args.max_epochs, "seed": args.seed}
+        model = RecBoleRanker(model, **{k: v for k, v in given.items() if v is not None})
     result = evaluate(
         args.dataset,
-        args.model,
+        model,
         args.split,
         args.retrieval,
         args.fusion,
         mmr_lambda=args.mmr_lambda,
     )
+    if getattr(model, "training", None):
+        result["training"] = model.training
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -181,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--ray-address", metavar="ADDR", help="Ray cluster to use (default: local on 127.0.0.1)"
     )
+    prep.add_argument(
+        "--tie-break",
+        default="log",
+        choices=["log", "random"],
+        help="order of interactions with equal timestamps: the log's own order (default) "
+        "or a seeded random order",
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of --tie-break random (default: 0)")
     prep.add_argument("--json", action="store_true", help="print the manifest as JSON")
     prep.set_defaults(func=_cmd_data_prep)
 
@@ -194,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         metavar="MODEL",
-        help="a baseline (popularity | ease | bpr | zero-shot | bm25) or a model directory",
+        help="a baseline (popularity | ease | zero-shot | bm25), a peer trained with RecBole "
+        "(sasrec | gru4rec | lightgcn | bpr | itemknn) or a model directory",
     )
     ev.add_argument(
         "--split",
@@ -223,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-rank each list's top 100 by MMR with this lambda in [0, 1] (1 = as ranked; "
         "similarity: the item text encoded by all-MiniLM-L6-v2, ILD's vectors)",
     )
+    ev.add_argument(
+        "--max-epochs",
+        type=int,
+        metavar="N",
+        help="peers: cap on training epochs (default 300; training stops earlier once "
+        "validation NDCG@10 has not improved for 10 epochs)",
+    )
+    ev.add_argument("--seed", type=int, metavar="N", help="peers: training seed (default 0)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -22,9 +22,11 @@ Splits, one rule used everywhere:
   epochs, fusion weights and the compression gate are chosen without the test queries; the
   test queries are the same either way. ``tuning`` is train + validation (where there is a
   validation split): every judged query outside test. ``all`` is every judged query.
-- recommendation (leave-last-out): per user, interactions sorted by (timestamp, item_id); the
-  last is ``test``, the second-to-last ``validation``, the rest ``train``. Users with fewer
-  than three interactions only contribute training data.
+- recommendation (leave-last-out): per user, interactions sorted by (timestamp, position in
+  the input log), a stable sort, so the log's own order breaks timestamp ties; the last is
+  ``test``, the second-to-last ``validation``, the rest ``train``. Users with fewer than three
+  interactions only contribute training data. ``tie_break="random"`` (``kuberank data prep
+  --tie-break random --seed N``) breaks ties by a seeded random permutation of the log instead.
 """
 
 from __future__ import annotations
@@ -192,16 +194,19 @@ def eval_task(dataset: Dataset, split: str) -> EvalTask:
 # --------------------------------------------------------------------------- spec resolution
 
 
-def load(spec: str) -> Dataset:
-    """Load a dataset from its spec (see the module docstring)."""
+def load(spec: str, tie_break: str = "log", seed: int = 0) -> Dataset:
+    """Load a dataset from its spec (see the module docstring). ``tie_break`` and ``seed``
+    choose how a fresh interaction log's timestamp ties are split (see
+    :func:`assign_leave_last_out`); a prepared dataset keeps the split it was written with."""
     spec = str(spec)
+    check_tie_break(tie_break)
     if spec in ("movielens-100k", "ml-100k"):
-        return load_movielens_100k()
+        return load_movielens_100k(tie_break, seed)
     scheme, sep, rest = spec.partition(":")
     if sep and scheme == "beir":
         return load_beir(rest)
     if sep and scheme == "interactions":
-        return load_interactions(rest)
+        return load_interactions(rest, tie_break, seed)
     if sep and scheme == "prepared":
         return load_prepared(rest)
     path = Path(spec)
@@ -223,7 +228,7 @@ def movielens_100k_dir() -> Path:
     return Path(recbole.__file__).parent / "dataset_example" / "ml-100k"
 
 
-def load_movielens_100k() -> Dataset:
+def load_movielens_100k(tie_break: str = "log", seed: int = 0) -> Dataset:
     root = movielens_100k_dir()
     items_raw = _read_atomic_tsv(root / "ml-100k.item")
     text = [
@@ -251,7 +256,7 @@ def load_movielens_100k() -> Dataset:
             "query": None,
         }
     )
-    return _recommendation("movielens-100k", str(root), items, inter)
+    return _recommendation("movielens-100k", str(root), items, inter, tie_break, seed)
 
 
 def _movie_text(title, year, genres) -> str:
@@ -438,7 +443,7 @@ def _unique_ids(path: Path, rows: list[tuple[int, dict]]) -> list[str]:
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 
 
-def load_interactions(uri: str) -> Dataset:
+def load_interactions(uri: str, tie_break: str = "log", seed: int = 0) -> Dataset:
     path = storage.materialize(uri)
     if path.is_dir():
         raise DataError(
@@ -476,7 +481,7 @@ def load_interactions(uri: str) -> Dataset:
         text_of = {}
     item_ids = sorted(inter["item_id"].unique(), key=_natural_key)
     items = pd.DataFrame({"item_id": item_ids, "text": [text_of.get(i, i) for i in item_ids]})
-    return _recommendation(path.name, str(uri), items, inter)
+    return _recommendation(path.name, str(uri), items, inter, tie_break, seed)
 
 
 def _read_interaction_file(path: Path) -> pd.DataFrame:
@@ -525,34 +530,96 @@ def _timestamps(path: Path, frame: pd.DataFrame) -> pd.Series:
 # --------------------------------------------------------------------------- splitting
 
 
-def item_sort_key(item_ids: pd.Series) -> pd.Series:
-    """Numeric ids sort as numbers (MovieLens), others as strings."""
-    numeric = pd.to_numeric(item_ids, errors="coerce")
-    return numeric if numeric.notna().all() else item_ids.astype(str)
+TIE_BREAKS = ("log", "random")
+TIE_COLUMN = "_log_order"  # carried through the Ray Data form so groups keep the log's order
 
 
-def assign_leave_last_out(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``split`` to interactions, per user by (timestamp, item_id): last ``test``,
-    second-to-last ``validation``, the rest ``train``; users with fewer than three
-    interactions are training data only. Works on a whole table or one user's group (the
-    Ray Data form calls it per group), and returns rows sorted by user and time."""
-    frame = frame.assign(_item_key=item_sort_key(frame["item_id"]))
-    frame = frame.sort_values(["user_id", "timestamp", "_item_key"], kind="mergesort")
+def check_tie_break(tie_break: str) -> None:
+    if tie_break not in TIE_BREAKS:
+        raise KuberankError(f"--tie-break: {tie_break!r} is not one of {', '.join(TIE_BREAKS)}")
+
+
+def tie_keys(n: int, tie_break: str = "log", seed: int = 0) -> np.ndarray:
+    """The secondary sort key of ``n`` log rows: their position (``log``) or a permutation
+    drawn from ``numpy.random.default_rng(seed)`` (``random``)."""
+    check_tie_break(tie_break)
+    if tie_break == "random":
+        return np.random.default_rng(seed).permutation(n).astype(np.int64)
+    return np.arange(n, dtype=np.int64)
+
+
+def assign_leave_last_out(
+    frame: pd.DataFrame, tie_break: str = "log", seed: int = 0
+) -> pd.DataFrame:
+    """Add ``split`` to interactions, per user by (timestamp, position in the log): last
+    ``test``, second-to-last ``validation``, the rest ``train``; users with fewer than three
+    interactions are training data only. The sort is stable: rows with equal timestamps keep
+    the log's order (``tie_break="log"``) or a seeded random order (``"random"``). A frame that
+    carries a ``_log_order`` column is ordered by it and keeps it (the Ray Data form, which
+    calls this per user group, adds it first); otherwise the row order is the log order.
+    Returns rows sorted by user and time."""
+    carried = TIE_COLUMN in frame.columns
+    if not carried:
+        frame = frame.assign(**{TIE_COLUMN: tie_keys(len(frame), tie_break, seed)})
+    frame = frame.sort_values(["user_id", "timestamp", TIE_COLUMN], kind="mergesort")
     from_end = frame.groupby("user_id", sort=False).cumcount(ascending=False).to_numpy()
     counts = frame.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
     split = np.where(from_end == 0, "test", np.where(from_end == 1, "validation", "train"))
     split = np.where(counts < 3, "train", split)
-    return frame.drop(columns="_item_key").assign(split=split).reset_index(drop=True)
+    frame = frame.assign(split=split).reset_index(drop=True)
+    return frame if carried else frame.drop(columns=TIE_COLUMN)
 
 
-def _recommendation(name: str, source: str, items: pd.DataFrame, inter: pd.DataFrame) -> Dataset:
+def split_summary(frame: pd.DataFrame, tie_break: str = "log", seed: int = 0) -> dict:
+    """What the prepared manifest records about the leave-last-out split of ``frame`` (split
+    already assigned): the rule, and how many users' validation and test interactions share
+    a timestamp (the split's order there comes from the tie-break, not from time)."""
+    held = frame[frame["split"].isin(["validation", "test"])]
+    last_two = held.pivot_table(
+        index="user_id", columns="split", values="timestamp", aggfunc="first"
+    )
+    tied = (
+        int((last_two["validation"] == last_two["test"]).sum()) if len(last_two.columns) == 2 else 0
+    )
+    all_equal = bool(len(frame) > 1 and frame["timestamp"].nunique() == 1)
+    summary = {
+        "rule": "leave-last-out per user by (timestamp, position in the input log)",
+        "tie_break": tie_break,
+        "users": int(frame["user_id"].nunique()),
+        "users_evaluated": int(len(last_two)),
+        "users_tied_last_two": tied,
+        "all_timestamps_equal": all_equal,
+    }
+    if tie_break == "random":
+        summary["seed"] = int(seed)
+    if all_equal:
+        summary["note"] = "every interaction has the same timestamp: the split follows the " + (
+            "log order" if tie_break == "log" else f"random order (seed {seed})"
+        )
+    return summary
+
+
+def _recommendation(
+    name: str,
+    source: str,
+    items: pd.DataFrame,
+    inter: pd.DataFrame,
+    tie_break: str = "log",
+    seed: int = 0,
+) -> Dataset:
     known = set(items["item_id"])
     unknown = ~inter["item_id"].isin(known)
     if unknown.any():
         raise DataError(
             source, f"interaction names unknown item {inter['item_id'][unknown].iloc[0]!r}"
         )
-    return Dataset(name, RECOMMENDATION, source, items, interactions=assign_leave_last_out(inter))
+    return Dataset(
+        name,
+        RECOMMENDATION,
+        source,
+        items,
+        interactions=assign_leave_last_out(inter.reset_index(drop=True), tie_break, seed),
+    )
 
 
 def _natural_key(value: str):

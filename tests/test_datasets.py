@@ -19,10 +19,37 @@ def test_movielens_100k_leave_last_out():
     counts = data.interactions["split"].value_counts()
     assert counts["test"] == counts["validation"] == 943
     assert data.items.loc[0, "text"] == "Toy Story (1995). Genres: Animation, Children's, Comedy"
-    # The test item is each user's latest interaction (ties broken by numeric item id).
-    user = data.interactions[data.interactions["user_id"] == "1"]
-    last = user.assign(k=user["item_id"].astype(int)).sort_values(["timestamp", "k"]).iloc[-1]
-    assert user[user["split"] == "test"]["item_id"].item() == last["item_id"]
+    # The test item is each user's latest interaction; ties go to the later row of the file.
+    raw = datasets._read_atomic_tsv(datasets.movielens_100k_dir() / "ml-100k.inter")
+    raw = raw.assign(ts=raw["timestamp"].astype(float), pos=range(len(raw)))
+    last = raw.sort_values(["user_id", "ts", "pos"]).groupby("user_id").tail(1)
+    expected = dict(zip(last["user_id"], last["item_id"]))
+    test = data.interactions[data.interactions["split"] == "test"]
+    assert dict(zip(test["user_id"], test["item_id"])) == expected
+
+
+def test_leave_last_out_ties_follow_the_log_or_a_seeded_permutation():
+    # One user, four rows with one timestamp, item ids descending down the log.
+    frame = pd.DataFrame(
+        {"user_id": ["u"] * 4, "item_id": ["9", "7", "5", "3"], "timestamp": [5.0] * 4}
+    )
+    by_log = datasets.assign_leave_last_out(frame)
+    assert by_log["item_id"].tolist() == ["9", "7", "5", "3"]
+    assert by_log["split"].tolist() == ["train", "train", "validation", "test"]
+    orders = {
+        seed: tuple(datasets.assign_leave_last_out(frame, "random", seed)["item_id"])
+        for seed in range(6)
+    }
+    assert orders == {
+        seed: tuple(datasets.assign_leave_last_out(frame, "random", seed)["item_id"])
+        for seed in range(6)
+    }  # the same seed gives the same order
+    assert len(set(orders.values())) > 1  # different seeds, different orders
+    summary = datasets.split_summary(by_log)
+    assert summary["users_tied_last_two"] == 1 and summary["all_timestamps_equal"]
+    assert "log order" in summary["note"]
+    with pytest.raises(KuberankError, match="--tie-break: 'item' is not one of log, random"):
+        datasets.assign_leave_last_out(frame, "item")
 
 
 def test_eval_task_excludes_seen_items_and_keeps_history_order():

@@ -20,7 +20,7 @@ def test_demo_writes_report_and_plot(tmp_path, capfd):
     text = "\n".join(lines)
     assert lines[0].startswith("kuberank demo: movielens-100k") and f"{run_dir}/logs/" in lines[0]
     step = next(line for line in lines if line.startswith("  baselines "))
-    assert step.split()[2] == "s" and "test nDCG@10 0.0406 (best: ease)" in step
+    assert step.split()[2] == "s" and "test nDCG@10 0.0737 (best: ease)" in step
     assert f"report: {run_dir / 'report.md'}" in text
     assert capfd.readouterr() == ("", "")  # the work's own output went to its log
     assert (run_dir / "logs" / "baselines.log").is_file()

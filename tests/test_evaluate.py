@@ -55,10 +55,11 @@ def test_popularity_on_interactions_and_refused_on_search(tmp_path, collection):
 
 
 def test_movielens_popularity_matches_the_reference_protocol():
-    # Measured independently under the same leave-last-out protocol: test nDCG@10 0.0254.
+    # Leave-last-out with ties in log order: test nDCG@10 0.0449 (0.0254 when ties went to the
+    # higher item id: issue 15).
     result = evaluate(datasets.load("movielens-100k"), "popularity", "test")
     assert result["queries"] == 943
-    assert abs(result["ndcg@10"] - 0.0254) < 0.002
+    assert abs(result["ndcg@10"] - 0.0449) < 0.002
     # the same ten popular items for (nearly) everyone: little coverage, all in the head
     assert result["coverage@10"] < 0.1 and result["gini@10"] > 0.95
     assert result["exposure_head@10"] > 0.99 and result["exposure_tail@10"] == 0.0

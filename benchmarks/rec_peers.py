@@ -1,0 +1,161 @@
+"""The ``rec-peers`` benchmark section: F(Q,B,I) against peers from real libraries, over seeds,
+with a paired test over users.
+
+MovieLens-100K is prepared once (``kuberank data prep``: leave-last-out, ties in log order) and
+that prepared directory is the one source of every model below. F is kuberank's fine-tuned
+model (Ray Train, epoch chosen on validation); the peers are RecBole's SASRec, GRU4Rec,
+LightGCN and BPR (learned: early stopping on validation, one run per seed), RecBole's ItemKNN
+and kuberank's EASE^R (deterministic: one run). Every model is ranked over the full catalogue
+with seen items excluded and scored by :mod:`kuberank.metrics`; the table shows mean +- sd
+over seeds. F is compared with the best peer (by mean test NDCG@10) per user: each user's
+NDCG@10 averaged over seeds, paired t-test and paired bootstrap (:mod:`kuberank.significance`).
+
+Scale (environment; the defaults are the full run):
+
+- ``KUBERANK_REC_PEERS_SEEDS`` (3): seeds of F and of each learned peer;
+- ``KUBERANK_REC_PEERS_MAX_EPOCHS`` (300, RecBole's default): epoch cap of the peers;
+- ``KUBERANK_REC_PEERS_F_EPOCHS`` (F's default): epoch cap of F;
+- ``KUBERANK_REC_PEERS_MODELS`` (all): comma-separated peers to run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kuberank import datasets, report, significance
+
+LEARNED = ("sasrec", "gru4rec", "lightgcn", "bpr")
+DETERMINISTIC = ("itemknn", "ease")
+F_NAME = "F(Q,B,I) fine-tuned"
+
+
+def settings() -> dict:
+    env = os.environ.get
+    models = env("KUBERANK_REC_PEERS_MODELS", ",".join(LEARNED + DETERMINISTIC))
+    f_epochs = env("KUBERANK_REC_PEERS_F_EPOCHS")
+    return {
+        "seeds": int(env("KUBERANK_REC_PEERS_SEEDS", "3")),
+        "max_epochs": int(env("KUBERANK_REC_PEERS_MAX_EPOCHS", "300")),
+        "f_epochs": int(f_epochs) if f_epochs else None,
+        "models": [m.strip() for m in models.split(",") if m.strip()],
+    }
+
+
+def _row(name: str, runs: list[dict]) -> dict:
+    row = {"model": name, "seeds": len(runs)}
+    for key in ("ndcg@10", "hit@10", "recall@100"):
+        mean, sd = significance.mean_sd([r["metrics"][key] for r in runs])
+        row[key] = f"{mean:.4f} ± {sd:.4f}" if len(runs) > 1 else f"{mean:.4f}"
+        row[f"{key} mean"] = mean
+    epochs = [r["epochs"] for r in runs if r["epochs"] is not None]
+    row["epochs"] = (
+        "closed form"
+        if not epochs
+        else f"{min(epochs)}-{max(epochs)}"
+        if min(epochs) != max(epochs)
+        else str(epochs[0])
+    )
+    row["train s"] = f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"  # per run, with scoring
+    return row
+
+
+def rec_peers(out: Path, cisi: str | None):
+    from benchmarks.sections import ML, _train, scored
+    from kuberank.components.data_prep import prepare
+    from kuberank.components.evaluate import ModelRanker
+    from kuberank.components.peers import load_peer
+    from kuberank.model import read_info
+
+    cfg = settings()
+    prepared = out / "rec-peers" / "prepared"
+    manifest = prepare(ML, str(prepared))
+    spec = f"prepared:{prepared}"
+    data = datasets.load(spec)
+    task = datasets.eval_task(data, "test")
+    runs: dict[str, list[dict]] = {}
+
+    for seed in range(cfg["seeds"]):
+        started = time.perf_counter()
+        extra = {"epochs": cfg["f_epochs"]} if cfg["f_epochs"] else {}
+        model, _ = _train(
+            spec, out / "models" / f"rec-peers-f-{seed}", workers=2, seed=seed, **extra
+        )
+        scores, per_user = scored(data, ModelRanker(str(model), name=F_NAME), "test")
+        runs.setdefault(F_NAME, []).append(
+            {
+                "seed": seed,
+                "metrics": scores,
+                "per_user": per_user,
+                "epochs": int(read_info(model).training["epochs_run"]),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        print(f"{F_NAME} seed {seed}: ndcg@10 {scores['ndcg@10']:.4f}", flush=True)
+
+    for name in cfg["models"]:
+        for seed in range(cfg["seeds"] if name in LEARNED else 1):
+            started = time.perf_counter()
+            ranker = load_peer(name, max_epochs=cfg["max_epochs"], seed=seed)
+            scores, per_user = scored(data, ranker, "test")
+            training = getattr(ranker, "training", {})
+            runs.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    "metrics": scores,
+                    "per_user": per_user,
+                    "epochs": training.get("epochs_run") if name != "ease" else None,
+                    "training": training,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            print(f"{name} seed {seed}: ndcg@10 {scores['ndcg@10']:.4f} {training}", flush=True)
+
+    rows = [_row(name, r) for name, r in runs.items()]
+    peers = [row for row in rows if row["model"] != F_NAME]
+    lines = [
+        f"MovieLens-100K, test split ({len(task)} users), full ranking over "
+        f"{len(task.dataset.items)} items, seen items excluded; one prepared split "
+        f"({manifest['split']['rule']}, ties by {manifest['split']['tie_break']} order; "
+        f"{manifest['split']['users_tied_last_two']} users' last two interactions tie). "
+        f"Mean ± sd over seeds; peers stop early on validation NDCG@10 (epochs run shown, "
+        f"cap {cfg['max_epochs']}).",
+        "",
+        report.format_table(
+            rows, ("ndcg@10", "hit@10", "recall@100", "epochs", "seeds", "train s"), first="model"
+        ),
+    ]
+    result = {
+        "settings": cfg,
+        "split": manifest["split"],
+        "rows": rows,
+        "runs": {
+            name: [{k: v for k, v in r.items() if k != "per_user"} for r in model_runs]
+            for name, model_runs in runs.items()
+        },
+    }
+    if peers and F_NAME in runs:
+        best = max(peers, key=lambda row: row["ndcg@10 mean"])["model"]
+        test = significance.paired_test(
+            significance.average_per_query([r["per_user"] for r in runs[F_NAME]]),
+            significance.average_per_query([r["per_user"] for r in runs[best]]),
+        )
+        low, high = test["bootstrap_ci95"]
+        verdict = (
+            "F is ahead"
+            if test["difference"] > 0 and test["t_p"] < 0.05
+            else f"{best} is ahead"
+            if test["difference"] < 0 and test["t_p"] < 0.05
+            else "no significant difference"
+        )
+        lines += [
+            "",
+            f"F against the best peer ({best}), paired over {test['queries']} users (each "
+            f"user's NDCG@10 averaged over seeds): difference {test['difference']:+.4f} "
+            f"(bootstrap 95% interval [{low:+.4f}, {high:+.4f}]), paired t-test p = "
+            f"{test['t_p']:.3g}, bootstrap p = {test['bootstrap_p']:.3g}: {verdict}.",
+        ]
+        result["paired"] = {"a": F_NAME, "b": best, **test, "verdict": verdict}
+    print("\n".join(lines), flush=True)
+    return result, "\n".join(lines)
