@@ -39,6 +39,13 @@ def bar_plot(rows: Sequence[dict], metrics: Sequence[str], path: str | Path, tit
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
     ax.set_xticks(x, metrics)
     ax.set_ylabel("score")
+    return _finish(fig, ax, path, title)
+
+
+def _finish(fig, ax, path: Path, title: str) -> Path:
+    """Title, legend and frame of a plot, then written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
@@ -70,11 +77,4 @@ def curve_plot(
             )
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)

@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,16 @@ def serving(request, tmp_path_factory):
 
 def post(serving, path: str, body=None, raw: bytes | None = None):
     return http_json("POST", serving["base"] + path, body, raw=raw, timeout=30)
+
+
+def post_admitted(serving, path: str, body):
+    """A POST that waits out admission's 503 (two cores, a cold replica), as clients do."""
+    for _ in range(10):
+        status, answer = post(serving, path, body)
+        if status != 503:
+            return status, answer
+        time.sleep(0.5)
+    return status, answer
 
 
 def in_process(store: Path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fixtures import QUERIES
 from test_app import in_process, serving, write_recommendation_store  # noqa: F401
-from test_app import post as _post_once
+from test_app import post_admitted as post
 from test_index import serving_store
 
 from kuberank.serving.app import RankRequest
@@ -112,18 +112,6 @@ def _check_sums(body):
 
 
 # --------------------------------------------------------------------------- served (slow)
-
-
-def post(serving, path, body):  # noqa: F811
-    """A POST that waits out admission's 503 (two cores, a cold replica), as clients do."""
-    import time
-
-    for _ in range(10):
-        status, answer = _post_once(serving, path, body)
-        if status != 503:
-            return status, answer
-        time.sleep(0.5)
-    return status, answer
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from fixtures import QUERIES, write_beir, write_jsonl
 from pydantic import ValidationError
-from test_app import post as _post_once
+from test_app import post_admitted as post
 from test_app import serving  # noqa: F401
 from test_export import exported_store
 
@@ -194,18 +194,6 @@ def test_filters_apply_before_top_k_and_still_fill_k(attributed_store):
 
 
 # --------------------------------------------------------------------------- served (slow)
-
-
-def post(serving, path, body):  # noqa: F811
-    """A POST that waits out admission's 503 (two cores, a cold replica), as clients do."""
-    import time
-
-    for _ in range(10):
-        status, answer = _post_once(serving, path, body)
-        if status != 503:
-            return status, answer
-        time.sleep(0.5)
-    return status, answer
 
 
 @pytest.mark.slow
