@@ -40,6 +40,11 @@ class Ranker:
     def scores(self, task: datasets.EvalTask, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def item_vectors(self) -> np.ndarray | None:
+        """The ranker's own item vectors after ``prepare`` (a dense model's item tower, the
+        vectors its served index holds), or None where it has none (baselines, peers)."""
+        return None
+
 
 class BM25Ranker(Ranker):
     """BM25 over item text (:mod:`kuberank.lexical`: bm25s, the store's lexical index)."""
@@ -164,6 +169,10 @@ class ModelRanker(Ranker):
                     mean = self.item_text[history].mean(0)
                     self.query_vecs[i] = mean / mean.norm().clamp(min=1e-9)
 
+    def item_vectors(self) -> np.ndarray:
+        vectors = self.item_text.numpy()
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
     def scores(self, task, rows):
         import torch
 
@@ -248,6 +257,9 @@ class HybridRanker(Ranker):
         )
         return fitted["weight"], fitted["tuning_ndcg10"]
 
+    def item_vectors(self) -> np.ndarray | None:
+        return self.dense.item_vectors()
+
     def scores(self, task, rows):
         dense, lexical = self.dense.scores(task, rows), self.lexical.scores(task, rows)
         return fusion.fuse(dense, lexical, self.fusion["method"], self.fusion["weight"])
@@ -286,10 +298,16 @@ def rank(
     depth: int = RUN_DEPTH,
     batch_size: int = 256,
     rerank=None,
+    mmr_lambda: float | None = None,
 ) -> dict[str, list[str]]:
     """The run: query id -> ranked item ids (full ranking over all items, seen items excluded);
-    ``rerank(items, scores) -> items`` re-orders each ranked list (kuberank.diversity)."""
+    ``rerank(items, scores) -> items`` re-orders each ranked list (kuberank.diversity);
+    ``mmr_lambda``: MMR over each list's top 100 (:func:`mmr_vectors`)."""
     ranker.prepare(task)
+    if mmr_lambda is not None:
+        from kuberank.diversity import mmr_reranker
+
+        rerank = mmr_reranker(mmr_vectors(ranker, task.dataset), mmr_lambda)
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}
     starts = range(0, len(task), batch_size)
@@ -302,6 +320,14 @@ def rank(
                 top = rerank(top, np.asarray(block[offset])[top])
             run[task.query_ids[row]] = item_ids[top].tolist()
     return run
+
+
+def mmr_vectors(ranker: Ranker, data: datasets.Dataset) -> np.ndarray:
+    """The item vectors MMR compares, as serving does: a dense model's own item vectors (its
+    index's), after ``prepare``; for rankers without any (baselines, peers) the base encoder's
+    (:func:`kuberank.beyond_accuracy.item_embeddings`)."""
+    own = ranker.item_vectors()
+    return own if own is not None else beyond_accuracy.item_embeddings(data)
 
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
@@ -353,15 +379,10 @@ def evaluate(
     task = datasets.eval_task(data, split)
     if len(task) == 0:
         raise KuberankError(f"split {split!r} of {data.name} has no judged queries")
+    if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
+        raise KuberankError(f"--mmr-lambda: {mmr_lambda} is not in [0, 1]")
     ranker = retrieval_ranker(model, retrieval, fusion_method)
-    rerank = None
-    if mmr_lambda is not None:
-        if not 0.0 <= mmr_lambda <= 1.0:
-            raise KuberankError(f"--mmr-lambda: {mmr_lambda} is not in [0, 1]")
-        from kuberank.diversity import mmr_reranker
-
-        rerank = mmr_reranker(beyond_accuracy.item_embeddings(data), mmr_lambda)
-    run = rank(ranker, task, rerank=rerank)
+    run = rank(ranker, task, mmr_lambda=mmr_lambda)
     result = metrics.evaluate_run(run, task.qrels)
     result.update(beyond_accuracy.evaluate_run(data, run))  # coverage@10, gini@10, ild@10, ...
     if isinstance(ranker, HybridRanker):

@@ -102,6 +102,31 @@ def test_mmr_reranking_trades_relevance_for_diversity(collection, capsys):
     assert "--mmr-lambda: 2.0 is not in [0, 1]" in capsys.readouterr().err
 
 
+def test_mmr_compares_a_dense_models_own_item_vectors_as_serving_does(collection, monkeypatch):
+    """Offline MMR of a dense model uses its item tower's vectors (what its served index
+    holds); only rankers without vectors fall back to the base encoder's."""
+    from kuberank import beyond_accuracy
+    from kuberank.components.evaluate import load_ranker, mmr_vectors, rank
+
+    data = datasets.load(collection)
+    task = datasets.eval_task(data, "all")
+    base = beyond_accuracy.item_embeddings(data)
+    bm25 = load_ranker("bm25")
+    bm25.prepare(task)
+    assert mmr_vectors(bm25, data) is base
+
+    def no_base_vectors(dataset):
+        raise AssertionError("a dense model's MMR must not encode items with the base encoder")
+
+    monkeypatch.setattr(beyond_accuracy, "item_embeddings", no_base_vectors)
+    dense = load_ranker("zero-shot")
+    run = rank(dense, task, mmr_lambda=0.0)
+    own = mmr_vectors(dense, data)
+    assert own.shape == (len(data.item_ids), dense.item_text.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(own, axis=1), 1.0, atol=1e-5)
+    assert sorted(run) == sorted(task.query_ids)
+
+
 def test_cli_json_contract(collection, capsys):
     assert (
         main(["evaluate", "--dataset", collection, "--model", "bm25", "--split", "all", "--json"])
