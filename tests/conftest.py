@@ -54,6 +54,19 @@ def _quiet_progress(monkeypatch):
     monkeypatch.setenv("KUBERANK_PROGRESS", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    """kuberank's cache (kuberank.config.cache_dir) in the session's temporary directory: the
+    suite shares it, the user's own cache is never read or written."""
+    previous = os.environ.get("KUBERANK_CACHE_DIR")
+    os.environ["KUBERANK_CACHE_DIR"] = str(tmp_path_factory.mktemp("kuberank-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KUBERANK_CACHE_DIR", None)
+    else:
+        os.environ["KUBERANK_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3 API (moto in server mode) on 127.0.0.1, for boto3 round trips."""

@@ -82,3 +82,38 @@ def test_train_popularity_counts_training_rows_only(tmp_path):
     # user u trains on items u, u+1, u+2: item 0 once (u0), item 2 three times (u0, u1, u2)
     assert counts[data.item_ids.index("0")] == 1 and counts[data.item_ids.index("2")] == 3
     assert counts[data.item_ids.index("7")] == 0  # only ever a validation/test item
+
+
+def test_item_embeddings_are_encoded_once_per_catalogue_and_read_back(tmp_path, monkeypatch):
+    """ILD's base-encoder vectors: a later process on the same catalogue reads them from the
+    cache instead of encoding every item again; other texts get their own entry; a damaged
+    entry is encoded again."""
+    from types import SimpleNamespace
+
+    from kuberank import encoder
+
+    monkeypatch.setenv("KUBERANK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ba, "_EMBEDDINGS", {})
+    catalogue = SimpleNamespace(item_texts=["a space opera", "a cooking show", "tax law"])
+    first = ba.item_embeddings(catalogue)
+    (entry,) = (tmp_path / "cache" / "item-vectors").glob("*.npy")
+    assert first.shape[0] == 3
+
+    real_encode = encoder.TextEncoder.encode
+    calls = []
+
+    def counted(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return real_encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(encoder.TextEncoder, "encode", counted)
+    monkeypatch.setattr(ba, "_EMBEDDINGS", {})  # a new process
+    np.testing.assert_array_equal(ba.item_embeddings(catalogue), first)
+    assert calls == []
+    other = SimpleNamespace(item_texts=["a space opera", "a cooking show", "tax law!"])
+    ba.item_embeddings(other)
+    assert calls == [3] and len(list(entry.parent.glob("*.npy"))) == 2
+    entry.write_bytes(b"not an array")
+    monkeypatch.setattr(ba, "_EMBEDDINGS", {})
+    np.testing.assert_allclose(ba.item_embeddings(catalogue), first, atol=1e-6)
+    assert calls == [3, 3]
