@@ -292,22 +292,28 @@ def load_ranker(model: str) -> Ranker:
     )
 
 
+RERANKINGS = ("mmr", "calibration", "tail_boost")
+RERANK_OPTIONS = {
+    "mmr": "--mmr-lambda",
+    "calibration": "--calibration",
+    "tail_boost": "--tail-boost",
+}
+RERANK_DEPTH = 100  # re-rankings re-order each list's top 100
+CALIBRATED_K = 10  # calibration picks the first 10 (the lists the metrics read) greedily
+
+
 def rank(
     ranker: Ranker,
     task: datasets.EvalTask,
     depth: int = RUN_DEPTH,
     batch_size: int = 256,
-    rerank=None,
-    mmr_lambda: float | None = None,
+    reranking: tuple[str, float] | None = None,
 ) -> dict[str, list[str]]:
     """The run: query id -> ranked item ids (full ranking over all items, seen items excluded);
-    ``rerank(items, scores) -> items`` re-orders each ranked list (kuberank.diversity);
-    ``mmr_lambda``: MMR over each list's top 100 (:func:`mmr_vectors`)."""
+    ``reranking``: one of :data:`RERANKINGS` with its parameter, re-ordering each list's top
+    100 (:func:`reranker`)."""
     ranker.prepare(task)
-    if mmr_lambda is not None:
-        from kuberank.diversity import mmr_reranker
-
-        rerank = mmr_reranker(mmr_vectors(ranker, task.dataset), mmr_lambda)
+    rerank = reranker(ranker, task, *reranking) if reranking is not None else None
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}
     starts = range(0, len(task), batch_size)
@@ -317,9 +323,62 @@ def rank(
         for offset, row in enumerate(rows):
             top = top_k(block[offset], task.exclude[row], depth)
             if rerank is not None:
-                top = rerank(top, np.asarray(block[offset])[top])
+                head = top[:RERANK_DEPTH]
+                order = rerank(head, np.asarray(block[offset])[head], row)
+                top = np.concatenate([head[order], top[RERANK_DEPTH:]])
             run[task.query_ids[row]] = item_ids[top].tolist()
     return run
+
+
+def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str, value: float):
+    """``(items, scores, row) -> order`` (positions into the items, the model's order given)
+    for one re-ranking, built after ``ranker.prepare``:
+
+    - ``mmr``: lambda, maximal marginal relevance over :func:`mmr_vectors`
+      (kuberank/diversity.py);
+    - ``calibration``: lambda, Steck's calibration to the genre shares of the row's history
+      (kuberank/calibration.py; the dataset needs a ``genres`` attribute);
+    - ``tail_boost``: beta, relevance mixed with each item's novelty (kuberank/longtail.py)."""
+    data = task.dataset
+    if kind == "mmr":
+        from kuberank.diversity import mmr
+
+        vectors = mmr_vectors(ranker, data)
+        return lambda items, scores, row: mmr(scores, vectors[items], value)
+    if kind == "calibration":
+        from kuberank import calibration
+
+        groups = item_groups(data, "--calibration")
+        targets: dict[int, np.ndarray | None] = {}
+
+        def calibrated(items, scores, row):
+            if row not in targets:
+                targets[row] = calibration.target(groups, task.histories[row])
+            if targets[row] is None:  # no grouped history: nothing to calibrate to
+                return np.arange(len(items))
+            return calibration.calibrate(scores, groups[items], targets[row], value, CALIBRATED_K)
+
+        return calibrated
+    if kind == "tail_boost":
+        from kuberank import longtail
+
+        popularity, users = beyond_accuracy.train_popularity(data)
+        novelty = longtail.novelty(popularity, users)
+        return lambda items, scores, row: longtail.boosted_order(scores, novelty[items], value)
+    raise KuberankError(f"re-ranking: one of {', '.join(RERANKINGS)}, got {kind!r}")
+
+
+def item_groups(data: datasets.Dataset, option: str) -> np.ndarray:
+    """The items' genre distributions (kuberank/calibration.py), or a clear error naming
+    ``option`` when the dataset has no ``genres`` attribute."""
+    from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix
+
+    if CALIBRATION_ATTRIBUTE not in data.items:
+        raise KuberankError(
+            f"{option}: calibrates to the {CALIBRATION_ATTRIBUTE!r} of the user's history; "
+            f"{data.name} has no such item attribute"
+        )
+    return group_matrix(list(data.items[CALIBRATION_ATTRIBUTE]))[1]
 
 
 def mmr_vectors(ranker: Ranker, data: datasets.Dataset) -> np.ndarray:
@@ -360,6 +419,19 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
     return ranker
 
 
+def calibration_metric(data: datasets.Dataset, task: datasets.EvalTask, run: dict) -> dict:
+    """``miscalibration@10`` (kuberank/calibration.py) where the items have genres and the
+    rows have histories, else nothing."""
+    from kuberank.calibration import CALIBRATION_ATTRIBUTE, miscalibration
+
+    if CALIBRATION_ATTRIBUTE not in data.items or not any(len(h) for h in task.histories):
+        return {}
+    groups = item_groups(data, "miscalibration")
+    row = {iid: i for i, iid in enumerate(data.item_ids)}
+    lists = [[row[i] for i in run[q][:10]] for q in task.query_ids]
+    return {"miscalibration@10": miscalibration(lists, task.histories, groups, 10)}
+
+
 def evaluate(
     dataset: datasets.Dataset | str,
     model: str | Ranker,
@@ -368,10 +440,14 @@ def evaluate(
     fusion_method: str = "convex",
     mmr_lambda: float | None = None,
     per_query: bool = False,
+    calibration: float | None = None,
+    tail_boost: float | None = None,
 ) -> dict:
     """Metrics of ``model`` on ``split`` of ``dataset`` (see :mod:`kuberank.metrics`);
     ``retrieval`` as in :func:`retrieval_ranker` (default: the model as given);
-    ``mmr_lambda``: MMR re-ranking of each list's top 100 (:mod:`kuberank.diversity`);
+    at most one re-ranking of each list's top 100 (:func:`reranker`): ``mmr_lambda`` (MMR),
+    ``calibration`` (lambda of Steck's calibration to the history's genres) or ``tail_boost``
+    (beta of the long-tail boost);
     ``per_query``: also every judged query's nDCG@10 (``per_query_ndcg@10``, for paired tests,
     :mod:`kuberank.significance`)."""
     started = time.perf_counter()
@@ -379,12 +455,26 @@ def evaluate(
     task = datasets.eval_task(data, split)
     if len(task) == 0:
         raise KuberankError(f"split {split!r} of {data.name} has no judged queries")
-    if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
-        raise KuberankError(f"--mmr-lambda: {mmr_lambda} is not in [0, 1]")
+    chosen = {
+        kind: value
+        for kind, value in zip(RERANKINGS, (mmr_lambda, calibration, tail_boost), strict=True)
+        if value is not None
+    }
+    for kind, value in chosen.items():
+        if not 0.0 <= value <= 1.0:
+            raise KuberankError(f"{RERANK_OPTIONS[kind]}: {value} is not in [0, 1]")
+    if len(chosen) > 1:
+        raise KuberankError(
+            "one re-ranking at a time: --mmr-lambda, --calibration or --tail-boost, got "
+            + ", ".join(RERANK_OPTIONS[k] for k in chosen)
+        )
+    if "calibration" in chosen:
+        item_groups(data, "--calibration")  # before any model work
     ranker = retrieval_ranker(model, retrieval, fusion_method)
-    run = rank(ranker, task, mmr_lambda=mmr_lambda)
+    run = rank(ranker, task, reranking=next(iter(chosen.items()), None))
     result = metrics.evaluate_run(run, task.qrels)
     result.update(beyond_accuracy.evaluate_run(data, run))  # coverage@10, gini@10, ild@10, ...
+    result.update(calibration_metric(data, task, run))
     if isinstance(ranker, HybridRanker):
         result["fusion"] = ranker.fusion
     if per_query:
@@ -394,7 +484,7 @@ def evaluate(
         dataset=data.name,
         split=split,
         items=len(data.items),
-        **({} if mmr_lambda is None else {"mmr_lambda": mmr_lambda}),
+        **{("mmr_lambda" if k == "mmr" else k): v for k, v in chosen.items()},
         seconds=round(time.perf_counter() - started, 2),
     )
     return result

@@ -68,6 +68,8 @@ def _cmd_evaluate(args) -> int:
         args.retrieval,
         args.fusion,
         mmr_lambda=args.mmr_lambda,
+        calibration=args.calibration,
+        tail_boost=args.tail_boost,
     )
     if getattr(model, "training", None):
         result["training"] = model.training
@@ -261,7 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="L",
         help="re-rank each list's top 100 by MMR with this lambda in [0, 1] (1 = as ranked; "
-        "similarity: the item text encoded by all-MiniLM-L6-v2, ILD's vectors)",
+        "similarity: the model's own item vectors, as its index serves them; baselines: the "
+        "item text encoded by all-MiniLM-L6-v2)",
+    )
+    ev.add_argument(
+        "--calibration",
+        type=float,
+        metavar="L",
+        help="re-rank each list's top 100 towards the genre shares of the user's history "
+        "(Steck 2018) with this lambda in [0, 1] (0 = as ranked); needs a genres attribute",
+    )
+    ev.add_argument(
+        "--tail-boost",
+        type=float,
+        metavar="B",
+        help="re-rank each list's top 100 by (1 - B) relevance + B novelty, B in [0, 1] "
+        "(0 = as ranked): more exposure for the long tail",
     )
     ev.add_argument(
         "--max-epochs",

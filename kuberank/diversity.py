@@ -10,8 +10,6 @@ lambda = 1 is the ranking itself; smaller lambdas trade relevance for intra-list
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 
@@ -43,17 +41,3 @@ def mmr(
         chosen[pick] = True
         closest = np.maximum(closest, vecs @ vecs[pick])
     return np.asarray(order, dtype=np.int64)
-
-
-def mmr_reranker(
-    item_vectors: np.ndarray, lam: float, candidates: int = 100
-) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A re-ranker of ranked item indices (best first) with their scores: the first
-    ``candidates`` in MMR order, the rest after them as they were."""
-
-    def rerank(items: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        head = np.asarray(items[:candidates])
-        order = mmr(np.asarray(scores[:candidates]), item_vectors[head], lam)
-        return np.concatenate([head[order], np.asarray(items[candidates:])])
-
-    return rerank

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_app import serving  # noqa: F401 - the shared session fixture (slow test)
 
-from kuberank.diversity import mmr, mmr_reranker
+from kuberank.diversity import mmr
 
 # items 0 and 1 are the same direction; 2 is orthogonal to both
 VECS = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
@@ -29,13 +29,6 @@ def test_degenerate_inputs():
     assert mmr(np.ones(3), VECS, 0.0).tolist()[0] == 0  # equal relevance: first is first
     with pytest.raises(ValueError, match="lambda"):
         mmr(REL, VECS, 1.5)
-
-
-def test_reranker_reorders_the_head_and_keeps_the_tail():
-    vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    rerank = mmr_reranker(vectors, 0.5, candidates=3)
-    items = np.array([1, 0, 2, 3])  # ranked item indices, best first
-    assert rerank(items, np.array([1.0, 0.9, 0.5, 0.1])).tolist() == [1, 2, 0, 3]
 
 
 def test_the_served_ranker_applies_mmr_over_its_candidates(tmp_path_factory):

@@ -85,13 +85,12 @@ def test_mmr_reranking_trades_relevance_for_diversity(collection, capsys):
     # lambda 0: after the best item, each pick is the one least like those already chosen
     from kuberank import beyond_accuracy
     from kuberank.components.evaluate import load_ranker, rank
-    from kuberank.diversity import mmr_reranker
 
     data = datasets.load(collection)
     vectors = beyond_accuracy.item_embeddings(data)
     task = datasets.eval_task(data, "all")
     plain_run = rank(load_ranker("bm25"), task)
-    run = rank(load_ranker("bm25"), task, rerank=mmr_reranker(vectors, 0.0))
+    run = rank(load_ranker("bm25"), task, reranking=("mmr", 0.0))
     row = {iid: i for i, iid in enumerate(data.item_ids)}
     for qid, ranked in run.items():
         assert ranked[0] == plain_run[qid][0] and sorted(ranked) == sorted(plain_run[qid])
@@ -120,11 +119,41 @@ def test_mmr_compares_a_dense_models_own_item_vectors_as_serving_does(collection
 
     monkeypatch.setattr(beyond_accuracy, "item_embeddings", no_base_vectors)
     dense = load_ranker("zero-shot")
-    run = rank(dense, task, mmr_lambda=0.0)
+    run = rank(dense, task, reranking=("mmr", 0.0))
     own = mmr_vectors(dense, data)
     assert own.shape == (len(data.item_ids), dense.item_text.shape[1])
     np.testing.assert_allclose(np.linalg.norm(own, axis=1), 1.0, atol=1e-5)
     assert sorted(run) == sorted(task.query_ids)
+
+
+def test_calibration_and_tail_boost_rerank_towards_their_goals(tmp_path, collection, capsys):
+    """Steck's calibration lowers miscalibration@10, the long-tail boost lowers the average
+    recommended popularity; both re-order the same candidates, one at a time."""
+    # 20 users; each watches 4 items of its own (group "a", seen by nobody else), then 2 of 12
+    # shared items (group "b"): popularity ranks "b" first, the histories are 2/3 "a"
+    rows = []
+    for u in range(20):
+        own = [f"a{4 * u + j}" for j in range(4)]
+        shared = [f"b{(2 * u + j) % 12}" for j in range(2)]
+        for t, item in enumerate(own + shared):
+            rows.append({"user_id": f"u{u}", "item_id": item, "timestamp": t, "rating": 4})
+    data = datasets.load(f"interactions:{write_jsonl(tmp_path / 'l.jsonl', rows)}")
+    data.items["genres"] = [[i[0]] for i in data.items["item_id"]]
+    plain = evaluate(data, "popularity", "test")
+    calibrated = evaluate(data, "popularity", "test", calibration=1.0)
+    assert calibrated["calibration"] == 1.0 and "calibration" not in plain
+    assert calibrated["miscalibration@10"] < plain["miscalibration@10"]
+    boosted = evaluate(data, "popularity", "test", tail_boost=1.0)
+    assert boosted["tail_boost"] == 1.0 and boosted["arp@10"] < plain["arp@10"]
+    assert evaluate(data, "popularity", "test", tail_boost=0.0)["arp@10"] == plain["arp@10"]
+    with pytest.raises(KuberankError, match="one re-ranking at a time"):
+        evaluate(data, "popularity", "test", mmr_lambda=0.5, tail_boost=0.5)
+    with pytest.raises(KuberankError, match="--tail-boost: 1.5 is not in"):
+        evaluate(data, "popularity", "test", tail_boost=1.5)
+    args = ["evaluate", "--dataset", collection, "--model", "bm25", "--calibration", "0.5"]
+    assert main(args) == 2
+    assert "--calibration: calibrates to the 'genres'" in capsys.readouterr().err
+    assert "miscalibration@10" not in evaluate(collection, "bm25", "all")
 
 
 def test_cli_json_contract(collection, capsys):
