@@ -7,7 +7,7 @@ is a new model version to serve and reload like any other. It holds the rules an
 the rules), which ``/readyz`` reports::
 
     {"format": "kuberank-policy/1", "version": 2, "fingerprint": "…",
-     "blocked_items": ["1234"],                     never returned (ids not in the index: none)
+     "blocked_items": ["1234"],                     never returned (ids not in the index: ignored)
      "blocked_terms": ["casino", "free money"],     whole words or phrases, any case
      "on_blocked_term": "reject",                   "reject": 422 at ``query``; "filter": the
                                                     terms are cut out of the query (nothing
