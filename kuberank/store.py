@@ -7,6 +7,7 @@ Only the names live here so far (issue 14 moves the reading of every part here t
     STORE/model/          F's weights and item/user tables (kuberank models)
     STORE/index/          the dense item index (serving/index.py)
     STORE/lexical/        BM25 over the same items and the fitted fusion (kuberank/lexical.py)
+    STORE/policy.json     the serving policy, versioned (serving/policies.py, `kuberank policy`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+POLICY = "policy.json"
 STORE_FORMAT = "kuberank-store/1"
 STORE_FORMAT_PREFIX = "kuberank-store/"
 

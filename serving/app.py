@@ -86,6 +86,13 @@ from kuberank.serving.filters import (
     served_schema,
 )
 from kuberank.serving.metrics import replica_metrics
+from kuberank.serving.policies import (
+    CAP_DEPTH,
+    BlockedQuery,
+    candidate_count,
+    load_policy,
+    policy_decisions,
+)
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
 DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, RANKER)
@@ -328,12 +335,14 @@ def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | 
 
 
 def load_checked_index(store: str):
-    """The store's manifest and index, refusing an index made by another encoder."""
+    """The store's manifest and index (with the store's policy), refusing an index made by
+    another encoder or a policy that cannot be served."""
     from kuberank.serving.index import check_index, load_index
 
     manifest = read_store_manifest(store)
     index = load_index(store)
     check_index(index.meta, manifest, where=f"{store}/index")
+    index.policy = load_policy(store, index)
     return manifest, index
 
 
@@ -426,14 +435,16 @@ class RetrieveRequest:
     n: int
     exclude_history: bool
     filter: Filter | None = None  # serving/filters.py: the rows it blocks are excluded
+    policy_removed: int = 0  # set by retrieve_batch: blocked items (policy) among the candidates
 
 
 def retrieve_batch(
     index, requests: list[RetrieveRequest], rank_all_max: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Candidate rows and their Q·I (or history-mean) scores for each request."""
-    vectors, excludes, out = [], [], [None] * len(requests)
-    todo = []
+    vectors, excludes, others, out = [], [], [], [None] * len(requests)
+    todo, policy = [], getattr(index, "policy", None)  # its blocklist: excluded rows
+    blocklist = policy is not None and len(policy.rows) > 0
     for i, req in enumerate(requests):
         rows, unknown = index.rows_of(req.history)
         if unknown:
@@ -442,11 +453,15 @@ def retrieve_batch(
         if req.filter is not None:
             exclude = np.union1d(exclude, blocked_rows(index, req.filter))
         if req.query is None and len(index) <= rank_all_max:
+            if blocklist:
+                req.policy_removed = policy.removed(index, exclude, None, None, req.n)
+                exclude = np.union1d(exclude, policy.rows)
             everything = np.setdiff1d(np.arange(len(index)), exclude)
             out[i] = (everything, np.zeros(len(everything), dtype=np.float32))
             continue
         vectors.append(req.query if req.query is not None else history_query(index, rows))
-        excludes.append(exclude)
+        excludes.append(np.union1d(exclude, policy.rows) if blocklist else exclude)
+        others.append(exclude)
         todo.append(i)
     if todo:
         found_rows, found_scores = index.search(
@@ -455,6 +470,10 @@ def retrieve_batch(
         for j, i in enumerate(todo):
             n = requests[i].n
             out[i] = (found_rows[j][:n], found_scores[j][:n])
+            if blocklist:
+                requests[i].policy_removed = policy.removed(
+                    index, others[j], vectors[j], out[i][1], n
+                )
     return out
 
 
@@ -467,6 +486,7 @@ class RankRequest:
     k: int
     explain: bool = False  # also the terms of F behind each returned score (serving/explain.py)
     mmr_lambda: float | None = None  # MMR over the candidates (kuberank.diversity); None = off
+    capped: int = 0  # set by RankerCore.rank: items the policy's caps moved out of the top k
 
 
 class RankerCore:
@@ -511,10 +531,17 @@ class RankerCore:
                 scores = self.scorer(**self.scorer_inputs(req, cands)[0])[0].numpy()
         scores = np.asarray(scores, dtype=np.float64)
         order = np.lexsort((cands, -scores))
+        policy = getattr(self.index, "policy", None)
+        caps = policy is not None and bool(policy.rules.caps)
         if req.mmr_lambda is not None:  # the k picks of MMR over every candidate, in its order
             vectors = self.index.embeddings[cands[order]]
-            order = order[mmr(scores[order], vectors, req.mmr_lambda, req.k)]
-        top = order[: req.k]
+            depth = min(len(order), CAP_DEPTH * req.k) if caps else req.k
+            picked = order[mmr(scores[order], vectors, req.mmr_lambda, depth)]
+            order = np.concatenate([picked, order[~np.isin(order, picked)]]) if caps else picked
+        if caps:  # the policy's caps per group (serving/policies.py)
+            top, req.capped = policy.cap(cands, order, req.k)
+        else:
+            top = order[: req.k]
         return cands[top], scores[top].astype(np.float32)
 
     def scorer_inputs(self, req: RankRequest, cands: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -645,6 +672,8 @@ class PipelineRequest:
     explain: bool = False
     filter: Filter | None = None
     mmr_lambda: float | None = None
+    # set by the request path: the policy's decisions on it, {(policy, action): count}
+    decisions: dict | None = None
 
 
 def rank_response(
@@ -706,9 +735,10 @@ class Pipeline:
                 queries.append(vectors[j])
                 j += 1
         t = time.perf_counter()
+        n = [candidate_count(self.index.policy, r.k, candidates) for r in reqs]
         retrieve = [
-            RetrieveRequest(q, r.history, max(r.k, candidates), r.exclude_history, r.filter)
-            for q, r in zip(queries, reqs, strict=True)
+            RetrieveRequest(q, r.history, m, r.exclude_history, r.filter)
+            for q, r, m in zip(queries, reqs, n, strict=True)
         ]
         try:
             found: list = retrieve_batch(self.index, retrieve, rank_all_max)
@@ -722,12 +752,13 @@ class Pipeline:
         timings["retrieve"] = time.perf_counter() - t
         t = time.perf_counter()
         out: list = []
-        for q, r, f in zip(queries, reqs, found, strict=True):
+        for q, r, f, one in zip(queries, reqs, found, retrieve, strict=True):
             if isinstance(f, Exception):
                 out.append(f)
                 continue
             ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.mmr_lambda)
             rows, scores = self.ranker.rank(ranked)
+            r.decisions = policy_decisions(one.policy_removed, ranked.capped)
             why = explain_rows(self.ranker, ranked, rows) if r.explain else None
             out.append(([self.index.ids[i] for i in rows], scores.tolist(), why))
         timings["rank"] = time.perf_counter() - t
@@ -1189,13 +1220,16 @@ if serve is not None:
                     except UnknownItemsError as exc:
                         results.append(exc)
             out = []
-            for result, (_, t0) in zip(results, items, strict=True):
+            for result, (req, t0) in zip(results, items, strict=True):
                 if isinstance(result, Exception):
                     out.append(result)
                 else:
-                    out.append(
-                        (result[0], result[1], {"batch": len(items), "queue_s": started - t0})
-                    )
+                    meta = {
+                        "batch": len(items),
+                        "queue_s": started - t0,
+                        "policy_removed": req.policy_removed,
+                    }
+                    out.append((result[0], result[1], meta))
             return out
 
         async def retrieve(self, req: RetrieveRequest):
@@ -1228,7 +1262,7 @@ if serve is not None:
             out = []
             for req, t0 in items:
                 rows, scores = core.rank(req)
-                meta = {"batch": len(items), "queue_s": started - t0}
+                meta = {"batch": len(items), "queue_s": started - t0, "capped": req.capped}
                 if req.explain:
                     meta["explain"] = explain_rows(core, req, rows)
                 out.append(([core.index.ids[r] for r in rows], scores.tolist(), version, meta))
@@ -1481,13 +1515,14 @@ if serve is not None:
                 )
                 if meta.get("fallback"):
                     self.metrics.encoder_fallbacks(1)
-            n = max(k, self.settings.candidates)
+            n = candidate_count(state.index.policy, k, self.settings.candidates)
             t = time.perf_counter()
             rows, _, meta = await self._call(
                 "retrieve",
                 self.retriever.retrieve,
                 RetrieveRequest(vector, history, n, request.exclude_history, request.filter),
             )
+            removed = meta["policy_removed"]
             self.metrics.observe_stage(
                 "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
@@ -1502,6 +1537,7 @@ if serve is not None:
             self.metrics.observe_stage(
                 "rank", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
+            self.metrics.policy_decisions(policy_decisions(removed, meta["capped"]))
             return rank_response(version, state.kind, ids, scores, meta.get("explain"))
 
         async def _rank_colocated(
@@ -1546,6 +1582,7 @@ if serve is not None:
                 )
             if query is not None and meta["fallback"]:
                 self.metrics.encoder_fallbacks(1)
+            self.metrics.policy_decisions(request.decisions)
             ids, scores, explained = result
             return rank_response(meta["version"], state.kind, ids, scores, explained)
 
@@ -1560,11 +1597,29 @@ if serve is not None:
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
             state = self._check(body.user_id, body.history, need_signal=False, flt=body.filter)
+            query = self._screen(state, body.query)
+            if query is None:  # the policy cut every term of the query: nothing to search
+                return rank_response((state.version, state.fingerprint), state.kind, [], [])
             request = PipelineRequest(
-                body.query, body.history, body.user_id, body.k, False, body.explain, body.filter
+                query, body.history, body.user_id, body.k, False, body.explain, body.filter
             )
             request.mmr_lambda = self._mmr_lambda(body)
             return await self._rank(state, request, body.deadline_ms)
+
+        def _screen(self, state: Pipeline, query: str) -> str | None:
+            """The query as the policy lets it through (serving/policies.py), counted."""
+            policy = state.index.policy
+            if policy is None:
+                return query
+            try:
+                query, decision = policy.screen(query)
+            except BlockedQuery as exc:
+                self.metrics.policy_decisions({("blocked_terms", "rejected"): 1})
+                detail = {"field": "query", "problem": str(exc), "type": "policy"}
+                raise RequestProblem(422, "invalid request: query", [detail]) from None
+            if decision is not None:
+                self.metrics.policy_decisions({("blocked_terms", decision): 1})
+            return query
 
         def _mmr_lambda(self, body) -> float | None:
             if body.diversity is not None:
@@ -1611,6 +1666,8 @@ if serve is not None:
                 "model_version": state.version,
                 "fingerprint": state.fingerprint,
                 "kind": state.kind,
+                # the serving policy of this version (serving/policies.py), or null
+                "policy": state.index.policy.info() if state.index.policy else None,
                 # how this replica is sized: batches it runs side by side, and ONNX Runtime
                 # threads per batch (0 when queries are encoded elsewhere)
                 "batch_workers": self.batch_workers,

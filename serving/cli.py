@@ -1,4 +1,4 @@
-"""``kuberank index | serve | bench``: thin CLI wrappers over the serving modules."""
+"""``kuberank index | explain | policy | serve | bench``: thin CLI wrappers over the serving modules."""
 
 from __future__ import annotations
 
@@ -40,6 +40,26 @@ def _cmd_explain(args) -> int:
             print(
                 f"\t  history {h['id']}: attention {h['attention']:.3f}, {h['contribution']:+.4f}"
             )
+    return 0
+
+
+def _cmd_policy(args) -> int:
+    from kuberank.serving.policies import check_file, write_policy
+
+    if args.policy_command == "set":
+        out = write_policy(args.model_store, args.file)
+    else:
+        out = check_file(args.model_store, args.file)
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        version = "unversioned" if out["version"] is None else f"version {out['version']}"
+        caps = ", ".join(f"{a} {s:g}" for a, s in out["caps"].items()) or "none"
+        print(
+            f"policy {version}, fingerprint {out['fingerprint']}: {out['blocked_items']} blocked "
+            f"items, {out['blocked_terms']} blocked terms ({out['on_blocked_term']}), caps {caps}"
+            + (f" -> {out['store']}" if "store" in out else "")
+        )
     return 0
 
 
@@ -159,6 +179,26 @@ def register(sub, dataset_help: str) -> None:
     xp.add_argument("--k", type=int, default=10, help="results (default: 10)")
     xp.add_argument("--json", action="store_true", help="the response body as one JSON line")
     xp.set_defaults(func=_cmd_explain)
+
+    po = sub.add_parser(
+        "policy",
+        help="write or check a store's serving policy (blocklist, blocked terms, caps)",
+        description="The serving policy lives in STORE/policy.json, versioned: served with the "
+        "store's model and reloaded with it; /readyz names its version and fingerprint "
+        "(docs/serving.md, Policies).",
+    )
+    po_sub = po.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    for action, text in (
+        ("set", "check FILE against the store's index and write it as the store's policy"),
+        ("check", "check FILE (or, without it, the store's own policy) against the store's index"),
+    ):
+        one = po_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        one.add_argument("--model-store", required=True, metavar="STORE", help="path or s3:// URI")
+        one.add_argument(
+            "--file", required=action == "set", metavar="FILE", help="a policy JSON file"
+        )
+        one.add_argument("--json", action="store_true", help="the summary as one JSON line")
+        one.set_defaults(func=_cmd_policy)
 
     sv = sub.add_parser(
         "serve",

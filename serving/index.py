@@ -266,6 +266,7 @@ class ItemIndex:
     embeddings: np.ndarray  # [N, D] float32
     ann: object | None = None
     attributes: dict | None = None  # ATTRIBUTES_FILE: {"fields", "values"}; None: none kept
+    policy: object | None = None  # the store's serving policy (serving/policies.py), if any
 
     def __post_init__(self):
         self.row = {item: i for i, item in enumerate(self.ids)}

@@ -15,6 +15,10 @@ Names are a contract with the chart (PrometheusRule, Grafana dashboard) and the 
   answer
 - ``kuberank_encoder_fallback_total``                  counter, Triton failures served in process
 - ``kuberank_model_info{version,fingerprint,kind}``    gauge = 1 for the model being served
+- ``kuberank_policy_decisions_total{policy,action}``   counter, the serving policy's decisions
+  (serving/policies.py DECISIONS): blocked_terms rejected|filtered (queries), blocked_items
+  removed (blocked items that would have been candidates), caps displaced (items a cap moved
+  out of the top k)
 
 Every series also carries ``replica`` (the Ingress replica): Prometheus scrapes ``/metrics``
 through the Serve proxy, which picks one replica per scrape, and per-replica series keep
@@ -29,6 +33,7 @@ import urllib.request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kuberank.serving.admission import SHED_REASONS
+from kuberank.serving.policies import DECISIONS
 
 LATENCY_BUCKETS = (
     0.001,
@@ -128,8 +133,17 @@ class AppMetrics:
             registry=self.registry,
         )
 
+        self.policy = Counter(
+            "kuberank_policy_decisions_total",
+            "Decisions of the serving policy, by policy and action",
+            ["policy", "action", *labels],
+            registry=self.registry,
+        )
+
         for reason in SHED_REASONS:  # zero from the start, so rate() sees the first shed
             self._child(self.shed_total, reason)
+        for policy, action in DECISIONS:
+            self._child(self.policy, policy, action)
 
     def _child(self, metric, *labels: str):
         """``metric.labels(*labels, replica)``, memoised: the hot path observes about ten
@@ -169,6 +183,12 @@ class AppMetrics:
     def encoder_fallbacks(self, count: int) -> None:
         if count:
             self.fallback.labels(self.replica).inc(count)
+
+    def policy_decisions(self, decisions: dict | None) -> None:
+        """Count ``{(policy, action): n}`` (serving/policies.py DECISIONS)."""
+        for (policy, action), count in (decisions or {}).items():
+            if count:
+                self._child(self.policy, policy, action).inc(count)
 
     def set_model(self, version: str, fingerprint: str, kind: str) -> None:
         self.model.clear()
