@@ -6,11 +6,14 @@ command that builds it. Served over HTTP: tests/test_app.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 from fixtures import QRELS, QUERIES, write_beir
+from test_app import deploy, serving  # noqa: F401
+from test_app import post_admitted as post
 from test_index import serving_store
 
 from kuberank.serving import hybrid
@@ -122,3 +125,64 @@ def test_a_lexical_index_of_other_items_is_refused(fitted):
     stage = hybrid.LexicalStage(lexical, ["a", "b"])
     assert stage.default == "dense" and stage.fusion["method"] == "rrf"
     assert np.array_equal(stage.lexical.scores(["another"])[0] > 0, [False, True])
+
+
+# --------------------------------------------------------------------------- served (slow)
+
+
+@pytest.mark.slow
+def test_served_retrieval_its_422s_schema_and_stage_metric(serving, tmp_path):  # noqa: F811
+    from ray import serve
+
+    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.launcher import http_json
+    from kuberank.serving.metrics import parse_metrics
+
+    store = serving["store"]  # its lexical index: RRF (the fixture has no validation queries)
+    body = {"query": QUERIES["q1"], "k": 4, "explain": True}
+    status, fused = post(serving, "/search", {**body, "retrieval": "hybrid"})
+    assert status == 200, fused
+    for item in fused["items"]:
+        assert set(item["explain"]) == {"dense", "lexical"}
+        assert abs(item["explain"]["dense"] + item["explain"]["lexical"] - item["score"]) < 1e-5
+    pipe = load_pipeline(str(store), QueryEncoding("", Settings()))  # the app's settings
+    (ids, scores, _), _ = _served(pipe, QUERIES["q1"], "hybrid", k=4)
+    assert [i["id"] for i in fused["items"]] == ids
+    assert np.allclose([i["score"] for i in fused["items"]], scores, atol=1e-6)
+    # the stage deployments (split path): BM25 alone, ranked by BM25
+    status, lexical = post(
+        serving, "/rec/search", {"query": QUERIES["q2"], "k": 3, "retrieval": "bm25"}
+    )
+    assert status == 200, lexical
+    bm25 = LexicalIndex.load(store / LEXICAL_DIR)
+    row = bm25.scores([QUERIES["q2"]])[0]
+    expected = [bm25.ids[i] for i in np.lexsort((np.arange(len(row)), -row))[:3]]
+    assert [i["id"] for i in lexical["items"]] == expected
+    # a value outside the three: 422 at the field
+    status, error = post(serving, "/search", {**body, "retrieval": "sparse"})
+    assert status == 422 and "retrieval" in json.dumps(error["error"]), error
+    # the schema documents the field
+    schema = http_json("GET", serving["base"] + "/openapi.json")[1]
+    field = schema["components"]["schemas"]["SearchRequest"]["properties"]["retrieval"]
+    assert "hybrid" in json.dumps(field) and "kuberank index" in field["description"]
+    # the lexical stage's time is a stage of its own in the metrics
+    samples = parse_metrics(http_json("GET", serving["base"] + "/metrics")[1])
+    assert any(
+        k.startswith("kuberank_stage_latency_seconds_count{") and 'stage="lexical"' in k
+        for k in samples
+    )
+    # a store without a lexical index: dense as before; bm25/hybrid name the field and command
+    bare = tmp_path / "store"
+    shutil.copytree(store, bare, symlinks=True)
+    shutil.rmtree(bare / LEXICAL_DIR)
+    prefix = deploy("bare", "/bare", {**serving["main_args"], "model_store": str(bare)})
+    try:
+        assert post(serving, prefix + "/search", body)[0] == 200
+        for asked in ("hybrid", "bm25"):
+            status, error = post(serving, prefix + "/search", {**body, "retrieval": asked})
+            assert status == 422, error
+            [detail] = error["error"]["details"]
+            assert detail["field"] == "retrieval" and "kuberank index" in detail["problem"]
+    finally:
+        serve.delete("bare")
