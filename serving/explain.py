@@ -11,7 +11,8 @@ terms as they entered its score (they sum to ``score``):
 - ``collaborative``: w_cf * (U·V + b).
 
 A term is present only when it entered the score: a /search on a search model explains with
-``relevance`` only. Both request paths (colocated and the stage deployments), with query vectors
+``relevance`` only. A /search with ``retrieval`` bm25 or hybrid is ranked by its fused score
+(serving/hybrid.py) and explains it with ``dense`` and ``lexical`` instead. Both request paths (colocated and the stage deployments), with query vectors
 from Triton or from ONNX Runtime in process, score on the Ranker's :class:`RankerCore`; the
 explanation is computed there from the same parts (:meth:`kuberank.model.Scorer.terms`), for
 the k returned items only.
