@@ -5,7 +5,7 @@ writes ``runs/bench-<timestamp>/bench.json`` and ``report.md`` with plots. Timin
 2-core machine are noisy: the ratios are what to read. CISI (../shared/datasets/cisi) is used
 when present; everything else runs on the embedded MovieLens-100K.
 
-    python -m benchmarks.run [--sections quality,search,diversity,train,compression,serving,images,overload]
+    python -m benchmarks.run [--sections quality,search,diversity,train,compression,serving,retrieval,images,overload]
         [--out runs]      # --sections rec-peers: the RecBole peers over seeds (hours on a CPU)
 
 ``search`` also runs every BEIR directory in ``KUBERANK_COLLECTIONS`` (colon-separated).
@@ -30,6 +30,7 @@ ALL = (
     "train",
     "compression",
     "serving",
+    "retrieval",
     "images",
     "overload",
 )

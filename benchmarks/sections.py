@@ -275,6 +275,25 @@ def overload(out: Path, cisi: str | None):
     return result, table + "\n\n![overload](overload/overload.png)"
 
 
+def retrieval(out: Path, cisi: str | None):
+    """The lexical stage's latency and throughput cost (serving/hybrid.py): one store of the
+    base MiniLM over the CISI documents when present, else over the MovieLens titles, served
+    with ``retrieval: dense`` and ``hybrid`` in the same run (serving/bench.py)."""
+    from kuberank.components.export import export_model
+    from kuberank.config import base_model_path
+    from kuberank.serving.bench import format_retrieval_cost, retrieval_cost
+    from kuberank.serving.index import build_index
+
+    model = Path(base_model_path())
+    store = out / "retrieval-store"
+    export_model(model, store, fp16=False)
+    build_index(model, cisi or ML, store)  # STORE/index and STORE/lexical
+    result = retrieval_cost(str(store))
+    table = format_retrieval_cost(result)
+    print(table, flush=True)
+    return result, table
+
+
 # each re-ranking's parameter, from "as ranked" outwards (issue 16's stages)
 RERANK_GRIDS = {
     "mmr": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0),  # lambda: 1 = as ranked

@@ -47,14 +47,23 @@ class Ranker:
 
 
 class BM25Ranker(Ranker):
-    """BM25 over item text (:mod:`kuberank.lexical`: bm25s, the store's lexical index)."""
+    """BM25 over item text (:mod:`kuberank.lexical`: bm25s, the store's lexical index).
+    ``stored``: a model store's lexical index, used when it holds the task's items (same ids,
+    same order; ``kuberank index`` of the same collection), else BM25 is built here."""
 
     name = "bm25"
+
+    def __init__(self, stored=None):
+        self.stored, self.source = stored, None
 
     def prepare(self, task):
         from kuberank.lexical import LexicalIndex
 
-        self.index = LexicalIndex.build(task.dataset.item_ids, task.dataset.item_texts)
+        data = task.dataset
+        if self.stored is not None and self.stored.ids == [str(i) for i in data.item_ids]:
+            self.index, self.source = self.stored, "store"
+        else:
+            self.index, self.source = LexicalIndex.build(data.item_ids, data.item_texts), "built"
 
     def scores(self, task, rows):
         return self.index.scores([task.texts[r] for r in rows])
@@ -203,8 +212,8 @@ class HybridRanker(Ranker):
     """A dense ranker (a model) fused with BM25 over the same items (:mod:`kuberank.fusion`):
     ``rrf``, or ``convex`` with a weight given or fitted on the ``tuning`` queries (train and
     validation: never test, never the split evaluated). Without a validation split, convex
-    falls back to
-    RRF and says so in :attr:`fusion`."""
+    falls back to RRF and says so in :attr:`fusion`. ``lexical``: a store's lexical index
+    (used for the store's own items instead of building BM25 again)."""
 
     def __init__(
         self,
@@ -212,10 +221,11 @@ class HybridRanker(Ranker):
         method: str = "convex",
         weight: float | None = None,
         stored: dict | None = None,
+        lexical=None,
     ):
         if method not in fusion.METHODS:
             raise KuberankError(f"--fusion: one of {', '.join(fusion.METHODS)}, got {method!r}")
-        self.dense, self.lexical = dense, BM25Ranker()
+        self.dense, self.lexical = dense, BM25Ranker(lexical)
         self.name = f"{dense.name}+bm25"
         self.method, self.weight = method, weight
         self.fusion: dict = {}
@@ -230,6 +240,7 @@ class HybridRanker(Ranker):
                 "this dataset is a recommendation log (use --retrieval dense)"
             )
         self.lexical.prepare(task)
+        self.fusion["lexical"] = self.lexical.source  # "store": STORE/lexical; "built": here
         method, weight = self.method, self.weight
         if method == "convex" and weight is None:
             weight, curve = self._fit(task.dataset)
@@ -399,23 +410,24 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
     its recorded fusion is used; anything else is dense."""
     if retrieval not in (None, *RETRIEVALS):
         raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
-    if retrieval == "bm25":
-        return BM25Ranker()
-    stored = None
-    if isinstance(model, str) and retrieval in (None, "hybrid") and is_store(model):
+    stored, index = None, None
+    if isinstance(model, str) and retrieval != "dense" and is_store(model):
         from kuberank.lexical import LEXICAL_DIR, LexicalIndex
 
         lexical = Path(model) / LEXICAL_DIR
         if lexical.is_dir() or retrieval == "hybrid":  # names `kuberank index` when absent
-            stored = LexicalIndex.load(lexical).meta["fusion"]
+            index = LexicalIndex.load(lexical)
+            stored = index.meta["fusion"]
             retrieval = retrieval or stored["default"]
+    if retrieval == "bm25":
+        return BM25Ranker(index)
     ranker = load_ranker(model) if isinstance(model, str) else model
     if retrieval == "hybrid":
         if isinstance(ranker, (BM25Ranker, PopularityRanker, EASERanker)) or ranker.name in PEERS:
             raise KuberankError(
                 f"--retrieval hybrid: fuses BM25 with a dense model; {ranker.name} is not one"
             )
-        return HybridRanker(ranker, fusion_method, stored=stored)
+        return HybridRanker(ranker, fusion_method, stored=stored, lexical=index)
     return ranker
 
 

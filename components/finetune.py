@@ -123,15 +123,23 @@ def recommendation_examples(data: datasets.Dataset, max_history: int) -> dict:
     }
 
 
-def bm25_hard_negatives(data: datasets.Dataset, examples: dict, depth: int = 20) -> list[int]:
+def bm25_hard_negatives(
+    data: datasets.Dataset, examples: dict, depth: int = 20, index=None
+) -> list[int]:
     """For each pair, one of the three best-ranked BM25 documents of ``data`` that is not
-    relevant to its query (``examples``: query texts and (query, document row) pairs)."""
+    relevant to its query (``examples``: query texts and (query, document row) pairs);
+    ``index``: ``data``'s :class:`kuberank.lexical.LexicalIndex` when one is built already.
+    Only the queries of the pairs are scored."""
     from kuberank.lexical import LexicalIndex
 
-    scores = LexicalIndex.build(data.item_ids, data.item_texts).scores(examples["queries"])
+    if index is None:
+        index = LexicalIndex.build(data.item_ids, data.item_texts)
     positives: dict[int, set[int]] = {}
     for q, d in examples["pairs"]:
         positives.setdefault(q, set()).add(d)
+    scores = dict(
+        zip(positives, index.scores([examples["queries"][q] for q in positives]), strict=True)
+    )
     best: dict[int, list[int]] = {}
     for q in positives:
         order = np.argsort(-scores[q], kind="stable")[: depth + len(positives[q])]
@@ -696,7 +704,12 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
     if data.kind == datasets.SEARCH:
         examples = search_examples(data)
         doc_texts = list(data.item_texts)
-        hard = bm25_hard_negatives(data, examples) if config.hard_negatives else None
+        lexical = None
+        if config.hard_negatives:  # one BM25 index of the documents for both kinds of pairs
+            from kuberank.lexical import LexicalIndex
+
+            lexical = LexicalIndex.build(data.item_ids, data.item_texts)
+        hard = bm25_hard_negatives(data, examples, index=lexical) if lexical is not None else None
         mask_pairs, adapted = [], {}
         if config.corpus_pairs > 0:  # in-domain pairs from the documents themselves
             titles, bodies = data.item_titles_and_bodies()
@@ -712,7 +725,7 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
             mask_pairs = [(offset_q + i, row) for i, (_, _, row) in enumerate(extra)]
             if hard is not None:
                 hard += bm25_hard_negatives(
-                    data, {"queries": examples["queries"], "pairs": mask_pairs}
+                    data, {"queries": examples["queries"], "pairs": mask_pairs}, index=lexical
                 )
         replayed = 0
         previous = (

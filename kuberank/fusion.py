@@ -47,19 +47,31 @@ def rrf(dense: np.ndarray, lexical: np.ndarray, k: int = RRF_K) -> np.ndarray:
 
 
 def convex(dense: np.ndarray, lexical: np.ndarray, weight: float) -> np.ndarray:
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
-    return weight * minmax(np.atleast_2d(dense)) + (1.0 - weight) * minmax(np.atleast_2d(lexical))
+    return fuse(dense, lexical, "convex", weight)
 
 
-def fuse(dense: np.ndarray, lexical: np.ndarray, method: str, weight: float | None = None):
+def terms(
+    dense: np.ndarray, lexical: np.ndarray, method: str, weight: float | None = None
+) -> dict[str, np.ndarray]:
+    """The two parts of the fused score, ``{"dense": ..., "lexical": ...}`` (rows as given):
+    rrf's 1 / (k + rank) of each ranking, or convex's ``weight * norm(dense)`` and
+    ``(1 - weight) * norm(lexical)``. Their sum is :func:`fuse`; serving explains a hybrid
+    score with them."""
+    dense, lexical = np.atleast_2d(dense), np.atleast_2d(lexical)
     if method == "rrf":
-        return rrf(dense, lexical)
+        return {"dense": 1.0 / (RRF_K + ranks(dense)), "lexical": 1.0 / (RRF_K + ranks(lexical))}
     if method == "convex":
         if weight is None:
             raise ValueError("convex fusion needs a weight (fit it on validation)")
-        return convex(dense, lexical, weight)
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
+        return {"dense": weight * minmax(dense), "lexical": (1.0 - weight) * minmax(lexical)}
     raise ValueError(f"fusion method must be one of {METHODS}, got {method!r}")
+
+
+def fuse(dense: np.ndarray, lexical: np.ndarray, method: str, weight: float | None = None):
+    parts = terms(dense, lexical, method, weight)
+    return parts["dense"] + parts["lexical"]
 
 
 def fit_weight(

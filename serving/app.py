@@ -53,7 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -74,7 +74,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kuberank.diversity import mmr
 from kuberank.errors import KuberankError
-from kuberank.serving import admission, json_routes
+from kuberank.serving import admission, hybrid, json_routes
 from kuberank.serving.admission import DEFAULT_BUDGET_MS, Admission, Overloaded
 from kuberank.serving.batching import BatcherStopped, DynamicBatcher, run_on_loop
 from kuberank.serving.explain import Explanation, explain_rows
@@ -435,15 +435,21 @@ class RetrieveRequest:
     n: int
     exclude_history: bool
     filter: Filter | None = None  # serving/filters.py: the rows it blocks are excluded
+    text: str | None = None  # the query text (bm25, hybrid)
+    retrieval: str = "dense"  # dense | bm25 | hybrid (serving/hybrid.py)
     policy_removed: int = 0  # set by retrieve_batch: blocked items (policy) among the candidates
 
 
 def retrieve_batch(
-    index, requests: list[RetrieveRequest], rank_all_max: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Candidate rows and their Q·I (or history-mean) scores for each request."""
+    index, requests: list[RetrieveRequest], rank_all_max: int, lexical=None, timings=None
+) -> list[tuple[np.ndarray, Any]]:
+    """Candidate rows and their Q·I (or history-mean) scores for each request; a bm25 or
+    hybrid request's from the ``lexical`` stage (serving/hybrid.py: a Fused instead of the
+    scores; its seconds added to ``timings["lexical"]``). The policy's blocklist is excluded
+    like a filter's rows."""
     vectors, excludes, others, out = [], [], [], [None] * len(requests)
-    todo, policy = [], getattr(index, "policy", None)  # its blocklist: excluded rows
+    todo, fused, fused_excludes = [], [], []
+    policy = getattr(index, "policy", None)  # its blocklist: excluded rows
     blocklist = policy is not None and len(policy.rows) > 0
     for i, req in enumerate(requests):
         rows, unknown = index.rows_of(req.history)
@@ -452,6 +458,12 @@ def retrieve_batch(
         exclude = rows if req.exclude_history else np.zeros(0, dtype=np.int64)
         if req.filter is not None:
             exclude = np.union1d(exclude, blocked_rows(index, req.filter))
+        if req.retrieval != "dense":
+            fused.append(i)
+            # blocked items are excluded from bm25/hybrid too; not counted in policy_removed
+            # (their would-be rank needs the fused scores the blocklist keeps them out of)
+            fused_excludes.append(np.union1d(exclude, policy.rows) if blocklist else exclude)
+            continue
         if req.query is None and len(index) <= rank_all_max:
             if blocklist:
                 req.policy_removed = policy.removed(index, exclude, None, None, req.n)
@@ -474,6 +486,14 @@ def retrieve_batch(
                 requests[i].policy_removed = policy.removed(
                     index, others[j], vectors[j], out[i][1], n
                 )
+    if fused:
+        found, seconds = hybrid.retrieve(
+            index, lexical, [requests[i] for i in fused], fused_excludes
+        )
+        for i, result in zip(fused, found, strict=True):
+            out[i] = result
+        if timings is not None:
+            timings["lexical"] = timings.get("lexical", 0.0) + seconds
     return out
 
 
@@ -486,6 +506,7 @@ class RankRequest:
     k: int
     explain: bool = False  # also the terms of F behind each returned score (serving/explain.py)
     mmr_lambda: float | None = None  # MMR over the candidates (kuberank.diversity); None = off
+    fused: Any = None  # bm25/hybrid: the candidates' hybrid.Fused scores rank them, not F
     capped: int = 0  # set by RankerCore.rank: items the policy's caps moved out of the top k
 
 
@@ -520,7 +541,9 @@ class RankerCore:
         cands = np.asarray(req.candidates, dtype=np.int64)
         if len(cands) == 0:
             return cands, np.zeros(0, dtype=np.float32)
-        if self.scorer is None:
+        if req.fused is not None:
+            scores = req.fused.scores
+        elif self.scorer is None:
             if req.query is None:
                 query = history_query(self.index, self.index.rows_of(req.history)[0])
             else:
@@ -674,6 +697,7 @@ class PipelineRequest:
     mmr_lambda: float | None = None
     # set by the request path: the policy's decisions on it, {(policy, action): count}
     decisions: dict | None = None
+    retrieval: str = "dense"  # serving/hybrid.py
 
 
 def rank_response(
@@ -711,6 +735,7 @@ class Pipeline:
     index: Any = None
     ranker: RankerCore | None = None
     local: InProcessEncoder | None = None
+    lexical: Any = None  # hybrid.LexicalStage: STORE/lexical, None without one
 
     def run(
         self,
@@ -721,7 +746,7 @@ class Pipeline:
     ) -> tuple[list, dict]:
         """Encode (unless ``vectors`` came from Triton) + retrieve + rank a batch; per request
         (ids, scores) or the request's exception; and the seconds each stage took."""
-        timings = {"encode": 0.0, "retrieve": 0.0, "rank": 0.0}
+        timings = {"encode": 0.0, "retrieve": 0.0, "rank": 0.0, "lexical": 0.0}
         texts = [r.query for r in reqs if r.query is not None]
         t = time.perf_counter()
         if texts and vectors is None:
@@ -737,16 +762,25 @@ class Pipeline:
         t = time.perf_counter()
         n = [candidate_count(self.index.policy, r.k, candidates) for r in reqs]
         retrieve = [
-            RetrieveRequest(q, r.history, m, r.exclude_history, r.filter)
+            RetrieveRequest(
+                q,
+                r.history,
+                m,
+                r.exclude_history,
+                r.filter,
+                text=r.query,
+                retrieval=r.retrieval,
+            )
             for q, r, m in zip(queries, reqs, n, strict=True)
         ]
+        args = (rank_all_max, self.lexical, timings)
         try:
-            found: list = retrieve_batch(self.index, retrieve, rank_all_max)
+            found: list = retrieve_batch(self.index, retrieve, *args)
         except UnknownItemsError:  # answer the good requests of the batch one by one
             found = []
             for one in retrieve:
                 try:
-                    found.append(retrieve_batch(self.index, [one], rank_all_max)[0])
+                    found.append(retrieve_batch(self.index, [one], *args)[0])
                 except UnknownItemsError as exc:
                     found.append(exc)
         timings["retrieve"] = time.perf_counter() - t
@@ -756,7 +790,8 @@ class Pipeline:
             if isinstance(f, Exception):
                 out.append(f)
                 continue
-            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.mmr_lambda)
+            fused = f[1] if r.retrieval != "dense" else None
+            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.mmr_lambda, fused)
             rows, scores = self.ranker.rank(ranked)
             r.decisions = policy_decisions(one.policy_removed, ranked.capped)
             why = explain_rows(self.ranker, ranked, rows) if r.explain else None
@@ -781,6 +816,7 @@ def load_pipeline(store: str, encoding: QueryEncoding | None) -> Pipeline:
     if encoding is not None:
         pipe.ranker = RankerCore(store, index, tables, model_dir)
         pipe.local = encoding.load_local(store, manifest)
+    pipe.lexical = hybrid.load_stage(store, index.ids)  # split path too: each request's default
     return pipe
 
 
@@ -860,6 +896,14 @@ class SearchRequest(_UserContext):
         None,
         description="a user the model knows (personalisation; 404 when the model has users and "
         "this is not one of them, ignored by a model without users)",
+    )
+    retrieval: Literal["dense", "bm25", "hybrid"] | None = Field(
+        None,
+        description="how candidates are retrieved: dense (Q·I), bm25 (the store's lexical "
+        "index) or hybrid (both fused with the store's fitted fusion; `score` is then the fused "
+        "score and `explain` gives its `dense` and `lexical` terms). Default: the store's "
+        "recorded retrieval (hybrid only where fusion beat dense on its tuning queries). "
+        "bm25/hybrid on a store without a lexical index: 422 (`kuberank index` builds it)",
     )
 
 
@@ -1198,25 +1242,28 @@ if serve is not None:
     class Retriever:
         def __init__(self, settings: dict):
             self.settings = Settings(**settings)
-            self.index = None
+            self.index, self.lexical = None, None
             set_batching(self._retrieve_batch, self.settings.retriever_batch)
 
         async def reconfigure(self, config: dict):
-            _, index = await asyncio.to_thread(load_checked_index, config["model_store"])
-            self.index = index
+            store = config["model_store"]
+            _, index = await asyncio.to_thread(load_checked_index, store)
+            lexical = await asyncio.to_thread(hybrid.load_stage, store, index.ids)
+            self.index, self.lexical = index, lexical
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
         async def _retrieve_batch(self, items: list[tuple[RetrieveRequest, float]]) -> list:
             started = time.perf_counter()
-            index = self.index
+            index, timings = self.index, {"lexical": 0.0}
             reqs = [r for r, _ in items]
+            args = (self.settings.rank_all_max, self.lexical, timings)
             try:
-                results = retrieve_batch(index, reqs, self.settings.rank_all_max)
+                results = retrieve_batch(index, reqs, *args)
             except UnknownItemsError:  # answer the good requests of the batch one by one
                 results = []
                 for req in reqs:
                     try:
-                        results.append(retrieve_batch(index, [req], self.settings.rank_all_max)[0])
+                        results.append(retrieve_batch(index, [req], *args)[0])
                     except UnknownItemsError as exc:
                         results.append(exc)
             out = []
@@ -1228,6 +1275,7 @@ if serve is not None:
                         "batch": len(items),
                         "queue_s": started - t0,
                         "policy_removed": req.policy_removed,
+                        **timings,
                     }
                     out.append((result[0], result[1], meta))
             return out
@@ -1516,22 +1564,40 @@ if serve is not None:
                 if meta.get("fallback"):
                     self.metrics.encoder_fallbacks(1)
             n = candidate_count(state.index.policy, k, self.settings.candidates)
+            mode = request.retrieval
             t = time.perf_counter()
-            rows, _, meta = await self._call(
+            rows, found, meta = await self._call(
                 "retrieve",
                 self.retriever.retrieve,
-                RetrieveRequest(vector, history, n, request.exclude_history, request.filter),
+                RetrieveRequest(
+                    vector,
+                    history,
+                    n,
+                    request.exclude_history,
+                    request.filter,
+                    text=query,
+                    retrieval=mode,
+                ),
             )
             removed = meta["policy_removed"]
             self.metrics.observe_stage(
                 "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
             )
+            if mode != "dense":
+                self.metrics.observe_stage("lexical", meta["lexical"], meta["batch"])
             t = time.perf_counter()
             ids, scores, version, meta = await self._call(
                 "rank",
                 self.ranker.rank,
                 RankRequest(
-                    vector, rows, history, request.user_id, k, request.explain, request.mmr_lambda
+                    vector,
+                    rows,
+                    history,
+                    request.user_id,
+                    k,
+                    request.explain,
+                    request.mmr_lambda,
+                    found if mode != "dense" else None,
                 ),
             )
             self.metrics.observe_stage(
@@ -1580,6 +1646,8 @@ if serve is not None:
                     batch,
                     queue_s if first else 0.0,
                 )
+            if request.retrieval != "dense":  # BM25 + fusion, a part of retrieve
+                self.metrics.observe_stage("lexical", timings["lexical"], batch)
             if query is not None and meta["fallback"]:
                 self.metrics.encoder_fallbacks(1)
             self.metrics.policy_decisions(request.decisions)
@@ -1604,6 +1672,11 @@ if serve is not None:
                 query, body.history, body.user_id, body.k, False, body.explain, body.filter
             )
             request.mmr_lambda = self._mmr_lambda(body)
+            try:
+                request.retrieval = hybrid.choose(body.retrieval, state.lexical)
+            except hybrid.RetrievalUnavailable as exc:
+                detail = {"field": "retrieval", "problem": str(exc), "type": "retrieval"}
+                raise RequestProblem(422, "invalid request: retrieval", [detail]) from None
             return await self._rank(state, request, body.deadline_ms)
 
         def _screen(self, state: Pipeline, query: str) -> str | None:

@@ -11,7 +11,8 @@ terms as they entered its score (they sum to ``score``):
 - ``collaborative``: w_cf * (U·V + b).
 
 A term is present only when it entered the score: a /search on a search model explains with
-``relevance`` only. Both request paths (colocated and the stage deployments), with query vectors
+``relevance`` only. A /search with ``retrieval`` bm25 or hybrid is ranked by its fused score
+(serving/hybrid.py) and explains it with ``dense`` and ``lexical`` instead. Both request paths (colocated and the stage deployments), with query vectors
 from Triton or from ONNX Runtime in process, score on the Ranker's :class:`RankerCore`; the
 explanation is computed there from the same parts (:meth:`kuberank.model.Scorer.terms`), for
 the k returned items only.
@@ -23,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 TOP_HISTORY = 3
+FUSION_TERMS = ("dense", "lexical")  # a bm25/hybrid score's terms (kuberank.fusion.terms)
 
 
 def explain_rows(core, req, rows: np.ndarray) -> list[dict]:
@@ -33,6 +35,8 @@ def explain_rows(core, req, rows: np.ndarray) -> list[dict]:
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         return []
+    if req.fused is not None:  # bm25/hybrid: the fused score's terms (serving/hybrid.py)
+        return req.fused.explain(rows)
     index = core.index
     if core.scorer is None:  # F = Q·I, or the history's mean vector · I
         if req.query is not None:
@@ -86,7 +90,7 @@ def total(explanation: dict) -> float:
     """The sum of an explanation's terms (what the item's score is)."""
     from kuberank.model import TERMS
 
-    return sum(explanation.get(name, 0.0) for name in TERMS)
+    return sum(explanation.get(name, 0.0) for name in (*TERMS, *FUSION_TERMS))
 
 
 def explain_offline(
@@ -140,6 +144,16 @@ class Explanation(BaseModel):
     )
     collaborative: float | None = Field(
         None, description="w_cf * (U·V + b) (absent for a model without the term)"
+    )
+    dense: float | None = Field(
+        None,
+        description="retrieval hybrid: the dense part of the fused score (convex: weight * "
+        "min-max normalised Q·I; rrf: 1 / (60 + its Q·I rank))",
+    )
+    lexical: float | None = Field(
+        None,
+        description="retrieval bm25: the BM25 score; hybrid: the lexical part of the fused "
+        "score (convex: (1 - weight) * min-max normalised BM25; rrf: 1 / (60 + its BM25 rank))",
     )
     history: list[HistoryContribution] | None = Field(
         None,

@@ -92,10 +92,25 @@ def build_hnsw(
     return index
 
 
+def store_encoder(store_local: Path, max_length: int):
+    """The store's exported fp32 ONNX encoder (STORE/onnx/model.onnx): the shared towers' item
+    encoder, and the query encoder the fusion is fitted with."""
+    from kuberank.onnx_encoder import OnnxEncoder
+
+    onnx_dir = store_local / "onnx"
+    return OnnxEncoder(
+        onnx_dir / "model.onnx",
+        tokenizer=onnx_dir / "tokenizer.json",
+        max_length=max_length,
+        intra_op_threads=None,
+    )
+
+
 def embed_items(
     model_dir: str | os.PathLike, store_local: Path, texts: list[str], max_length: int
-) -> tuple[np.ndarray, str]:
-    """Item vectors of ``texts`` and a word on which encoder made them."""
+) -> tuple[np.ndarray, str, object | None]:
+    """Item vectors of ``texts``, a word on which encoder made them, and the store's ONNX
+    encoder when it made them (None: the PyTorch item tower did)."""
     from kuberank.model import item_tower_path
 
     model_dir = Path(model_dir)
@@ -104,17 +119,10 @@ def embed_items(
         from kuberank.encoder import TextEncoder
 
         encoder = TextEncoder(str(tower), max_length=max_length)
-        return encoder.encode(texts, desc="embed items"), "item_tower (PyTorch fp32)"
-    from kuberank.onnx_encoder import OnnxEncoder
-
-    onnx_dir = store_local / "onnx"
-    encoder = OnnxEncoder(
-        onnx_dir / "model.onnx",
-        tokenizer=onnx_dir / "tokenizer.json",
-        max_length=max_length,
-        intra_op_threads=None,
-    )
-    return encoder.encode(texts, desc="embed items"), "onnx/model.onnx (ONNX Runtime fp32)"
+        return encoder.encode(texts, desc="embed items"), "item_tower (PyTorch fp32)", None
+    encoder = store_encoder(store_local, max_length)
+    vectors = encoder.encode(texts, desc="embed items")
+    return vectors, "onnx/model.onnx (ONNX Runtime fp32)", encoder
 
 
 def build_index(
@@ -152,7 +160,7 @@ def build_index(
     if not ids:
         raise KuberankError(f"--dataset {dataset}: has no items to index")
     store_local = materialize(store)
-    embeddings, item_encoder = embed_items(
+    embeddings, item_encoder, onnx = embed_items(
         model_dir, store_local, texts, int(manifest["embedding"]["max_length"])
     )
     ann = None
@@ -197,6 +205,7 @@ def build_index(
             texts,
             embeddings,
             int(manifest["embedding"]["max_length"]),
+            onnx,
         )
         # The store's edge bundle gets the same items (components/edge.py): a store is complete
         # after export + index, and a device ranks what the server ranks.
@@ -208,28 +217,24 @@ def build_index(
 
 
 def build_lexical(
-    store: str, store_local: Path, data, ids, texts, embeddings, max_length: int
+    store: str, store_local: Path, data, ids, texts, embeddings, max_length: int, encoder=None
 ) -> dict:
     """STORE/lexical (:mod:`kuberank.lexical`) over the same items, and for a search collection
     with validation queries the hybrid fusion fitted on its tuning queries (train and
     validation; :func:`kuberank.fusion.fit_on_judged`) with the store's own query encoder and
-    these item vectors: what serving computes."""
+    these item vectors: what serving computes. ``encoder``: the store's ONNX encoder when
+    :func:`embed_items` opened it already."""
     from kuberank import datasets, fusion
     from kuberank.lexical import LEXICAL_DIR, LexicalIndex
-    from kuberank.onnx_encoder import OnnxEncoder
     from kuberank.storage import publish
 
     lexical = LexicalIndex.build(ids, texts)
     record = {"method": "rrf", "default": "dense", "note": "no validation queries to fit on"}
     if data.kind == datasets.SEARCH and "tuning" in data.splits():
         task = datasets.eval_task(data, "tuning")
-        onnx_dir = store_local / "onnx"  # the query encoder serving runs (fp32 here)
-        encoder = OnnxEncoder(
-            onnx_dir / "model.onnx",
-            tokenizer=onnx_dir / "tokenizer.json",
-            max_length=max_length,
-            intra_op_threads=None,
-        )
+        # the query encoder serving runs (fp32 here)
+        if encoder is None:
+            encoder = store_encoder(store_local, max_length)
         queries = encoder.encode(task.texts, desc="fit fusion")
         dense = np.asarray(queries, dtype=np.float32) @ embeddings.T
         record = fusion.fit_on_judged(

@@ -345,3 +345,44 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
     table = bench.format_overload(result)
     assert "| before | 1 | 100 |" in table and "| now | 1 | 100 |" in table
     assert f"| now | 4 | {row['200']['per_s']} |" in table
+
+
+def test_retrieval_cost_needs_a_lexical_index(tmp_path_factory, tmp_path):
+    import shutil
+
+    store, _, _ = serving_store(tmp_path_factory)
+    bare = tmp_path / "store"
+    shutil.copytree(store, bare, symlinks=True)
+    shutil.rmtree(bare / "lexical")
+    with pytest.raises(KuberankError, match="no lexical index.*kuberank index"):
+        bench.retrieval_cost(str(bare))
+
+
+def test_in_process_limit_reports_the_lexical_stage_of_hybrid_requests(tmp_path_factory):
+    store, _, _ = serving_store(tmp_path_factory)
+    texts = bench.bench_queries(8)
+    runs = {
+        mode: bench.in_process_limit(str(store), texts, batch_size=4, seconds=0.1, retrieval=mode)
+        for mode in ("dense", "hybrid")
+    }
+    for mode, run in runs.items():
+        assert run["retrieval"] == mode and run["ok"] >= len(texts)
+        assert set(run["stage_ms"]) == {"encode", "retrieve", "rank", "lexical"}
+    assert runs["dense"]["stage_ms"]["lexical"] == 0.0 < runs["hybrid"]["stage_ms"]["lexical"]
+
+
+@pytest.mark.slow
+def test_retrieval_cost_serves_dense_and_hybrid_in_one_run(tmp_path_factory):
+    store, _, _ = serving_store(tmp_path_factory)
+    result = bench.retrieval_cost(
+        str(store), levels=(2,), requests=20, max_seconds=20, queries=20, limit_seconds=0.2
+    )
+    served = result["served"]
+    assert [r["target"] for r in served["dense"] + served["hybrid"]] == ["dense", "hybrid"]
+    assert [r["target"] for r in result["rounds"]] == ["dense", "hybrid", "hybrid", "dense"]
+    for one in result["rounds"]:  # admission may shed (503) on a loaded 2-core host
+        assert one["requests"] == 20 and one["ok"] > 0 and set(one["errors"]) <= {"503"}
+    assert result["ratios"]["served"][0]["level"] == 2.0
+    assert result["limit"]["hybrid"]["stage_ms"]["lexical"] > 0
+    table = bench.format_retrieval_cost(result)
+    assert "| served, c=2 |" in table and "(d) hybrid, ms per query by stage" in table

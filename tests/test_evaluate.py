@@ -232,3 +232,33 @@ def test_hybrid_is_refused_on_recommendation_logs(tmp_path):
     log = write_jsonl(tmp_path / "l.jsonl", interaction_rows(users=6, per_user=5))
     with pytest.raises(KuberankError, match="recommendation log"):
         evaluate(f"interactions:{log}", "zero-shot", "test", retrieval="hybrid")
+
+
+def test_hybrid_and_bm25_on_a_store_use_its_lexical_index(tmp_path_factory, tmp_path):
+    """`kuberank evaluate --model STORE --retrieval hybrid|bm25` scores BM25 with the store's
+    STORE/lexical (written by `kuberank index`), not a second index; the ranking is the one a
+    BM25 built here gives."""
+    from test_index import serving_store
+
+    from kuberank.components.evaluate import BM25Ranker, HybridRanker, load_ranker, rank
+    from kuberank.components.evaluate import retrieval_ranker as ranker_of
+    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+
+    store, _, dataset = serving_store(tmp_path_factory)
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    shutil.rmtree(copy / "model")  # the export fixture's F is a stand-in: evaluate the encoder
+    task = datasets.eval_task(datasets.load(dataset), "all")
+    hybrid = ranker_of(str(copy), "hybrid")
+    run = rank(hybrid, task)
+    assert hybrid.fusion["lexical"] == "store" and hybrid.lexical.index is hybrid.lexical.stored
+    record = LexicalIndex.load(copy / LEXICAL_DIR).meta["fusion"]
+    rebuilt = HybridRanker(load_ranker(str(copy)), stored=record)
+    assert rank(rebuilt, task) == run and rebuilt.fusion["lexical"] == "built"
+    lexical = ranker_of(str(copy), "bm25")
+    assert isinstance(lexical, BM25Ranker) and rank(lexical, task) == rank(BM25Ranker(), task)
+    assert lexical.source == "store"
+    # a store indexed over other items: BM25 is built for the evaluated ones
+    foreign = BM25Ranker(LexicalIndex.build(["x", "y"], ["one text", "another"]))
+    foreign.prepare(task)
+    assert foreign.source == "built" and foreign.index.ids == list(task.dataset.item_ids)

@@ -241,3 +241,20 @@ def test_checkpoints_go_beside_the_output_on_s3_too(tmp_path, monkeypatch):
     assert checkpoint_storage("s3://bucket/runs/a/") == "s3://bucket/runs/a.checkpoints"
     assert checkpoint_storage("s3://bucket/runs/a") == "s3://bucket/runs/a.checkpoints"
     assert checkpoint_storage("models/a") == f"{tmp_path / 'models' / 'a'}.checkpoints"
+
+
+def test_bm25_hard_negatives_score_the_pairs_queries_once_on_a_given_index(tmp_path):
+    from kuberank import datasets
+    from kuberank.components.finetune import bm25_hard_negatives, search_examples
+    from kuberank.lexical import LexicalIndex
+
+    data = datasets.load(f"beir:{write_beir(tmp_path / 'beir')}")
+    examples = search_examples(data)
+    built = bm25_hard_negatives(data, examples)
+    index = LexicalIndex.build(data.item_ids, data.item_texts)
+    scored, score = [], index.scores
+    index.scores = lambda queries: scored.append(list(queries)) or score(queries)
+    assert bm25_hard_negatives(data, examples, index=index) == built
+    firsts = list(dict.fromkeys(q for q, _ in examples["pairs"]))
+    assert scored == [[examples["queries"][q] for q in firsts]]  # one call, the pairs' queries
+    assert all(neg != doc for neg, (_, doc) in zip(built, examples["pairs"], strict=True))

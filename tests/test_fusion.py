@@ -48,3 +48,18 @@ def test_fuse_names_bad_methods_and_missing_weights():
         fusion.fuse(one, one, "max")
     with pytest.raises(ValueError, match="needs a weight"):
         fusion.fuse(one, one, "convex")
+
+
+@pytest.mark.parametrize("method, weight", [("rrf", None), ("convex", 0.3)])
+def test_terms_sum_to_the_fused_score(method, weight):
+    rng = np.random.default_rng(0)
+    dense, lexical = rng.normal(size=(2, 7)), rng.gamma(2.0, size=(2, 7))
+    parts = fusion.terms(dense, lexical, method, weight)
+    assert set(parts) == {"dense", "lexical"}
+    assert np.array_equal(
+        parts["dense"] + parts["lexical"], fusion.fuse(dense, lexical, method, weight)
+    )
+    if method == "convex":
+        assert np.allclose(parts["dense"], 0.3 * fusion.minmax(dense))
+    else:
+        assert np.allclose(parts["lexical"], 1.0 / (fusion.RRF_K + fusion.ranks(lexical)))

@@ -233,3 +233,26 @@ def test_hybrid_on_a_store_without_a_lexical_index_names_the_command(indexed, tm
     with pytest.raises(KuberankError, match="kuberank index"):
         evaluate(dataset, str(copy), "all", retrieval="hybrid")
     assert "fusion" not in evaluate(dataset, str(copy), "all")  # dense, as before
+
+
+def test_index_and_fusion_fit_open_the_store_encoder_once(indexed, tmp_path, monkeypatch):
+    """embed_items' ONNX encoder also encodes the tuning queries the fusion is fitted on."""
+    from fixtures import QRELS
+
+    from kuberank.onnx_encoder import OnnxEncoder
+
+    store, model_dir, _ = indexed
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    split = {"train": ["q1", "q2"], "dev": ["q3", "q4"], "test": ["q5", "q6"]}
+    files = {name: {q: QRELS[q] for q in qids} for name, qids in split.items()}
+    opened, init = [], OnnxEncoder.__init__
+
+    def counted(self, *args, **kwargs):
+        opened.append(args[0] if args else kwargs["path"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxEncoder, "__init__", counted)
+    meta = ix.build_index(model_dir, f"beir:{write_beir(tmp_path / 'dev', files)}", copy)
+    assert meta["lexical"]["weight"] is not None  # the fusion was fitted (queries encoded)
+    assert [Path(p).name for p in opened] == ["model.onnx"]
