@@ -122,6 +122,10 @@ def explain_offline(
     if user_id is not None and (pipe.users or query is None) and user_id not in pipe.users:
         raise KuberankError(f"--user-id: {user_id!r} is not a user of this model")
     request = PipelineRequest(query, list(history), user_id, k, query is None, True)
+    if query is not None:  # a search retrieves as /search does by default (serving/hybrid.py)
+        from kuberank.serving.hybrid import choose
+
+        request.retrieval = choose(None, pipe.lexical)
     [(ids, scores, why)], _ = pipe.run([request], None, settings.candidates, settings.rank_all_max)
     return rank_response((pipe.version, pipe.fingerprint), pipe.kind, ids, scores, why)
 

@@ -186,3 +186,17 @@ def test_served_retrieval_its_422s_schema_and_stage_metric(serving, tmp_path):  
             assert detail["field"] == "retrieval" and "kuberank index" in detail["problem"]
     finally:
         serve.delete("bare")
+
+
+def test_kuberank_explain_retrieves_as_search_does_by_default(fitted):
+    from kuberank.serving.explain import explain_offline
+
+    store, _ = fitted
+    pipe = _pipeline(store)
+    default = pipe.lexical.default
+    answer = explain_offline(str(store), query=QUERIES["q3"], k=3)
+    terms = {"dense", "lexical"} if default == "hybrid" else {"relevance"}
+    assert all(set(item["explain"]) == terms for item in answer["items"])
+    pipe.lexical.default = "hybrid" if default == "dense" else "dense"  # the other one differs
+    (ids, _, why), _ = _served(pipe, QUERIES["q3"], pipe.lexical.default, k=3)
+    assert set(why[0]) != terms
