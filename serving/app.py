@@ -72,7 +72,6 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kuberank.diversity import mmr
 from kuberank.errors import KuberankError
 from kuberank.serving import admission, hybrid, json_routes
 from kuberank.serving.admission import DEFAULT_BUDGET_MS, Admission, Overloaded
@@ -93,6 +92,10 @@ from kuberank.serving.policies import (
     load_policy,
     policy_decisions,
 )
+from kuberank.serving.reranking import KINDS as RERANKINGS
+from kuberank.serving.reranking import Reranker
+from kuberank.serving.reranking import missing as reranking_missing
+from kuberank.serving.reranking import served_schema as reranking_schema
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
 DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, RANKER)
@@ -231,9 +234,12 @@ class Settings:
     latency_budget_ms: float = DEFAULT_BUDGET_MS
     retries: int = 1  # retries of a downstream call whose replica died
     revision: int = 0  # bump (user_config) to reload the same store URI
-    # MMR re-ranking of F's candidates by default (kuberank.diversity; a request's
-    # diversity.mmr_lambda overrides it); None = off
+    # the default re-ranking of F's candidates (serving/reranking.py; a request's `diversity`
+    # overrides it), at most one: MMR's lambda, calibration's lambda, the long-tail boost's
+    # beta; None = off
     mmr_lambda: float | None = None
+    calibration: float | None = None
+    tail_boost: float | None = None
     deployments: dict = field(default_factory=dict)  # per-deployment Serve option overrides
 
     def __post_init__(self):
@@ -261,11 +267,22 @@ class Settings:
             raise KuberankError("latency_budget_ms: need > 0 (milliseconds)")
         if self.switch_interval_s < 0:
             raise KuberankError("switch_interval_s: need >= 0 (0 = Python's default)")
-        if self.mmr_lambda is not None and not 0.0 <= float(self.mmr_lambda) <= 1.0:
-            raise KuberankError(f"mmr_lambda: {self.mmr_lambda} is not in [0, 1]")
+        chosen = [kind for kind in RERANKINGS if getattr(self, kind) is not None]
+        for kind in chosen:
+            if not 0.0 <= float(getattr(self, kind)) <= 1.0:
+                raise KuberankError(f"{kind}: {getattr(self, kind)} is not in [0, 1]")
+        if len(chosen) > 1:
+            raise KuberankError(f"{' and '.join(chosen)}: at most one default re-ranking")
         unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise KuberankError(f"deployments: unknown {sorted(unknown)}; expected {DEPLOYMENTS}")
+
+    def reranking(self) -> tuple[str, float] | None:
+        """The default re-ranking (serving/reranking.py), or None."""
+        for kind in RERANKINGS:
+            if getattr(self, kind) is not None:
+                return kind, float(getattr(self, kind))
+        return None
 
     def batch_streams(self) -> int:
         """Batches the colocated Ingress runs at once: its pipeline workers."""
@@ -505,7 +522,8 @@ class RankRequest:
     user_id: str | None
     k: int
     explain: bool = False  # also the terms of F behind each returned score (serving/explain.py)
-    mmr_lambda: float | None = None  # MMR over the candidates (kuberank.diversity); None = off
+    # one re-ranking of the candidates (serving/reranking.py): (kind, value); None = off
+    reranking: tuple[str, float] | None = None
     fused: Any = None  # bm25/hybrid: the candidates' hybrid.Fused scores rank them, not F
     capped: int = 0  # set by RankerCore.rank: items the policy's caps moved out of the top k
 
@@ -518,6 +536,7 @@ class RankerCore:
 
         torch.set_num_threads(1)
         self.torch, self.index, self.tables = torch, index, tables
+        self.reranker = Reranker(index)  # MMR, calibration, the long-tail boost
         self.scorer = None
         if tables.info is not None:
             from kuberank.model import load_scorer
@@ -556,11 +575,14 @@ class RankerCore:
         order = np.lexsort((cands, -scores))
         policy = getattr(self.index, "policy", None)
         caps = policy is not None and bool(policy.rules.caps)
-        if req.mmr_lambda is not None:  # the k picks of MMR over every candidate, in its order
-            vectors = self.index.embeddings[cands[order]]
+        if req.reranking is not None:  # serving/reranking.py: MMR's picks, or a new order
+            kind, value = req.reranking
             depth = min(len(order), CAP_DEPTH * req.k) if caps else req.k
-            picked = order[mmr(scores[order], vectors, req.mmr_lambda, depth)]
-            order = np.concatenate([picked, order[~np.isin(order, picked)]]) if caps else picked
+            history = self.index.rows_of(req.history)[0]
+            picked = self.reranker.order(kind, value, cands, order, scores, history, req.k, depth)
+            if kind == "mmr_lambda" and caps:  # the caps walk MMR's picks, then F's order
+                picked = np.concatenate([picked, order[~np.isin(order, picked)]])
+            order = picked
         if caps:  # the policy's caps per group (serving/policies.py)
             top, req.capped = policy.cap(cands, order, req.k)
         else:
@@ -694,7 +716,7 @@ class PipelineRequest:
     exclude_history: bool
     explain: bool = False
     filter: Filter | None = None
-    mmr_lambda: float | None = None
+    reranking: tuple[str, float] | None = None  # serving/reranking.py
     # set by the request path: the policy's decisions on it, {(policy, action): count}
     decisions: dict | None = None
     retrieval: str = "dense"  # serving/hybrid.py
@@ -791,7 +813,7 @@ class Pipeline:
                 out.append(f)
                 continue
             fused = f[1] if r.retrieval != "dense" else None
-            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.mmr_lambda, fused)
+            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.reranking, fused)
             rows, scores = self.ranker.rank(ranked)
             r.decisions = policy_decisions(one.policy_removed, ranked.capped)
             why = explain_rows(self.ranker, ranked, rows) if r.explain else None
@@ -847,16 +869,49 @@ TopK = Annotated[int, Field(ge=1, le=MAX_K), BeforeValidator(_integral)]
 DeadlineMs = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS), BeforeValidator(_integral)]
 
 
-class Diversity(BaseModel):
-    """MMR re-ranking (kuberank.diversity) of F's candidates: each pick maximises
-    lambda * relevance - (1 - lambda) * its largest cosine to the items already picked."""
+def _one_reranking_schema(schema: dict) -> None:
+    # exactly one property, none of them null (their Python default None is not a value)
+    schema.update(minProperties=1, maxProperties=1)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("default", None)
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+class Diversity(BaseModel):
+    """One re-ranking of F's candidates (serving/reranking.py): MMR (each pick maximises
+    lambda * relevance - (1 - lambda) * its largest cosine to the items already picked),
+    calibration to the genre shares of the history (Steck 2018), or the long-tail boost."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_reranking_schema)
     mmr_lambda: float = Field(
+        None,
         ge=0.0,
         le=1.0,
-        description="1: F's order; smaller: more diverse lists (items stay scored by F)",
+        description="MMR: 1 is F's order; smaller: more diverse lists (items stay scored by F)",
     )
+    calibration: float = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="calibration: 0 is F's order; larger: closer to the genre shares of the "
+        "history (needs an index with genres)",
+    )
+    tail_boost: float = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="long-tail boost: (1 - B) relevance + B novelty; 0 is F's order (needs an "
+        "index of an interaction log)",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Diversity":
+        if len(self.model_fields_set) != 1:
+            raise ValueError("exactly one of mmr_lambda, calibration, tail_boost")
+        return self
+
+    def reranking(self) -> tuple[str, float]:
+        (kind,) = self.model_fields_set
+        return kind, float(getattr(self, kind))
 
 
 class _UserContext(BaseModel):
@@ -1384,8 +1439,9 @@ if serve is not None:
             state = await asyncio.to_thread(load_pipeline, config["model_store"], self.encoding)
             # the served schema lists the attributes this index holds (Filter.where)
             self.app.openapi_schema = None
-            self.app.openapi_schema = served_schema(
-                self.app.openapi(), attribute_table(state.index).fields
+            self.app.openapi_schema = reranking_schema(
+                served_schema(self.app.openapi(), attribute_table(state.index).fields),
+                state.index,
             )
             self.state = state
             self.metrics.set_model(state.version, state.fingerprint, state.kind)
@@ -1596,7 +1652,7 @@ if serve is not None:
                     request.user_id,
                     k,
                     request.explain,
-                    request.mmr_lambda,
+                    request.reranking,
                     found if mode != "dense" else None,
                 ),
             )
@@ -1671,7 +1727,7 @@ if serve is not None:
             request = PipelineRequest(
                 query, body.history, body.user_id, body.k, False, body.explain, body.filter
             )
-            request.mmr_lambda = self._mmr_lambda(body)
+            request.reranking = self._reranking(state, body)
             try:
                 request.retrieval = hybrid.choose(body.retrieval, state.lexical)
             except hybrid.RetrievalUnavailable as exc:
@@ -1694,17 +1750,25 @@ if serve is not None:
                 self.metrics.policy_decisions({("blocked_terms", decision): 1})
             return query
 
-        def _mmr_lambda(self, body) -> float | None:
-            if body.diversity is not None:
-                return body.diversity.mmr_lambda
-            return self.settings.mmr_lambda
+        def _reranking(self, state: Pipeline, body) -> tuple[str, float] | None:
+            """The request's re-ranking, else the server's default; 422 at
+            ``diversity.<kind>`` when the index cannot serve it."""
+            if body.diversity is None:
+                return self.settings.reranking()  # checked against the index at load
+            kind, value = body.diversity.reranking()
+            why = reranking_missing(state.index, kind)
+            if why is not None:
+                field_name = f"diversity.{kind}"
+                detail = {"field": field_name, "problem": why, "type": "reranking"}
+                raise RequestProblem(422, f"invalid request: {field_name}", [detail])
+            return kind, value
 
         async def _recommend(self, body: RecommendRequest) -> dict:
             state = self._check(body.user_id, body.history, need_signal=True, flt=body.filter)
             request = PipelineRequest(
                 None, body.history, body.user_id, body.k, True, body.explain, body.filter
             )
-            request.mmr_lambda = self._mmr_lambda(body)
+            request.reranking = self._reranking(state, body)
             return await self._rank(state, request, body.deadline_ms)
 
         @api.post(
@@ -1797,7 +1861,10 @@ def build_app(args: dict):
         raise KuberankError("build_app: model_store is required (a path or s3:// URI)")
     triton_url = str(args.get("triton_url") or "")
     settings = Settings.from_args(args)
-    load_checked_index(store)  # refuse a mismatched index before any replica starts
+    _, index = load_checked_index(store)  # refuse a mismatched index before any replica starts
+    default = settings.reranking()
+    if default is not None and reranking_missing(index, default[0]) is not None:
+        raise KuberankError(f"{default[0]}: {reranking_missing(index, default[0])}")
     plain = dataclasses.asdict(settings)
     for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
         plain[name] = list(getattr(settings, name))

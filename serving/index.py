@@ -142,6 +142,7 @@ def build_index(
     from kuberank.components.export import read_manifest
     from kuberank.encoder import check_model_dir, model_fingerprint
     from kuberank.serving.filters import attributes_of
+    from kuberank.serving.reranking import POPULARITY_FILE, popularity_of
     from kuberank.storage import materialize, publish
 
     started = time.perf_counter()
@@ -171,6 +172,9 @@ def build_index(
         (work / IDS_FILE).write_text(json.dumps(ids))
         attributes = attributes_of(data.items)
         (work / ATTRIBUTES_FILE).write_text(json.dumps(attributes))
+        popularity = popularity_of(data)  # the long-tail boost's (serving/reranking.py)
+        if popularity is not None:
+            (work / POPULARITY_FILE).write_text(json.dumps(popularity))
         if len(ids) > ann_threshold:
             graph = build_hnsw(embeddings, hnsw_m, ef_construction)
             _faiss().write_index(graph, str(work / ANN_FILE))
@@ -272,6 +276,8 @@ class ItemIndex:
     ann: object | None = None
     attributes: dict | None = None  # ATTRIBUTES_FILE: {"fields", "values"}; None: none kept
     policy: object | None = None  # the store's serving policy (serving/policies.py), if any
+    # POPULARITY_FILE: {"users", "counts"} of an interaction log's training rows; None: none
+    popularity: dict | None = None
 
     def __post_init__(self):
         self.row = {item: i for i, item in enumerate(self.ids)}
@@ -343,7 +349,16 @@ def load_index(store: str | os.PathLike) -> ItemIndex:
         ann.hnsw.efSearch = int(meta["ann"].get("ef_search", HNSW_EF_SEARCH))
     attributes_file = root / ATTRIBUTES_FILE  # indexes built before filters have none
     attributes = json.loads(attributes_file.read_text()) if attributes_file.is_file() else None
-    return ItemIndex(meta=meta, ids=ids, embeddings=embeddings, ann=ann, attributes=attributes)
+    from kuberank.serving.reranking import read_popularity
+
+    return ItemIndex(
+        meta=meta,
+        ids=ids,
+        embeddings=embeddings,
+        ann=ann,
+        attributes=attributes,
+        popularity=read_popularity(root, len(ids)),
+    )
 
 
 @step_component()

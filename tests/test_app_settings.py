@@ -47,6 +47,7 @@ def test_limits_and_metrics_wrap_the_json_fast_path():
         ({"onnx_precision": "fp16"}, "onnx_precision"),
         ({"deployments": {"Nope": {}}}, "deployments"),
         ({"mmr_lambda": 1.5}, "mmr_lambda"),
+        ({"mmr_lambda": 0.5, "calibration": 0.5}, "mmr_lambda and calibration"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):

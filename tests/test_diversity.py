@@ -42,9 +42,9 @@ def test_the_served_ranker_applies_mmr_over_its_candidates(tmp_path_factory):
     query = encoder.encode(["run containers on a cluster"])[0]
     everything = np.arange(len(index))
     plain = ranker.rank(RankRequest(query, everything, [], None, 4))
-    same = ranker.rank(RankRequest(query, everything, [], None, 4, mmr_lambda=1.0))
+    same = ranker.rank(RankRequest(query, everything, [], None, 4, reranking=("mmr_lambda", 1.0)))
     assert plain[0].tolist() == same[0].tolist()
-    rows, scores = ranker.rank(RankRequest(query, everything, [], None, 4, mmr_lambda=0.0))
+    rows, scores = ranker.rank(RankRequest(query, everything, [], None, 4, reranking=("mmr_lambda", 0.0)))
     assert rows[0] == plain[0][0]  # the best item first, then the least like those picked
     vecs = index.embeddings
     rest = [r for r in everything if r != rows[0]]
@@ -70,3 +70,9 @@ def test_served_diversity_per_request(serving):  # noqa: F811
     assert status == 200, same
     status, bad = post(serving, "/search", {**body, "diversity": {"mmr_lambda": 1.5}})
     assert status == 422 and bad["error"]["details"][0]["field"] == "diversity.mmr_lambda"
+    # the fixture's index has neither genres nor popularity (serving/reranking.py)
+    for kind in ("calibration", "tail_boost"):
+        status, bad = post(serving, "/search", {**body, "diversity": {kind: 0.5}})
+        assert status == 422 and bad["error"]["details"][0]["field"] == f"diversity.{kind}", bad
+    status, bad = post(serving, "/search", {**body, "diversity": {}})
+    assert status == 422 and bad["error"]["details"][0]["field"].startswith("diversity"), bad

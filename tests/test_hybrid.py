@@ -94,9 +94,9 @@ def test_fused_candidates_keep_filters_and_mmr(fitted):
     (ids, _, _), _ = _served(pipe, query, "hybrid")
     (kept, _, _), _ = _served(pipe, query, "hybrid", filter=Filter(exclude=ids[:2]))
     assert kept == ids[2:]
-    (same, _, _), _ = _served(pipe, query, "hybrid", mmr_lambda=1.0)
+    (same, _, _), _ = _served(pipe, query, "hybrid", reranking=("mmr_lambda", 1.0))
     assert same == ids
-    (diverse, _, why), _ = _served(pipe, query, "hybrid", k=3, mmr_lambda=0.0)
+    (diverse, _, why), _ = _served(pipe, query, "hybrid", k=3, reranking=("mmr_lambda", 0.0))
     assert len(diverse) == 3 and diverse[0] == ids[0] and len(why) == 3
 
 

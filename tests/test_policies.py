@@ -144,7 +144,7 @@ def _run(pipe, query, k, history=(), mmr_lambda=None):
     from kuberank.serving.app import PipelineRequest
 
     request = PipelineRequest(query, list(history), None, k, query is None)
-    request.mmr_lambda = mmr_lambda
+    request.reranking = None if mmr_lambda is None else ("mmr_lambda", mmr_lambda)
     [result], _ = pipe.run([request], None, candidates=2, rank_all_max=5000)
     return result[0], request.decisions
 

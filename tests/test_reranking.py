@@ -1,0 +1,179 @@
+"""serving/reranking.py: MMR, calibration and the long-tail boost as the served re-ranking
+stage: what each index offers, the same cores as offline, the request model and schema, and
+the refusals (422 at the field, a default the index cannot serve refused at load)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from fixtures import QUERIES, write_beir, write_jsonl
+from pydantic import ValidationError
+from test_export import exported_store
+
+from kuberank.calibration import calibrate, group_matrix, target
+from kuberank.errors import KuberankError
+from kuberank.longtail import boosted_order, novelty
+from kuberank.serving import reranking
+
+
+def _index(genres=None, popularity=None, n=6):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(n, 4)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    attributes = {"fields": {}, "values": {}}
+    if genres is not None:
+        attributes = {"fields": {"genres": "strings"}, "values": {"genres": genres}}
+    return SimpleNamespace(embeddings=vectors, attributes=attributes, popularity=popularity)
+
+
+def test_what_an_index_offers():
+    plain = _index()
+    assert reranking.missing(plain, "mmr_lambda") is None
+    assert "no such item attribute" in reranking.missing(plain, "calibration")
+    assert "popularity" in reranking.missing(plain, "tail_boost")
+    assert "one of" in reranking.missing(plain, "nope")
+    full = _index([["a"]] * 6, {"users": 3, "counts": [0, 1, 2, 3, 0, 0]})
+    assert all(reranking.missing(full, kind) is None for kind in reranking.KINDS)
+
+
+def test_the_served_orders_are_the_offline_cores():
+    genres = [["a"], ["a"], ["a"], ["b"], ["b"], ["a", "b"]]
+    popularity = {"users": 9, "counts": [9, 8, 7, 1, 0, 2]}
+    index = _index(genres, popularity)
+    reranker = reranking.Reranker(index)
+    cands = np.array([5, 0, 1, 2, 3, 4])  # index rows
+    scores = np.array([0.1, 0.9, 0.8, 0.7, 0.3, 0.2])
+    order = np.lexsort((cands, -scores))  # F's order: positions into cands
+    history = np.array([3, 4])  # all "b"
+    got = reranker.order("calibration", 0.9, cands, order, scores, history, 2, 2)
+    groups = group_matrix(genres)[1]
+    head = order[:100]
+    expected = head[calibrate(scores[head], groups[cands[head]], target(groups, history), 0.9, 2)]
+    assert got.tolist() == expected.tolist()
+    assert {int(cands[p]) for p in got[:2]} & {3, 4, 5}  # towards the history's "b"
+    boosted = reranker.order("tail_boost", 0.5, cands, order, scores, history, 2, 2)
+    nov = novelty(np.array(popularity["counts"]), 9)
+    assert boosted.tolist() == head[boosted_order(scores[head], nov[cands[head]], 0.5)].tolist()
+    assert sorted(boosted.tolist()) == sorted(order.tolist())  # nothing lost
+    # without a grouped history there is nothing to calibrate to: F's order
+    same = reranker.order("calibration", 1.0, cands, order, scores, np.array([], int), 2, 2)
+    assert same.tolist() == order.tolist()
+
+
+def test_read_popularity_checks_its_length(tmp_path):
+    assert reranking.read_popularity(tmp_path, 3) is None
+    (tmp_path / reranking.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": [1, 2]}))
+    with pytest.raises(KuberankError, match="2 counts for 3 items"):
+        reranking.read_popularity(tmp_path, 3)
+
+
+def test_a_request_names_exactly_one_reranking():
+    from kuberank.serving.app import Diversity, SearchRequest
+
+    assert Diversity.model_validate({"calibration": 0.5}).reranking() == ("calibration", 0.5)
+    assert Diversity.model_validate({"tail_boost": 1}).reranking() == ("tail_boost", 1.0)
+    for bad in ({}, {"mmr_lambda": 0.5, "tail_boost": 0.5}, {"calibration": None}):
+        with pytest.raises(ValidationError):
+            SearchRequest.model_validate({"query": "x", "diversity": bad})
+    schema = Diversity.model_json_schema()
+    assert schema["minProperties"] == schema["maxProperties"] == 1
+    assert set(schema["properties"]) == set(reranking.KINDS)
+    assert all("default" not in p for p in schema["properties"].values())
+    served = reranking.served_schema(
+        {"components": {"schemas": {"Diversity": json.loads(json.dumps(schema))}}}, _index()
+    )
+    assert set(served["components"]["schemas"]["Diversity"]["properties"]) == {"mmr_lambda"}
+
+
+def test_settings_take_at_most_one_default():
+    from kuberank.serving.app import Settings
+
+    assert Settings(calibration=0.3).reranking() == ("calibration", 0.3)
+    assert Settings().reranking() is None
+    with pytest.raises(KuberankError, match="calibration and tail_boost: at most one"):
+        Settings(calibration=0.3, tail_boost=0.1)
+    with pytest.raises(KuberankError, match="tail_boost: -0.1 is not in"):
+        Settings(tail_boost=-0.1)
+
+
+# --------------------------------------------------------------------------- real indexes
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """The exported base model indexed twice: a BEIR corpus whose documents carry genres
+    (calibration), and an interaction log (popularity: the long-tail boost)."""
+    from kuberank.serving.index import build_index
+
+    exported, _, model_dir = exported_store(tmp_path_factory)
+    root = tmp_path_factory.mktemp("reranking")
+    out = {}
+    for name in ("genres", "log"):
+        store = root / name
+        shutil.copytree(exported, store, symlinks=True)
+        shutil.rmtree(store / "index")
+        out[name] = store
+    beir = write_beir(root / "beir")
+    rows = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    for n, row in enumerate(rows):  # d1, d3, d5: "tech"; d2, d4, d6: "life"
+        row["metadata"] = {"genres": ["tech"] if n % 2 == 0 else ["life"]}
+    write_jsonl(beir / "corpus.jsonl", rows)
+    build_index(model_dir, f"beir:{beir}", out["genres"])
+    log = []
+    for u in range(6):  # item i0 seen by everyone, i1..i5 by fewer and fewer
+        for t, item in enumerate(range(0, 6 - u)):
+            log.append({"user_id": f"u{u}", "item_id": f"i{item}", "timestamp": t, "rating": 4})
+    meta = build_index(
+        model_dir, f"interactions:{write_jsonl(root / 'log.jsonl', log)}", out["log"]
+    )
+    assert (out["log"] / "index" / reranking.POPULARITY_FILE).is_file()
+    assert not (out["genres"] / "index" / reranking.POPULARITY_FILE).exists()
+    assert meta["kind"] == "recommendation"
+    return out
+
+
+def _run(pipe, query, history, k, kind=None, value=None):
+    from kuberank.serving.app import PipelineRequest
+
+    request = PipelineRequest(query, list(history), None, k, query is None)
+    request.reranking = None if kind is None else (kind, value)
+    [result], _ = pipe.run([request], None, candidates=100, rank_all_max=5000)
+    return result[0]
+
+
+def test_served_calibration_follows_the_history_genres(stores):
+    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+
+    pipe = load_pipeline(str(stores["genres"]), QueryEncoding("", Settings()))
+    genre = dict(zip(pipe.index.ids, pipe.index.attributes["values"]["genres"], strict=True))
+    history = ["d2", "d4"]  # "life" only
+    plain = _run(pipe, QUERIES["q1"], history, 2)
+    calibrated = _run(pipe, QUERIES["q1"], history, 2, "calibration", 1.0)
+    share = [sum(genre[i] == ["life"] for i in ids) for ids in (plain, calibrated)]
+    assert share[1] == 2 and share[1] > share[0], (plain, calibrated)
+    assert _run(pipe, QUERIES["q1"], history, 2, "calibration", 0.0) == plain
+
+
+def test_served_tail_boost_favours_rarely_seen_items(stores):
+    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+
+    pipe = load_pipeline(str(stores["log"]), QueryEncoding("", Settings()))
+    counts = dict(zip(pipe.index.ids, pipe.index.popularity["counts"], strict=True))
+    plain = _run(pipe, None, ["i5"], 3)
+    boosted = _run(pipe, None, ["i5"], 3, "tail_boost", 1.0)
+    assert [counts[i] for i in boosted] == sorted(counts[i] for i in boosted)  # rarest first
+    assert sum(counts[i] for i in boosted) <= sum(counts[i] for i in plain)
+    assert _run(pipe, None, ["i5"], 3, "tail_boost", 0.0) == plain
+
+
+def test_a_default_the_index_cannot_serve_refuses_the_store(stores):
+    from kuberank.serving.app import build_app
+
+    with pytest.raises(KuberankError, match="tail_boost: needs the items' popularity"):
+        build_app({"model_store": str(stores["genres"]), "triton_url": "", "tail_boost": 0.2})
+    with pytest.raises(KuberankError, match="calibration: calibrates to the 'genres'"):
+        build_app({"model_store": str(stores["log"]), "triton_url": "", "calibration": 0.2})
