@@ -44,7 +44,9 @@ def test_the_served_ranker_applies_mmr_over_its_candidates(tmp_path_factory):
     plain = ranker.rank(RankRequest(query, everything, [], None, 4))
     same = ranker.rank(RankRequest(query, everything, [], None, 4, reranking=("mmr_lambda", 1.0)))
     assert plain[0].tolist() == same[0].tolist()
-    rows, scores = ranker.rank(RankRequest(query, everything, [], None, 4, reranking=("mmr_lambda", 0.0)))
+    rows, scores = ranker.rank(
+        RankRequest(query, everything, [], None, 4, reranking=("mmr_lambda", 0.0))
+    )
     assert rows[0] == plain[0][0]  # the best item first, then the least like those picked
     vecs = index.embeddings
     rest = [r for r in everything if r != rows[0]]
