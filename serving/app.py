@@ -476,10 +476,8 @@ def retrieve_batch(
         if req.filter is not None:
             exclude = np.union1d(exclude, blocked_rows(index, req.filter))
         if req.retrieval != "dense":
-            fused.append(i)
-            # blocked items are excluded from bm25/hybrid too; not counted in policy_removed
-            # (their would-be rank needs the fused scores the blocklist keeps them out of)
-            fused_excludes.append(np.union1d(exclude, policy.rows) if blocklist else exclude)
+            fused.append(i)  # the blocklist is excluded (and counted) by hybrid.retrieve
+            fused_excludes.append(exclude)
             continue
         if req.query is None and len(index) <= rank_all_max:
             if blocklist:
@@ -505,7 +503,11 @@ def retrieve_batch(
                 )
     if fused:
         found, seconds = hybrid.retrieve(
-            index, lexical, [requests[i] for i in fused], fused_excludes
+            index,
+            lexical,
+            [requests[i] for i in fused],
+            fused_excludes,
+            policy.rows if blocklist else None,
         )
         for i, result in zip(fused, found, strict=True):
             out[i] = result
@@ -1437,12 +1439,13 @@ if serve is not None:
         async def reconfigure(self, config: dict):
             # loads in a thread beside the old model; requests keep running on the old one
             state = await asyncio.to_thread(load_pipeline, config["model_store"], self.encoding)
-            # the served schema lists the attributes this index holds (Filter.where)
+            # the served schema lists what this store serves: the attributes its index holds
+            # (Filter.where), its re-rankings (Diversity), its retrievals (SearchRequest)
             self.app.openapi_schema = None
-            self.app.openapi_schema = reranking_schema(
-                served_schema(self.app.openapi(), attribute_table(state.index).fields),
-                state.index,
-            )
+            check_default_reranking(self.settings, state.index)  # the old model keeps serving
+            schema = served_schema(self.app.openapi(), attribute_table(state.index).fields)
+            schema = hybrid.served_schema(reranking_schema(schema, state.index), state.lexical)
+            self.app.openapi_schema = schema
             self.state = state
             self.metrics.set_model(state.version, state.fingerprint, state.kind)
 
@@ -1721,18 +1724,19 @@ if serve is not None:
                     422, "query: blank", [{"field": "query", "problem": "must contain text"}]
                 )
             state = self._check(body.user_id, body.history, need_signal=False, flt=body.filter)
+            reranking = self._reranking(state, body)  # every field checked before the policy
+            try:
+                retrieval = hybrid.choose(body.retrieval, state.lexical)
+            except hybrid.RetrievalUnavailable as exc:
+                detail = {"field": "retrieval", "problem": str(exc), "type": "retrieval"}
+                raise RequestProblem(422, "invalid request: retrieval", [detail]) from None
             query = self._screen(state, body.query)
             if query is None:  # the policy cut every term of the query: nothing to search
                 return rank_response((state.version, state.fingerprint), state.kind, [], [])
             request = PipelineRequest(
                 query, body.history, body.user_id, body.k, False, body.explain, body.filter
             )
-            request.reranking = self._reranking(state, body)
-            try:
-                request.retrieval = hybrid.choose(body.retrieval, state.lexical)
-            except hybrid.RetrievalUnavailable as exc:
-                detail = {"field": "retrieval", "problem": str(exc), "type": "retrieval"}
-                raise RequestProblem(422, "invalid request: retrieval", [detail]) from None
+            request.reranking, request.retrieval = reranking, retrieval
             return await self._rank(state, request, body.deadline_ms)
 
         def _screen(self, state: Pipeline, query: str) -> str | None:
@@ -1846,6 +1850,13 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def check_default_reranking(settings: Settings, index) -> None:
+    """Refuse a store whose index cannot serve the settings' default re-ranking."""
+    default = settings.reranking()
+    if default is not None and reranking_missing(index, default[0]) is not None:
+        raise KuberankError(f"{default[0]}: {reranking_missing(index, default[0])}")
+
+
 def build_app(args: dict):
     """Ray Serve application builder (``kuberank.serving.app:build_app``).
 
@@ -1862,9 +1873,7 @@ def build_app(args: dict):
     triton_url = str(args.get("triton_url") or "")
     settings = Settings.from_args(args)
     _, index = load_checked_index(store)  # refuse a mismatched index before any replica starts
-    default = settings.reranking()
-    if default is not None and reranking_missing(index, default[0]) is not None:
-        raise KuberankError(f"{default[0]}: {reranking_missing(index, default[0])}")
+    check_default_reranking(settings, index)
     plain = dataclasses.asdict(settings)
     for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
         plain[name] = list(getattr(settings, name))

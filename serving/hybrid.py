@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kuberank import fusion
-from kuberank.errors import KuberankError
+from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.metrics import top_k
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
@@ -78,11 +78,24 @@ def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     part = f"{store.rstrip('/')}/{LEXICAL_DIR}" if is_s3(store) else str(Path(store) / LEXICAL_DIR)
     try:
         directory = Path(materialize(part))
-    except KuberankError:
+    except StorageNotFound:  # any other error (denied, unreachable) refuses the load
         return None
     if not (directory / META_FILE).is_file():
         return None
     return LexicalStage(LexicalIndex.load(directory), ids)
+
+
+def served_schema(schema: dict, stage: LexicalStage | None) -> dict:
+    """The OpenAPI schema of an app serving a store with (or without) a lexical index: without
+    one, ``SearchRequest.retrieval`` offers ``dense`` only (bm25/hybrid are schema-invalid
+    there, and answered 422)."""
+    if stage is not None:
+        return schema
+    prop = schema["components"]["schemas"]["SearchRequest"]["properties"]["retrieval"]
+    for option in prop.get("anyOf", []):
+        if "enum" in option:
+            option["enum"] = ["dense"]
+    return schema
 
 
 def choose(requested: str | None, stage: LexicalStage | None) -> str:
@@ -100,11 +113,17 @@ def choose(requested: str | None, stage: LexicalStage | None) -> str:
 
 
 def retrieve(
-    index, stage: LexicalStage, requests: list, excludes: list[np.ndarray]
+    index,
+    stage: LexicalStage,
+    requests: list,
+    excludes: list[np.ndarray],
+    blocked: np.ndarray | None = None,
 ) -> tuple[list[tuple[np.ndarray, Fused]], float]:
     """Candidates of lexical and hybrid requests (kuberank.serving.app.RetrieveRequest with
     ``text``, ``retrieval`` and, for hybrid, the query vector): per request its top ``n`` rows
-    by fused score without ``excludes[i]``, and their :class:`Fused`; and the seconds taken."""
+    by fused score without ``excludes[i]`` and the policy's ``blocked`` rows, and their
+    :class:`Fused`; and the seconds taken. Each request's ``policy_removed``: the blocked rows
+    (not otherwise excluded) that would have been among its n."""
     started = time.perf_counter()
     lexical = stage.lexical.scores([r.text for r in requests])
     hybrid = [i for i, r in enumerate(requests) if r.retrieval == "hybrid"]
@@ -120,6 +139,13 @@ def retrieve(
         else:  # bm25
             scores = lexical[i].astype(np.float64)
             parts = {"lexical": scores}
-        rows = top_k(scores, excludes[i], req.n)
+        exclude = excludes[i]
+        if blocked is not None and len(blocked):
+            own = np.setdiff1d(blocked, exclude)
+            exclude = np.union1d(exclude, own)
+        rows = top_k(scores, exclude, req.n)
+        if blocked is not None and len(blocked):
+            floor = scores[rows[-1]] if len(rows) == req.n else -np.inf
+            req.policy_removed = int(np.count_nonzero(scores[own] >= floor))
         out.append((rows, Fused(rows, scores[rows], {k: v[rows] for k, v in parts.items()})))
     return out, time.perf_counter() - started

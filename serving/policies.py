@@ -42,7 +42,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from kuberank.errors import KuberankError, StorageError
+from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.store import POLICY
 
 POLICY_FORMAT = "kuberank-policy/1"
@@ -159,7 +159,7 @@ def read_stored(store: str) -> str | None:
         return path.read_text() if path.is_file() else None
     try:
         return Path(materialize(uri)).read_text()
-    except StorageError:
+    except StorageNotFound:  # any other error (denied, unreachable) refuses the load
         return None
 
 

@@ -2,9 +2,10 @@
 ranked candidates, the same cores as ``kuberank evaluate --mmr-lambda / --calibration /
 --tail-boost`` (kuberank/diversity.py, kuberank/calibration.py, kuberank/longtail.py).
 
-A request chooses at most one in its ``diversity`` object (``{"mmr_lambda": L}``,
-``{"calibration": L}`` or ``{"tail_boost": B}``); the ``reranking`` setting of ``build_app``
-applies to requests without one. What each needs from the index:
+A request names exactly one in its ``diversity`` object (``{"mmr_lambda": L}``,
+``{"calibration": L}`` or ``{"tail_boost": B}``); the ``mmr_lambda``, ``calibration`` and
+``tail_boost`` settings of ``build_app`` (at most one) apply to requests without one. What each
+needs from the index:
 
 - MMR: the index vectors (every index has them);
 - calibration: the items' ``genres`` (STORE/index/attributes.json) and the request's history;
@@ -12,7 +13,7 @@ applies to requests without one. What each needs from the index:
   ``kuberank index`` for an interaction log).
 
 A request that asks for one its index cannot serve is answered 422 at
-``diversity.<field>``; a ``reranking`` setting the index cannot serve refuses the model at load.
+``diversity.<field>``; a default setting the index cannot serve refuses the model at load.
 """
 
 from __future__ import annotations

@@ -56,15 +56,15 @@ def _quiet_progress(monkeypatch):
 
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory):
-    """kuberank's cache (kuberank.config.cache_dir) in the session's temporary directory: the
+    """kuberank's cache (kuberank.storage.cache_dir) in the session's temporary directory: the
     suite shares it, the user's own cache is never read or written."""
-    previous = os.environ.get("KUBERANK_CACHE_DIR")
-    os.environ["KUBERANK_CACHE_DIR"] = str(tmp_path_factory.mktemp("kuberank-cache"))
+    previous = os.environ.get("KUBERANK_CACHE")
+    os.environ["KUBERANK_CACHE"] = str(tmp_path_factory.mktemp("kuberank-cache"))
     yield
     if previous is None:
-        os.environ.pop("KUBERANK_CACHE_DIR", None)
+        os.environ.pop("KUBERANK_CACHE", None)
     else:
-        os.environ["KUBERANK_CACHE_DIR"] = previous
+        os.environ["KUBERANK_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,7 @@ def test_item_embeddings_are_encoded_once_per_catalogue_and_read_back(tmp_path, 
 
     from kuberank import encoder
 
-    monkeypatch.setenv("KUBERANK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUBERANK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ba, "_EMBEDDINGS", {})
     catalogue = SimpleNamespace(item_texts=["a space opera", "a cooking show", "tax law"])
     first = ba.item_embeddings(catalogue)

@@ -140,10 +140,10 @@ def _with_policy(store, tmp_path, rules: dict, name="store"):
     return copy
 
 
-def _run(pipe, query, k, history=(), mmr_lambda=None):
+def _run(pipe, query, k, history=(), mmr_lambda=None, retrieval="dense"):
     from kuberank.serving.app import PipelineRequest
 
-    request = PipelineRequest(query, list(history), None, k, query is None)
+    request = PipelineRequest(query, list(history), None, k, query is None, retrieval=retrieval)
     request.reranking = None if mmr_lambda is None else ("mmr_lambda", mmr_lambda)
     [result], _ = pipe.run([request], None, candidates=2, rank_all_max=5000)
     return result[0], request.decisions
@@ -174,6 +174,16 @@ def test_blocklist_and_caps_on_the_request_path(attributed_store, tmp_path):  # 
     # a recommendation (every item ranked): the blocked item was a candidate
     rec, decisions = _run(pipe, None, 3, history=["d2"])
     assert "d1" not in rec and len(rec) == 3 and decisions[("blocked_items", "removed")] == 1
+    # bm25 and hybrid retrieval (serving/hybrid.py) exclude and count it the same way
+    for retrieval in ("bm25", "hybrid"):
+        fused_plain, _ = _run(plain, QUERIES["q1"], 1, retrieval=retrieval)
+        fused, decisions = _run(pipe, QUERIES["q1"], 1, retrieval=retrieval)
+        assert fused != ["d1"] and decisions[("blocked_items", "removed")] == (
+            fused_plain == ["d1"]
+        ), (retrieval, fused_plain, fused)
+        fused, decisions = _run(pipe, QUERIES["q1"], 5, retrieval=retrieval)
+        assert "d1" not in fused and len(fused) == 5
+        assert decisions[("blocked_items", "removed")] == 1, retrieval
 
     capped = load_pipeline(
         str(_with_policy(attributed_store, tmp_path, {"caps": {"topic": 0.5}}, "capped")),

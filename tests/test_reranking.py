@@ -64,6 +64,19 @@ def test_the_served_orders_are_the_offline_cores():
     assert same.tolist() == order.tolist()
 
 
+def test_only_the_top_100_are_reordered():
+    n = 150
+    popularity = {"users": n, "counts": [n - r for r in range(n)]}  # row 0 the most seen
+    reranker = reranking.Reranker(_index(popularity=popularity, n=n))
+    cands = np.arange(n)
+    scores = np.linspace(1.0, 0.0, n)  # F's order: row 0 first
+    order = np.arange(n)
+    got = reranker.order("tail_boost", 1.0, cands, order, scores, np.array([], int), 10, 10)
+    assert got[:100].tolist() == list(range(100))[::-1]  # the head: rarest first
+    assert got[100:].tolist() == list(range(100, n))  # the rest keep F's order
+    assert sorted(got.tolist()) == list(range(n))
+
+
 def test_read_popularity_checks_its_length(tmp_path):
     assert reranking.read_popularity(tmp_path, 3) is None
     (tmp_path / reranking.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": [1, 2]}))
