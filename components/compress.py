@@ -42,9 +42,7 @@ from kuberank import datasets, storage
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.progress import bar, note
-
-ONNX_SUBDIR = "onnx"
-INT8_FILE = "model.int8.onnx"
+from kuberank.store import INT8_FILE, ONNX_DIR
 
 
 class QualityGateError(KuberankError):
@@ -339,7 +337,7 @@ def _write_candidate(teacher_dir: Path, student, tokenizer, candidate: Path, int
     shutil.copytree(
         teacher_dir,
         candidate,
-        ignore=shutil.ignore_patterns("*.safetensors", "*.bin", ONNX_SUBDIR, "item_tower"),
+        ignore=shutil.ignore_patterns("*.safetensors", "*.bin", ONNX_DIR, "item_tower"),
     )
     student.save_pretrained(candidate, safe_serialization=True)
     tokenizer.save_pretrained(candidate)
@@ -352,7 +350,7 @@ def _write_candidate(teacher_dir: Path, student, tokenizer, candidate: Path, int
     if int8:
         from kuberank.components.export import export_onnx, optimize_onnx, quantize_int8
 
-        onnx_dir = candidate / ONNX_SUBDIR
+        onnx_dir = candidate / ONNX_DIR
         onnx_dir.mkdir()
         fp32 = export_onnx(candidate, onnx_dir / "model.fp32.onnx")
         fused = onnx_dir / "model.fused.onnx"
@@ -390,7 +388,7 @@ def _weights_bytes(model_dir: Path) -> int:
 
 def int8_encoder_path(model_dir: str) -> Path | None:
     """The int8 ONNX encoder of a compressed model directory, if it has one."""
-    path = Path(model_dir) / ONNX_SUBDIR / INT8_FILE
+    path = Path(model_dir) / ONNX_DIR / INT8_FILE
     return path if path.is_file() else None
 
 

@@ -115,7 +115,7 @@ def prepare(
             **({"split": split_rule} if split_rule else {}),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        storage.write_json(tmp / "manifest.json", manifest)
+        storage.write_json(tmp / datasets.PREPARED_MANIFEST, manifest)
     if storage.is_s3(out):
         storage.publish(local_out, out)
     return manifest
@@ -123,7 +123,10 @@ def prepare(
 
 def spec_splits_fresh(spec: str) -> bool:
     """Whether loading ``spec`` splits a log (a prepared dataset keeps its own split)."""
-    return not (str(spec).startswith("prepared:") or (Path(str(spec)) / "manifest.json").is_file())
+    return not (
+        str(spec).startswith("prepared:")
+        or (Path(str(spec)) / datasets.PREPARED_MANIFEST).is_file()
+    )
 
 
 def _split_counts(data: datasets.Dataset) -> dict[str, int]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from kuberank.config import MAX_LENGTH
 from kuberank.errors import KuberankError
+from kuberank.store import EDGE_DIR
 
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.onnx"
@@ -149,7 +150,7 @@ def index_store_bundle(
     from kuberank.storage import is_s3, materialize, publish
 
     store = str(store)
-    uri = f"{store.rstrip('/')}/edge" if is_s3(store) else str(Path(store) / "edge")
+    uri = f"{store.rstrip('/')}/{EDGE_DIR}" if is_s3(store) else str(Path(store) / EDGE_DIR)
     try:
         local = materialize(uri)
     except StorageError:
@@ -163,7 +164,7 @@ def index_store_bundle(
             f"{fingerprint}; export the model again, then index"
         )
     with tempfile.TemporaryDirectory(prefix="kuberank-edge-") as tmp:
-        work = Path(tmp) / "edge"
+        work = Path(tmp) / EDGE_DIR
         shutil.copytree(local, work)
         meta = write_edge_items(work, embeddings, ids)
         publish(work, uri)

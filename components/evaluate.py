@@ -22,7 +22,7 @@ from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.metrics import top_k
 from kuberank.progress import bar
-from kuberank.store import is_store
+from kuberank.store import LEXICAL_DIR, is_store
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
 BASELINES = ("bm25", "popularity", "zero-shot", "ease")
@@ -412,7 +412,7 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
         raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
     stored, index = None, None
     if isinstance(model, str) and retrieval != "dense" and is_store(model):
-        from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+        from kuberank.lexical import LexicalIndex
 
         lexical = Path(model) / LEXICAL_DIR
         if lexical.is_dir() or retrieval == "hybrid":  # names `kuberank index` when absent

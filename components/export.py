@@ -44,7 +44,20 @@ from kuberank.config import MAX_LENGTH
 from kuberank.errors import KuberankError, StorageError
 from kuberank.kfp_component import step_component
 from kuberank.progress import bar
-from kuberank.store import MANIFEST, STORE_FORMAT
+from kuberank.store import (
+    EDGE_DIR,
+    ENCODER,
+    ENCODER_FILE,
+    EXPORT_PARTS,
+    INT8_FILE,
+    MANIFEST,
+    MODEL_DIR,
+    ONNX_DIR,
+    PORTABLE_FILE,
+    STORE_FORMAT,
+    TRITON_DIR,
+    TRITON_LOCAL_DIR,
+)
 
 OPSET = 17
 FP32_MAX_ABS_DIFF = 1e-4
@@ -480,7 +493,7 @@ def export_model(
     steps = bar(total=8, desc="export", unit="step")
     with tempfile.TemporaryDirectory(prefix="kuberank-export-") as tmp:
         work = Path(tmp)
-        onnx_dir, edge_dir = work / "onnx", work / "edge"
+        onnx_dir, edge_dir = work / ONNX_DIR, work / EDGE_DIR
         onnx_dir.mkdir()
         steps.set_postfix_str("reference (PyTorch)")
         reference = TextEncoder(str(model_dir), max_length=max_length)
@@ -492,7 +505,7 @@ def export_model(
         steps.update()
 
         steps.set_postfix_str("onnx")
-        portable = export_onnx(model_dir, onnx_dir / "model.portable.onnx")
+        portable = export_onnx(model_dir, onnx_dir / PORTABLE_FILE)
         steps.update()
 
         def encode(path: Path) -> np.ndarray:
@@ -510,7 +523,7 @@ def export_model(
         steps.update()
 
         steps.set_postfix_str("fusions")
-        fp32 = onnx_dir / "model.onnx"
+        fp32 = onnx_dir / ENCODER_FILE
         fusions: dict | str
         try:
             fusions = optimize_onnx(
@@ -529,7 +542,7 @@ def export_model(
         steps.update()
 
         steps.set_postfix_str("int8")
-        int8 = quantize_int8(fp32, onnx_dir / "model.int8.onnx", per_channel=per_channel)
+        int8 = quantize_int8(fp32, onnx_dir / INT8_FILE, per_channel=per_channel)
         parity["int8"] = check_parity(
             "int8 ONNX", compare_embeddings(ref, encode(int8)), min_cosine=int8_min_cosine
         )
@@ -556,8 +569,10 @@ def export_model(
         spec = RepositorySpec(
             dim=dim, max_length=max_length, version=version, max_batch_size=max_batch_size
         )
-        write_repository(spec, work / "triton", serving_model, onnx_dir / "tokenizer.json")
-        write_repository(local_spec(spec), work / "triton-local", fp32, onnx_dir / "tokenizer.json")
+        write_repository(spec, work / TRITON_DIR, serving_model, onnx_dir / "tokenizer.json")
+        write_repository(
+            local_spec(spec), work / TRITON_LOCAL_DIR, fp32, onnx_dir / "tokenizer.json"
+        )
         from kuberank.components.edge import write_edge_bundle
 
         edge = write_edge_bundle(
@@ -567,13 +582,11 @@ def export_model(
             max_length=max_length,
             fingerprint=fingerprint,
         )
-        extras = _copy_model_extras(model_dir, work / "model")
+        extras = _copy_model_extras(model_dir, work / MODEL_DIR)
         steps.update()
         steps.close()
 
-        parts = [
-            p for p in ("onnx", "triton", "triton-local", "edge", "model") if (work / p).exists()
-        ]
+        parts = [p for p in EXPORT_PARTS if (work / p).exists()]
         manifest = {
             **{k: v for k, v in previous.items() if k not in ("exported_at",)},
             "format": STORE_FORMAT,
@@ -587,18 +600,20 @@ def export_model(
                 "pooling": "mean",
                 "normalized": True,
                 "fingerprint": fingerprint,
-                "fingerprint_encoder": "onnx/model.onnx (ONNX Runtime, fp32)",
+                "fingerprint_encoder": f"{ENCODER} (ONNX Runtime, fp32)",
             },
             "onnx": {
                 **onnx_io(fp32),
-                "files": {f"onnx/{p.name}": p.stat().st_size for p in sorted(onnx_dir.iterdir())},
+                "files": {
+                    f"{ONNX_DIR}/{p.name}": p.stat().st_size for p in sorted(onnx_dir.iterdir())
+                },
                 "fusions": fusions,
                 "int8": {"per_channel": per_channel, "op_types": list(INT8_OP_TYPES)},
             },
             "parity": parity,
             "triton": {
-                "repository": "triton",
-                "local_repository": "triton-local",
+                "repository": TRITON_DIR,
+                "local_repository": TRITON_LOCAL_DIR,
                 "ensemble": "query_encoder",
                 "input": "TEXT",
                 "output": "EMBEDDING",
@@ -609,7 +624,7 @@ def export_model(
                 "model_version": version,
             },
             "tensorrt": previous.get("tensorrt") if previous.get("version") == version else None,
-            "edge": {"path": "edge", **edge},
+            "edge": {"path": EDGE_DIR, **edge},
             "sizes": {p: _dir_bytes(work / p) for p in parts},
             "export_seconds": round(time.perf_counter() - started, 1),
         }
@@ -636,11 +651,9 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
             f"TensorRT for {store}: cannot build here ({reason}); run this on a GPU node"
         )
     manifest = read_manifest(store)
-    local = Path(materialize(_join(store, "onnx")))
+    local = Path(materialize(_join(store, ONNX_DIR)))
     with tempfile.TemporaryDirectory(prefix="kuberank-trt-") as tmp:
-        plan = build_tensorrt_plan(
-            local / "model.portable.onnx", Path(tmp) / "model.plan", **plan_options
-        )
+        plan = build_tensorrt_plan(local / PORTABLE_FILE, Path(tmp) / "model.plan", **plan_options)
         emb = manifest["embedding"]
         spec = RepositorySpec(
             dim=emb["dim"],
@@ -648,8 +661,8 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
             encoder_backend="tensorrt_plan",
             version=manifest["version"],
         )
-        write_repository(spec, Path(tmp) / "triton", plan, local / "tokenizer.json")
-        publish(Path(tmp) / "triton", _join(store, "triton"))
+        write_repository(spec, Path(tmp) / TRITON_DIR, plan, local / "tokenizer.json")
+        publish(Path(tmp) / TRITON_DIR, _join(store, TRITON_DIR))
         manifest["triton"].update(
             encoder_backend="tensorrt_plan",
             precision="fp16" if plan_options.get("fp16", True) else "fp32",

@@ -46,6 +46,7 @@ from kuberank import storage
 from kuberank.errors import DataError, KuberankError
 
 MANIFEST_FORMAT = "kuberank-dataset"
+PREPARED_MANIFEST = "manifest.json"  # a prepared dataset's manifest (not the model store's)
 SEARCH, RECOMMENDATION = "search", "recommendation"
 SPEC_HELP = (
     "movielens-100k, beir:<dir or s3://...>, interactions:<file or s3://...>, "
@@ -210,7 +211,7 @@ def load(spec: str, tie_break: str = "log", seed: int = 0) -> Dataset:
     if sep and scheme == "prepared":
         return load_prepared(rest)
     path = Path(spec)
-    if not storage.is_s3(spec) and (path / "manifest.json").is_file():
+    if not storage.is_s3(spec) and (path / PREPARED_MANIFEST).is_file():
         return load_prepared(spec)
     raise KuberankError(f"--dataset: unknown dataset spec {spec!r}; use one of: {SPEC_HELP}")
 
@@ -632,9 +633,9 @@ def _natural_key(value: str):
 
 def load_prepared(uri: str) -> Dataset:
     root = storage.materialize(uri)
-    manifest_path = root / "manifest.json"
+    manifest_path = root / PREPARED_MANIFEST
     if not manifest_path.is_file():
-        raise DataError(root, "not a prepared dataset: manifest.json missing")
+        raise DataError(root, f"not a prepared dataset: {PREPARED_MANIFEST} missing")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(
@@ -644,10 +645,10 @@ def load_prepared(uri: str) -> Dataset:
     for table in manifest["rows"]:
         path = root / f"{table}.parquet"
         if not path.is_file():
-            raise DataError(path, "file listed in manifest.json is missing")
+            raise DataError(path, f"file listed in {PREPARED_MANIFEST} is missing")
         tables[table] = pd.read_parquet(path)
     return Dataset(manifest["name"], manifest["kind"], manifest["source"], **tables)
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
-    return json.loads((Path(root) / "manifest.json").read_text())
+    return json.loads((Path(root) / PREPARED_MANIFEST).read_text())

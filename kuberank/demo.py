@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kuberank import datasets, report
 from kuberank.components.evaluate import evaluate
+from kuberank.store import INT8_FILE, MODEL_DIR, ONNX_DIR
 
 DEMO_DATASET = "movielens-100k"
 DEMO_BASELINES = ("popularity", "ease", "zero-shot")
@@ -193,7 +194,7 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
     from kuberank.onnx_encoder import OnnxEncoder
     from kuberank.perf import encoder_throughput
 
-    onnx_dir = Path(outputs["model_store"]) / "onnx"
+    onnx_dir = Path(outputs["model_store"]) / ONNX_DIR
     quality = {r["model"]: r["ndcg@10"] for r in rows}
     variants = [
         (
@@ -211,7 +212,7 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
         (
             "served",
             "ONNX Runtime int8",
-            OnnxEncoder(onnx_dir / "model.int8.onnx", tokenizer=onnx_dir, intra_op_threads=None),
+            OnnxEncoder(onnx_dir / INT8_FILE, tokenizer=onnx_dir, intra_op_threads=None),
             None,
         ),
     ]
@@ -240,7 +241,9 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
 
 def _compression_section(outputs: dict, rows: list[dict], data) -> tuple[list[str], str]:
     """The report's fine-tuning and compression sections, and the encoder speed headline."""
-    model_info = json.loads((Path(outputs["model_store"]) / "model" / "kuberank.json").read_text())
+    model_info = json.loads(
+        (Path(outputs["model_store"]) / MODEL_DIR / "kuberank.json").read_text()
+    )
     compression = model_info.get("compression") or {}
     training = model_info.get("training") or {}
     lines = ["## Fine-tuning", ""]

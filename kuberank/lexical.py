@@ -20,7 +20,6 @@ import numpy as np
 
 from kuberank.errors import KuberankError
 
-LEXICAL_DIR = "lexical"
 LEXICAL_FORMAT = "kuberank-lexical/1"
 META_FILE = "lexical.json"
 IDS_FILE = "ids.json"

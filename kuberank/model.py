@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kuberank.encoder import model_fingerprint
-from kuberank.store import is_store
+from kuberank.store import INT8_ENCODER, MODEL_DIR, ONNX_DIR, is_store
 
 MODEL_FORMAT = "kuberank-model"
 MANIFEST = "kuberank.json"
@@ -225,9 +225,6 @@ def item_tower_path(path: str | os.PathLike) -> Path:
     return separate if separate.is_dir() else Path(path)
 
 
-INT8_ENCODER = Path("onnx") / "model.int8.onnx"
-
-
 @dataclass
 class ResolvedModel:
     """Where a model's parts live, whatever form it takes."""
@@ -251,9 +248,9 @@ def resolve_model(path: str | os.PathLike, threads: int | None = None) -> Resolv
 
     root = Path(path)
     if is_store(root):
-        extras = root / "model"
+        extras = root / MODEL_DIR
         info = read_info(extras) if is_kuberank_model(extras) else None
-        encoder = OnnxEncoder(root / "onnx", intra_op_threads=threads)
+        encoder = OnnxEncoder(root / ONNX_DIR, intra_op_threads=threads)
         item = (
             TextEncoder(str(extras / ITEM_TOWER_DIR))
             if (extras / ITEM_TOWER_DIR).is_dir()

@@ -1,13 +1,19 @@
 """The model store's layout: what ``kuberank export`` writes and serving reads.
 
-Only the names live here so far (issue 14 moves the reading of every part here too)::
+Only the names live here so far (issue 14 moves the reading of every part here too); every
+other module imports them instead of spelling them (tests/test_store.py checks)::
 
-    STORE/manifest.json   format kuberank-store/N, version, model and embedding fingerprints
-    STORE/onnx/           the exported encoder (fp32, int8) and its tokenizer
-    STORE/model/          F's weights and item/user tables (kuberank models)
-    STORE/index/          the dense item index (serving/index.py)
-    STORE/lexical/        BM25 over the same items and the fitted fusion (kuberank/lexical.py)
-    STORE/policy.json     the serving policy, versioned (serving/policies.py, `kuberank policy`)
+    STORE/manifest.json   MANIFEST: format kuberank-store/N, version, model and embedding fingerprints
+    STORE/onnx/           ONNX_DIR: the exported encoder (ENCODER_FILE fp32, INT8_FILE int8) and
+                          its tokenizer; ``kuberank compress`` writes the same onnx/ in its model
+    STORE/triton/         TRITON_DIR: the Triton model repository served in production
+    STORE/triton-local/   TRITON_LOCAL_DIR: its CPU twin (``kuberank serve`` on a laptop)
+    STORE/edge/           EDGE_DIR: the edge bundle (components/edge.py)
+    STORE/model/          MODEL_DIR: F's weights and item/user tables (kuberank models)
+    STORE/index/          INDEX_DIR: the dense item index (serving/index.py)
+    STORE/lexical/        LEXICAL_DIR: BM25 over the same items and the fitted fusion (lexical.py)
+    STORE/policy.json     POLICY: the serving policy, versioned (serving/policies.py)
+    STORE/release.json    RELEASE_FILE: the pipeline's release record (pipelines/pipeline.py)
 """
 
 from __future__ import annotations
@@ -18,6 +24,26 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 POLICY = "policy.json"
+RELEASE_FILE = "release.json"
+ONNX_DIR = "onnx"
+TRITON_DIR = "triton"
+TRITON_LOCAL_DIR = "triton-local"
+EDGE_DIR = "edge"
+MODEL_DIR = "model"
+INDEX_DIR = "index"
+LEXICAL_DIR = "lexical"
+# What ``kuberank export`` writes, in the manifest's ``parts`` order (index and lexical come later,
+# from ``kuberank index``).
+EXPORT_PARTS = (ONNX_DIR, TRITON_DIR, TRITON_LOCAL_DIR, EDGE_DIR, MODEL_DIR)
+TRITON_PARTS = (TRITON_DIR, TRITON_LOCAL_DIR)
+# Every name of the layout (tests/test_store.py refuses them as literals elsewhere).
+LAYOUT_NAMES = (MANIFEST, POLICY, RELEASE_FILE, *EXPORT_PARTS, INDEX_DIR, LEXICAL_DIR)
+
+ENCODER_FILE = "model.onnx"  # in ONNX_DIR: the fp32 encoder
+INT8_FILE = "model.int8.onnx"  # in ONNX_DIR: the int8 encoder
+PORTABLE_FILE = "model.portable.onnx"  # in ONNX_DIR: before fusions (TensorRT builds from it)
+ENCODER = f"{ONNX_DIR}/{ENCODER_FILE}"
+INT8_ENCODER = Path(ONNX_DIR) / INT8_FILE
 STORE_FORMAT = "kuberank-store/1"
 STORE_FORMAT_PREFIX = "kuberank-store/"
 

@@ -42,7 +42,6 @@ TRAINING_MODES = ("rayjob", "pod")
 DEMO_DATASET = "movielens-100k"
 DEMO_BASELINES = "popularity,ease,zero-shot"
 DEMO_STORE = "s3://kuberank-models/pipeline"
-RELEASE_FILE = "release.json"
 
 # Task names in the compiled graph (the structural tests and the docs refer to them).
 PREP, FINETUNE, EVALUATE, COMPRESS, EXPORT, TENSORRT, INDEX, PUBLISH, CANARY = (
@@ -624,29 +623,32 @@ def publish_op(
     import tempfile
     from pathlib import Path
 
+    from kuberank.components.edge import BUNDLE_FILE
     from kuberank.components.export import read_manifest
-    from kuberank.pipelines.pipeline import RELEASE_FILE, release_record, release_report
+    from kuberank.pipelines.pipeline import release_record, release_report
     from kuberank.serving.index import check_index, load_index
     from kuberank.storage import materialize, publish
+    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS
 
     manifest = read_manifest(store)
     meta = load_index(store).meta
-    check_index(meta, manifest, where=f"{store}/index")
+    check_index(meta, manifest, where=f"{store}/{INDEX_DIR}")
     if meta["embedding_fingerprint"] != index_fingerprint:
         raise ValueError(
-            f"{store}/index: embedding {meta['embedding_fingerprint']}, the index step "
+            f"{store}/{INDEX_DIR}: embedding {meta['embedding_fingerprint']}, the index step "
             f"built {index_fingerprint}: another run wrote the store meanwhile"
         )
-    for part in ("triton", "triton-local"):
+    for part in TRITON_PARTS:
         root = Path(materialize(f"{store.rstrip('/')}/{part}"))
         if not (root / "query_encoder" / "config.pbtxt").is_file():
             raise FileNotFoundError(
                 f"{store}/{part}: no query_encoder ensemble; export did not finish"
             )
-    edge = json.loads((Path(materialize(f"{store.rstrip('/')}/edge")) / "bundle.json").read_text())
+    edge_dir = Path(materialize(f"{store.rstrip('/')}/{EDGE_DIR}"))
+    edge = json.loads((edge_dir / BUNDLE_FILE).read_text())
     if edge.get("items") != meta["count"] or edge.get("fingerprint") != index_fingerprint:
         raise ValueError(
-            f"{store}/edge: {edge.get('items')} items of embedding {edge.get('fingerprint')}, the "
+            f"{store}/{EDGE_DIR}: {edge.get('items')} items of embedding {edge.get('fingerprint')}, the "
             f"index holds {meta['count']} of {index_fingerprint}; the index step did not finish"
         )
     quality = {k: v for k, v in scores.metadata.items() if isinstance(v, (int, float))}

@@ -28,6 +28,7 @@ import numpy as np
 from kuberank import fusion
 from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.metrics import top_k
+from kuberank.store import LEXICAL_DIR
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
 BUILD_HINT = "build it with `kuberank index --model DIR --dataset SPEC --out STORE`"
@@ -72,7 +73,7 @@ class LexicalStage:
 
 def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     """STORE/lexical for the items ``ids`` (the dense index's), or None when the store has none."""
-    from kuberank.lexical import LEXICAL_DIR, META_FILE, LexicalIndex
+    from kuberank.lexical import META_FILE, LexicalIndex
     from kuberank.storage import is_s3, materialize
 
     part = f"{store.rstrip('/')}/{LEXICAL_DIR}" if is_s3(store) else str(Path(store) / LEXICAL_DIR)

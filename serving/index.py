@@ -40,8 +40,8 @@ from kfp import dsl
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.progress import bar
+from kuberank.store import ENCODER, ENCODER_FILE, INDEX_DIR, LEXICAL_DIR, ONNX_DIR
 
-INDEX_DIR = "index"
 INDEX_FORMAT = "kuberank-index/1"
 META_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -97,9 +97,9 @@ def store_encoder(store_local: Path, max_length: int):
     encoder, and the query encoder the fusion is fitted with."""
     from kuberank.onnx_encoder import OnnxEncoder
 
-    onnx_dir = store_local / "onnx"
+    onnx_dir = store_local / ONNX_DIR
     return OnnxEncoder(
-        onnx_dir / "model.onnx",
+        onnx_dir / ENCODER_FILE,
         tokenizer=onnx_dir / "tokenizer.json",
         max_length=max_length,
         intra_op_threads=None,
@@ -122,7 +122,7 @@ def embed_items(
         return encoder.encode(texts, desc="embed items"), "item_tower (PyTorch fp32)", None
     encoder = store_encoder(store_local, max_length)
     vectors = encoder.encode(texts, desc="embed items")
-    return vectors, "onnx/model.onnx (ONNX Runtime fp32)", encoder
+    return vectors, f"{ENCODER} (ONNX Runtime fp32)", encoder
 
 
 def build_index(
@@ -229,7 +229,7 @@ def build_lexical(
     these item vectors: what serving computes. ``encoder``: the store's ONNX encoder when
     :func:`embed_items` opened it already."""
     from kuberank import datasets, fusion
-    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.lexical import LexicalIndex
     from kuberank.storage import publish
 
     lexical = LexicalIndex.build(ids, texts)
@@ -250,7 +250,7 @@ def build_lexical(
     return {"items": meta["count"], "default": record["default"], "weight": record.get("weight")}
 
 
-def check_index(meta: dict, manifest: dict, where: str = "index") -> None:
+def check_index(meta: dict, manifest: dict, where: str = INDEX_DIR) -> None:
     """Refuse an index whose fingerprints differ from the exported encoder's."""
     if meta.get("format") != INDEX_FORMAT:
         raise IndexMismatchError(f"{where}: not a kuberank index (format {meta.get('format')!r})")

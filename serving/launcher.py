@@ -23,6 +23,7 @@ import urllib.request
 from contextlib import contextmanager
 
 from kuberank.errors import KuberankError
+from kuberank.store import TRITON_LOCAL_DIR
 
 HOST = "127.0.0.1"
 APP_NAME = "kuberank"
@@ -277,7 +278,7 @@ class LocalServing:
 
         from kuberank.storage import is_s3, materialize
 
-        uri = self.store.rstrip("/") + "/triton-local"
+        uri = f"{self.store.rstrip('/')}/{TRITON_LOCAL_DIR}"
         if not is_s3(uri):
             return materialize(uri)
         self._workdir = tempfile.mkdtemp(prefix="kuberank-serve-")

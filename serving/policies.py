@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kuberank.errors import KuberankError, StorageNotFound
-from kuberank.store import POLICY
+from kuberank.store import INDEX_DIR, POLICY
 
 POLICY_FORMAT = "kuberank-policy/1"
 META_KEYS = ("format", "version", "fingerprint")
@@ -165,7 +165,7 @@ def read_stored(store: str) -> str | None:
 
 def index_fields(store: str) -> dict[str, str]:
     """The attribute fields the store's index keeps (its index.json), without loading it."""
-    from kuberank.serving.index import INDEX_DIR, META_FILE
+    from kuberank.serving.index import META_FILE
     from kuberank.storage import materialize
 
     meta = json.loads(Path(materialize(_join(_join(str(store), INDEX_DIR), META_FILE))).read_text())

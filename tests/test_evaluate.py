@@ -242,7 +242,8 @@ def test_hybrid_and_bm25_on_a_store_use_its_lexical_index(tmp_path_factory, tmp_
 
     from kuberank.components.evaluate import BM25Ranker, HybridRanker, load_ranker, rank
     from kuberank.components.evaluate import retrieval_ranker as ranker_of
-    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.lexical import LexicalIndex
+    from kuberank.store import LEXICAL_DIR
 
     store, _, dataset = serving_store(tmp_path_factory)
     copy = tmp_path / "store"

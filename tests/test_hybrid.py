@@ -134,10 +134,11 @@ def test_a_lexical_index_of_other_items_is_refused(fitted):
 def test_served_retrieval_its_422s_schema_and_stage_metric(serving, tmp_path):  # noqa: F811
     from ray import serve
 
-    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.lexical import LexicalIndex
     from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
     from kuberank.serving.launcher import http_json
     from kuberank.serving.metrics import parse_metrics
+    from kuberank.store import LEXICAL_DIR
 
     store = serving["store"]  # its lexical index: RRF (the fixture has no validation queries)
     body = {"query": QUERIES["q1"], "k": 4, "explain": True}

@@ -185,7 +185,8 @@ def test_edge_bundle_of_another_export_is_refused_and_a_store_without_one_is_ind
 def test_index_writes_the_lexical_index_beside_the_dense_one(indexed):
     """STORE/lexical: BM25 over the same items in the same order; the fixture has no
     validation queries, so nothing is fitted, RRF is recorded and dense stays the default."""
-    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.lexical import LexicalIndex
+    from kuberank.store import LEXICAL_DIR
 
     store, _, _ = indexed
     lexical = LexicalIndex.load(store / LEXICAL_DIR)
@@ -202,7 +203,8 @@ def test_fusion_fitted_outside_test_is_recorded_and_used_by_evaluate(indexed, tm
     from fixtures import QRELS
 
     from kuberank.components.evaluate import evaluate
-    from kuberank.lexical import LEXICAL_DIR, LexicalIndex
+    from kuberank.lexical import LexicalIndex
+    from kuberank.store import LEXICAL_DIR
 
     store, model_dir, _ = indexed
     copy = tmp_path / "store"

@@ -20,6 +20,7 @@ from kuberank.pipelines import pipeline as pl
 from kuberank.pipelines.cli import build_parser
 from kuberank.pipelines.compile import check_package, compile_pipeline, package_tasks
 from kuberank.pipelines.submit import parse_params, submit
+from kuberank.store import RELEASE_FILE
 from tests.fixtures import interaction_rows, write_jsonl
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "kuberank"
@@ -423,7 +424,7 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     )
     store = Path(result["model_store"])
     assert store == tmp_path / "root" / "store"
-    release = json.loads((store / pl.RELEASE_FILE).read_text())
+    release = json.loads((store / RELEASE_FILE).read_text())
     assert release == result["release"]
     assert 0.0 <= result["metrics"]["ndcg@10"] <= 1.0
     assert [r["model"] for r in result["quality_rows"]] == ["popularity", "fine-tuned"]

@@ -1,0 +1,117 @@
+"""kuberank/store.py: the model store's layout names live there and nowhere else."""
+
+import ast
+from pathlib import Path
+
+from kuberank import store
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("kuberank", "components", "serving", "pipelines")
+
+# (file, enclosing function or "<module>", literal): the same words used for something that is
+# not a path in the store. Each entry says what it is; anything else is a layout name spelled
+# outside kuberank/store.py and fails test_no_layout_name_is_spelled_outside_the_store_module.
+NOT_LAYOUT = {
+    # CLI subcommand names (`kuberank edge`, `kuberank index`)
+    ("kuberank/cli.py", "build_parser", "edge"),
+    ("serving/cli.py", "register", "index"),
+    # a table's first column: the model's name in a quality report
+    ("kuberank/report.py", "format_table", "model"),
+    # progress labels
+    ("components/edge.py", "EdgeRanker.embed", "edge"),
+    ("components/export.py", "export_model", "onnx"),
+    # scratch directories outside any store (compress's candidate, a training run's output)
+    ("components/compress.py", "compress", "model"),
+    ("components/finetune.py", "_write_model", "model"),
+    ("pipelines/pipeline.py", "finetune_rayjob_op", "/model"),
+    # score terms and metric stage labels
+    ("serving/explain.py", "<module>", "lexical"),
+    ("serving/metrics.py", "<module>", "lexical"),
+    # kfp task and output artifact names of the pipeline graph
+    ("pipelines/pipeline.py", "<module>", "index"),
+    ("pipelines/pipeline.py", "_headline", "model"),
+    ("pipelines/pipeline.py", "_headline", "index"),
+    ("pipelines/pipeline.py", "run_local", "model"),
+    # the prepared dataset's manifest (datasets.PREPARED_MANIFEST), another layout
+    ("kuberank/datasets.py", "<module>", "manifest.json"),
+}
+# Until the lead switches serving/app.py to these constants (it also holds the setting
+# triton_fallback: "onnx", which is not a layout name).
+NOT_YET = {"serving/app.py"}
+
+
+def layout_literals(source: str, names=store.LAYOUT_NAMES):
+    """(enclosing function, literal) for each string constant that is a layout name or begins a
+    path with one (``"onnx/model.onnx"``, ``"/edge"``). Dict keys, subscripts and ``.get()``
+    keys are left out: they are manifest and JSON fields, not paths."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def enclosing(node) -> str:
+        scopes = []
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                scopes.append(node.name)
+        return ".".join(reversed(scopes)) or "<module>"
+
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        value = node.value
+        if not any(value in (n, f"/{n}") or value.startswith(f"{n}/") for n in names):
+            continue
+        parent = parents.get(node)
+        if isinstance(parent, ast.Dict) and node in parent.keys:
+            continue
+        if isinstance(parent, ast.Subscript) and parent.slice is node:
+            continue
+        if (
+            isinstance(parent, ast.Call)
+            and isinstance(parent.func, ast.Attribute)
+            and parent.func.attr in ("get", "setdefault", "pop")
+            and parent.args
+            and parent.args[0] is node
+        ):
+            continue
+        found.append((enclosing(node), value))
+    return found
+
+
+def test_the_scan_finds_a_layout_name_in_a_path_and_not_in_a_manifest_key():
+    source = (
+        "def f(root, manifest):\n"
+        "    a = root / 'onnx' / 'model.onnx'\n"
+        '    b = f"{root}/triton-local"\n'
+        "    c = 'onnx/model.onnx (fp32)'\n"
+        "    return manifest['onnx'], manifest.get('edge'), {'model': 1}\n"
+    )
+    assert sorted(layout_literals(source)) == [
+        ("f", "/triton-local"),
+        ("f", "onnx"),
+        ("f", "onnx/model.onnx (fp32)"),
+    ]
+
+
+def test_no_layout_name_is_spelled_outside_the_store_module():
+    spelled, allowed_seen = [], set()
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == "kuberank/store.py" or rel in NOT_YET:
+                continue
+            for scope, value in layout_literals(path.read_text()):
+                key = (rel, scope, value)
+                if key in NOT_LAYOUT:
+                    allowed_seen.add(key)
+                else:
+                    spelled.append(key)
+    assert spelled == [], "use the kuberank.store constants instead"
+    assert allowed_seen == NOT_LAYOUT, "stale NOT_LAYOUT entries"
+
+
+def test_layout_names_are_distinct_and_the_triton_parts_are_exported():
+    assert len(set(store.LAYOUT_NAMES)) == len(store.LAYOUT_NAMES)
+    assert all("." not in part for part in store.EXPORT_PARTS)
+    assert set(store.TRITON_PARTS) <= set(store.EXPORT_PARTS)
