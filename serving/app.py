@@ -96,6 +96,7 @@ from kuberank.serving.reranking import KINDS as RERANKINGS
 from kuberank.serving.reranking import Reranker
 from kuberank.serving.reranking import missing as reranking_missing
 from kuberank.serving.reranking import served_schema as reranking_schema
+from kuberank.store import ENCODER_FILE, INDEX_DIR, INT8_FILE, MODEL_DIR, ONNX_DIR
 
 INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
 DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, RANKER)
@@ -341,7 +342,7 @@ def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | 
     from kuberank.model import MANIFEST, MODEL_FORMAT, read_info
 
     try:
-        model_dir = _store_part(store, "model")
+        model_dir = _store_part(store, MODEL_DIR)
     except KuberankError:
         return ModelTables(index_kind, {}, None), None
     manifest = model_dir / MANIFEST
@@ -358,7 +359,7 @@ def load_checked_index(store: str):
 
     manifest = read_store_manifest(store)
     index = load_index(store)
-    check_index(index.meta, manifest, where=f"{store}/index")
+    check_index(index.meta, manifest, where=f"{store}/{INDEX_DIR}")
     index.policy = load_policy(store, index)
     return manifest, index
 
@@ -370,8 +371,8 @@ class InProcessEncoder:
     def __init__(self, store: str, manifest: dict, precision: str = "int8", threads: int = 1):
         from kuberank.onnx_encoder import OnnxEncoder
 
-        onnx_dir = _store_part(store, "onnx")
-        name = "model.int8.onnx" if precision == "int8" else "model.onnx"
+        onnx_dir = _store_part(store, ONNX_DIR)
+        name = INT8_FILE if precision == "int8" else ENCODER_FILE
         self.encoder = OnnxEncoder(
             onnx_dir / name,
             tokenizer=onnx_dir / "tokenizer.json",

@@ -34,10 +34,16 @@ NOT_LAYOUT = {
     ("pipelines/pipeline.py", "run_local", "model"),
     # the prepared dataset's manifest (datasets.PREPARED_MANIFEST), another layout
     ("kuberank/datasets.py", "<module>", "manifest.json"),
+    # serving's triton_fallback setting: "onnx" = encode in process (ONNX Runtime)
+    ("serving/app.py", "Settings", "onnx"),
+    ("serving/app.py", "Settings.__post_init__", "onnx"),
+    ("serving/app.py", "QueryEncoding.needs_local", "onnx"),
+    ("serving/app.py", "QueryEncoding.after_failure", "onnx"),
+    # the lexical stage's metric label
+    ("serving/app.py", "Ingress._rank_colocated", "lexical"),
+    ("serving/app.py", "Ingress._rank_stages", "lexical"),
 }
-# Until the lead switches serving/app.py to these constants (it also holds the setting
-# triton_fallback: "onnx", which is not a layout name).
-NOT_YET = {"serving/app.py"}
+NOT_YET: set[str] = set()
 
 
 def layout_literals(source: str, names=store.LAYOUT_NAMES):
