@@ -1248,6 +1248,14 @@ except ImportError:  # pragma: no cover - ray is a dependency; keeps the pure co
     serve = None
 
 
+def check_default_reranking(settings: Settings, index) -> None:
+    """Refuse a store whose index cannot serve the settings' default re-ranking. (Defined
+    before the deployments: Serve pickles them by value, with the module globals known then.)"""
+    default = settings.reranking()
+    if default is not None and reranking_missing(index, default[0]) is not None:
+        raise KuberankError(f"{default[0]}: {reranking_missing(index, default[0])}")
+
+
 if serve is not None:
 
     @serve.deployment(name=ENCODER)
@@ -1849,13 +1857,6 @@ def _merge(base: dict, override: dict) -> dict:
     ):
         out["autoscaling_config"] = {**scale, "initial_replicas": scale.get("min_replicas", 1)}
     return out
-
-
-def check_default_reranking(settings: Settings, index) -> None:
-    """Refuse a store whose index cannot serve the settings' default re-ranking."""
-    default = settings.reranking()
-    if default is not None and reranking_missing(index, default[0]) is not None:
-        raise KuberankError(f"{default[0]}: {reranking_missing(index, default[0])}")
 
 
 def build_app(args: dict):
