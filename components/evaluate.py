@@ -309,7 +309,6 @@ RERANK_OPTIONS = {
     "calibration": "--calibration",
     "tail_boost": "--tail-boost",
 }
-RERANK_DEPTH = 100  # re-rankings re-order each list's top 100
 CALIBRATED_K = 10  # calibration picks the first 10 (the lists the metrics read) greedily
 
 
@@ -324,6 +323,8 @@ def rank(
     ``reranking``: one of :data:`RERANKINGS` with its parameter, re-ordering each list's top
     100 (:func:`reranker`)."""
     ranker.prepare(task)
+    from kuberank.diversity import RERANK_DEPTH
+
     rerank = reranker(ranker, task, *reranking) if reranking is not None else None
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}

@@ -67,7 +67,9 @@ def arp(lists: Sequence[Sequence[int]], popularity: np.ndarray, k: int) -> float
 
 
 def novelty(lists: Sequence[Sequence[int]], popularity: np.ndarray, users: int, k: int) -> float:
-    info = -np.log2((np.asarray(popularity, dtype=np.float64) + 1.0) / (users + 1.0))
+    from kuberank.longtail import novelty as self_information
+
+    info = self_information(popularity, users)
     return _mean_over_lists([float(info[top].mean()) for top in _top(lists, k) if len(top)])
 
 

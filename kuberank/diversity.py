@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# every re-ranking (MMR, calibration, the long-tail boost) re-orders at most a list's top 100,
+# offline (components/evaluate.py) and served (serving/reranking.py)
+RERANK_DEPTH = 100
+
 
 def mmr(
     relevance: np.ndarray, embeddings: np.ndarray, lam: float, k: int | None = None

@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from kuberank.calibration import CALIBRATION_ATTRIBUTE, calibrate, group_matrix, target
-from kuberank.diversity import mmr
+from kuberank.diversity import RERANK_DEPTH, mmr
 from kuberank.errors import KuberankError
 from kuberank.longtail import boosted_order, novelty
 
 KINDS = ("mmr_lambda", "calibration", "tail_boost")
 POPULARITY_FILE = "popularity.json"
-RERANK_DEPTH = 100  # calibration and the boost re-order the top 100, as offline
 
 
 def popularity_of(data) -> dict | None:
