@@ -503,14 +503,52 @@ def evaluate(
     return result
 
 
-@step_component()
-def evaluate_op(
-    dataset: dsl.Input[dsl.Dataset], model: str, split: str, scores: dsl.Output[dsl.Metrics]
-):
-    """kfp wrapper: evaluate ``model`` on a prepared dataset; metrics are logged to the UI."""
-    from kuberank.components.evaluate import evaluate
+def parse_baselines(text: str) -> list[str]:
+    """``"popularity, ease"`` -> ``["popularity", "ease"]`` (empty entries dropped)."""
+    return [b.strip() for b in text.split(",") if b.strip()]
 
-    result = evaluate(f"prepared:{dataset.path}", model, split)
-    for name, value in result.items():
+
+def quality_report(rows: list[dict], split: str, dataset: str) -> str:
+    """The evaluate step's Markdown: the fine-tuned model against the baselines."""
+    from kuberank import report
+
+    return "\n".join(
+        [
+            f"# Quality on {dataset} ({split} split)",
+            "",
+            "Full ranking over all items; each user's seen items are excluded.",
+            "",
+            report.format_table(rows, report.QUALITY_COLUMNS),
+            "",
+        ]
+    )
+
+
+@step_component()
+def evaluate_model_op(
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    scores: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.Markdown],
+    split: str = "test",
+    baselines: str = "popularity,ease,zero-shot",
+) -> float:
+    """The fine-tuned model against the baselines on ``split``; the model's metrics are logged,
+    the table of all rows is the Markdown report. Returns the model's nDCG@10."""
+    import json
+
+    from kuberank import datasets
+    from kuberank.components.evaluate import evaluate, parse_baselines, quality_report
+
+    data = datasets.load(f"prepared:{dataset.path}")
+    rows = [evaluate(data, name, split) for name in parse_baselines(baselines)]
+    tuned = evaluate(data, model.path, split)
+    tuned["model"] = "fine-tuned"
+    rows.append(tuned)
+    for name, value in tuned.items():
         if isinstance(value, (int, float)):
             scores.log_metric(name, value)
+    with open(report.path, "w") as fh:
+        fh.write(quality_report(rows, split, data.name))
+    report.metadata["rows"] = json.loads(json.dumps(rows, default=str))
+    return float(tuned["ndcg@10"])

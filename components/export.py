@@ -690,3 +690,20 @@ def export_op(model: dsl.Input[dsl.Model], store: str, parity: dsl.Output[dsl.Me
     for part, size in manifest["sizes"].items():
         parity.log_metric(f"bytes.{part}", size)
     return manifest["embedding"]["fingerprint"]
+
+
+@step_component()
+def tensorrt_op(store: str, fingerprint: str) -> str:
+    """On a GPU node: build the TensorRT plan from the store's ONNX and switch the production
+    Triton repository to it. ``fingerprint`` (export's output) orders it after the export and
+    is checked against the store. Returns the fingerprint."""
+    from kuberank.components.export import export_tensorrt, read_manifest
+    from kuberank.errors import KuberankError
+
+    found = read_manifest(store)["embedding"]["fingerprint"]
+    if found != fingerprint:
+        raise KuberankError(
+            f"store {store}: holds embedding {found}, export produced {fingerprint}"
+        )
+    export_tensorrt(store)
+    return fingerprint

@@ -949,30 +949,34 @@ def _data_hash(data: datasets.Dataset) -> str:
 
 
 @step_component()
-def finetune_op(
-    dataset_spec: str,
+def finetune_prepared_op(
+    prepared: dsl.Input[dsl.Dataset],
     model: dsl.Output[dsl.Model],
     workers: int = 2,
     epochs: int = 0,
     max_minutes: float = 0.0,
+    batch_size: int = 0,
+    max_length: int = 128,
     ray_address: str = "",
 ):
-    """kfp wrapper: trains on the Ray cluster at ``ray_address`` (a RayCluster's head service
-    on Kubernetes), or on a local cluster started inside the task when it is empty."""
+    """Fine-tune on the prepared dataset artifact inside this task: a local Ray cluster on
+    127.0.0.1, or the Ray cluster at ``ray_address``."""
+    import json
+
     from kuberank.components.finetune import TrainConfig, train
 
     out = train(
         TrainConfig(
-            dataset=dataset_spec,
+            dataset=f"prepared:{prepared.path}",
             out=model.path,
             workers=workers,
             epochs=epochs or None,
             max_minutes=max_minutes or None,
+            batch_size=batch_size or None,
+            max_length=max_length,
             ray_address=ray_address or None,
         )
     )
-    import json
-
     info = json.loads((out / "kuberank.json").read_text())
     model.metadata.update(
         {"fingerprint": info["fingerprint"], "kind": info["kind"], **info["metrics"]}

@@ -37,7 +37,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kuberank.pipelines.pipeline import run_local
+    from kuberank.pipelines.local import run_local
     from kuberank.pipelines.submit import parse_params
 
     if not args.local:
@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from kuberank.console import StepConsole
-    from kuberank.pipelines.pipeline import step_headline
+    from kuberank.pipelines.local import step_headline
 
     params = parse_params(args.param)
     logs = Path(args.root) / "logs"

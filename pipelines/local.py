@@ -1,9 +1,12 @@
-"""Running kfp components and pipelines on this machine with kfp's local SubprocessRunner, and
-:func:`task_logs`: each task's console output in a log file of its own, a callback per step."""
+"""Running kfp components and pipelines on this machine with kfp's local SubprocessRunner,
+:func:`task_logs` (each task's console output in a log file of its own, a callback per step),
+and the whole pipeline run locally (:func:`run_local`) with a headline per finished step
+(:func:`step_headline`)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
@@ -13,6 +16,19 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from kuberank.pipelines.pipeline import (
+    CANARY,
+    COMPRESS,
+    EVALUATE,
+    EXPORT,
+    FINETUNE,
+    INDEX,
+    PREP,
+    PUBLISH,
+    TENSORRT,
+    build_pipeline,
+)
 
 T = TypeVar("T")
 
@@ -180,3 +196,122 @@ def run_logged(
         raise KuberankError(
             f"pipeline step {last.name} failed after {last.seconds:.0f} s{where}"
         ) from exc
+
+
+# --------------------------------------------------------------------------- the pipeline, locally
+
+
+def run_local(
+    pipeline_root,
+    *,
+    log_dir=None,
+    on_start=None,
+    on_step=None,
+    tee: bool = False,
+    **params,
+) -> dict:
+    """Run the whole pipeline on this machine (kfp SubprocessRunner; artifacts under
+    ``pipeline_root``, the model store at ``pipeline_root/store`` unless ``model_store`` is
+    given). ``params`` are pipeline parameters. With ``log_dir`` what kfp prints goes to a log
+    file per task there (:func:`kuberank.pipelines.local.task_logs`; ``tee`` keeps it on the
+    console too); ``on_start(name)`` and ``on_step(StepResult)`` follow the steps. A failed
+    step raises KuberankError naming the step and its log. Returns the output artifacts' paths,
+    the model store, the fine-tuned model's metrics and the release record."""
+    from pathlib import Path
+
+    root = init_local_runner(pipeline_root)
+    params.setdefault("model_store", str(root / "store"))
+    started = time.perf_counter()
+    task = run_logged(
+        lambda: build_pipeline("local")(**params),
+        log_dir,
+        on_start=on_start,
+        on_step=on_step,
+        tee=tee,
+    )
+    out = {
+        name: task.outputs[name]
+        for name in ("prepared", "model", "scores", "quality_report", "release", "release_report")
+    }
+    release = json.loads(Path(out["release"].path).read_text())
+    return {
+        "pipeline_root": str(root),
+        "model_store": params["model_store"],
+        **{f"{name}_path": artifact.path for name, artifact in out.items()},
+        "metrics": {k: v for k, v in out["scores"].metadata.items() if isinstance(v, (int, float))},
+        "quality_rows": out["quality_report"].metadata.get("rows", []),
+        "release": release,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def step_headline(step: str, outputs: dict) -> str:
+    """The number that matters of a finished step, from its kfp outputs (artifacts with
+    metadata, parameters): what the demo and ``kuberank pipeline run --local`` print per step.
+    Never raises: an unexpected output gives ``""``."""
+    try:
+        return _headline(step, outputs)
+    except Exception:  # a summary line must not fail a run
+        return ""
+
+
+def _whole(value):
+    """kfp hands metadata numbers back as floats: 1.0 -> 1."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _headline(step: str, outputs: dict) -> str:
+    def meta(name: str) -> dict:
+        return dict(getattr(outputs.get(name), "metadata", None) or {})
+
+    if step == PREP:
+        m = meta("prepared")
+        rows = ", ".join(f"{int(v)} {k}" for k, v in (m.get("rows") or {}).items())
+        return f"{rows} ({m.get('kind')})"
+    if step == FINETUNE:
+        m = meta("model")
+        scores = [f"{k[4:]} {v:.4f}" for k, v in m.items() if k.startswith("val_ndcg")]
+        return f"validation {scores[0].replace('ndcg', 'nDCG')}" if scores else str(m.get("kind"))
+    if step == EVALUATE:
+        rows = meta("report").get("rows") or []
+        tuned = next((r for r in rows if r.get("model") == "fine-tuned"), None)
+        value = tuned["ndcg@10"] if tuned else float(outputs["Output"])
+        text = f"{tuned['split'] if tuned else 'eval'} nDCG@10 {value:.4f}"
+        baselines = [r for r in rows if r is not tuned]
+        if baselines:
+            best = max(baselines, key=lambda r: r["ndcg@10"])
+            text += f" (best baseline: {best['model']} {best['ndcg@10']:.4f})"
+        return text
+    if step == COMPRESS:
+        m = meta("compressed")
+        return (
+            f"level {len(m['layers'])}x{float(m['prune_ratio']):g} (layers "
+            f"{[int(x) for x in m['layers']]}): nDCG@10 {m['compressed_ndcg10']:.4f} vs teacher "
+            f"{m['teacher_ndcg10']:.4f} on {m['split']}"
+        )
+    if step == EXPORT:
+        m = meta("parity")
+        text = f"embedding {str(outputs.get('Output', ''))[:19]}…"
+        if "int8.cosine_min" in m:
+            text += f", int8 cosine >= {m['int8.cosine_min']:.4f}"
+        if "bytes.edge" in m:
+            text += f", edge bundle {m['bytes.edge'] / 1e6:.0f} MB"
+        return text
+    if step == INDEX:
+        artifact = outputs.get("index")
+        m = {**json.loads(open(artifact.path).read()), **meta("index")}
+        search = "ANN (HNSW)" if m.get("ann") else "exact search"
+        edge = m.get("edge_items")
+        text = f"{int(m['count'])} items x {int(m['dim'])}, {search}"
+        if "edge_items" in m:
+            text += "; no edge bundle" if edge is None else f"; edge bundle {int(edge)} items"
+        return text
+    if step == PUBLISH:
+        m = meta("release")
+        return f"release {_whole(m.get('version'))} -> {m.get('store')}"
+    if step == TENSORRT:
+        return "TensorRT plan built"
+    if step == CANARY:
+        m = meta("values")
+        return f"canary weight {_whole(m.get('weight'))}% for release {_whole(m.get('version'))}"
+    return ""

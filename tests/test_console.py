@@ -1,6 +1,6 @@
 """Quiet consoles for long runs: one line per step on the terminal, everything else in log files
 (kuberank.console), kfp's local runner writing one log per task (pipelines/local.py), and the
-headline number of every pipeline step (pipelines/pipeline.py)."""
+headline number of every pipeline step (pipelines/local.py)."""
 
 import fcntl
 import json
@@ -18,6 +18,7 @@ from kfp import dsl
 
 from kuberank.console import StepConsole, format_step
 from kuberank.errors import KuberankError
+from kuberank.pipelines import local
 from kuberank.pipelines import pipeline as pl
 from kuberank.pipelines.local import init_local_runner, run_logged
 
@@ -233,7 +234,7 @@ def test_every_step_has_its_headline_number(tmp_path):
             "release": _artifact(dsl.Artifact, tmp_path / "l", {"version": 3.0, "store": "s/"})
         },
     }
-    got = {step: pl.step_headline(step, out) for step, out in outputs.items()}
+    got = {step: local.step_headline(step, out) for step, out in outputs.items()}
     assert got == {
         pl.PREP: "1682 items, 100000 interactions (recommendation)",
         pl.FINETUNE: "validation nDCG@10 0.1188",
@@ -243,7 +244,7 @@ def test_every_step_has_its_headline_number(tmp_path):
         pl.INDEX: "1682 items x 384, exact search; edge bundle 1682 items",
         pl.PUBLISH: "release 3 -> s/",
     }
-    assert pl.step_headline(pl.INDEX, {}) == ""  # an unexpected output never fails a run
+    assert local.step_headline(pl.INDEX, {}) == ""  # an unexpected output never fails a run
 
 
 def test_tee_keeps_the_console_and_writes_the_logs(local_root, tmp_path, capfd):

@@ -16,6 +16,7 @@ import yaml
 from conftest import require
 
 from kuberank.errors import KuberankError
+from kuberank.pipelines import local, rayjob, release
 from kuberank.pipelines import pipeline as pl
 from kuberank.pipelines.cli import build_parser
 from kuberank.pipelines.compile import check_package, compile_pipeline, package_tasks
@@ -172,8 +173,8 @@ def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
     from kuberank import kubeschema
     from kuberank.cli import build_parser as kuberank_parser
 
-    job = pl.rayjob_manifest(
-        pl.rayjob_name("Run_42/ABC"),
+    job = rayjob.rayjob_manifest(
+        rayjob.rayjob_name("Run_42/ABC"),
         image="img:1",
         dataset="prepared:s3://b/p",
         out="s3://b/m",
@@ -200,7 +201,7 @@ def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
         True,
         30.0,
     )
-    cpu = pl.rayjob_manifest(
+    cpu = rayjob.rayjob_manifest(
         "kuberank-ft-x", image="img:1", dataset="d", out="/o", workers=1, gpus_per_worker=0
     )
     kubeschema.validate(cpu)
@@ -210,7 +211,7 @@ def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
     )
     assert kuberank_parser().parse_args(shlex.split(cpu["spec"]["entrypoint"])[3:]).use_gpu is False
     with pytest.raises(KuberankError, match="workers"):
-        pl.rayjob_manifest("x", image="i", dataset="d", out="o", workers=0, gpus_per_worker=0)
+        rayjob.rayjob_manifest("x", image="i", dataset="d", out="o", workers=0, gpus_per_worker=0)
 
 
 class _ScriptedRayJobs:
@@ -227,12 +228,12 @@ class _ScriptedRayJobs:
 
 
 def test_rayjob_is_followed_to_its_outcome():
-    assert pl.rayjob_outcome({}) is None
-    assert pl.rayjob_outcome({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}) is None
-    assert pl.rayjob_outcome({"jobStatus": "SUCCEEDED"}) == "SUCCEEDED"
-    assert "OOMKilled" in pl.rayjob_outcome({"jobStatus": "FAILED", "message": "OOMKilled"})
-    assert "ValidationFailed" in pl.rayjob_outcome({"jobDeploymentStatus": "ValidationFailed"})
-    job = pl.rayjob_manifest(
+    assert rayjob.rayjob_outcome({}) is None
+    assert rayjob.rayjob_outcome({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}) is None
+    assert rayjob.rayjob_outcome({"jobStatus": "SUCCEEDED"}) == "SUCCEEDED"
+    assert "OOMKilled" in rayjob.rayjob_outcome({"jobStatus": "FAILED", "message": "OOMKilled"})
+    assert "ValidationFailed" in rayjob.rayjob_outcome({"jobDeploymentStatus": "ValidationFailed"})
+    job = rayjob.rayjob_manifest(
         "kuberank-ft-a", image="i", dataset="d", out="s3://b/m", workers=1, gpus_per_worker=1
     )
     api = _ScriptedRayJobs(
@@ -243,7 +244,7 @@ def test_rayjob_is_followed_to_its_outcome():
         ]
     )
     lines = []
-    status = pl.run_rayjob(job, "ml", api=api, poll_s=0, echo=lines.append)
+    status = rayjob.run_rayjob(job, "ml", api=api, poll_s=0, echo=lines.append)
     assert status["jobStatus"] == "SUCCEEDED"
     assert api.created == [("ray.io", "v1", "ml", "rayjobs", "kuberank-ft-a")]
     assert len(lines) == 4  # created + three state changes
@@ -251,7 +252,7 @@ def test_rayjob_is_followed_to_its_outcome():
         [{"jobStatus": "RUNNING"}, {"jobStatus": "FAILED", "message": "worker lost"}]
     )
     with pytest.raises(KuberankError, match="RayJob FAILED: worker lost"):
-        pl.run_rayjob(job, "ml", api=api, poll_s=0, echo=lambda _: None)
+        rayjob.run_rayjob(job, "ml", api=api, poll_s=0, echo=lambda _: None)
 
 
 def test_canary_values_fit_the_chart_schema():
@@ -260,11 +261,11 @@ def test_canary_values_fit_the_chart_schema():
     from kuberank.kubechart import deep_merge, load_values_files
 
     values = load_values_files(CHART / "values.yaml")
-    deep_merge(values, pl.canary_values("s3://kuberank-models/pipeline", 3, 10))
+    deep_merge(values, release.canary_values("s3://kuberank-models/pipeline", 3, 10))
     jsonschema.validate(values, json.loads((CHART / "values.schema.json").read_text()))
     assert values["canary"]["modelStoreUri"] == "s3://kuberank-models/pipeline"
     with pytest.raises(KuberankError, match="canary_weight"):
-        pl.canary_values("s3://x", 1, 0)
+        release.canary_values("s3://x", 1, 0)
 
 
 def test_parse_params_types_and_errors():
@@ -411,7 +412,7 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     require(available, "tritonserver not found (install nvidia-pytriton)")
     log = write_jsonl(tmp_path / "log.jsonl", interaction_rows(users=12, per_user=6))
     steps = []
-    result = pl.run_local(
+    result = local.run_local(
         tmp_path / "root",
         log_dir=tmp_path / "logs",
         on_step=steps.append,
@@ -441,7 +442,7 @@ def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     assert set(names) == {pl.PREP, pl.FINETUNE, pl.EVALUATE, pl.EXPORT, pl.INDEX, pl.PUBLISH}
     assert names[-1] == pl.PUBLISH and all(step.ok for step in steps)
     assert all("executor_input" in step.log.read_text() for step in steps)
-    headlines = {step.name: pl.step_headline(step.name, step.outputs) for step in steps}
+    headlines = {step.name: local.step_headline(step.name, step.outputs) for step in steps}
     assert headlines[pl.INDEX] == "8 items x 384, exact search; edge bundle 8 items"
     assert headlines[pl.EVALUATE].startswith("test nDCG@10 ")
     # a complete store: the edge bundle answers from the indexed items

@@ -23,15 +23,15 @@ NOT_LAYOUT = {
     # scratch directories outside any store (compress's candidate, a training run's output)
     ("components/compress.py", "compress", "model"),
     ("components/finetune.py", "_write_model", "model"),
-    ("pipelines/pipeline.py", "finetune_rayjob_op", "/model"),
+    ("pipelines/rayjob.py", "finetune_rayjob_op", "/model"),
     # score terms and metric stage labels
     ("serving/explain.py", "<module>", "lexical"),
     ("serving/metrics.py", "<module>", "lexical"),
     # kfp task and output artifact names of the pipeline graph
     ("pipelines/pipeline.py", "<module>", "index"),
-    ("pipelines/pipeline.py", "_headline", "model"),
-    ("pipelines/pipeline.py", "_headline", "index"),
-    ("pipelines/pipeline.py", "run_local", "model"),
+    ("pipelines/local.py", "_headline", "model"),
+    ("pipelines/local.py", "_headline", "index"),
+    ("pipelines/local.py", "run_local", "model"),
     # the prepared dataset's manifest (datasets.PREPARED_MANIFEST), another layout
     ("kuberank/datasets.py", "<module>", "manifest.json"),
     # serving's triton_fallback setting: "onnx" = encode in process (ONNX Runtime)
