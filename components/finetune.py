@@ -5,17 +5,15 @@ Pure core: :func:`train` (a :class:`TrainConfig` in, a model directory out). It 
 on GPU), checkpointing every epoch to ``storage`` (a local path or s3://) and resuming from the
 latest checkpoint after a worker failure (``FailureConfig(max_failures)``).
 
-- search collections: the text towers are fine-tuned with an in-batch-negative contrastive
-  loss (InfoNCE with temperature; other positives of the same query are masked out of the
-  negatives), optionally with one BM25 hard negative per pair; where the collection has
-  validation queries (``dev.tsv``, or those held out by :mod:`kuberank.datasets`), the epoch
-  kept is the best by validation nDCG@10.
-- recommendation: next-item prediction with a (sampled) softmax over items trains F's
-  behaviour and collaborative terms on top of the item text vectors; the number of epochs
-  kept is chosen on the validation split only (best checkpoint by validation nDCG@10).
+What is trained depends on the dataset's kind, one :class:`TrainingTask` each
+(components/training.py; :data:`TASKS`): search collections fine-tune the text towers
+(components/finetune_search.py), interaction logs train F's behaviour and collaborative terms
+(components/finetune_recommendation.py). This module is the loop both share: the optimiser,
+checkpoints, resume, TensorBoard events, the best epoch by validation nDCG@10, the model
+directory.
 
-Thin wrappers: the kfp component :func:`finetune_op` (submits to a Ray cluster address or
-starts a local cluster) and ``kuberank train`` in the CLI.
+Thin wrappers: the kfp component :func:`finetune_prepared_op` (trains in its task on a local
+Ray cluster or submits to a Ray cluster address) and ``kuberank train`` in the CLI.
 """
 
 import dataclasses
@@ -30,17 +28,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from kfp import dsl
 
 from kuberank import datasets, storage
+from kuberank.components.finetune_recommendation import RecommendationTask
+from kuberank.components.finetune_search import SearchTask
+from kuberank.components.training import TrainingTask, build_towers, unwrap
 from kuberank.config import base_model_path
-from kuberank.corpus_pairs import corpus_pairs
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 
-SEARCH_DEFAULTS = {"epochs": 2, "batch_size": 32, "lr": 5e-5}
-RECOMMENDATION_DEFAULTS = {"epochs": 4, "batch_size": 256, "lr": 3e-3}
+# one implementation of the training interface per dataset kind (components/training.py)
+TASKS: dict[str, TrainingTask] = {task.kind: task for task in (SearchTask(), RecommendationTask())}
+
+
+def task_for(kind: str) -> TrainingTask:
+    if kind not in TASKS:
+        raise KuberankError(f"fine-tuning: no training task for {kind!r} data")
+    return TASKS[kind]
 
 
 @dataclasses.dataclass
@@ -48,7 +53,7 @@ class TrainConfig:
     dataset: str
     out: str
     workers: int = 2
-    epochs: int | None = None  # default by kind (SEARCH_DEFAULTS / RECOMMENDATION_DEFAULTS)
+    epochs: int | None = None  # default by kind (the task's ``defaults``)
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     batch_size: int | None = None
     lr: float | None = None
@@ -73,7 +78,7 @@ class TrainConfig:
     fault_injection: dict | None = None  # tests only: {"kill_after_epoch": n, "marker": path}
 
     def resolved(self, kind: str) -> "TrainConfig":
-        defaults = SEARCH_DEFAULTS if kind == datasets.SEARCH else RECOMMENDATION_DEFAULTS
+        defaults = task_for(kind).defaults
         changes = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         if self.towers not in ("shared", "separate"):
             raise KuberankError(f"--towers: {self.towers!r} is not 'shared' or 'separate'")
@@ -82,170 +87,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# --------------------------------------------------------------------------- training data
-
-
-def search_examples(data: datasets.Dataset, split: str = "train") -> dict:
-    """(query, positive document) pairs of ``split``, with every query's positive set."""
-    if split not in data.splits():
-        raise KuberankError(
-            f"{data.name}: the {split} split is empty (no judged queries): nothing to train on"
-        )
-    task = datasets.eval_task(data, split)
-    index_of = {iid: i for i, iid in enumerate(data.item_ids)}
-    pairs = [(q, index_of[d]) for q, qid in enumerate(task.query_ids) for d in task.qrels[qid]]
-    if not pairs:
-        raise KuberankError(
-            f"{data.name}: the {split} split has no (query, relevant document) pair: nothing to train on"
-        )
-    return {"queries": [t or "" for t in task.texts], "pairs": pairs}
-
-
-def recommendation_examples(data: datasets.Dataset, max_history: int) -> dict:
-    """Next-item examples from every user's training sequence: (user, target, history)."""
-    index_of = {iid: i for i, iid in enumerate(data.item_ids)}
-    train = data.interactions[data.interactions["split"] == "train"]
-    users = sorted(data.interactions["user_id"].unique(), key=str)
-    user_index = {u: i for i, u in enumerate(users)}
-    sequences = {
-        u: g["item_id"].map(index_of).to_numpy() for u, g in train.groupby("user_id", sort=False)
-    }
-    rows = [(user_index[u], t) for u, seq in sequences.items() for t in range(1, len(seq))]
-    if not rows:
-        raise KuberankError(
-            f"{data.name}: the train split has no user with two or more interactions: nothing to train on"
-        )
-    return {
-        "users": users,
-        "sequences": {user_index[u]: seq for u, seq in sequences.items()},
-        "rows": rows,
-        "max_history": max_history,
-    }
-
-
-def bm25_hard_negatives(
-    data: datasets.Dataset, examples: dict, depth: int = 20, index=None
-) -> list[int]:
-    """For each pair, one of the three best-ranked BM25 documents of ``data`` that is not
-    relevant to its query (``examples``: query texts and (query, document row) pairs);
-    ``index``: ``data``'s :class:`kuberank.lexical.LexicalIndex` when one is built already.
-    Only the queries of the pairs are scored."""
-    from kuberank.lexical import LexicalIndex
-
-    if index is None:
-        index = LexicalIndex.build(data.item_ids, data.item_texts)
-    positives: dict[int, set[int]] = {}
-    for q, d in examples["pairs"]:
-        positives.setdefault(q, set()).add(d)
-    scores = dict(
-        zip(positives, index.scores([examples["queries"][q] for q in positives]), strict=True)
-    )
-    best: dict[int, list[int]] = {}
-    for q in positives:
-        order = np.argsort(-scores[q], kind="stable")[: depth + len(positives[q])]
-        best[q] = [int(d) for d in order if d not in positives[q]][:depth] or [int(order[-1])]
-    rng = random.Random(0)
-    return [rng.choice(best[q][:3]) for q, _ in examples["pairs"]]
-
-
-def replay_sample(previous_model: str, fraction: float, seed: int) -> datasets.Dataset | None:
-    """The data a previous model was trained on, for replay during a warm start."""
-    from kuberank.model import is_kuberank_model, read_info
-
-    if fraction <= 0 or not is_kuberank_model(previous_model):
-        return None  # a plain encoder has no training data to replay
-    spec = read_info(previous_model).dataset.get("spec")
-    if not spec:
-        return None
-    return datasets.load(spec)
-
-
-def recommendation_replay(
-    data: datasets.Dataset, previous: datasets.Dataset, fraction: float, seed: int
-) -> "pd.DataFrame":
-    """Training interactions of a random ``fraction`` of the previous data's users, limited to
-    items still in the catalogue; replayed users get their own ids (``replay:<id>``) so old
-    sequences never merge into current ones."""
-    old = previous.interactions[previous.interactions["split"] == "train"]
-    users = sorted(old["user_id"].unique(), key=str)
-    keep = set(random.Random(seed).sample(users, int(len(users) * fraction)))
-    rows = old[old["user_id"].isin(keep) & old["item_id"].isin(set(data.item_ids))]
-    return rows.assign(user_id="replay:" + rows["user_id"].astype(str))
-
-
 # --------------------------------------------------------------------------- the worker loop
-
-
-def _lr_lambda(total_steps: int, warmup: float = 0.1):
-    warm = max(1, int(total_steps * warmup))
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return schedule
-
-
-def _build_towers(config: dict):
-    import copy
-
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from kuberank.model import item_tower_path
-
-    source = config["init_model"]
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    query_tower = AutoModel.from_pretrained(source, add_pooling_layer=False)
-    item_tower = None
-    if config["towers"] == "separate":
-        separate = item_tower_path(source)
-        item_tower = (
-            AutoModel.from_pretrained(separate, add_pooling_layer=False)
-            if separate != Path(source)
-            else copy.deepcopy(query_tower)
-        )
-    if config["lora"]:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=config["lora_rank"],
-            lora_alpha=2 * config["lora_rank"],
-            target_modules=["query", "key", "value", "dense"],
-            lora_dropout=0.0,
-        )
-        query_tower = get_peft_model(query_tower, lora)
-        if item_tower is not None:
-            item_tower = get_peft_model(item_tower, lora)
-    torch.manual_seed(config["seed"])
-    return tokenizer, query_tower, item_tower
-
-
-class TwoTower:
-    """Builds the torch module holding both towers (a class so it pickles for Ray)."""
-
-    @staticmethod
-    def module(query_tower, item_tower):
-        from torch import nn
-
-        from kuberank.encoder import mean_pool
-
-        class _TwoTower(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.query_tower = query_tower
-                self.item_tower = item_tower
-
-            def embed(self, tower, batch):
-                hidden = tower(**batch).last_hidden_state
-                return nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
-
-            def forward(self, queries, docs):
-                item_tower = self.item_tower if self.item_tower is not None else self.query_tower
-                return self.embed(self.query_tower, queries), self.embed(item_tower, docs)
-
-        return _TwoTower()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -264,27 +106,22 @@ def train_loop_per_worker(config: dict) -> None:
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
 
-    if config["kind"] == datasets.SEARCH:
-        step_fn, model, params, extra = _search_setup(config)
-    else:
-        step_fn, model, params, extra = _recommendation_setup(config)
+    task = task_for(config["kind"])
+    step_fn, model, params, extra = task.setup(config)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.01)
     rows = config["n_rows"]
     per_worker = math.ceil(rows / world)
     steps_per_epoch = math.ceil(per_worker / (config["batch_size"] * config["grad_accumulation"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        _lr_lambda(steps_per_epoch * config["epochs"])
-        if config["kind"] == datasets.SEARCH
-        else (lambda s: 1.0),
+        optimizer, task.schedule(steps_per_epoch * config["epochs"])
     )
     start_epoch, best, history = 0, None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
             state = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"] + 1, state.get("best"), state.get("history", [])
@@ -336,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_per_s": rows / max(time.monotonic() - epoch_started, 1e-9),
         }
         if extra.get("validate") is not None:
-            metrics.update(extra["validate"](_unwrap(model)))
+            metrics.update(extra["validate"](unwrap(model)))
             if best is None or metrics["val_ndcg@10"] > best:
                 best = metrics["val_ndcg@10"]
         if writer is not None:
@@ -351,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 torch.save(
                     {
-                        "model": _unwrap(model).state_dict(),
+                        "model": unwrap(model).state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch,
@@ -370,10 +207,6 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
     """Tests only: SIGKILL this worker once, mid-run, at the start of the epoch after
     ``kill_after_epoch`` (whose checkpoint has had time to be registered)."""
@@ -388,154 +221,6 @@ def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:
         time.sleep(3)
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), 9)
-
-
-def _search_setup(config: dict):
-    import torch
-
-    tokenizer, query_tower, item_tower = _build_towers(config)
-    model = TwoTower.module(query_tower, item_tower)
-    queries, pairs = config["queries"], config["pairs"]
-    doc_texts, hard = config["doc_texts"], config.get("hard_negatives")
-    positives = {(q, d) for q, d in pairs} | {(q, d) for q, d in config.get("mask_pairs", [])}
-
-    def tokenize(texts, max_length, device):
-        batch = tokenizer(
-            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def step(model, index, device):
-        batch_pairs = [pairs[i] for i in index]
-        docs = [d for _, d in batch_pairs]
-        if hard:
-            docs += [hard[i] for i in index]
-        q_vecs, d_vecs = model(
-            tokenize([queries[q] for q, _ in batch_pairs], config["query_max_length"], device),
-            tokenize([doc_texts[d] for d in docs], config["max_length"], device),
-        )
-        logits = q_vecs @ d_vecs.T / config["temperature"]
-        # Another positive of the same query is no negative: mask it out.
-        mask = torch.tensor(
-            [
-                [j != i and (q, d) in positives for j, d in enumerate(docs)]
-                for i, (q, _) in enumerate(batch_pairs)
-            ],
-            device=logits.device,
-        )
-        logits = logits.masked_fill(mask, float("-inf"))
-        labels = torch.arange(len(batch_pairs), device=logits.device)
-        return torch.nn.functional.cross_entropy(logits.float(), labels)
-
-    validate = None
-    if config.get("validation"):
-        validation = config["validation"]
-        docs = doc_texts[: validation["n_docs"]]  # replayed documents follow: not judged here
-
-        def encode(model, tower, texts, max_length):
-            device = next(model.parameters()).device
-            out = [
-                model.embed(tower, tokenize(texts[i : i + 64], max_length, device)).float().cpu()
-                for i in range(0, len(texts), 64)
-            ]
-            return torch.cat(out)
-
-        def validate(model):
-            from kuberank import metrics as m
-
-            item_tower = model.item_tower if model.item_tower is not None else model.query_tower
-            model.eval()
-            with torch.no_grad():
-                q = encode(
-                    model, model.query_tower, validation["queries"], config["query_max_length"]
-                )
-                d = encode(model, item_tower, docs, config["max_length"])
-            scores = (q @ d.T).numpy()
-            run = {
-                str(r): [str(i) for i in np.argsort(-scores[r], kind="stable")[:100]]
-                for r in range(len(scores))
-            }
-            qrels = {
-                str(r): {str(i): rel for i, rel in relevant.items()}
-                for r, relevant in enumerate(validation["relevant"])
-            }
-            result = m.evaluate_run(run, qrels, cutoffs=(10,))
-            model.train()
-            return {"val_ndcg@10": result["ndcg@10"], "val_hit@10": result["hit@10"]}
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return step, model, params, {"validate": validate}
-
-
-def _recommendation_setup(config: dict):
-    import torch
-
-    from kuberank.model import Scorer, ScorerConfig, pad_histories
-
-    cfg = ScorerConfig(**config["scorer"])
-    scorer = Scorer(cfg)
-    if config.get("warm_scorer"):
-        own = scorer.state_dict()
-        scorer.load_state_dict(
-            {k: v for k, v in config["warm_scorer"].items() if own[k].shape == v.shape},
-            strict=False,
-        )
-    item_text = torch.from_numpy(config["item_text"])
-    all_items = torch.arange(cfg.n_items)
-    sequences, rows = config["sequences"], config["rows"]
-
-    def step(model, index, device):
-        users = torch.tensor([rows[i][0] for i in index])
-        targets = torch.tensor([sequences[rows[i][0]][rows[i][1]] for i in index])
-        hist = torch.from_numpy(
-            pad_histories([sequences[rows[i][0]][: rows[i][1]] for i in index], cfg.max_history)
-        )
-        if cfg.n_items <= config["negatives"]:
-            candidates = all_items
-        else:  # sampled softmax: the batch's targets plus shared uniform negatives
-            sampled = torch.randint(0, cfg.n_items, (config["negatives"],))
-            candidates = torch.unique(torch.cat([targets, sampled]))
-        scores = model(
-            item_text[candidates],
-            candidates,
-            history=hist,
-            history_text=item_text[hist.clamp(min=0)],
-            users=users,
-        )
-        # Seen items are never recommended: mask them (the target stays).
-        seen = (hist[:, :, None] == candidates[None, None, :]).any(1)
-        is_target = candidates[None, :] == targets[:, None]
-        scores = scores.masked_fill(seen & ~is_target, float("-inf"))
-        labels = is_target.float().argmax(1)
-        return torch.nn.functional.cross_entropy(scores, labels)
-
-    validate = None
-    if config.get("validation"):
-        validation = config["validation"]
-
-        def validate(model):
-            from kuberank import metrics as m
-
-            model.eval()
-            with torch.no_grad():
-                hist = torch.from_numpy(pad_histories(validation["histories"], cfg.max_history))
-                scores = model(
-                    item_text,
-                    all_items,
-                    history=hist,
-                    history_text=item_text[hist.clamp(min=0)],
-                    users=torch.tensor(validation["users"]),
-                ).numpy()
-            run = {}
-            for row, exclude in enumerate(validation["exclude"]):
-                scores[row, exclude] = -np.inf
-                run[str(row)] = [str(i) for i in np.argsort(-scores[row], kind="stable")[:100]]
-            qrels = {str(row): {str(t): 1} for row, t in enumerate(validation["targets"])}
-            result = m.evaluate_run(run, qrels, cutoffs=(10,))
-            model.train()
-            return {"val_ndcg@10": result["ndcg@10"], "val_hit@10": result["hit@10"]}
-
-    return step, scorer, [p for p in scorer.parameters() if p.requires_grad], {"validate": validate}
 
 
 # --------------------------------------------------------------------------- the driver
@@ -701,78 +386,7 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
         "max_minutes": config.max_minutes,
         "fault_injection": config.fault_injection,
     }
-    if data.kind == datasets.SEARCH:
-        examples = search_examples(data)
-        doc_texts = list(data.item_texts)
-        lexical = None
-        if config.hard_negatives:  # one BM25 index of the documents for both kinds of pairs
-            from kuberank.lexical import LexicalIndex
-
-            lexical = LexicalIndex.build(data.item_ids, data.item_texts)
-        hard = bm25_hard_negatives(data, examples, index=lexical) if lexical is not None else None
-        mask_pairs, adapted = [], {}
-        if config.corpus_pairs > 0:  # in-domain pairs from the documents themselves
-            titles, bodies = data.item_titles_and_bodies()
-            limit = max(1, round(config.corpus_pairs * len(examples["pairs"])))
-            extra, adapted = corpus_pairs(titles, bodies, seed=config.seed, limit=limit)
-            if extra and not adapted["title"]:
-                print(f"{data.name}: the documents have no titles: corpus pairs by cropping")
-            offset_q, offset_d = len(examples["queries"]), len(doc_texts)
-            examples["queries"] += [q for q, _, _ in extra]
-            doc_texts += [positive for _, positive, _ in extra]
-            examples["pairs"] += [(offset_q + i, offset_d + i) for i in range(len(extra))]
-            # the whole document a pair was cut from is no negative of its query either
-            mask_pairs = [(offset_q + i, row) for i, (_, _, row) in enumerate(extra)]
-            if hard is not None:
-                hard += bm25_hard_negatives(
-                    data, {"queries": examples["queries"], "pairs": mask_pairs}, index=lexical
-                )
-        replayed = 0
-        previous = (
-            replay_sample(config.warm_start, config.replay_fraction, config.seed)
-            if config.warm_start
-            else None
-        )
-        if previous is not None and previous.kind == datasets.SEARCH:
-            old = search_examples(previous)
-            chosen = random.Random(config.seed).sample(
-                range(len(old["pairs"])), int(len(old["pairs"]) * config.replay_fraction)
-            )
-            # Replayed pairs point into the previous collection: its queries and texts follow ours.
-            offset_q, offset_d = len(examples["queries"]), len(doc_texts)
-            examples["queries"] += old["queries"]
-            examples["pairs"] += [
-                (old["pairs"][i][0] + offset_q, old["pairs"][i][1] + offset_d) for i in chosen
-            ]
-            doc_texts += previous.item_texts
-            if hard is not None:
-                old_hard = bm25_hard_negatives(previous, old)
-                hard += [old_hard[i] + offset_d for i in chosen]
-            replayed = len(chosen)
-        loop.update(
-            queries=examples["queries"],
-            pairs=examples["pairs"],
-            doc_texts=doc_texts,
-            n_rows=len(examples["pairs"]),
-            replayed_rows=replayed,
-            mask_pairs=mask_pairs,
-            corpus_pairs_used=adapted,
-        )
-        if hard is not None:
-            loop["hard_negatives"] = hard
-        if "validation" in data.splits():  # the checkpoint kept is the best on these queries
-            task = datasets.eval_task(data, "validation")
-            index_of = {iid: i for i, iid in enumerate(data.item_ids)}
-            loop["validation"] = {
-                "queries": [t or "" for t in task.texts],
-                "relevant": [
-                    {index_of[d]: int(rel) for d, rel in task.qrels[qid].items()}
-                    for qid in task.query_ids
-                ],
-                "n_docs": len(data.item_ids),
-            }
-    else:
-        loop.update(_recommendation_loop(data, config, init_model))
+    loop.update(task_for(data.kind).prepare(data, config, init_model))
 
     def finalize(result) -> Path:
         return _write_model(data, config, init_model, loop, result)
@@ -780,75 +394,7 @@ def _prepare(data: datasets.Dataset, config: TrainConfig, init_model: str):
     return loop, finalize
 
 
-def _recommendation_loop(data: datasets.Dataset, config: TrainConfig, init_model: str) -> dict:
-    from kuberank.encoder import TextEncoder
-    from kuberank.model import ScorerConfig, is_kuberank_model, item_tower_path
-
-    train_data, replayed = data, 0
-    if config.warm_start and config.replay_fraction > 0:
-        previous = replay_sample(config.warm_start, config.replay_fraction, config.seed)
-        if previous is not None and previous.kind == datasets.RECOMMENDATION:
-            replay = recommendation_replay(data, previous, config.replay_fraction, config.seed)
-            train_data = dataclasses.replace(
-                data, interactions=pd.concat([data.interactions, replay], ignore_index=True)
-            )
-            replayed = len(replay)
-    examples = recommendation_examples(train_data, max_history=config.max_history)
-    encoder = TextEncoder(str(item_tower_path(init_model)))
-    item_text = encoder.encode(data.item_texts, desc="encode items")
-    scorer = ScorerConfig(
-        n_items=len(data.items),
-        n_users=len(examples["users"]),
-        text_dim=encoder.dim,
-        max_history=config.max_history,
-        use_relevance=True,
-        use_behaviour=True,
-        use_collaborative=True,
-    )
-    task = datasets.eval_task(data, "validation")
-    user_index = {u: i for i, u in enumerate(examples["users"])}
-    item_index = {iid: i for i, iid in enumerate(data.item_ids)}
-    validation = {
-        "histories": task.histories,
-        "exclude": task.exclude,
-        "users": [user_index[u] for u in task.users],
-        "targets": [item_index[next(iter(task.qrels[q]))] for q in task.query_ids],
-    }
-    warm = None
-    if config.warm_start and is_kuberank_model(config.warm_start):
-        warm = _warm_scorer_state(config.warm_start, data, examples["users"])
-    return {
-        "scorer": dataclasses.asdict(scorer),
-        "item_text": item_text,
-        "sequences": examples["sequences"],
-        "rows": examples["rows"],
-        "n_rows": len(examples["rows"]),
-        "users": examples["users"],
-        "validation": validation,
-        "warm_scorer": warm,
-        "replayed_rows": replayed,
-    }
-
-
-def _warm_scorer_state(previous: str, data: datasets.Dataset, users: list[str]) -> dict:
-    """The previous scorer's parameters, with id tables re-indexed to this dataset's ids."""
-    from kuberank.model import load_scorer, read_info
-
-    info = read_info(previous)
-    state = load_scorer(previous, info).state_dict()
-    old_items = {iid: i for i, iid in enumerate(info.item_ids)}
-    old_users = {u: i for i, u in enumerate(info.user_ids)}
-    items_map = [old_items.get(i, info.scorer.n_items) for i in data.item_ids] + [
-        info.scorer.n_items
-    ]
-    users_map = [old_users.get(u, info.scorer.n_users) for u in users] + [info.scorer.n_users]
-    for key in ("item_id.weight", "item_cf.weight", "item_bias.weight"):
-        state[key] = state[key][items_map]
-    state["user_cf.weight"] = state["user_cf.weight"][users_map]
-    return state
-
-
-def _best_checkpoint(result, kind: str):
+def _best_checkpoint(result):
     if getattr(result, "best_checkpoints", None):
         scored = [(ckpt, m) for ckpt, m in result.best_checkpoints if "val_ndcg@10" in m]
         if scored:
@@ -859,11 +405,11 @@ def _best_checkpoint(result, kind: str):
 def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result) -> Path:
     import torch
 
-    from kuberank.model import ModelInfo, Scorer, ScorerConfig, save_model
+    from kuberank.model import ModelInfo, ScorerConfig, save_model
 
     if result.checkpoint is None:
         raise KuberankError("training produced no checkpoint")
-    checkpoint, chosen = _best_checkpoint(result, data.kind)
+    checkpoint, chosen = _best_checkpoint(result)
     with checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)["model"]
     with result.checkpoint.as_directory() as ckpt:  # the latest holds every epoch's history
@@ -874,22 +420,13 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
         if (Path(ckpt) / "tensorboard").is_dir():
             shutil.copytree(Path(ckpt) / "tensorboard", events, dirs_exist_ok=True)
     loop = dict(loop, lora=config.lora)
-    tokenizer, query_tower, item_tower = _build_towers(loop)
-    scorer = None
-    if data.kind == datasets.SEARCH:
-        towers = TwoTower.module(query_tower, item_tower)
-        towers.load_state_dict(state)
-        query_tower, item_tower = towers.query_tower, towers.item_tower
-    else:
-        scorer = Scorer(ScorerConfig(**loop["scorer"]))
-        scorer.load_state_dict(state)
-    trainable = sum(p.numel() for p in query_tower.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in query_tower.parameters())
+    tokenizer, query_tower, item_tower = build_towers(loop)
+    query_tower, item_tower, scorer, trainable, total = task_for(data.kind).restore(
+        state, loop, query_tower, item_tower
+    )
     if config.lora:  # merge the adapters: the exported model is a plain transformer
         query_tower = query_tower.merge_and_unload()
         item_tower = item_tower.merge_and_unload() if item_tower is not None else None
-    if data.kind == datasets.RECOMMENDATION:
-        trainable, total = (sum(p.numel() for p in scorer.parameters()),) * 2
     info = ModelInfo(
         kind=data.kind,
         base_model=init_model,

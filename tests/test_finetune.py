@@ -245,7 +245,7 @@ def test_checkpoints_go_beside_the_output_on_s3_too(tmp_path, monkeypatch):
 
 def test_bm25_hard_negatives_score_the_pairs_queries_once_on_a_given_index(tmp_path):
     from kuberank import datasets
-    from kuberank.components.finetune import bm25_hard_negatives, search_examples
+    from kuberank.components.finetune_search import bm25_hard_negatives, search_examples
     from kuberank.lexical import LexicalIndex
 
     data = datasets.load(f"beir:{write_beir(tmp_path / 'beir')}")
@@ -258,3 +258,16 @@ def test_bm25_hard_negatives_score_the_pairs_queries_once_on_a_given_index(tmp_p
     firsts = list(dict.fromkeys(q for q, _ in examples["pairs"]))
     assert scored == [[examples["queries"][q] for q in firsts]]  # one call, the pairs' queries
     assert all(neg != doc for neg, (_, doc) in zip(built, examples["pairs"], strict=True))
+
+
+def test_one_training_task_per_dataset_kind():
+    from kuberank import datasets
+    from kuberank.components.finetune import TASKS, task_for
+
+    assert set(TASKS) == {datasets.SEARCH, datasets.RECOMMENDATION}
+    assert all(task.kind == kind for kind, task in TASKS.items())
+    assert (
+        TrainConfig("d", "o").resolved(datasets.SEARCH).lr == TASKS[datasets.SEARCH].defaults["lr"]
+    )
+    with pytest.raises(KuberankError, match="no training task for 'graph' data"):
+        task_for("graph")
