@@ -28,18 +28,25 @@ ALPHA = 0.01
 CALIBRATION_ATTRIBUTE = "genres"
 
 
-def group_matrix(values: Sequence) -> tuple[list[str], np.ndarray]:
-    """Group names and the items' group distributions ([items, groups], rows sum to 1, or
-    to 0 for an item without groups) from one attribute value per item: a list of names, a
-    single name, or None."""
+def item_groups(values: Sequence) -> list[tuple[str, ...]]:
+    """The groups of each item from one attribute value per item: a list of names (its
+    groups), a single name or number (one group), or None/NaN (no group). Calibration and the
+    policies' caps (serving/policies.py) both group items this way."""
     per_item = []
     for value in values:
         if value is None or (isinstance(value, float) and np.isnan(value)):
-            per_item.append([])
-        elif isinstance(value, str):
-            per_item.append([value])
+            per_item.append(())
+        elif isinstance(value, (list, tuple, np.ndarray)):
+            per_item.append(tuple(str(v) for v in value))
         else:
-            per_item.append([str(v) for v in value])
+            per_item.append((str(value),))
+    return per_item
+
+
+def group_matrix(values: Sequence) -> tuple[list[str], np.ndarray]:
+    """Group names and the items' group distributions ([items, groups], rows sum to 1, or
+    to 0 for an item without groups) from one attribute value per item (:func:`item_groups`)."""
+    per_item = item_groups(values)
     names = sorted({g for groups in per_item for g in groups})
     column = {g: j for j, g in enumerate(names)}
     matrix = np.zeros((len(per_item), len(names)), dtype=np.float64)

@@ -28,6 +28,7 @@ import numpy as np
 from kuberank import fusion
 from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.metrics import top_k
+from kuberank.serving.policies import among_found
 from kuberank.store import LEXICAL_DIR
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
@@ -146,7 +147,6 @@ def retrieve(
             exclude = np.union1d(exclude, own)
         rows = top_k(scores, exclude, req.n)
         if blocked is not None and len(blocked):
-            floor = scores[rows[-1]] if len(rows) == req.n else -np.inf
-            req.policy_removed = int(np.count_nonzero(scores[own] >= floor))
+            req.policy_removed = among_found(scores[own], scores[rows], req.n)
         out.append((rows, Fused(rows, scores[rows], {k: v[rows] for k, v in parts.items()})))
     return out, time.perf_counter() - started

@@ -42,6 +42,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from kuberank.calibration import item_groups
 from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.store import INDEX_DIR, POLICY
 
@@ -269,15 +270,14 @@ class Policy:
         found_scores: np.ndarray | None,
         n: int,
     ) -> int:
-        """How many blocked items retrieval would have returned among the n candidates
+        """How many blocked items dense retrieval would have returned among the n candidates
         without the blocklist (rows not excluded otherwise; every one when all are ranked)."""
         own = np.setdiff1d(self.rows, other_exclude, assume_unique=True)
         if len(own) == 0 or query is None or found_scores is None:
             return int(len(own))
-        if len(found_scores) < n:
-            return int(len(own))
-        scores = index.embeddings[own] @ np.asarray(query, dtype=np.float32)
-        return int(np.count_nonzero(scores >= found_scores[n - 1]))
+        return among_found(
+            index.embeddings[own] @ np.asarray(query, dtype=np.float32), found_scores, n
+        )
 
     def cap(self, cands: np.ndarray, order: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         """The first k of ``order`` (positions into ``cands``) whose groups all have room
@@ -311,9 +311,18 @@ def policy_decisions(removed: int, displaced: int) -> dict[tuple[str, str], int]
     return {("blocked_items", "removed"): removed, ("caps", "displaced"): displaced}
 
 
+def among_found(blocked_scores: np.ndarray, found_scores: np.ndarray, n: int) -> int:
+    """How many blocked rows (their retrieval scores) would have been among the ``n``
+    candidates retrieved without them (``found_scores``, best first): those scoring at least
+    the n-th; all of them when fewer than n were found. Dense and lexical/hybrid retrieval
+    both count policy removals this way."""
+    if len(found_scores) < n:
+        return int(len(blocked_scores))
+    return int(np.count_nonzero(np.asarray(blocked_scores) >= found_scores[n - 1]))
+
+
 def _groups(index, name: str) -> list[tuple]:
-    values = (getattr(index, "attributes", None) or {}).get("values", {})[name]
-    return [tuple(v) if isinstance(v, list) else (() if v is None else (v,)) for v in values]
+    return item_groups((getattr(index, "attributes", None) or {}).get("values", {})[name])
 
 
 def arrange(rules: PolicyRules, version: int, fp: str, index, where: str) -> Policy:
