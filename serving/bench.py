@@ -369,7 +369,9 @@ def in_process_limit(
 
     from threadpoolctl import threadpool_limits
 
-    from kuberank.serving.app import PipelineRequest, QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import PipelineRequest, load_pipeline
+    from kuberank.serving.settings import Settings
 
     encoding = QueryEncoding("", Settings(onnx_precision=precision, onnx_threads=threads), streams)
     pipe = load_pipeline(store, encoding)
@@ -389,7 +391,7 @@ def in_process_limit(
                 totals[stage] = totals.get(stage, 0.0) + seconds
 
     def stream(n: int, started: float) -> int:
-        # BLAS and OpenMP pools of one thread, as in the app's replicas (app.STAGE_ENV); the
+        # BLAS and OpenMP pools of one thread, as in the app's replicas (settings.STAGE_ENV); the
         # OpenMP limit is per thread, so each stream sets it
         with threadpool_limits(limits=1):
             done, offset = 0, n * len(queries) // streams
@@ -434,7 +436,7 @@ def best_in_process_limit(store: str, queries: list[str], seconds: float = 10.0,
     side by side (one intra-op thread each), so the app is compared with the best the model
     does in this process, whichever way the app runs it. The other one is kept under
     ``other``."""
-    from kuberank.serving.app import usable_cores
+    from kuberank.serving.settings import usable_cores
 
     cores = usable_cores()
     tried = [in_process_limit(store, queries, seconds=seconds / 2, streams=1, **kw)]
@@ -741,8 +743,8 @@ def serve_and_bench(
 
     ``open_at``: fractions of (d); after its closed-loop levels each kuberank target also gets
     fixed-rate levels at these fractions of the limit, which is then measured first."""
-    from kuberank.serving.app import load_checked_index
     from kuberank.serving.launcher import LocalServing
+    from kuberank.serving.loading import load_checked_index
 
     unknown = set(targets) - set(TARGETS)
     if unknown:
@@ -903,9 +905,9 @@ def retrieval_cost(
     hybrid, hybrid, dense, ...) and keeps each mode's best round (most answers per second; all
     rounds under ``rounds``), so drift of a shared host weighs on both alike. ``ratios``:
     hybrid / dense of throughput and latency."""
-    from kuberank.serving.app import load_checked_index
     from kuberank.serving.hybrid import BUILD_HINT, load_stage
     from kuberank.serving.launcher import LocalServing
+    from kuberank.serving.loading import load_checked_index
 
     store = str(store)
     _, index = load_checked_index(store)
