@@ -425,7 +425,7 @@ def test_new_model_version_is_picked_up_without_dropping_requests(serving, tmp_p
 
     from kuberank.components.export import export_model
     from kuberank.serving.app import build_app  # noqa: I001
-    from kuberank.serving.bench import Level, run_load
+    from kuberank.serving.bench_load import Level, run_load
 
     v2 = tmp_path / "store"
     shutil.copytree(serving["store"], v2, symlinks=True)
