@@ -147,7 +147,7 @@ def stop(name: str) -> None:
 
 
 def load(urls: list[str], make_body, concurrency: int, requests: int) -> dict:
-    from kuberank.serving.bench import Level, sweep
+    from kuberank.serving.bench_load import Level, sweep
 
     level = Level("closed", float(concurrency), requests, 20.0)
     return sweep("x", urls, make_body, [level], warmup=40)[0]
@@ -187,9 +187,9 @@ def _row(where: str, ingress: str, create_s: float, ready_s: float, result, floo
 
 
 def run(out: Path, store: Path, concurrency: int = 32, requests: int = 3000) -> dict:
-    from kuberank.serving.app import load_checked_index
-    from kuberank.serving.bench import bench_queries, request_factory
+    from kuberank.serving.bench_load import bench_queries, request_factory
     from kuberank.serving.launcher import LocalServing
+    from kuberank.serving.loading import load_checked_index
 
     tag = _tag()
     archive = ROOT / "build" / "images" / f"kuberank-{tag}.tar"

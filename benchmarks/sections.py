@@ -261,8 +261,8 @@ def overload(out: Path, cisi: str | None):
     MiniLM over the CISI documents when present, else over the MovieLens titles (search)."""
     from kuberank.components.export import export_model
     from kuberank.config import base_model_path
-    from kuberank.serving.bench import format_overload
-    from kuberank.serving.bench import overload as run_overload
+    from kuberank.serving.bench_overload import format_overload
+    from kuberank.serving.bench_overload import overload as run_overload
     from kuberank.serving.index import build_index
 
     model = Path(base_model_path())
@@ -278,10 +278,10 @@ def overload(out: Path, cisi: str | None):
 def retrieval(out: Path, cisi: str | None):
     """The lexical stage's latency and throughput cost (serving/hybrid.py): one store of the
     base MiniLM over the CISI documents when present, else over the MovieLens titles, served
-    with ``retrieval: dense`` and ``hybrid`` in the same run (serving/bench.py)."""
+    with ``retrieval: dense`` and ``hybrid`` in the same run (serving/bench_retrieval.py)."""
     from kuberank.components.export import export_model
     from kuberank.config import base_model_path
-    from kuberank.serving.bench import format_retrieval_cost, retrieval_cost
+    from kuberank.serving.bench_retrieval import format_retrieval_cost, retrieval_cost
     from kuberank.serving.index import build_index
 
     model = Path(base_model_path())

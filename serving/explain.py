@@ -29,7 +29,7 @@ FUSION_TERMS = ("dense", "lexical")  # a bm25/hybrid score's terms (kuberank.fus
 
 def explain_rows(core, req, rows: np.ndarray) -> list[dict]:
     """The ``explain`` object of each of ``rows`` (index rows, the ranked answer of ``req``, a
-    kuberank.serving.app.RankRequest) on ``core`` (a RankerCore)."""
+    kuberank.serving.stages.RankRequest) on ``core`` (a RankerCore)."""
     from kuberank.model import TERMS  # (torch: imported when an explanation is asked for)
 
     rows = np.asarray(rows, dtype=np.int64)
@@ -100,13 +100,9 @@ def explain_offline(
     with ``"explain": true``, computed in this process on the store's in-process encoder,
     index and F (no server)."""
     from kuberank.errors import KuberankError
-    from kuberank.serving.app import (
-        PipelineRequest,
-        QueryEncoding,
-        Settings,
-        load_pipeline,
-        rank_response,
-    )
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import PipelineRequest, load_pipeline, rank_response
+    from kuberank.serving.settings import Settings
 
     if query is not None and not query.strip():
         raise KuberankError("--query: blank")

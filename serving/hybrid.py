@@ -121,7 +121,7 @@ def retrieve(
     excludes: list[np.ndarray],
     blocked: np.ndarray | None = None,
 ) -> tuple[list[tuple[np.ndarray, Fused]], float]:
-    """Candidates of lexical and hybrid requests (kuberank.serving.app.RetrieveRequest with
+    """Candidates of lexical and hybrid requests (kuberank.serving.stages.RetrieveRequest with
     ``text``, ``retrieval`` and, for hybrid, the query vector): per request its top ``n`` rows
     by fused score without ``excludes[i]`` and the policy's ``blocked`` rows, and their
     :class:`Fused`; and the seconds taken. Each request's ``policy_removed``: the blocked rows

@@ -189,7 +189,7 @@ class LocalServing:
 
     def _cores(self) -> int:
         """The CPUs of the Ray cluster this object starts."""
-        from kuberank.serving.app import usable_cores
+        from kuberank.serving.settings import usable_cores
 
         return self.num_cpus or usable_cores()
 
@@ -218,7 +218,7 @@ class LocalServing:
         return f"http://{HOST}:{self.proxy_port}"
 
     def app_args(self) -> dict:
-        from kuberank.serving.app import INGRESS
+        from kuberank.serving.settings import INGRESS
 
         args = {
             "model_store": self.store,
@@ -285,7 +285,8 @@ class LocalServing:
         return materialize(uri, cache=self._workdir)
 
     def start(self) -> LocalServing:
-        from kuberank.serving.app import build_app, load_checked_index
+        from kuberank.serving.app import build_app
+        from kuberank.serving.loading import load_checked_index
 
         load_checked_index(self.store)  # fail before starting anything
         from kuberank.serving.watchdog import Watchdog
@@ -318,8 +319,8 @@ class LocalServing:
         if self.ingress != "haproxy":
             return
         from kuberank.serving.admission import DEFAULT_BUDGET_MS
-        from kuberank.serving.app import Settings
         from kuberank.serving.front import HAProxyFront
+        from kuberank.serving.settings import Settings
         from kuberank.serving.triton import free_port
 
         ports = [int(u.rsplit(":", 1)[1]) for u in self.urls]

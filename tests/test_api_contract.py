@@ -21,7 +21,7 @@ import pytest
 from conftest import require
 from test_app import serving  # noqa: F401 - the shared session fixture
 
-from kuberank.serving import app
+from kuberank.serving import app, http_api
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")  # seed, examples, the by-design 503
 
@@ -67,7 +67,7 @@ def test_blank_query_is_the_same_in_the_schema_and_the_server():
         if 0xD800 <= code <= 0xDFFF:  # surrogates: not in a JSON text the server decodes
             continue
         blank = c.isspace()
-        assert (app._NOT_BLANK.search(c) is None) == blank, hex(code)
+        assert (http_api._NOT_BLANK.search(c) is None) == blank, hex(code)
         if blank or code < 0x100:
             assert pattern.is_valid({"query": c}) is not blank, hex(code)
     assert pattern.is_valid({"query": " \u3000x "}) and not pattern.is_valid({"query": "\x1e\n"})

@@ -213,12 +213,9 @@ def post_admitted(serving, path: str, body):
 
 def in_process(store: Path):
     from kuberank.components.export import read_manifest
-    from kuberank.serving.app import (
-        InProcessEncoder,
-        RankerCore,
-        load_checked_index,
-        read_model_tables,
-    )
+    from kuberank.serving.encoders import InProcessEncoder
+    from kuberank.serving.loading import load_checked_index, read_model_tables
+    from kuberank.serving.stages import RankerCore
 
     manifest, index = load_checked_index(str(store))
     tables, model_dir = read_model_tables(str(store), "search")
@@ -248,7 +245,7 @@ def test_search_answers_equal_the_in_process_core(serving):
 
 
 def test_recommend_applies_F_and_excludes_history(serving):
-    from kuberank.serving.app import RankRequest
+    from kuberank.serving.stages import RankRequest
 
     _, index, ranker = in_process(serving["rec_store"])
     history = ["d1", "d3"]
@@ -347,7 +344,7 @@ def test_fastapi_refusals_use_the_error_shape(serving):
 
 
 def test_openapi_schema_and_health(serving):
-    from kuberank.serving.app import NOT_BLANK
+    from kuberank.serving.http_api import NOT_BLANK
 
     status, schema = http_json("GET", serving["base"] + "/openapi.json")
     assert status == 200
@@ -428,7 +425,7 @@ def test_new_model_version_is_picked_up_without_dropping_requests(serving, tmp_p
 
     from kuberank.components.export import export_model
     from kuberank.serving.app import build_app  # noqa: I001
-    from kuberank.serving.bench import Level, run_load
+    from kuberank.serving.bench_load import Level, run_load
 
     v2 = tmp_path / "store"
     shutil.copytree(serving["store"], v2, symlinks=True)

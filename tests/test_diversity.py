@@ -35,7 +35,7 @@ def test_the_served_ranker_applies_mmr_over_its_candidates(tmp_path_factory):
     from test_app import in_process
     from test_index import serving_store
 
-    from kuberank.serving.app import RankRequest
+    from kuberank.serving.stages import RankRequest
 
     store, _, _ = serving_store(tmp_path_factory)
     encoder, index, ranker = in_process(store)

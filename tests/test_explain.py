@@ -14,9 +14,9 @@ from test_app import in_process, serving, write_recommendation_store  # noqa: F4
 from test_app import post_admitted as post
 from test_index import serving_store
 
-from kuberank.serving.app import RankRequest
 from kuberank.serving.explain import TOP_HISTORY, explain_rows, total
 from kuberank.serving.launcher import http_json
+from kuberank.serving.stages import RankRequest
 
 
 @pytest.fixture(scope="module")

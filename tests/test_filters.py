@@ -167,7 +167,7 @@ def attributed_store(tmp_path_factory):
 
 
 def _run(pipe, query, k, flt=None, history=(), explain=False):
-    from kuberank.serving.app import PipelineRequest
+    from kuberank.serving.pipeline import PipelineRequest
 
     request = PipelineRequest(query, list(history), None, k, query is None, explain, flt)
     [result], _ = pipe.run([request], None, candidates=2, rank_all_max=5000)
@@ -175,7 +175,9 @@ def _run(pipe, query, k, flt=None, history=(), explain=False):
 
 
 def test_filters_apply_before_top_k_and_still_fill_k(attributed_store):
-    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.settings import Settings
 
     pipe = load_pipeline(str(attributed_store), QueryEncoding("", Settings()))
     ids, scores, _ = _run(pipe, QUERIES["q1"], k=5)

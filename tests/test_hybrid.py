@@ -41,14 +41,16 @@ def fitted(tmp_path_factory):
 
 
 def _pipeline(store):
-    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.settings import Settings
 
     # fp32: the query encoder `kuberank evaluate` runs on a store (the served default is int8)
     return load_pipeline(str(store), QueryEncoding("", Settings(onnx_precision="fp32")))
 
 
 def _served(pipe, query, retrieval, k=K, **kw):
-    from kuberank.serving.app import PipelineRequest
+    from kuberank.serving.pipeline import PipelineRequest
 
     request = PipelineRequest(query, [], None, k, False, True, retrieval=retrieval, **kw)
     [result], timings = pipe.run([request], None, candidates=100, rank_all_max=5000)
@@ -135,9 +137,11 @@ def test_served_retrieval_its_422s_schema_and_stage_metric(serving, tmp_path):  
     from ray import serve
 
     from kuberank.lexical import LexicalIndex
-    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
     from kuberank.serving.launcher import http_json
     from kuberank.serving.metrics import parse_metrics
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.settings import Settings
     from kuberank.store import LEXICAL_DIR
 
     store = serving["store"]  # its lexical index: RRF (the fixture has no validation queries)

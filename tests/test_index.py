@@ -2,7 +2,7 @@
 the faiss HNSW path beyond the threshold, and a clear refusal of an index made by another model.
 
 ``serving_store`` (a copy of the session's exported base MiniLM store, indexed over the small
-BEIR fixture) is shared with tests/test_app.py, test_reliability.py and test_bench.py."""
+BEIR fixture) is shared with tests/test_app.py, test_reliability.py and test_bench*.py."""
 
 from __future__ import annotations
 

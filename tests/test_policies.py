@@ -141,7 +141,7 @@ def _with_policy(store, tmp_path, rules: dict, name="store"):
 
 
 def _run(pipe, query, k, history=(), mmr_lambda=None, retrieval="dense"):
-    from kuberank.serving.app import PipelineRequest
+    from kuberank.serving.pipeline import PipelineRequest
 
     request = PipelineRequest(query, list(history), None, k, query is None, retrieval=retrieval)
     request.reranking = None if mmr_lambda is None else ("mmr_lambda", mmr_lambda)
@@ -150,7 +150,9 @@ def _run(pipe, query, k, history=(), mmr_lambda=None, retrieval="dense"):
 
 
 def test_blocklist_and_caps_on_the_request_path(attributed_store, tmp_path):  # noqa: F811
-    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.settings import Settings
 
     plain = load_pipeline(str(attributed_store), QueryEncoding("", Settings()))
     assert plain.index.policy is None
@@ -204,7 +206,8 @@ def test_blocklist_and_caps_on_the_request_path(attributed_store, tmp_path):  # 
 
 
 def test_a_policy_that_cannot_be_served_refuses_the_store(attributed_store, tmp_path):  # noqa: F811
-    from kuberank.serving.app import build_app, load_checked_index
+    from kuberank.serving.app import build_app
+    from kuberank.serving.loading import load_checked_index
 
     bad = tmp_path / "bad"
     shutil.copytree(attributed_store, bad, symlinks=True)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_app import deploy, post, serving  # noqa: F401 - the shared session fixture
 
-from kuberank.serving.bench import Level, run_load
+from kuberank.serving.bench_load import Level, run_load
 from kuberank.serving.launcher import http_json
 
 pytestmark = pytest.mark.slow

@@ -85,7 +85,7 @@ def test_read_popularity_checks_its_length(tmp_path):
 
 
 def test_a_request_names_exactly_one_reranking():
-    from kuberank.serving.app import Diversity, SearchRequest
+    from kuberank.serving.http_api import Diversity, SearchRequest
 
     assert Diversity.model_validate({"calibration": 0.5}).reranking() == ("calibration", 0.5)
     assert Diversity.model_validate({"tail_boost": 1}).reranking() == ("tail_boost", 1.0)
@@ -103,7 +103,7 @@ def test_a_request_names_exactly_one_reranking():
 
 
 def test_settings_take_at_most_one_default():
-    from kuberank.serving.app import Settings
+    from kuberank.serving.settings import Settings
 
     assert Settings(calibration=0.3).reranking() == ("calibration", 0.3)
     assert Settings().reranking() is None
@@ -150,7 +150,7 @@ def stores(tmp_path_factory):
 
 
 def _run(pipe, query, history, k, kind=None, value=None):
-    from kuberank.serving.app import PipelineRequest
+    from kuberank.serving.pipeline import PipelineRequest
 
     request = PipelineRequest(query, list(history), None, k, query is None)
     request.reranking = None if kind is None else (kind, value)
@@ -159,7 +159,9 @@ def _run(pipe, query, history, k, kind=None, value=None):
 
 
 def test_served_calibration_follows_the_history_genres(stores):
-    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.settings import Settings
 
     pipe = load_pipeline(str(stores["genres"]), QueryEncoding("", Settings()))
     genre = dict(zip(pipe.index.ids, pipe.index.attributes["values"]["genres"], strict=True))
@@ -172,7 +174,9 @@ def test_served_calibration_follows_the_history_genres(stores):
 
 
 def test_served_tail_boost_favours_rarely_seen_items(stores):
-    from kuberank.serving.app import QueryEncoding, Settings, load_pipeline
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.settings import Settings
 
     pipe = load_pipeline(str(stores["log"]), QueryEncoding("", Settings()))
     counts = dict(zip(pipe.index.ids, pipe.index.popularity["counts"], strict=True))

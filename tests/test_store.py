@@ -35,13 +35,13 @@ NOT_LAYOUT = {
     # the prepared dataset's manifest (datasets.PREPARED_MANIFEST), another layout
     ("kuberank/datasets.py", "<module>", "manifest.json"),
     # serving's triton_fallback setting: "onnx" = encode in process (ONNX Runtime)
-    ("serving/app.py", "Settings", "onnx"),
-    ("serving/app.py", "Settings.__post_init__", "onnx"),
-    ("serving/app.py", "QueryEncoding.needs_local", "onnx"),
-    ("serving/app.py", "QueryEncoding.after_failure", "onnx"),
+    ("serving/settings.py", "Settings", "onnx"),
+    ("serving/settings.py", "Settings.__post_init__", "onnx"),
+    ("serving/encoders.py", "QueryEncoding.needs_local", "onnx"),
+    ("serving/encoders.py", "QueryEncoding.after_failure", "onnx"),
     # the lexical stage's metric label
     ("serving/app.py", "Ingress._rank_colocated", "lexical"),
-    ("serving/app.py", "Ingress._rank_stages", "lexical"),
+    ("serving/split.py", "StagePath.rank", "lexical"),
 }
 NOT_YET: set[str] = set()
 

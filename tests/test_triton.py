@@ -275,7 +275,8 @@ def test_a_request_past_its_budget_in_tritons_queue_is_shed_not_a_failure(server
     import asyncio
 
     from kuberank.serving.admission import Overloaded
-    from kuberank.serving.app import QueryEncoding, Settings
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.settings import Settings
 
     config = (server.repository / "encoder" / "config.pbtxt").read_text()
     assert "timeout_action: REJECT" in config and "allow_timeout_override: true" in config

@@ -1,0 +1,230 @@
+"""``kuberank bench`` under overload: open-loop rates past the app's limit and ``hey`` storms
+of closed-loop clients, before and after deadline-aware admission (serving/admission.py)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from kuberank.errors import KuberankError
+from kuberank.progress import bar
+from kuberank.serving.bench_load import Level, bench_queries, request_factory, run_load
+
+OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+# the before/after of deadline-aware admission: the former defaults (direct ingress, no
+# admission: Serve's 256 ongoing + 512 queued per replica) and the current ones
+OVERLOAD_RUNS = {
+    "before": {"ingress": "direct", "settings": {"admission": False}},
+    "now": {"ingress": "haproxy", "settings": {}},
+}
+STORM_CLIENTS = (8, 32, 128, 512)  # hey's closed-loop clients (no think time, no back-off)
+
+
+def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
+    """``hey`` (an independent load generator) with ``clients`` closed-loop clients POSTing
+    ``body`` to ``url`` for ``seconds``; per status: count and p50/p99 latency."""
+    import shutil
+    import tempfile
+
+    hey = shutil.which("hey")
+    if hey is None:
+        raise KuberankError("hey not found (Debian: apt-get install hey)")
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as out:
+        subprocess.run(
+            [
+                hey,
+                "-z",
+                f"{seconds}s",
+                "-c",
+                str(clients),
+                "-m",
+                "POST",
+                "-T",
+                "application/json",
+                "-d",
+                json.dumps(body),
+                "-o",
+                "csv",
+                url,
+            ],
+            stdout=open(out.name, "w"),  # noqa: SIM115 - hey writes, the context closes it
+            stderr=subprocess.DEVNULL,
+            check=True,
+            timeout=seconds + 60,
+        )
+        import csv
+
+        rows = list(csv.DictReader(open(out.name)))  # noqa: SIM115
+    by: dict[str, list[float]] = {}
+    for row in rows:
+        by.setdefault(row["status-code"], []).append(float(row["response-time"]))
+    row = {"clients": clients, "requests": len(rows), "seconds": seconds}
+    for status, times in sorted(by.items()):
+        t = np.array(times) * 1000
+        row[status] = {
+            "count": len(t),
+            "per_s": round(len(t) / seconds, 1),
+            "p50_ms": round(float(np.percentile(t, 50)), 1),
+            "p99_ms": round(float(np.percentile(t, 99)), 1),
+        }
+    return row
+
+
+def overload(
+    store: str,
+    factors: tuple[float, ...] = OVERLOAD_FACTORS,
+    seconds: float = 6.0,
+    out_dir: str | os.PathLike | None = None,
+    storm: tuple[int, ...] = STORM_CLIENTS,
+) -> dict:
+    """``kuberank serve`` of ``store`` (search traffic, in-process encoder) under overload, with
+    the former defaults (``before``: direct ingress, no admission) and the current ones
+    (``now``: the HAProxy front and deadline-aware admission), each on the one URL a client
+    uses (the first replica's, without the front).
+
+    Open loop: Poisson arrivals at ``factors`` x the capacity (the closed-loop throughput of
+    32 clients, ``before``); per level the offered and achieved rate, goodput (200/s),
+    admitted p50/p99, the 503s and their p99. The generator shares the cores: its
+    ``offered_qps`` shows where it could not keep up. Storm: ``hey`` with ``storm`` closed-loop
+    clients that never back off (skipped without hey)."""
+    import shutil
+
+    from kuberank.serving.admission import DEFAULT_BUDGET_MS
+    from kuberank.serving.launcher import LocalServing
+
+    path, make_body = request_factory("search", [], bench_queries(200))
+    runs: dict[str, list[dict]] = {}
+    storms: dict[str, list[dict]] = {}
+    capacity = 0.0
+    for label, how in OVERLOAD_RUNS.items():
+        with LocalServing(
+            store,
+            use_triton=False,
+            settings=how["settings"],
+            ingress=how["ingress"],
+            restart_ray=True,
+        ) as running:
+            url = running.url + path
+            run_load(url, make_body, Level("closed", 8, 400, 30))  # warm every replica
+            if label == "before":
+                capacity = run_load(url, make_body, Level("closed", 32, 100_000, seconds))["qps"]
+            rows = []
+            for factor in bar(factors, desc=f"overload, {label}", unit="level"):
+                rate = factor * capacity
+                level = Level("open", rate, int(rate * seconds) + 1, seconds)
+                row = run_load(url, make_body, level)
+                row["factor"] = factor
+                row["offered_qps"] = round(row["requests"] / max(row["seconds"], 1e-9), 1)
+                rows.append(row)
+            runs[label] = rows
+            if storm and shutil.which("hey"):
+                storms[label] = [
+                    hey_storm(url, make_body(0), clients, seconds)
+                    for clients in bar(storm, desc=f"storm, {label}", unit="level")
+                ]
+    result = {
+        "capacity_qps": capacity,
+        "budget_ms": DEFAULT_BUDGET_MS,
+        "seconds_per_level": seconds,
+        "runs": runs,
+        "storm": storms,
+    }
+    now = runs["now"]
+    result["summary"] = {
+        "min_goodput_vs_capacity": round(min(r["qps"] for r in now) / capacity, 3)
+        if capacity
+        else None,
+        "max_admitted_p99_ms": max((r["p99_ms"] or 0) for r in now),
+        "max_shed_p99_ms": max((r["shed_p99_ms"] or 0) for r in now),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "overload.json").write_text(json.dumps(result, indent=2))
+        plot_overload(result, out / "overload.png")
+    return result
+
+
+def format_overload(result: dict) -> str:
+    lines = [
+        f"capacity (closed loop, 32 clients, before): {result['capacity_qps']:.0f} req/s; "
+        f"budget {result['budget_ms']:.0f} ms; {result['seconds_per_level']:g} s per level",
+        "",
+        "| defaults | offered (x capacity) | offered req/s | goodput req/s | goodput / capacity "
+        "| admitted p50 ms | admitted p99 ms | 503s | 503 p99 ms | other errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cap = result["capacity_qps"] or 1.0
+    for label, rows in result["runs"].items():
+        for r in rows:
+            other = {k: v for k, v in r["errors"].items() if k != "503"}
+            lines.append(
+                f"| {label} | {r['factor']:g} | {r['offered_qps']:.0f} | {r['qps']:.0f} | "
+                f"{r['qps'] / cap:.2f} | {r['p50_ms']} | {r['p99_ms']} | {r['shed']} | "
+                f"{r['shed_p99_ms']} | {other or '-'} |"
+            )
+    if result.get("storm"):
+        lines += [
+            "",
+            "hey, closed loop without back-off (one URL):",
+            "",
+            "| defaults | clients | 200/s | 200 p50 ms | 200 p99 ms | 503/s | 503 p50 ms "
+            "| 503 p99 ms | other |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, rows in result["storm"].items():
+            for r in rows:
+                ok, shed = r.get("200", {}), r.get("503", {})
+                other = {
+                    k: v["count"] for k, v in r.items() if k.isdigit() and k not in ("200", "503")
+                }
+                lines.append(
+                    f"| {label} | {r['clients']} | {ok.get('per_s', 0)} | {ok.get('p50_ms', '-')} "
+                    f"| {ok.get('p99_ms', '-')} | {shed.get('per_s', 0)} | {shed.get('p50_ms', '-')} "
+                    f"| {shed.get('p99_ms', '-')} | {other or '-'} |"
+                )
+    return "\n".join(lines)
+
+
+def plot_overload(result: dict, path: str | os.PathLike) -> Path:
+    """Goodput and admitted p50/p99 against offered load, admission on and off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in result["runs"].items():
+        x = [r["factor"] for r in rows]
+        left.plot(x, [r["qps"] for r in rows], marker="o", label=label)
+        right.plot(
+            x,
+            [r["p99_ms"] or float("nan") for r in rows],
+            marker="o",
+            label=f"p99, {label}",
+        )
+        right.plot(
+            x,
+            [r["p50_ms"] or float("nan") for r in rows],
+            marker=".",
+            linestyle="--",
+            label=f"p50, {label}",
+        )
+    left.axhline(result["capacity_qps"], color="grey", linestyle=":", label="capacity")
+    left.set(xlabel="offered load (x capacity)", ylabel="goodput (200/s)", xscale="log")
+    right.axhline(result["budget_ms"], color="grey", linestyle=":", label="budget")
+    right.set(
+        xlabel="offered load (x capacity)",
+        ylabel="admitted latency (ms)",
+        xscale="log",
+        yscale="log",
+    )
+    left.legend()
+    right.legend(fontsize=7)
+    fig.suptitle("kuberank serve under overload (open loop, Poisson arrivals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,168 @@
+"""serving/bench_load.py: the load generator against raw loopback servers and the real app
+(keep-alive connections, split responses, statuses, broken answers, replicas, the open-loop
+pool) and the loopback-only guard."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+from test_app import serving  # noqa: F401 - the shared session fixture
+
+from kuberank.errors import KuberankError
+from kuberank.serving import bench_load
+
+
+def test_queries_are_distinct_and_bounded():
+    queries = bench_load.bench_queries(200)
+    assert len(set(queries)) == 200 and all(2 <= len(q.split()) <= 3 for q in queries)
+
+
+def test_loopback_only():
+    with pytest.raises(KuberankError, match="loopback"):
+        bench_load.run_load(
+            "http://10.0.0.1:8000/search", lambda i: {}, bench_load.Level("closed", 1, 1, 1)
+        )
+
+
+@contextmanager
+def raw_http_server(answer):
+    """A loopback TCP server in its own thread and event loop; ``answer(reader, writer)``
+    handles each connection. Yields (port, connections opened)."""
+    loop = asyncio.new_event_loop()
+    ready, state = threading.Event(), {"connections": 0}
+
+    async def on_connect(reader, writer):
+        state["connections"] += 1
+        try:
+            await answer(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def run():
+        server = loop.run_until_complete(asyncio.start_server(on_connect, "127.0.0.1", 0))
+        state["port"] = server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield state["port"], state
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+async def read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def _load(port, level, body=lambda i: {"query": "x"}):
+    return bench_load.run_load(f"http://127.0.0.1:{port}/search", body, level)
+
+
+def test_load_generator_keeps_connections_and_parses_split_responses():
+    async def byte_by_byte(reader, writer):
+        while True:
+            request = await read_request(reader)
+            assert request.startswith(b"POST /search HTTP/1.1") and b'"query"' in request
+            for byte in b'HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{"ok": true}':
+                writer.write(bytes([byte]))
+                await writer.drain()
+
+    with raw_http_server(byte_by_byte) as (port, state):
+        result = _load(port, bench_load.Level("closed", 3, 30, 30))
+    assert result["ok"] == 30 and result["errors"] == {}
+    assert state["connections"] == 3  # one keep-alive connection per client
+
+
+def answer_once(response: bytes):
+    """A connection handler: read one request, write ``response``, close."""
+
+    async def answer(reader, writer):
+        await read_request(reader)
+        writer.write(response)
+        await writer.drain()
+
+    return answer
+
+
+def test_load_generator_reconnects_and_counts_statuses_and_broken_answers():
+    busy = answer_once(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    with raw_http_server(busy) as (port, state):
+        result = _load(port, bench_load.Level("closed", 2, 10, 30))
+    assert result["errors"] == {"503": 10} and state["connections"] == 10
+
+    cut_short = answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    with raw_http_server(cut_short) as (port, _):
+        result = _load(port, bench_load.Level("open", 50, 8, 30))
+    assert result["ok"] == 0 and result["errors"] == {"599": 8}
+
+
+def test_load_generator_spreads_over_replicas_and_opens_its_pool_first():
+    def keep_alive(counts: list):
+        async def answer(reader, writer):
+            while True:
+                await read_request(reader)
+                counts.append(1)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+
+        return answer
+
+    a, b = [], []
+    with raw_http_server(keep_alive(a)) as (pa, sa), raw_http_server(keep_alive(b)) as (pb, sb):
+        urls = [f"http://127.0.0.1:{p}/search" for p in (pa, pb)]
+        closed = bench_load.run_load(
+            urls, lambda i: {"query": "x"}, bench_load.Level("closed", 4, 40, 30)
+        )
+        assert closed["ok"] == 40 and len(a) + len(b) == 40 and a and b
+        assert sa["connections"] == sb["connections"] == 2  # each client keeps to one replica
+        before = len(a), len(b)
+        opened = bench_load.run_load(
+            urls, lambda i: {"query": "x"}, bench_load.Level("open", 200, 40, 30)
+        )
+        assert opened["ok"] == 40 and (len(a) - before[0], len(b) - before[1]) == (20, 20)
+        # a pool of max(8, one 50 ms budget of arrivals) opened before the clock, half on each
+        before = sa["connections"], sb["connections"]
+        bench_load.run_load(urls, None, bench_load.Level("open", 400, 0, 30))
+        for _ in range(200):  # the servers' threads accept them a moment later
+            new = (sa["connections"] - before[0], sb["connections"] - before[1])
+            if new == (10, 10):
+                break
+            time.sleep(0.01)
+        assert new == (10, 10)
+    with pytest.raises(KuberankError, match="no target URL"):
+        bench_load.run_load([], None, bench_load.Level("closed", 1, 1, 1))
+
+
+@pytest.mark.slow
+def test_load_levels_against_the_app(serving):  # noqa: F811
+    url = serving["base"] + "/search"
+    make = lambda i: {"query": f"pasta {i % 5}", "k": 3}  # noqa: E731
+    closed = bench_load.run_load(url, make, bench_load.Level("closed", 4, 40, 30))
+    assert closed["requests"] == closed["ok"] == 40 and closed["errors"] == {}
+    assert closed["p50_ms"] <= closed["p95_ms"] <= closed["p99_ms"] <= closed["max_ms"]
+    opened = bench_load.run_load(url, make, bench_load.Level("open", 20, 20, 30))
+    assert opened["requests"] == 20 and opened["ok"] == 20
+    health = bench_load.run_load(
+        serving["base"] + "/healthz", None, bench_load.Level("closed", 2, 10, 30)
+    )
+    assert health["ok"] == 10  # GET when there is no body
+    bad = bench_load.run_load(url, lambda i: {"query": ""}, bench_load.Level("closed", 2, 6, 30))
+    assert bad["ok"] == 0 and bad["errors"] == {"422": 6} and bad["p99_ms"] is None
