@@ -594,8 +594,9 @@ def tensorrt_op(store: str, fingerprint: str) -> str:
     """On a GPU node: build the TensorRT plan from the store's ONNX and switch the production
     Triton repository to it. ``fingerprint`` (export's output) orders it after the export and
     is checked against the store. Returns the fingerprint."""
-    from kuberank.components.export import export_tensorrt, read_manifest
+    from kuberank.components.export import export_tensorrt
     from kuberank.errors import KuberankError
+    from kuberank.store import read_manifest
 
     found = read_manifest(store)["embedding"]["fingerprint"]
     if found != fingerprint:
@@ -624,11 +625,10 @@ def publish_op(
     from pathlib import Path
 
     from kuberank.components.edge import BUNDLE_FILE
-    from kuberank.components.export import read_manifest
+    from kuberank.item_index import check_index, load_index
     from kuberank.pipelines.pipeline import release_record, release_report
-    from kuberank.serving.index import check_index, load_index
     from kuberank.storage import materialize, publish
-    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS
+    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS, read_manifest
 
     manifest = read_manifest(store)
     meta = load_index(store).meta
@@ -686,7 +686,7 @@ def canary_op(
 
     import yaml
 
-    from kuberank import canary
+    from kuberank.deploy import canary
     from kuberank.pipelines.pipeline import canary_values
 
     record = json.loads(Path(release.path).read_text())
@@ -732,7 +732,7 @@ def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None
     from kuberank.components.compress import compress_op
     from kuberank.components.data_prep import data_prep_op
     from kuberank.components.export import export_op
-    from kuberank.serving.index import index_op
+    from kuberank.components.index import index_op
 
     if target not in TARGETS:
         raise KuberankError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")

@@ -320,7 +320,7 @@ def _store_part(store: str, part: str) -> Path:
 
 
 def read_store_manifest(store: str) -> dict:
-    from kuberank.components.export import read_manifest
+    from kuberank.store import read_manifest
 
     return read_manifest(store)
 
@@ -355,7 +355,7 @@ def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | 
 def load_checked_index(store: str):
     """The store's manifest and index (with the store's policy), refusing an index made by
     another encoder or a policy that cannot be served."""
-    from kuberank.serving.index import check_index, load_index
+    from kuberank.item_index import check_index, load_index
 
     manifest = read_store_manifest(store)
     index = load_index(store)

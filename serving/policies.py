@@ -165,7 +165,7 @@ def read_stored(store: str) -> str | None:
 
 def index_fields(store: str) -> dict[str, str]:
     """The attribute fields the store's index keeps (its index.json), without loading it."""
-    from kuberank.serving.index import META_FILE
+    from kuberank.item_index import META_FILE
     from kuberank.storage import materialize
 
     meta = json.loads(Path(materialize(_join(_join(str(store), INDEX_DIR), META_FILE))).read_text())
