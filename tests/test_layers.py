@@ -16,6 +16,7 @@ inside functions (a local import is still a dependency); relative imports are re
 from __future__ import annotations
 
 import ast
+import importlib
 import tomllib
 from pathlib import Path
 
@@ -111,6 +112,40 @@ def test_every_module_keeps_its_layer():
     for module, path in found.items():
         broken += violations(module, path.read_text(), path.name == "__init__.py")
     assert not broken, "imports against the layers:\n" + "\n".join(broken)
+
+
+def unresolved(source: str) -> list[str]:
+    """Each ``from kuberank... import name`` in ``source`` (at any depth) whose module or name
+    does not exist: a function-level import is only run when its function is."""
+    missing = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kuberank")):
+            continue
+        try:
+            module = importlib.import_module(node.module)
+        except ImportError:
+            missing.append(f"{node.lineno}: {node.module}")
+            continue
+        for alias in node.names:
+            if not hasattr(module, alias.name):
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    missing.append(f"{node.lineno}: {node.module}.{alias.name}")
+    return missing
+
+
+def test_every_local_import_names_what_exists():
+    sources = {m: p for m, p in modules().items() if not m.endswith("__main__")}
+    sources.update({f"benchmarks.{p.stem}": p for p in (ROOT / "benchmarks").glob("*.py")})
+    broken = [f"{m}:{line}" for m, p in sources.items() for line in unresolved(p.read_text())]
+    assert not broken, "imports of what does not exist (moved?):\n" + "\n".join(broken)
+    assert unresolved("def f():\n    from kuberank.serving.index import load_index\n") == [
+        "2: kuberank.serving.index"
+    ]
+    assert unresolved("def f():\n    from kuberank.store import read_manifest, nothing\n") == [
+        "2: kuberank.store.nothing"
+    ]
 
 
 @pytest.mark.parametrize(
