@@ -192,7 +192,7 @@ def test_a_broken_rule_is_named(module, source, expected):
     ("module", "source"),
     [
         ("kuberank.serving.fake", "from kuberank.store import read_manifest\nimport numpy\n"),
-        ("kuberank.components.fake", "from kuberank.index import load_index\n"),
+        ("kuberank.components.fake", "from kuberank.item_index import load_index\n"),
         ("kuberank.pipelines.fake", "from kuberank.components.index import index_op\n"),
         ("kuberank.cli.fake", "from kuberank.serving.cli import register\n"),
         ("kuberank.fake", "from kuberank import storage\n"),
