@@ -46,9 +46,11 @@ bench: venv
 image: venv
 	PYTHON=$(abspath $(BIN)/python) bash images/build.sh
 
+# The import layers (docs/architecture.md) are a test, so `make test` checks them as well.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q tests/test_layers.py
 
 clean:
 	if [ -d build/containers ]; then podman --root $(CURDIR)/build/containers/storage --runroot $(CURDIR)/build/containers/run --storage-driver vfs system reset --force >/dev/null 2>&1 || true; fi

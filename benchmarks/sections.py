@@ -207,9 +207,9 @@ def serving(out: Path, cisi: str | None):
     server, (d) the in-process batched limit, and bare Triton; on the CISI documents when present
     (search traffic), else on the MovieLens catalogue (recommendation traffic)."""
     from kuberank.components.export import export_model
+    from kuberank.components.index import build_index
     from kuberank.config import base_model_path
     from kuberank.serving.bench import format_table, serve_and_bench
-    from kuberank.serving.index import build_index
 
     if cisi:
         model, spec = Path(base_model_path()), cisi
@@ -240,8 +240,8 @@ def images(out: Path, cisi: str | None):
     traffic on the CISI documents with the base model."""
     from benchmarks import containers
     from kuberank.components.export import export_model
+    from kuberank.components.index import build_index
     from kuberank.config import base_model_path
-    from kuberank.serving.index import build_index
 
     if not cisi:
         return {"skipped": "needs CISI"}, "skipped: needs ../shared/datasets/cisi (search traffic)"
@@ -260,10 +260,10 @@ def overload(out: Path, cisi: str | None):
     capacity, deadline-aware admission off and on: goodput, admitted latency, 503s. The base
     MiniLM over the CISI documents when present, else over the MovieLens titles (search)."""
     from kuberank.components.export import export_model
+    from kuberank.components.index import build_index
     from kuberank.config import base_model_path
     from kuberank.serving.bench_overload import format_overload
     from kuberank.serving.bench_overload import overload as run_overload
-    from kuberank.serving.index import build_index
 
     model = Path(base_model_path())
     store = out / "overload-store"
@@ -280,9 +280,9 @@ def retrieval(out: Path, cisi: str | None):
     base MiniLM over the CISI documents when present, else over the MovieLens titles, served
     with ``retrieval: dense`` and ``hybrid`` in the same run (serving/bench_retrieval.py)."""
     from kuberank.components.export import export_model
+    from kuberank.components.index import build_index
     from kuberank.config import base_model_path
     from kuberank.serving.bench_retrieval import format_retrieval_cost, retrieval_cost
-    from kuberank.serving.index import build_index
 
     model = Path(base_model_path())
     store = out / "retrieval-store"

@@ -9,7 +9,8 @@ Pure core functions:
 - :func:`quantize_int8` — dynamic int8 (per-channel by default), :func:`convert_fp16`.
 - :func:`compare_embeddings` / :func:`check_parity` — parity against the PyTorch model.
 - :func:`build_tensorrt_plan` — a TensorRT plan with an optimisation profile (GPU nodes only).
-- :func:`export_model` — the whole step, writing the store; :func:`read_manifest`.
+- :func:`export_model` — the whole step, writing the store (read back with
+  :func:`kuberank.store.read_manifest`).
 
 Thin wrappers: the kfp component :func:`export_op` and ``kuberank export`` in the CLI.
 
@@ -40,10 +41,15 @@ import numpy as np
 from kfp import dsl
 
 from kuberank import __version__
+from kuberank.components.edge import write_edge_bundle
+from kuberank.components.model_repository import RepositorySpec, local_spec, write_repository
 from kuberank.config import MAX_LENGTH
+from kuberank.encoder import TextEncoder, check_model_dir, mean_pool, model_fingerprint
 from kuberank.errors import KuberankError, StorageError
 from kuberank.kfp_component import step_component
+from kuberank.onnx_encoder import OnnxEncoder, encoder_fingerprint
 from kuberank.progress import bar
+from kuberank.storage import is_s3, materialize, publish, sha256_files, write_json
 from kuberank.store import (
     EDGE_DIR,
     ENCODER,
@@ -57,6 +63,8 @@ from kuberank.store import (
     STORE_FORMAT,
     TRITON_DIR,
     TRITON_LOCAL_DIR,
+    read_manifest,
+    store_path,
 )
 
 OPSET = 17
@@ -101,8 +109,6 @@ def _pooled_module(model, with_token_types: bool):
     """The encoder as ``(input_ids, attention_mask) -> normalised mean-pooled embedding``."""
     import torch
 
-    from kuberank.encoder import mean_pool
-
     class PooledEncoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -130,8 +136,6 @@ def export_onnx(
     import torch
     import transformers
     from transformers import AutoModel, AutoTokenizer
-
-    from kuberank.encoder import check_model_dir
 
     if opset < 17:
         raise KuberankError(f"opset {opset}: the export needs opset 17 or newer")
@@ -388,25 +392,6 @@ def build_tensorrt_plan(
 # --- the store ------------------------------------------------------------------------------
 
 
-def _join(store: str, *parts: str) -> str:
-    from kuberank.storage import is_s3
-
-    if is_s3(store):
-        return "/".join([store.rstrip("/"), *parts])
-    return str(Path(store).joinpath(*parts))
-
-
-def read_manifest(store: str | os.PathLike) -> dict:
-    """The store's manifest.json (a KuberankError if the store has none)."""
-    from kuberank.storage import materialize
-
-    path = materialize(_join(str(store), MANIFEST))
-    try:
-        return json.loads(Path(path).read_text())
-    except ValueError as exc:
-        raise KuberankError(f"{_join(str(store), MANIFEST)}: not valid JSON: {exc}") from exc
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -432,13 +417,10 @@ def _copy_model_extras(model_dir: Path, dest: Path) -> list[str]:
 
 
 def _model_info(model_dir: Path) -> dict:
-    from kuberank.storage import sha256_files
-
     config = json.loads((model_dir / "config.json").read_text())
     weights = [model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()]
     own = model_dir / "kuberank.json"
     own_manifest = json.loads(own.read_text()) if own.is_file() else None
-    from kuberank.encoder import model_fingerprint
 
     return {
         "source": str(model_dir),
@@ -474,11 +456,6 @@ def export_model(
     touched. The store's ``index/`` (if any) is left in place; its fingerprint tells serving
     whether it still matches this encoder.
     """
-    from kuberank.encoder import TextEncoder, check_model_dir
-    from kuberank.onnx_encoder import OnnxEncoder, encoder_fingerprint
-    from kuberank.serving.model_repository import RepositorySpec, local_spec, write_repository
-    from kuberank.storage import is_s3, publish, write_json
-
     started = time.perf_counter()
     model_dir, store = check_model_dir(model_dir), str(store)
     texts = [str(t) for t in parity_texts]
@@ -573,7 +550,6 @@ def export_model(
         write_repository(
             local_spec(spec), work / TRITON_LOCAL_DIR, fp32, onnx_dir / "tokenizer.json"
         )
-        from kuberank.components.edge import write_edge_bundle
 
         edge = write_edge_bundle(
             edge_dir,
@@ -629,10 +605,10 @@ def export_model(
             "export_seconds": round(time.perf_counter() - started, 1),
         }
         for part in bar(parts, desc="publish", unit="dir"):
-            publish(work / part, _join(store, part))
+            publish(work / part, store_path(store, part))
         if is_s3(store):
             write_json(work / MANIFEST, manifest)
-            publish(work / MANIFEST, _join(store, MANIFEST))
+            publish(work / MANIFEST, store_path(store, MANIFEST))
         else:
             write_json(Path(store) / MANIFEST, manifest)
     return manifest
@@ -641,9 +617,6 @@ def export_model(
 def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
     """On a GPU node: build a TensorRT plan from the store's portable ONNX and switch the
     production repository's encoder to the tensorrt_plan backend. Returns the manifest."""
-    from kuberank.serving.model_repository import RepositorySpec, write_repository
-    from kuberank.storage import materialize, publish, write_json
-
     store = str(store)
     reason = tensorrt_unavailable()
     if reason:
@@ -651,7 +624,7 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
             f"TensorRT for {store}: cannot build here ({reason}); run this on a GPU node"
         )
     manifest = read_manifest(store)
-    local = Path(materialize(_join(store, ONNX_DIR)))
+    local = Path(materialize(store_path(store, ONNX_DIR)))
     with tempfile.TemporaryDirectory(prefix="kuberank-trt-") as tmp:
         plan = build_tensorrt_plan(local / PORTABLE_FILE, Path(tmp) / "model.plan", **plan_options)
         emb = manifest["embedding"]
@@ -662,7 +635,7 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
             version=manifest["version"],
         )
         write_repository(spec, Path(tmp) / TRITON_DIR, plan, local / "tokenizer.json")
-        publish(Path(tmp) / TRITON_DIR, _join(store, TRITON_DIR))
+        publish(Path(tmp) / TRITON_DIR, store_path(store, TRITON_DIR))
         manifest["triton"].update(
             encoder_backend="tensorrt_plan",
             precision="fp16" if plan_options.get("fp16", True) else "fp32",
@@ -672,7 +645,7 @@ def export_tensorrt(store: str | os.PathLike, **plan_options) -> dict:
             **{k: list(v) if isinstance(v, tuple) else v for k, v in plan_options.items()},
         }
         write_json(Path(tmp) / MANIFEST, manifest)
-        publish(Path(tmp) / MANIFEST, _join(store, MANIFEST))
+        publish(Path(tmp) / MANIFEST, store_path(store, MANIFEST))
     return manifest
 
 
@@ -697,8 +670,9 @@ def tensorrt_op(store: str, fingerprint: str) -> str:
     """On a GPU node: build the TensorRT plan from the store's ONNX and switch the production
     Triton repository to it. ``fingerprint`` (export's output) orders it after the export and
     is checked against the store. Returns the fingerprint."""
-    from kuberank.components.export import export_tensorrt, read_manifest
+    from kuberank.components.export import export_tensorrt
     from kuberank.errors import KuberankError
+    from kuberank.store import read_manifest
 
     found = read_manifest(store)["embedding"]["fingerprint"]
     if found != fingerprint:

@@ -34,7 +34,7 @@ class Baseline:
     train_rows_per_s_per_worker: float = 2000.0  # measured: ~4,000 rows/s with 2 CPU workers
     dim: int = 384  # all-MiniLM-L6-v2
     bytes_per_value: int = 4  # float32 vectors (2 = fp16, 1 = int8)
-    hnsw_m: int = 32  # serving/index.py HNSW_M
+    hnsw_m: int = 32  # kuberank/item_index.py HNSW_M
     shard_memory_gib: float = 16.0  # memory of one retriever replica for its shard
     target_utilisation: float = 0.6  # headroom for bursts, failover and rollouts
     memory_headroom: float = 0.7  # share of a shard's memory the index may use
@@ -110,7 +110,7 @@ def plan(
     if items < 1:
         raise KuberankError(f"--items: must be at least 1, got {items}")
     u = b.target_utilisation
-    ann = items > 50_000  # serving/index.py DEFAULT_ANN_THRESHOLD
+    ann = items > 50_000  # kuberank/item_index.py DEFAULT_ANN_THRESHOLD
     size = index_bytes(items, b.dim, b.bytes_per_value, b.hnsw_m if ann else 0)
     shards = index_shards(size, b.shard_memory_gib * GIB, b.memory_headroom)
     result = {

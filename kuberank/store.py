@@ -1,7 +1,8 @@
 """The model store's layout: what ``kuberank export`` writes and serving reads.
 
-Only the names live here so far (issue 14 moves the reading of every part here too); every
-other module imports them instead of spelling them (tests/test_store.py checks)::
+The names live here, with :func:`store_path` (a part of a local or ``s3://`` store) and
+:func:`read_manifest` (issue 14 moves the reading of every part here too); every other module
+imports them instead of spelling them (tests/test_store.py checks)::
 
     STORE/manifest.json   MANIFEST: format kuberank-store/N, version, model and embedding fingerprints
     STORE/onnx/           ONNX_DIR: the exported encoder (ENCODER_FILE fp32, INT8_FILE int8) and
@@ -10,7 +11,7 @@ other module imports them instead of spelling them (tests/test_store.py checks):
     STORE/triton-local/   TRITON_LOCAL_DIR: its CPU twin (``kuberank serve`` on a laptop)
     STORE/edge/           EDGE_DIR: the edge bundle (components/edge.py)
     STORE/model/          MODEL_DIR: F's weights and item/user tables (kuberank models)
-    STORE/index/          INDEX_DIR: the dense item index (serving/index.py)
+    STORE/index/          INDEX_DIR: the dense item index (kuberank/index.py, components/index.py)
     STORE/lexical/        LEXICAL_DIR: BM25 over the same items and the fitted fusion (lexical.py)
     STORE/policy.json     POLICY: the serving policy, versioned (serving/policies.py)
     STORE/release.json    RELEASE_FILE: the pipeline's release record (pipelines/pipeline.py)
@@ -21,6 +22,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from kuberank.errors import KuberankError
+from kuberank.storage import is_s3, materialize
 
 MANIFEST = "manifest.json"
 POLICY = "policy.json"
@@ -46,6 +50,24 @@ ENCODER = f"{ONNX_DIR}/{ENCODER_FILE}"
 INT8_ENCODER = Path(ONNX_DIR) / INT8_FILE
 STORE_FORMAT = "kuberank-store/1"
 STORE_FORMAT_PREFIX = "kuberank-store/"
+
+
+def store_path(store: str | os.PathLike, *parts: str) -> str:
+    """A part of the store: ``STORE/part/...`` for a local store, the same key under an
+    ``s3://`` prefix."""
+    store = str(store)
+    if is_s3(store):
+        return "/".join([store.rstrip("/"), *parts])
+    return str(Path(store).joinpath(*parts))
+
+
+def read_manifest(store: str | os.PathLike) -> dict:
+    """The store's manifest.json (a KuberankError if the store has none)."""
+    path = materialize(store_path(store, MANIFEST))
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise KuberankError(f"{store_path(store, MANIFEST)}: not valid JSON: {exc}") from exc
 
 
 def is_store(path: str | os.PathLike) -> bool:

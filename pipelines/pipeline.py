@@ -135,9 +135,9 @@ def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None
     from kuberank.components.evaluate import evaluate_model_op
     from kuberank.components.export import export_op, tensorrt_op
     from kuberank.components.finetune import finetune_prepared_op
+    from kuberank.components.index import index_op
     from kuberank.pipelines.rayjob import finetune_rayjob_op
     from kuberank.pipelines.release import canary_op, publish_op
-    from kuberank.serving.index import index_op
 
     if target not in TARGETS:
         raise KuberankError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")

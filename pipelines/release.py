@@ -90,11 +90,10 @@ def publish_op(
     from pathlib import Path
 
     from kuberank.components.edge import BUNDLE_FILE
-    from kuberank.components.export import read_manifest
+    from kuberank.item_index import check_index, load_index
     from kuberank.pipelines.release import release_record, release_report
-    from kuberank.serving.index import check_index, load_index
     from kuberank.storage import materialize, publish
-    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS
+    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS, read_manifest
 
     manifest = read_manifest(store)
     meta = load_index(store).meta
@@ -152,7 +151,7 @@ def canary_op(
 
     import yaml
 
-    from kuberank import canary
+    from kuberank.deploy import canary
     from kuberank.pipelines.release import canary_values
 
     record = json.loads(Path(release.path).read_text())

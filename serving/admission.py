@@ -43,11 +43,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+# The default latency budget of a request (Settings.latency_budget_ms); kuberank/config.py
+# holds it because the export's Triton repository uses it too (its queue timeout).
+from kuberank.config import DEFAULT_BUDGET_MS  # noqa: F401
+
 SHED_REASONS = ("queue", "expired")
-# The default latency budget of a request (Settings.latency_budget_ms, and Triton's queue
-# timeout in the model repository): twice the 50 ms p99 target, so that the 8-client load of a
-# healthy replica is never shed, while a backlog is (docs/serving.md, "Admission").
-DEFAULT_BUDGET_MS = 100.0
 
 
 class Overloaded(Exception):

@@ -1,27 +1,10 @@
-"""``kuberank index | explain | policy | serve | bench``: thin CLI wrappers over the serving modules."""
+"""``kuberank explain | policy | serve | bench``: thin CLI wrappers over the serving modules."""
 
 from __future__ import annotations
 
 import json
 
 from kuberank.errors import KuberankError
-
-
-def _cmd_index(args) -> int:
-    from kuberank.serving.index import build_index
-
-    meta = build_index(args.model, args.dataset, args.out, ann_threshold=args.ann_threshold)
-    if args.json:
-        print(json.dumps(meta, sort_keys=True))
-    else:
-        ann = meta["ann"]["type"] if meta["ann"] else "exact search"
-        edge = meta.get("edge_items")
-        print(
-            f"{meta['count']} items x {meta['dim']} -> {args.out}/index ({ann}); "
-            + ("no edge bundle; " if edge is None else f"edge bundle {edge} items; ")
-            + f"model fingerprint {meta['model_fingerprint']}"
-        )
-    return 0
 
 
 def _cmd_explain(args) -> int:
@@ -143,27 +126,6 @@ def _cmd_bench(args) -> int:
 
 def register(sub, dataset_help: str) -> None:
     """Add the serving subcommands to the ``kuberank`` parser."""
-    ix = sub.add_parser(
-        "index",
-        help="embed a dataset's items and write STORE/index",
-        description="Embed the dataset's items (documents or catalogue) with the model and write "
-        "STORE/index (embeddings, ids, an ANN index beyond --ann-threshold, the "
-        "encoder fingerprint) next to the export of the same model; the store's edge bundle "
-        "(STORE/edge) gets the same items.",
-    )
-    ix.add_argument("--model", required=True, metavar="DIR", help="the exported model directory")
-    ix.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
-    ix.add_argument("--out", required=True, metavar="STORE", help="the model store (path or s3://)")
-    ix.add_argument(
-        "--ann-threshold",
-        type=int,
-        default=50_000,
-        metavar="N",
-        help="build a faiss HNSW index above N items (default: 50000)",
-    )
-    ix.add_argument("--json", action="store_true", help="print index.json")
-    ix.set_defaults(func=_cmd_index)
-
     xp = sub.add_parser(
         "explain",
         help="rank offline and show the terms of F behind each score",

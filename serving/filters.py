@@ -13,14 +13,13 @@ A request's ``filter`` object:
   it (a range on a string, a string for a number): 422 naming ``filter.where.<attribute>``.
 
 The index keeps the attributes of its items (``STORE/index/attributes.json``, written by
-:func:`attributes_of` from the dataset's attribute columns: MovieLens ``genres`` and ``year``,
-a BEIR corpus' other fields). Retrieval drops every item that does not pass (the excluded rows
+:func:`kuberank.components.index.attributes_of` from the dataset's attribute columns: MovieLens
+``genres`` and ``year``, a BEIR corpus' other fields; their types in kuberank/item_index.py). Retrieval drops every item that does not pass (the excluded rows
 widen the search, :meth:`ItemIndex.search`), so a request still gets k items whenever k pass.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -41,9 +40,8 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from kuberank.errors import KuberankError
+from kuberank.item_index import BOOLEAN, NUMBER, STRING, STRINGS
 
-ATTRIBUTES_FILE = "attributes.json"
-STRING, STRINGS, NUMBER, BOOLEAN = "string", "strings", "number", "boolean"
 MAX_FILTER_IDS = 1000
 MAX_VALUES = 100
 MAX_PREDICATES = 16
@@ -145,52 +143,6 @@ class FilterError(KuberankError):
 
 
 # --------------------------------------------------------------------------- attributes
-
-
-def _kind(values: list) -> str | None:
-    """The attribute type of a column's non-missing values, or None (not filterable)."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    if all(isinstance(v, bool) for v in present):
-        return BOOLEAN
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return NUMBER
-    if all(isinstance(v, str) for v in present):
-        return STRING
-    if all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in present):
-        return STRINGS
-    return None
-
-
-def _plain(value: Any) -> Any:
-    """A table cell as JSON: numpy scalars and arrays to Python, NaN and None to None."""
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def attributes_of(items) -> dict:
-    """``{"fields": {name: type}, "values": {name: [value per item]}}`` of an items table's
-    attribute columns (every column besides item_id, text and title whose values have one
-    type)."""
-    fields, values = {}, {}
-    for name in items.columns:
-        if name in ("item_id", "text", "title"):
-            continue
-        column = [_plain(v) for v in items[name].tolist()]
-        kind = _kind(column)
-        if kind is not None:
-            fields[str(name)], values[str(name)] = kind, column
-    return {"fields": fields, "values": values}
 
 
 class AttributeTable:

@@ -1,6 +1,6 @@
 """Lexical and hybrid retrieval in serving: BM25 over the store's lexical index (STORE/lexical,
 :mod:`kuberank.lexical`) fused with Q·I (:mod:`kuberank.fusion`), as a retrieval stage of its
-own beside the dense one (serving/index.py).
+own beside the dense one (kuberank/item_index.py).
 
 A /search request retrieves with ``retrieval``: ``dense`` (Q·I, top-n from the item index),
 ``bm25`` (BM25 alone) or ``hybrid`` (both fused with the store's recorded fusion: convex with

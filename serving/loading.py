@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from kuberank.errors import KuberankError
+from kuberank.item_index import check_index, load_index
 from kuberank.serving.policies import load_policy
-from kuberank.store import INDEX_DIR, MODEL_DIR
+from kuberank.store import INDEX_DIR, MODEL_DIR, read_manifest
 
 
 def store_part(store: str, part: str) -> Path:
@@ -23,9 +24,7 @@ def store_part(store: str, part: str) -> Path:
 
 
 def read_store_manifest(store: str) -> dict:
-    """The store's manifest (components/export.py reads it)."""
-    from kuberank.components.export import read_manifest
-
+    """The store's manifest (kuberank/store.py reads it)."""
     return read_manifest(store)
 
 
@@ -62,8 +61,6 @@ def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | 
 def load_checked_index(store: str):
     """The store's manifest and index (with the store's policy), refusing an index made by
     another encoder or a policy that cannot be served."""
-    from kuberank.serving.index import check_index, load_index
-
     manifest = read_store_manifest(store)
     index = load_index(store)
     check_index(index.meta, manifest, where=f"{store}/{INDEX_DIR}")

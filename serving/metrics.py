@@ -1,7 +1,7 @@
 """Prometheus metrics of the ranking app, and a scraper for Triton's own metrics.
 
 Names are a contract with the chart (PrometheusRule, Grafana dashboard) and the canary tooling
-(kuberank/canary.py):
+(kuberank/deploy/canary.py):
 
 - ``kuberank_requests_total{route,status}``            counter, status = HTTP code
 - ``kuberank_request_latency_seconds{route}``          histogram, buckets up to 2.5 s

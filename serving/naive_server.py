@@ -24,7 +24,7 @@ class NaiveSearch(BaseModel):
 
 def make_app(model_dir: str, store: str, max_length: int = 256) -> FastAPI:
     from kuberank.encoder import TextEncoder
-    from kuberank.serving.index import load_index
+    from kuberank.item_index import load_index
 
     encoder = TextEncoder(model_dir, max_length=max_length)
     index = load_index(store)

@@ -44,7 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from kuberank.calibration import item_groups
 from kuberank.errors import KuberankError, StorageNotFound
-from kuberank.store import INDEX_DIR, POLICY
+from kuberank.item_index import META_FILE
+from kuberank.storage import is_s3, materialize, publish, write_json
+from kuberank.store import INDEX_DIR, POLICY, store_path
 
 POLICY_FORMAT = "kuberank-policy/1"
 META_KEYS = ("format", "version", "fingerprint")
@@ -144,17 +146,9 @@ def parse_stored(text: str, where: str) -> tuple[PolicyRules, int, str]:
 # --------------------------------------------------------------------------- the store
 
 
-def _join(store: str, name: str) -> str:
-    from kuberank.storage import is_s3
-
-    return f"{store.rstrip('/')}/{name}" if is_s3(store) else str(Path(store) / name)
-
-
 def read_stored(store: str) -> str | None:
     """The text of STORE/policy.json, or None when the store has no policy."""
-    from kuberank.storage import is_s3, materialize
-
-    uri = _join(str(store), POLICY)
+    uri = store_path(store, POLICY)
     if not is_s3(uri):
         path = Path(uri)
         return path.read_text() if path.is_file() else None
@@ -166,10 +160,7 @@ def read_stored(store: str) -> str | None:
 
 def index_fields(store: str) -> dict[str, str]:
     """The attribute fields the store's index keeps (its index.json), without loading it."""
-    from kuberank.serving.index import META_FILE
-    from kuberank.storage import materialize
-
-    meta = json.loads(Path(materialize(_join(_join(str(store), INDEX_DIR), META_FILE))).read_text())
+    meta = json.loads(Path(materialize(store_path(store, INDEX_DIR, META_FILE))).read_text())
     return dict(meta.get("attributes") or {})
 
 
@@ -179,8 +170,8 @@ def check_file(store: str, file: str | None = None) -> dict:
     if file is None:
         text = read_stored(store)
         if text is None:
-            raise KuberankError(f"{_join(str(store), POLICY)}: the store has no policy")
-        where = _join(str(store), POLICY)
+            raise KuberankError(f"{store_path(store, POLICY)}: the store has no policy")
+        where = store_path(store, POLICY)
         rules, version, fp = parse_stored(text, where)
     else:
         where = file
@@ -209,15 +200,13 @@ def write_policy(store: str, file: str) -> dict:
     """``kuberank policy set``: check ``file`` against the store's index and write it as
     STORE/policy.json, one version above the stored one when the rules changed (the same
     rules keep their version)."""
-    from kuberank.storage import publish, write_json
-
     out = check_file(store, file)
     rules, _ = parse_rules(Path(file).read_text(), file)
     version = 1
     old = read_stored(store)
     if old is not None:
         try:
-            _, old_version, old_fp = parse_stored(old, _join(str(store), POLICY))
+            _, old_version, old_fp = parse_stored(old, store_path(store, POLICY))
             version = old_version if old_fp == out["fingerprint"] else old_version + 1
         except PolicyError:  # a broken stored policy is replaced; its version is lost
             version = 1
@@ -230,7 +219,7 @@ def write_policy(store: str, file: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / POLICY
         write_json(local, body)
-        publish(local, _join(str(store), POLICY))
+        publish(local, store_path(store, POLICY))
     return {**out, "version": version, "store": str(store)}
 
 
@@ -344,5 +333,5 @@ def load_policy(store: str, index) -> Policy | None:
     text = read_stored(store)
     if text is None:
         return None
-    where = _join(str(store), POLICY)
+    where = store_path(store, POLICY)
     return arrange(*parse_stored(text, where), index, where)

@@ -18,40 +18,13 @@ A request that asks for one its index cannot serve is answered 422 at
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from kuberank.calibration import CALIBRATION_ATTRIBUTE, calibrate, group_matrix, target
 from kuberank.diversity import RERANK_DEPTH, mmr
-from kuberank.errors import KuberankError
 from kuberank.longtail import boosted_order, novelty
 
 KINDS = ("mmr_lambda", "calibration", "tail_boost")
-POPULARITY_FILE = "popularity.json"
-
-
-def popularity_of(data) -> dict | None:
-    """``{"users", "counts"}`` (training interactions per item, in the dataset's item order)
-    of an interaction log, for the index; None for a search collection."""
-    from kuberank import datasets
-    from kuberank.beyond_accuracy import train_popularity
-
-    if data.kind != datasets.RECOMMENDATION:
-        return None
-    counts, users = train_popularity(data)
-    return {"users": int(users), "counts": [int(c) for c in counts]}
-
-
-def read_popularity(index_dir: Path, count: int) -> dict | None:
-    path = index_dir / POPULARITY_FILE
-    if not path.is_file():
-        return None
-    popularity = json.loads(path.read_text())
-    if len(popularity.get("counts", ())) != count:
-        raise KuberankError(f"{path}: {len(popularity.get('counts', ()))} counts for {count} items")
-    return popularity
 
 
 def missing(index, kind: str) -> str | None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 DOCS = {
     "d1": ("Neural ranking", "Transformers rank documents for search queries."),
     "d2": ("Cooking pasta", "Boil water, add salt and cook the pasta until al dente."),
@@ -22,6 +25,18 @@ QUERIES = {
     "q6": "recommend items from user history",
 }
 QRELS = {"q1": "d1", "q2": "d2", "q3": "d3", "q4": "d5", "q5": "d4", "q6": "d6"}
+# An items table with one attribute column of each type (and one of two types: not kept).
+ITEMS = pd.DataFrame(
+    {
+        "item_id": ["a", "b", "c", "d"],
+        "text": ["", "", "", ""],
+        "genres": [["Comedy", "Drama"], ["Drama"], np.array(["Action"]), []],
+        "year": [1995.0, 2001.0, float("nan"), 1990.0],
+        "studio": ["x", "y", None, "x"],
+        "kids": [True, False, False, True],
+        "mixed": [1, "one", None, None],  # two types: not an attribute
+    }
+)
 
 
 def write_jsonl(path: Path, rows) -> Path:

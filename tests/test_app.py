@@ -212,10 +212,10 @@ def post_admitted(serving, path: str, body):
 
 
 def in_process(store: Path):
-    from kuberank.components.export import read_manifest
     from kuberank.serving.encoders import InProcessEncoder
     from kuberank.serving.loading import load_checked_index, read_model_tables
     from kuberank.serving.stages import RankerCore
+    from kuberank.store import read_manifest
 
     manifest, index = load_checked_index(str(store))
     tables, model_dir = read_model_tables(str(store), "search")
@@ -227,7 +227,7 @@ def in_process(store: Path):
 
 
 def test_search_answers_equal_the_in_process_core(serving):
-    from kuberank.components.export import read_manifest
+    from kuberank.store import read_manifest
 
     encoder, index, _ = in_process(serving["store"])
     version = str(read_manifest(serving["store"])["version"])
@@ -408,8 +408,8 @@ def test_metric_names_match_the_chart_and_canary(serving):
 
 
 def test_mismatched_index_is_refused_at_start_up(serving, tmp_path):
+    from kuberank.item_index import META_FILE, IndexMismatchError
     from kuberank.serving.app import build_app
-    from kuberank.serving.index import META_FILE, IndexMismatchError
 
     bad = tmp_path / "store"
     shutil.copytree(serving["store"], bad, symlinks=True)

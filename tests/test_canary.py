@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kuberank import canary as kc
-from kuberank import kubechart
+from kuberank.deploy import canary as kc
+from kuberank.deploy import chart as kubechart
 from tests.conftest import free_port, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_route_without_canary_track_is_refused_with_a_clear_message(tmp_path):
 
 def test_console_script_entry_point_and_help():
     out = subprocess.run(
-        [sys.executable, "-m", "kuberank.canary", "--help"],
+        [sys.executable, "-m", "kuberank.deploy.canary", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -176,7 +176,7 @@ def test_pyproject_declares_the_kubectl_plugin():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["kubectl-kuberank"] == "kuberank.canary:main"
+    assert scripts["kubectl-kuberank"] == "kuberank.deploy.canary:main"
 
 
 def test_status_start_promote_rollback_on_a_manifest_file(tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_status_start_promote_rollback_on_a_manifest_file(tmp_path, capsys):
     route = route_in(manifests)
     assert weights(route) == {"kuberank-serve-svc": 100, "kuberank-canary-serve-svc": 0}
     assert route["metadata"]["annotations"][kc.ANN_PHASE] == "RolledBack"
-    from kuberank import kubeschema
+    from kuberank.deploy import schema as kubeschema
 
     kubeschema.validate(route)  # still a valid HTTPRoute after the patches
 
@@ -792,7 +792,7 @@ def test_kubectl_finds_and_runs_the_plugin(tmp_path):
     bindir.mkdir()
     shim = bindir / "kubectl-kuberank"
     shim.write_text(
-        f"#!{sys.executable}\nimport sys\nfrom kuberank.canary import main\nsys.exit(main())\n"
+        f"#!{sys.executable}\nimport sys\nfrom kuberank.deploy.canary import main\nsys.exit(main())\n"
     )
     shim.chmod(0o755)
     manifests = write_manifests(tmp_path / "all.yaml")

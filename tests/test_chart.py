@@ -15,7 +15,8 @@ import helm_python
 import pytest
 import yaml
 
-from kuberank import kubechart, kubeschema
+from kuberank.deploy import chart as kubechart
+from kuberank.deploy import schema as kubeschema
 from tests.conftest import crd_file, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1403,7 +1404,7 @@ def test_alerts_fire_on_a_faulty_canary_only(tmp_path):
 
 def test_readme_parameter_table_matches_values():
     assert kubechart.update_readme(CHART, check=True), (
-        "charts/kuberank/README.md is stale: run python -m kuberank.kubechart readme charts/kuberank"
+        "charts/kuberank/README.md is stale: run python -m kuberank.deploy.chart readme charts/kuberank"
     )
     readme = (CHART / "README.md").read_text()
     for p in kubechart.parse_params((CHART / "values.yaml").read_text()):

@@ -3,7 +3,7 @@ line per step (the steps' own output is in RUN/logs/)."""
 
 import json
 
-from kuberank.demo import run_demo
+from kuberank.cli.demo import run_demo
 
 
 def test_demo_writes_report_and_plot(tmp_path, capfd):

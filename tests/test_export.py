@@ -21,6 +21,7 @@ from kuberank.onnx_encoder import (
     embedding_fingerprint,
     encoder_fingerprint,
 )
+from kuberank.store import read_manifest
 
 MAX_LENGTH = 32  # short sequences keep the session's export and parity checks fast
 CHECK_TEXTS = [  # not the export's parity texts: an independent check
@@ -166,7 +167,7 @@ def test_fingerprint_identifies_the_encoder(exported):
 
 
 def test_production_and_local_repositories_in_the_store(exported):
-    from kuberank.serving.model_repository import validate_repository
+    from kuberank.components.model_repository import validate_repository
 
     store, manifest, _ = exported
     prod, local = validate_repository(store / "triton"), validate_repository(store / "triton-local")
@@ -247,9 +248,9 @@ def test_store_on_s3_is_readable_by_serving(exported, s3_endpoint):
     s3_client().create_bucket(Bucket="models")
     uri = "s3://models/stores/v5"
     with pytest.raises(KuberankError, match="manifest.json"):
-        export.read_manifest(uri)
+        read_manifest(uri)
     publish(store / "manifest.json", f"{uri}/manifest.json")
     publish(store / "edge", f"{uri}/edge")
-    assert export.read_manifest(uri) == json.loads(json.dumps(manifest))
+    assert read_manifest(uri) == json.loads(json.dumps(manifest))
     encoder = OnnxEncoder(materialize(f"{uri}/edge"), max_length=MAX_LENGTH)
     assert encoder.encode(["toy story"]).shape == (1, 384)

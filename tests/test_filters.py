@@ -7,28 +7,16 @@ import json
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
-from fixtures import QUERIES, write_beir, write_jsonl
+from fixtures import ITEMS, QUERIES, write_beir, write_jsonl
 from pydantic import ValidationError
 from test_app import post_admitted as post
 from test_app import serving  # noqa: F401
 from test_export import exported_store
 
+from kuberank.components.index import attributes_of
 from kuberank.serving import filters
 from kuberank.serving.filters import Filter, FilterError
-
-ITEMS = pd.DataFrame(
-    {
-        "item_id": ["a", "b", "c", "d"],
-        "text": ["", "", "", ""],
-        "genres": [["Comedy", "Drama"], ["Drama"], np.array(["Action"]), []],
-        "year": [1995.0, 2001.0, float("nan"), 1990.0],
-        "studio": ["x", "y", None, "x"],
-        "kids": [True, False, False, True],
-        "mixed": [1, "one", None, None],  # two types: not an attribute
-    }
-)
 
 
 class _Index:  # the two things filters read from an ItemIndex
@@ -44,23 +32,9 @@ class _Index:  # the two things filters read from an ItemIndex
 
 
 def _passing(where: dict) -> list[str]:
-    index = _Index(filters.attributes_of(ITEMS))
+    index = _Index(attributes_of(ITEMS))
     keep = filters.attribute_table(index).mask(Filter.model_validate({"where": where}))
     return [i for i, k in zip(index.ids, keep, strict=True) if k]
-
-
-def test_attributes_of_a_table():
-    attributes = filters.attributes_of(ITEMS)
-    assert attributes["fields"] == {
-        "genres": "strings",
-        "year": "number",
-        "studio": "string",
-        "kids": "boolean",
-    }
-    assert (
-        attributes["values"]["genres"][2] == ["Action"] and attributes["values"]["year"][2] is None
-    )
-    json.dumps(attributes)  # what the index writes
 
 
 @pytest.mark.parametrize(
@@ -93,7 +67,7 @@ def test_where_predicates(where, expected):
     ],
 )
 def test_predicates_the_index_cannot_answer_name_the_field(where, field, problem):
-    table = filters.attribute_table(_Index(filters.attributes_of(ITEMS)))
+    table = filters.attribute_table(_Index(attributes_of(ITEMS)))
     with pytest.raises(FilterError) as caught:
         table.check(Filter.model_validate({"where": where}))
     assert caught.value.field == field and problem in caught.value.problem
@@ -121,7 +95,7 @@ def test_malformed_filters_are_refused_at_the_field(body, field):
 
 
 def test_blocked_rows_combine_include_exclude_and_where():
-    index = _Index(filters.attributes_of(ITEMS))
+    index = _Index(attributes_of(ITEMS))
     blocked = filters.blocked_rows
     assert blocked(index, None).tolist() == []
     assert blocked(index, Filter(exclude=["b", "unknown"])).tolist() == [1]
@@ -149,7 +123,7 @@ def test_served_schema_lists_the_index_attributes():
 def attributed_store(tmp_path_factory):
     """The exported base model with an index of the BEIR fixture whose documents carry
     metadata (topic, year)."""
-    from kuberank.serving.index import build_index
+    from kuberank.components.index import build_index
 
     exported, _, model_dir = exported_store(tmp_path_factory)
     root = tmp_path_factory.mktemp("filters")

@@ -26,7 +26,7 @@ def fitted(tmp_path_factory):
     """A copy of the served store indexed over the fixture with train/dev/test queries, so
     ``kuberank index`` fitted the convex fusion; without F (the export fixture's is a stand-in),
     as the offline tests of tests/test_index.py evaluate it."""
-    from kuberank.serving.index import build_index
+    from kuberank.components.index import build_index
 
     store, model_dir, _ = serving_store(tmp_path_factory)
     root = tmp_path_factory.mktemp("hybrid")

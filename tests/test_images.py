@@ -450,7 +450,7 @@ def test_rayservice_head_and_worker_serve_the_app_across_nodes(
     RayJob's entrypoint submitted to that head trains on small data and writes its model."""
     import boto3
 
-    from kuberank import kubechart
+    from kuberank.deploy import chart as kubechart
     from kuberank.storage import publish
 
     image = podman.load(archives["kuberank"])

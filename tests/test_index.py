@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import DOCS, write_beir
+from fixtures import DOCS, ITEMS, write_beir
 from test_export import exported_store
 
+from kuberank import item_index as ix
+from kuberank.components import index as step
 from kuberank.errors import KuberankError
-from kuberank.serving import index as ix
 
 _SHARED: dict = {}
 
@@ -32,7 +33,7 @@ def serving_store(tmp_path_factory) -> tuple[Path, Path, str]:
         shutil.copytree(exported, store, symlinks=True)
         shutil.rmtree(store / "index")
         dataset = f"beir:{write_beir(root / 'beir')}"
-        ix.build_index(model_dir, dataset, store)
+        step.build_index(model_dir, dataset, store)
         _SHARED.update(store=store, model_dir=model_dir, dataset=dataset)
     return _SHARED["store"], _SHARED["model_dir"], _SHARED["dataset"]
 
@@ -43,8 +44,8 @@ def indexed(tmp_path_factory):
 
 
 def test_index_layout_and_fingerprints(indexed):
-    from kuberank.components.export import read_manifest
     from kuberank.encoder import model_fingerprint
+    from kuberank.store import read_manifest
 
     store, model_dir, _ = indexed
     meta = json.loads((store / "index" / ix.META_FILE).read_text())
@@ -64,29 +65,12 @@ def test_index_layout_and_fingerprints(indexed):
     ix.check_index(loaded.meta, manifest)  # no error
 
 
-def test_exact_search_is_brute_force_with_exclusions(indexed):
-    store, _, _ = indexed
-    index = ix.load_index(store)
-    rng = np.random.default_rng(0)
-    queries = rng.normal(size=(3, index.dim)).astype(np.float32)
-    rows, scores = index.search(
-        queries, 4, exclude=[np.array([0]), np.zeros(0, np.int64), np.array([1, 2])]
-    )
-    for q, r, s, ex in zip(queries, rows, scores, ([0], [], [1, 2]), strict=True):
-        full = index.embeddings @ q
-        expected = [i for i in np.argsort(-full, kind="stable") if i not in ex][:4]
-        assert list(r) == expected
-        assert np.allclose(s, full[expected], atol=1e-5)
-    known, unknown = index.rows_of(["d2", "zzz", "d1"])
-    assert list(known) == [1, 0] and unknown == ["zzz"]
-
-
 def test_ann_index_beyond_the_threshold(indexed, tmp_path):
     pytest.importorskip("faiss", reason="faiss-cpu is the ANN library (pin faiss-cpu==1.15.1)")
     store, model_dir, dataset = indexed
     copy = tmp_path / "store"
     shutil.copytree(store, copy, symlinks=True)
-    meta = ix.build_index(model_dir, dataset, copy, ann_threshold=2)
+    meta = step.build_index(model_dir, dataset, copy, ann_threshold=2)
     assert meta["ann"]["type"] == "faiss-hnsw-ip" and (copy / "index" / ix.ANN_FILE).is_file()
     ann, exact = ix.load_index(copy), ix.load_index(store)
     assert ann.ann is not None and exact.ann is None
@@ -99,7 +83,7 @@ def test_ann_index_beyond_the_threshold(indexed, tmp_path):
 
 
 def test_index_of_another_model_is_refused(indexed, tmp_path):
-    from kuberank.components.export import read_manifest
+    from kuberank.store import read_manifest
 
     store, model_dir, dataset = indexed
     other = tmp_path / "other-model"
@@ -110,7 +94,7 @@ def test_index_of_another_model_is_refused(indexed, tmp_path):
     config = json.loads((Path(model_dir) / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "kuberank_variant": 2}))
     with pytest.raises(ix.IndexMismatchError, match="holds an export of another model"):
-        ix.build_index(other, dataset, store)
+        step.build_index(other, dataset, store)
     meta = ix.load_index(store).meta
     manifest = read_manifest(store)
     bad = {**meta, "embedding_fingerprint": "sha256:someone-else"}
@@ -133,7 +117,7 @@ def test_index_cli(indexed, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["count"] == len(DOCS)
     with pytest.raises(KuberankError, match="no such file|manifest"):
-        ix.build_index(model_dir, dataset, tmp_path / "empty-store")
+        step.build_index(model_dir, dataset, tmp_path / "empty-store")
 
 
 def test_index_gives_the_edge_bundle_its_items(indexed):
@@ -175,9 +159,9 @@ def test_edge_bundle_of_another_export_is_refused_and_a_store_without_one_is_ind
         json.dumps({**json.loads(bundle_file.read_text()), "fingerprint": "sha256:another"})
     )
     with pytest.raises(KuberankError, match="exported with embedding sha256:another"):
-        ix.build_index(model_dir, dataset, other)
+        step.build_index(model_dir, dataset, other)
     shutil.rmtree(other / "edge")
-    meta = ix.build_index(model_dir, dataset, other)
+    meta = step.build_index(model_dir, dataset, other)
     assert meta["edge_items"] is None and meta["count"] == len(DOCS)
     assert not (other / "edge").exists()
 
@@ -212,7 +196,7 @@ def test_fusion_fitted_outside_test_is_recorded_and_used_by_evaluate(indexed, tm
     split = {"train": ["q1", "q2"], "dev": ["q3", "q4"], "test": ["q5", "q6"]}
     files = {name: {q: QRELS[q] for q in qids} for name, qids in split.items()}
     dataset = f"beir:{write_beir(tmp_path / 'dev', files)}"
-    meta = ix.build_index(model_dir, dataset, copy)
+    meta = step.build_index(model_dir, dataset, copy)
     shutil.rmtree(copy / "model")  # the export fixture's F is a stand-in: evaluate the encoder
     record = LexicalIndex.load(copy / LEXICAL_DIR).meta["fusion"]
     assert record["fitted_on"] == "tuning" and record["queries"] == 4
@@ -255,6 +239,20 @@ def test_index_and_fusion_fit_open_the_store_encoder_once(indexed, tmp_path, mon
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(OnnxEncoder, "__init__", counted)
-    meta = ix.build_index(model_dir, f"beir:{write_beir(tmp_path / 'dev', files)}", copy)
+    meta = step.build_index(model_dir, f"beir:{write_beir(tmp_path / 'dev', files)}", copy)
     assert meta["lexical"]["weight"] is not None  # the fusion was fitted (queries encoded)
     assert [Path(p).name for p in opened] == ["model.onnx"]
+
+
+def test_attributes_of_a_table():
+    attributes = step.attributes_of(ITEMS)
+    assert attributes["fields"] == {
+        "genres": "strings",
+        "year": "number",
+        "studio": "string",
+        "kids": "boolean",
+    }
+    assert (
+        attributes["values"]["genres"][2] == ["Action"] and attributes["values"]["year"][2] is None
+    )
+    json.dumps(attributes)  # what the index writes

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kuberank import canary, config, kubechart, kubeschema
+from kuberank import config
+from kuberank.deploy import canary
+from kuberank.deploy import chart as kubechart
+from kuberank.deploy import schema as kubeschema
 from tests.conftest import crd_file
 
 ROOT = Path(__file__).resolve().parents[1]

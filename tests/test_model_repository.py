@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kuberank.components import model_repository as mr
 from kuberank.errors import KuberankError
-from kuberank.serving import model_repository as mr
 
 
 @pytest.fixture()

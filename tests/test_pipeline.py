@@ -170,8 +170,8 @@ def test_check_package_names_what_is_wrong(compiled, tmp_path):
 
 
 def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
-    from kuberank import kubeschema
     from kuberank.cli import build_parser as kuberank_parser
+    from kuberank.deploy import schema as kubeschema
 
     job = rayjob.rayjob_manifest(
         rayjob.rayjob_name("Run_42/ABC"),
@@ -258,7 +258,7 @@ def test_rayjob_is_followed_to_its_outcome():
 def test_canary_values_fit_the_chart_schema():
     import jsonschema
 
-    from kuberank.kubechart import deep_merge, load_values_files
+    from kuberank.deploy.chart import deep_merge, load_values_files
 
     values = load_values_files(CHART / "values.yaml")
     deep_merge(values, release.canary_values("s3://kuberank-models/pipeline", 3, 10))
@@ -401,7 +401,7 @@ def _infer(url: str, texts: list[str]) -> np.ndarray:
 def test_tiny_pipeline_runs_locally_and_tritonserver_serves_its_model(tmp_path):
     """Every step on the local runner (small interaction log, 1 worker, 1 epoch, compression off
     so the quality gate cannot flake), then the real tritonserver on STORE/triton-local."""
-    from kuberank.serving.index import load_index
+    from kuberank.item_index import load_index
     from kuberank.serving.triton import TritonServer, find_tritonserver
 
     try:

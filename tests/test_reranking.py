@@ -16,6 +16,7 @@ from test_export import exported_store
 
 from kuberank.calibration import calibrate, group_matrix, target
 from kuberank.errors import KuberankError
+from kuberank.item_index import POPULARITY_FILE
 from kuberank.longtail import boosted_order, novelty
 from kuberank.serving import reranking
 
@@ -77,13 +78,6 @@ def test_only_the_top_100_are_reordered():
     assert sorted(got.tolist()) == list(range(n))
 
 
-def test_read_popularity_checks_its_length(tmp_path):
-    assert reranking.read_popularity(tmp_path, 3) is None
-    (tmp_path / reranking.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": [1, 2]}))
-    with pytest.raises(KuberankError, match="2 counts for 3 items"):
-        reranking.read_popularity(tmp_path, 3)
-
-
 def test_a_request_names_exactly_one_reranking():
     from kuberank.serving.http_api import Diversity, SearchRequest
 
@@ -120,7 +114,7 @@ def test_settings_take_at_most_one_default():
 def stores(tmp_path_factory):
     """The exported base model indexed twice: a BEIR corpus whose documents carry genres
     (calibration), and an interaction log (popularity: the long-tail boost)."""
-    from kuberank.serving.index import build_index
+    from kuberank.components.index import build_index
 
     exported, _, model_dir = exported_store(tmp_path_factory)
     root = tmp_path_factory.mktemp("reranking")
@@ -143,8 +137,8 @@ def stores(tmp_path_factory):
     meta = build_index(
         model_dir, f"interactions:{write_jsonl(root / 'log.jsonl', log)}", out["log"]
     )
-    assert (out["log"] / "index" / reranking.POPULARITY_FILE).is_file()
-    assert not (out["genres"] / "index" / reranking.POPULARITY_FILE).exists()
+    assert (out["log"] / "index" / POPULARITY_FILE).is_file()
+    assert not (out["genres"] / "index" / POPULARITY_FILE).exists()
     assert meta["kind"] == "recommendation"
     return out
 

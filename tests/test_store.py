@@ -13,8 +13,8 @@ PACKAGES = ("kuberank", "components", "serving", "pipelines")
 # outside kuberank/store.py and fails test_no_layout_name_is_spelled_outside_the_store_module.
 NOT_LAYOUT = {
     # CLI subcommand names (`kuberank edge`, `kuberank index`)
-    ("kuberank/cli.py", "build_parser", "edge"),
-    ("serving/cli.py", "register", "index"),
+    ("kuberank/cli/__init__.py", "build_parser", "edge"),
+    ("kuberank/cli/__init__.py", "build_parser", "index"),
     # a table's first column: the model's name in a quality report
     ("kuberank/report.py", "format_table", "model"),
     # progress labels

@@ -18,9 +18,9 @@ import pytest
 from conftest import require
 from test_export import MAX_LENGTH, exported_store
 
+from kuberank.components import model_repository as mr
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
-from kuberank.serving import model_repository as mr
 from kuberank.serving.triton import (
     TritonServer,
     TritonStartError,

@@ -5,7 +5,7 @@ The chart documents every value in values.yaml with Bitnami-style comments::
     ## @section Triton Inference Server
     ## @param triton.replicaCount Number of Triton replicas
 
-``python -m kuberank.kubechart readme charts/kuberank`` rewrites the table between the
+``python -m kuberank.deploy.chart readme charts/kuberank`` rewrites the table between the
 ``<!-- params:start -->`` and ``<!-- params:end -->`` markers of the chart's README.md;
 ``--check`` exits non-zero when the README is stale or a value has no ``@param`` (CI and
 tests/test_chart.py run the check, so the table cannot drift from values.yaml).
@@ -208,7 +208,7 @@ def render_notes(chart_dir: str | Path, values: dict[str, Any] | None = None, **
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kuberank.kubechart",
+        prog="python -m kuberank.deploy.chart",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check and not fresh:
         print(
-            f"{args.chart}/README.md is stale: run python -m kuberank.kubechart readme {args.chart}",
+            f"{args.chart}/README.md is stale: run python -m kuberank.deploy.chart readme {args.chart}",
             file=sys.stderr,
         )
         return 1

@@ -1,18 +1,14 @@
-"""The item index: embeddings of every item, their ids, an ANN index beyond a size threshold,
-and the fingerprints of the model that embedded them.
+"""The index step: embed every item of a dataset with the exported model into STORE/index.
 
-Pure core: :func:`build_index` (model directory + dataset + exported store -> STORE/index),
-:func:`load_index` / :class:`ItemIndex` (exact or ANN top-n search), :func:`check_index`
-(refuses an index embedded by another model). Thin wrappers: ``kuberank index`` and the kfp
-component :func:`index_op`.
+Pure core: :func:`build_index` (model directory + dataset + exported store -> STORE/index,
+STORE/lexical and the edge bundle's items). Thin wrappers: ``kuberank index`` (kuberank/cli) and
+the kfp component :func:`index_op`. What it writes is read by :mod:`kuberank.item_index` (the
+layout, :func:`~kuberank.item_index.load_index`, :func:`~kuberank.item_index.check_index`)::
 
-Layout::
-
-    STORE/index/index.json       format, count, dim, kind, dataset, fingerprints, ann settings
-    STORE/index/embeddings.npy   float32 [count, dim], L2-normalised item vectors
-    STORE/index/ids.json         item ids, row order of embeddings.npy
-    STORE/index/attributes.json  the items' attributes that filters use (serving/filters.py)
-    STORE/index/ann.faiss        HNSW graph (faiss, inner product) when count > ann_threshold
+    STORE/index/                 the dense index (kuberank/item_index.py): vectors, ids, the items'
+                                 attributes (:func:`attributes_of`), an interaction log's
+                                 popularity (:func:`popularity_of`), an HNSW graph beyond
+                                 ann_threshold items
     STORE/lexical/               BM25 over the same items and the fitted fusion (kuberank/lexical.py)
     STORE/edge/items.*           the same items for the edge bundle (int8; components/edge.py)
 
@@ -28,62 +24,121 @@ Serving compares both with the manifest it serves and refuses a mismatch.
 """
 
 import json
+import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from kfp import dsl
 
+from kuberank import datasets, fusion
+from kuberank.beyond_accuracy import train_popularity
+from kuberank.components.edge import index_store_bundle
+from kuberank.encoder import TextEncoder, check_model_dir, model_fingerprint
 from kuberank.errors import KuberankError
+from kuberank.item_index import (
+    ANN_FILE,
+    ATTRIBUTES_FILE,
+    BOOLEAN,
+    DEFAULT_ANN_THRESHOLD,
+    EMBEDDINGS_FILE,
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    IDS_FILE,
+    INDEX_FORMAT,
+    META_FILE,
+    NUMBER,
+    POPULARITY_FILE,
+    STRING,
+    STRINGS,
+    IndexMismatchError,
+    load_faiss,
+)
 from kuberank.kfp_component import step_component
+from kuberank.lexical import LexicalIndex
+from kuberank.onnx_encoder import OnnxEncoder
 from kuberank.progress import bar
-from kuberank.store import ENCODER, ENCODER_FILE, INDEX_DIR, LEXICAL_DIR, ONNX_DIR
+from kuberank.storage import materialize, publish
+from kuberank.store import (
+    ENCODER,
+    ENCODER_FILE,
+    INDEX_DIR,
+    LEXICAL_DIR,
+    ONNX_DIR,
+    read_manifest,
+    store_path,
+)
 
-INDEX_FORMAT = "kuberank-index/1"
-META_FILE = "index.json"
-EMBEDDINGS_FILE = "embeddings.npy"
-IDS_FILE = "ids.json"
-ANN_FILE = "ann.faiss"
-ATTRIBUTES_FILE = "attributes.json"
-# Exact search over 50k x 384 float32 items is ~20 MFLOP per query (~2-4 ms on one core); beyond
-# that an HNSW graph answers in well under a millisecond.
-DEFAULT_ANN_THRESHOLD = 50_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 200
-HNSW_EF_SEARCH = 128
+# --- what the index keeps of the items ----------------------------------------------------
 
 
-class IndexMismatchError(KuberankError):
-    """The index was embedded by a different model than the encoder being served."""
+def _kind(values: list) -> str | None:
+    """The attribute type of a column's non-missing values, or None (not filterable)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, bool) for v in present):
+        return BOOLEAN
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return NUMBER
+    if all(isinstance(v, str) for v in present):
+        return STRING
+    if all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in present):
+        return STRINGS
+    return None
 
 
-def _join(store: str, *parts: str) -> str:
-    from kuberank.storage import is_s3
+def _plain(value: Any) -> Any:
+    """A table cell as JSON: numpy scalars and arrays to Python, NaN and None to None."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
-    if is_s3(store):
-        return "/".join([store.rstrip("/"), *parts])
-    return str(Path(store).joinpath(*parts))
+
+def attributes_of(items) -> dict:
+    """``{"fields": {name: type}, "values": {name: [value per item]}}`` of an items table's
+    attribute columns (every column besides item_id, text and title whose values have one
+    type)."""
+    fields, values = {}, {}
+    for name in items.columns:
+        if name in ("item_id", "text", "title"):
+            continue
+        column = [_plain(v) for v in items[name].tolist()]
+        kind = _kind(column)
+        if kind is not None:
+            fields[str(name)], values[str(name)] = kind, column
+    return {"fields": fields, "values": values}
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError as exc:  # the ANN path needs the pinned faiss-cpu wheel
-        raise KuberankError(
-            "the ANN index needs faiss (pip install faiss-cpu==1.15.1); "
-            "or raise --ann-threshold to keep exact search"
-        ) from exc
-    return faiss
+def popularity_of(data) -> dict | None:
+    """``{"users", "counts"}`` (training interactions per item, in the dataset's item order)
+    of an interaction log, for the index; None for a search collection."""
+    if data.kind != datasets.RECOMMENDATION:
+        return None
+    counts, users = train_popularity(data)
+    return {"users": int(users), "counts": [int(c) for c in counts]}
+
+
+# --- the step -------------------------------------------------------------------------------
 
 
 def build_hnsw(
     embeddings: np.ndarray, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION
 ):
     """A faiss HNSW graph over normalised vectors with inner-product similarity."""
-    faiss = _faiss()
+    faiss = load_faiss()
     index = faiss.IndexHNSWFlat(embeddings.shape[1], m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
     step = 4096
@@ -95,8 +150,6 @@ def build_hnsw(
 def store_encoder(store_local: Path, max_length: int):
     """The store's exported fp32 ONNX encoder (STORE/onnx/model.onnx): the shared towers' item
     encoder, and the query encoder the fusion is fitted with."""
-    from kuberank.onnx_encoder import OnnxEncoder
-
     onnx_dir = store_local / ONNX_DIR
     return OnnxEncoder(
         onnx_dir / ENCODER_FILE,
@@ -111,13 +164,11 @@ def embed_items(
 ) -> tuple[np.ndarray, str, object | None]:
     """Item vectors of ``texts``, a word on which encoder made them, and the store's ONNX
     encoder when it made them (None: the PyTorch item tower did)."""
-    from kuberank.model import item_tower_path
+    from kuberank.model import item_tower_path  # local: kuberank.model imports torch
 
     model_dir = Path(model_dir)
     tower = item_tower_path(model_dir)
     if tower != model_dir:
-        from kuberank.encoder import TextEncoder
-
         encoder = TextEncoder(str(tower), max_length=max_length)
         return encoder.encode(texts, desc="embed items"), "item_tower (PyTorch fp32)", None
     encoder = store_encoder(store_local, max_length)
@@ -137,14 +188,6 @@ def build_index(
 ) -> dict:
     """Embed the dataset's items (documents or catalogue) with ``model_dir`` and write
     ``STORE/index``. The store must hold an export of the same model. Returns index.json."""
-    from kuberank import datasets
-    from kuberank.components.edge import index_store_bundle
-    from kuberank.components.export import read_manifest
-    from kuberank.encoder import check_model_dir, model_fingerprint
-    from kuberank.serving.filters import attributes_of
-    from kuberank.serving.reranking import POPULARITY_FILE, popularity_of
-    from kuberank.storage import materialize, publish
-
     started = time.perf_counter()
     model_dir, store = check_model_dir(model_dir), str(store)
     manifest = read_manifest(store)
@@ -177,7 +220,7 @@ def build_index(
             (work / POPULARITY_FILE).write_text(json.dumps(popularity))
         if len(ids) > ann_threshold:
             graph = build_hnsw(embeddings, hnsw_m, ef_construction)
-            _faiss().write_index(graph, str(work / ANN_FILE))
+            load_faiss().write_index(graph, str(work / ANN_FILE))
             ann = {
                 "type": "faiss-hnsw-ip",
                 "file": ANN_FILE,
@@ -216,7 +259,7 @@ def build_index(
         edge = index_store_bundle(store, embeddings, ids, manifest["embedding"]["fingerprint"])
         meta["edge_items"] = None if edge is None else edge["items"]
         (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        publish(work, _join(store, INDEX_DIR))
+        publish(work, store_path(store, INDEX_DIR))
     return meta
 
 
@@ -228,10 +271,6 @@ def build_lexical(
     validation; :func:`kuberank.fusion.fit_on_judged`) with the store's own query encoder and
     these item vectors: what serving computes. ``encoder``: the store's ONNX encoder when
     :func:`embed_items` opened it already."""
-    from kuberank import datasets, fusion
-    from kuberank.lexical import LexicalIndex
-    from kuberank.storage import publish
-
     lexical = LexicalIndex.build(ids, texts)
     record = {"method": "rrf", "default": "dense", "note": "no validation queries to fit on"}
     if data.kind == datasets.SEARCH and "tuning" in data.splits():
@@ -246,119 +285,8 @@ def build_lexical(
         )
     with tempfile.TemporaryDirectory(prefix="kuberank-lexical-") as tmp:
         meta = lexical.save(Path(tmp) / LEXICAL_DIR, {"fusion": record})
-        publish(Path(tmp) / LEXICAL_DIR, _join(store, LEXICAL_DIR))
+        publish(Path(tmp) / LEXICAL_DIR, store_path(store, LEXICAL_DIR))
     return {"items": meta["count"], "default": record["default"], "weight": record.get("weight")}
-
-
-def check_index(meta: dict, manifest: dict, where: str = INDEX_DIR) -> None:
-    """Refuse an index whose fingerprints differ from the exported encoder's."""
-    if meta.get("format") != INDEX_FORMAT:
-        raise IndexMismatchError(f"{where}: not a kuberank index (format {meta.get('format')!r})")
-    pairs = (
-        ("model_fingerprint", (manifest.get("model") or {}).get("fingerprint")),
-        ("embedding_fingerprint", (manifest.get("embedding") or {}).get("fingerprint")),
-    )
-    for key, expected in pairs:
-        if meta.get(key) != expected:
-            raise IndexMismatchError(
-                f"{where}: embedded by another encoder ({key} {meta.get(key)} != the store's "
-                f"{expected}); rebuild it with `kuberank index --model <the exported model> ...`"
-            )
-
-
-@dataclass
-class ItemIndex:
-    """Item vectors with exact (matrix product) or ANN (faiss HNSW) top-n search."""
-
-    meta: dict
-    ids: list[str]
-    embeddings: np.ndarray  # [N, D] float32
-    ann: object | None = None
-    attributes: dict | None = None  # ATTRIBUTES_FILE: {"fields", "values"}; None: none kept
-    policy: object | None = None  # the store's serving policy (serving/policies.py), if any
-    # POPULARITY_FILE: {"users", "counts"} of an interaction log's training rows; None: none
-    popularity: dict | None = None
-
-    def __post_init__(self):
-        self.row = {item: i for i, item in enumerate(self.ids)}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def rows_of(self, ids: list[str]) -> tuple[np.ndarray, list[str]]:
-        """(rows of the known ids, the unknown ids)."""
-        rows = [self.row.get(i, -1) for i in ids]
-        return (
-            np.array([r for r in rows if r >= 0], dtype=np.int64),
-            [i for i, r in zip(ids, rows, strict=True) if r < 0],
-        )
-
-    def search(
-        self, queries: np.ndarray, n: int, exclude: list[np.ndarray] | None = None
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per query, up to ``n`` rows by descending inner product (ties: lower row first)
-        and their scores, without the rows in ``exclude[i]``."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        exclude = exclude or [np.zeros(0, dtype=np.int64)] * len(queries)
-        width = min(len(self), n + max((len(e) for e in exclude), default=0))
-        if width <= 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return [empty] * len(queries), [empty.astype(np.float32)] * len(queries)
-        if self.ann is not None:
-            scores, rows = self.ann.search(queries, width)
-        else:
-            full = queries @ self.embeddings.T
-            rows = np.argpartition(-full, width - 1, axis=1)[:, :width]
-            scores = np.take_along_axis(full, rows, axis=1)
-        out_rows, out_scores = [], []
-        for i in range(len(queries)):
-            r, s = rows[i], scores[i]
-            keep = r >= 0
-            if len(exclude[i]):
-                keep &= ~np.isin(r, exclude[i])
-            r, s = r[keep], s[keep]
-            order = np.lexsort((r, -s))[:n]
-            out_rows.append(r[order].astype(np.int64))
-            out_scores.append(s[order].astype(np.float32))
-        return out_rows, out_scores
-
-
-def load_index(store: str | os.PathLike) -> ItemIndex:
-    """Read STORE/index (local path or s3:// through materialize)."""
-    from kuberank.storage import materialize
-
-    root = Path(materialize(_join(str(store), INDEX_DIR)))
-    meta_file = root / META_FILE
-    if not meta_file.is_file():
-        raise KuberankError(f"{root}: no {META_FILE}; build it with `kuberank index`")
-    meta = json.loads(meta_file.read_text())
-    embeddings = np.load(root / EMBEDDINGS_FILE).astype(np.float32, copy=False)
-    ids = json.loads((root / IDS_FILE).read_text())
-    if embeddings.shape != (meta.get("count"), meta.get("dim")) or len(ids) != len(embeddings):
-        raise KuberankError(
-            f"{root}: inconsistent index ({embeddings.shape} embeddings, {len(ids)} ids, "
-            f"index.json says {meta.get('count')}x{meta.get('dim')})"
-        )
-    ann = None
-    if meta.get("ann"):
-        ann = _faiss().read_index(str(root / meta["ann"]["file"]))
-        ann.hnsw.efSearch = int(meta["ann"].get("ef_search", HNSW_EF_SEARCH))
-    attributes_file = root / ATTRIBUTES_FILE  # indexes built before filters have none
-    attributes = json.loads(attributes_file.read_text()) if attributes_file.is_file() else None
-    from kuberank.serving.reranking import read_popularity
-
-    return ItemIndex(
-        meta=meta,
-        ids=ids,
-        embeddings=embeddings,
-        ann=ann,
-        attributes=attributes,
-        popularity=read_popularity(root, len(ids)),
-    )
 
 
 @step_component()
@@ -376,7 +304,8 @@ def index_op(
     import json
     from pathlib import Path
 
-    from kuberank.serving.index import IndexMismatchError, build_index
+    from kuberank.components.index import build_index
+    from kuberank.item_index import IndexMismatchError
 
     meta = build_index(model.path, f"prepared:{dataset.path}", store, ann_threshold=ann_threshold)
     if meta["embedding_fingerprint"] != export_fingerprint:

@@ -1,4 +1,5 @@
-"""Triton model repository writer: a tokenizer, an encoder and a ``query_encoder`` ensemble.
+"""Triton model repository writer: a tokenizer, an encoder and a ``query_encoder`` ensemble,
+written into the store by the export step (components/export.py).
 
 Everything is written from one :class:`RepositorySpec`::
 
@@ -30,8 +31,8 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kuberank.config import DEFAULT_BUDGET_MS
 from kuberank.errors import KuberankError
-from kuberank.serving.admission import DEFAULT_BUDGET_MS
 
 TOKENIZER = "tokenizer"
 ENCODER = "encoder"
@@ -269,7 +270,7 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, object]:
 TOKENIZER_MODEL_PY = '''\
 """Triton python backend: TEXT (BYTES [1]) -> input_ids, attention_mask (INT64 [-1]).
 
-Written by kuberank (serving/model_repository.py). Each request is padded to the smallest
+Written by kuberank (components/model_repository.py). Each request is padded to the smallest
 sequence bucket that holds its longest text, so that the encoder's dynamic batcher can merge
 requests of similar length.
 """
@@ -325,7 +326,7 @@ class TritonPythonModel:
 ENCODER_MODEL_PY = '''\
 """Triton python backend: input_ids, attention_mask (INT64) -> embedding (FP32 [dim]).
 
-Written by kuberank (serving/model_repository.py) for the local repository: it runs the same
+Written by kuberank (components/model_repository.py) for the local repository: it runs the same
 model.onnx that production serves with Triton's onnxruntime backend, in ONNX Runtime on CPU.
 Requests of a dynamic batch are padded to one width and run as one ONNX Runtime call.
 """

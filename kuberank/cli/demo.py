@@ -21,6 +21,11 @@ from pathlib import Path
 
 from kuberank import datasets, report
 from kuberank.components.evaluate import evaluate
+from kuberank.console import StepConsole
+from kuberank.encoder import TextEncoder
+from kuberank.onnx_encoder import OnnxEncoder
+from kuberank.perf import encoder_throughput
+from kuberank.serving.bench import format_table, serve_and_bench
 from kuberank.store import INT8_FILE, MODEL_DIR, ONNX_DIR
 
 DEMO_DATASET = "movielens-100k"
@@ -42,8 +47,6 @@ def run_demo(
     closing summary; each step's own output (kfp's executor payloads, the tasks' logs, Ray and
     Triton) goes to ``RUN/logs/<step>.log``. ``verbose`` keeps that output on the console too.
     ``echo`` takes the console lines instead of standard output."""
-    from kuberank.console import StepConsole
-
     started = time.perf_counter()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_root) / stamp
@@ -122,8 +125,6 @@ def _run(console, run_dir: Path, stamp: str, split: str, pipeline: bool, serve: 
         f"{DEMO_DATASET}, {split} split",
     )
     if pipeline and serve:
-        from kuberank.serving.bench import format_table, serve_and_bench
-
         say(
             "[3/3] serving the store on 127.0.0.1 (Ray Serve + Triton, Ray Serve + ONNX Runtime) "
             "and a short load test"
@@ -190,10 +191,6 @@ def _bench_headline(result: dict) -> str:
 def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
     """Batch-32 encoder throughput: the fine-tuned PyTorch model against the served ONNX
     models (fp32 and int8) of the store, on the catalogue's texts."""
-    from kuberank.encoder import TextEncoder
-    from kuberank.onnx_encoder import OnnxEncoder
-    from kuberank.perf import encoder_throughput
-
     onnx_dir = Path(outputs["model_store"]) / ONNX_DIR
     quality = {r["model"]: r["ndcg@10"] for r in rows}
     variants = [

@@ -2,6 +2,11 @@
 
 Every subcommand has ``--help``. Errors caused by input print one line naming the field or
 file and exit with status 2; long work shows progress bars on stderr.
+
+The top layer (docs/architecture.md, "Layers"): it may import every other layer; the demo
+(``kuberank demo``) is :mod:`kuberank.cli.demo`. Each subcommand imports its step when it runs
+(a step module loads kfp, pandas or torch: about a second each), so that ``kuberank --help``
+and every subcommand start without the others' imports.
 """
 
 from __future__ import annotations
@@ -171,8 +176,25 @@ def _cmd_edge_query(args) -> int:
     return 0
 
 
+def _cmd_index(args) -> int:
+    from kuberank.components.index import build_index
+
+    meta = build_index(args.model, args.dataset, args.out, ann_threshold=args.ann_threshold)
+    if args.json:
+        print(json.dumps(meta, sort_keys=True))
+    else:
+        ann = meta["ann"]["type"] if meta["ann"] else "exact search"
+        edge = meta.get("edge_items")
+        print(
+            f"{meta['count']} items x {meta['dim']} -> {args.out}/index ({ann}); "
+            + ("no edge bundle; " if edge is None else f"edge bundle {edge} items; ")
+            + f"model fingerprint {meta['model_fingerprint']}"
+        )
+    return 0
+
+
 def _cmd_demo(args) -> int:
-    from kuberank.demo import run_demo
+    from kuberank.cli.demo import run_demo
 
     run_demo(args.out, verbose=args.verbose)
     return 0
@@ -417,6 +439,27 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--json", action="store_true", help="one-line JSON")
     eq.set_defaults(func=_cmd_edge_query)
 
+    ix = sub.add_parser(
+        "index",
+        help="embed a dataset's items and write STORE/index",
+        description="Embed the dataset's items (documents or catalogue) with the model and write "
+        "STORE/index (embeddings, ids, an ANN index beyond --ann-threshold, the "
+        "encoder fingerprint) next to the export of the same model; the store's edge bundle "
+        "(STORE/edge) gets the same items.",
+    )
+    ix.add_argument("--model", required=True, metavar="DIR", help="the exported model directory")
+    ix.add_argument("--dataset", required=True, metavar="SPEC", help=dataset_help)
+    ix.add_argument("--out", required=True, metavar="STORE", help="the model store (path or s3://)")
+    ix.add_argument(
+        "--ann-threshold",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="build a faiss HNSW index above N items (default: 50000)",
+    )
+    ix.add_argument("--json", action="store_true", help="print index.json")
+    ix.set_defaults(func=_cmd_index)
+
     from kuberank.pipelines.cli import register as register_pipeline
     from kuberank.serving.cli import register as register_serving
 
@@ -455,7 +498,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kuberank: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

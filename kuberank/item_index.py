@@ -1,0 +1,179 @@
+"""The item index as serving reads it: its format, :func:`load_index` / :class:`ItemIndex`
+(exact or ANN top-n search) and :func:`check_index` (refuses an index embedded by another
+model). The step that builds it is components/index.py (``kuberank index``, ``index_op``).
+
+Layout::
+
+    STORE/index/index.json       format, count, dim, kind, dataset, fingerprints, ann settings
+    STORE/index/embeddings.npy   float32 [count, dim], L2-normalised item vectors
+    STORE/index/ids.json         item ids, row order of embeddings.npy
+    STORE/index/attributes.json  the items' attributes that filters use (serving/filters.py), of
+                                 the types STRING, STRINGS, NUMBER, BOOLEAN
+    STORE/index/popularity.json  an interaction log's training popularity (the long-tail boost,
+                                 serving/reranking.py)
+    STORE/index/ann.faiss        HNSW graph (faiss, inner product) when count > ann_threshold
+
+The index records the ``model_fingerprint`` and ``embedding_fingerprint`` of the export that
+embedded it; serving compares both with the manifest it serves and refuses a mismatch.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kuberank.errors import KuberankError
+from kuberank.storage import materialize
+from kuberank.store import INDEX_DIR, store_path
+
+INDEX_FORMAT = "kuberank-index/1"
+META_FILE = "index.json"
+EMBEDDINGS_FILE = "embeddings.npy"
+IDS_FILE = "ids.json"
+ANN_FILE = "ann.faiss"
+ATTRIBUTES_FILE = "attributes.json"
+POPULARITY_FILE = "popularity.json"
+# The attribute types an index keeps (components/index.py writes them, serving/filters.py reads)
+STRING, STRINGS, NUMBER, BOOLEAN = "string", "strings", "number", "boolean"
+# Exact search over 50k x 384 float32 items is ~20 MFLOP per query (~2-4 ms on one core); beyond
+# that an HNSW graph answers in well under a millisecond.
+DEFAULT_ANN_THRESHOLD = 50_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+
+
+class IndexMismatchError(KuberankError):
+    """The index was embedded by a different model than the encoder being served."""
+
+
+def load_faiss():
+    """The faiss module (optional: only the ANN path needs it, so it is imported here)."""
+    try:
+        import faiss
+    except ImportError as exc:  # the ANN path needs the pinned faiss-cpu wheel
+        raise KuberankError(
+            "the ANN index needs faiss (pip install faiss-cpu==1.15.1); "
+            "or raise --ann-threshold to keep exact search"
+        ) from exc
+    return faiss
+
+
+def check_index(meta: dict, manifest: dict, where: str = INDEX_DIR) -> None:
+    """Refuse an index whose fingerprints differ from the exported encoder's."""
+    if meta.get("format") != INDEX_FORMAT:
+        raise IndexMismatchError(f"{where}: not a kuberank index (format {meta.get('format')!r})")
+    pairs = (
+        ("model_fingerprint", (manifest.get("model") or {}).get("fingerprint")),
+        ("embedding_fingerprint", (manifest.get("embedding") or {}).get("fingerprint")),
+    )
+    for key, expected in pairs:
+        if meta.get(key) != expected:
+            raise IndexMismatchError(
+                f"{where}: embedded by another encoder ({key} {meta.get(key)} != the store's "
+                f"{expected}); rebuild it with `kuberank index --model <the exported model> ...`"
+            )
+
+
+@dataclass
+class ItemIndex:
+    """Item vectors with exact (matrix product) or ANN (faiss HNSW) top-n search."""
+
+    meta: dict
+    ids: list[str]
+    embeddings: np.ndarray  # [N, D] float32
+    ann: object | None = None
+    attributes: dict | None = None  # ATTRIBUTES_FILE: {"fields", "values"}; None: none kept
+    policy: object | None = None  # the store's serving policy (serving/policies.py), if any
+    # POPULARITY_FILE: {"users", "counts"} of an interaction log's training rows; None: none
+    popularity: dict | None = None
+
+    def __post_init__(self):
+        self.row = {item: i for i, item in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def rows_of(self, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        """(rows of the known ids, the unknown ids)."""
+        rows = [self.row.get(i, -1) for i in ids]
+        return (
+            np.array([r for r in rows if r >= 0], dtype=np.int64),
+            [i for i, r in zip(ids, rows, strict=True) if r < 0],
+        )
+
+    def search(
+        self, queries: np.ndarray, n: int, exclude: list[np.ndarray] | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per query, up to ``n`` rows by descending inner product (ties: lower row first)
+        and their scores, without the rows in ``exclude[i]``."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        exclude = exclude or [np.zeros(0, dtype=np.int64)] * len(queries)
+        width = min(len(self), n + max((len(e) for e in exclude), default=0))
+        if width <= 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return [empty] * len(queries), [empty.astype(np.float32)] * len(queries)
+        if self.ann is not None:
+            scores, rows = self.ann.search(queries, width)
+        else:
+            full = queries @ self.embeddings.T
+            rows = np.argpartition(-full, width - 1, axis=1)[:, :width]
+            scores = np.take_along_axis(full, rows, axis=1)
+        out_rows, out_scores = [], []
+        for i in range(len(queries)):
+            r, s = rows[i], scores[i]
+            keep = r >= 0
+            if len(exclude[i]):
+                keep &= ~np.isin(r, exclude[i])
+            r, s = r[keep], s[keep]
+            order = np.lexsort((r, -s))[:n]
+            out_rows.append(r[order].astype(np.int64))
+            out_scores.append(s[order].astype(np.float32))
+        return out_rows, out_scores
+
+
+def read_popularity(index_dir: Path, count: int) -> dict | None:
+    """STORE/index/popularity.json, checked against the item count (None: the index has none)."""
+    path = index_dir / POPULARITY_FILE
+    if not path.is_file():
+        return None
+    popularity = json.loads(path.read_text())
+    if len(popularity.get("counts", ())) != count:
+        raise KuberankError(f"{path}: {len(popularity.get('counts', ()))} counts for {count} items")
+    return popularity
+
+
+def load_index(store: str | os.PathLike) -> ItemIndex:
+    """Read STORE/index (local path or s3:// through materialize)."""
+    root = Path(materialize(store_path(store, INDEX_DIR)))
+    meta_file = root / META_FILE
+    if not meta_file.is_file():
+        raise KuberankError(f"{root}: no {META_FILE}; build it with `kuberank index`")
+    meta = json.loads(meta_file.read_text())
+    embeddings = np.load(root / EMBEDDINGS_FILE).astype(np.float32, copy=False)
+    ids = json.loads((root / IDS_FILE).read_text())
+    if embeddings.shape != (meta.get("count"), meta.get("dim")) or len(ids) != len(embeddings):
+        raise KuberankError(
+            f"{root}: inconsistent index ({embeddings.shape} embeddings, {len(ids)} ids, "
+            f"index.json says {meta.get('count')}x{meta.get('dim')})"
+        )
+    ann = None
+    if meta.get("ann"):
+        ann = load_faiss().read_index(str(root / meta["ann"]["file"]))
+        ann.hnsw.efSearch = int(meta["ann"].get("ef_search", HNSW_EF_SEARCH))
+    attributes_file = root / ATTRIBUTES_FILE  # indexes built before filters have none
+    attributes = json.loads(attributes_file.read_text()) if attributes_file.is_file() else None
+    return ItemIndex(
+        meta=meta,
+        ids=ids,
+        embeddings=embeddings,
+        ann=ann,
+        attributes=attributes,
+        popularity=read_popularity(root, len(ids)),
+    )

@@ -1,0 +1,43 @@
+"""kuberank/item_index.py: the index serving reads: exact search with exclusions over an
+index built by the index step (tests/test_index.py builds it once per session), and the
+checks on what the index holds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_index import serving_store
+
+from kuberank import item_index as ix
+from kuberank.errors import KuberankError
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    return serving_store(tmp_path_factory)
+
+
+def test_exact_search_is_brute_force_with_exclusions(indexed):
+    store, _, _ = indexed
+    index = ix.load_index(store)
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(3, index.dim)).astype(np.float32)
+    rows, scores = index.search(
+        queries, 4, exclude=[np.array([0]), np.zeros(0, np.int64), np.array([1, 2])]
+    )
+    for q, r, s, ex in zip(queries, rows, scores, ([0], [], [1, 2]), strict=True):
+        full = index.embeddings @ q
+        expected = [i for i in np.argsort(-full, kind="stable") if i not in ex][:4]
+        assert list(r) == expected
+        assert np.allclose(s, full[expected], atol=1e-5)
+    known, unknown = index.rows_of(["d2", "zzz", "d1"])
+    assert list(known) == [1, 0] and unknown == ["zzz"]
+
+
+def test_read_popularity_checks_its_length(tmp_path):
+    assert ix.read_popularity(tmp_path, 3) is None
+    (tmp_path / ix.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": [1, 2]}))
+    with pytest.raises(KuberankError, match="2 counts for 3 items"):
+        ix.read_popularity(tmp_path, 3)
