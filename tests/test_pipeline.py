@@ -1,11 +1,9 @@
 """The kfp pipeline: compiled IR YAML (task graph, GPU settings, secrets, caching, retries,
-stable cache keys), the RayJob the cluster's fine-tuning task creates, submission through
-kfp.Client to a loopback stand-in of the KFP REST API, the CLI, and a tiny end-to-end local run
+stable cache keys; the RayJob runner in tests/test_rayjob.py), submission through kfp.Client to a loopback stand-in of the KFP REST API, the CLI, and a tiny end-to-end local run
 whose model repository the real tritonserver loads and serves."""
 
 import copy
 import json
-import shlex
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +14,7 @@ import yaml
 from conftest import require
 
 from kuberank.errors import KuberankError
-from kuberank.pipelines import local, rayjob, release
+from kuberank.pipelines import local
 from kuberank.pipelines import pipeline as pl
 from kuberank.pipelines.cli import build_parser
 from kuberank.pipelines.compile import check_package, compile_pipeline, package_tasks
@@ -167,105 +165,6 @@ def test_check_package_names_what_is_wrong(compiled, tmp_path):
         pl.build_pipeline("laptop")
     with pytest.raises(KuberankError, match="--training"):
         pl.ClusterSettings(training="slurm")
-
-
-def test_rayjob_manifest_is_valid_and_runs_the_real_train_command():
-    from kuberank.cli import build_parser as kuberank_parser
-    from kuberank.deploy import schema as kubeschema
-
-    job = rayjob.rayjob_manifest(
-        rayjob.rayjob_name("Run_42/ABC"),
-        image="img:1",
-        dataset="prepared:s3://b/p",
-        out="s3://b/m",
-        workers=4,
-        gpus_per_worker=1,
-        max_minutes=30,
-    )
-    assert job["metadata"]["name"] == "kuberank-ft-run-42-abc"
-    kubeschema.validate(job)
-    assert kubeschema.security_violations(job) == []
-    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert group["replicas"] == 4
-    worker = group["template"]["spec"]
-    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "kuberank.cli"]
-    args = kuberank_parser().parse_args(argv[3:])
-    assert (args.dataset, args.out, args.workers, args.storage, args.use_gpu, args.max_minutes) == (
-        "prepared:s3://b/p",
-        "s3://b/m",
-        4,
-        "s3://b/m.checkpoints",
-        True,
-        30.0,
-    )
-    cpu = rayjob.rayjob_manifest(
-        "kuberank-ft-x", image="img:1", dataset="d", out="/o", workers=1, gpus_per_worker=0
-    )
-    kubeschema.validate(cpu)
-    assert (
-        "tolerations"
-        not in cpu["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
-    )
-    assert kuberank_parser().parse_args(shlex.split(cpu["spec"]["entrypoint"])[3:]).use_gpu is False
-    with pytest.raises(KuberankError, match="workers"):
-        rayjob.rayjob_manifest("x", image="i", dataset="d", out="o", workers=0, gpus_per_worker=0)
-
-
-class _ScriptedRayJobs:
-    """Stands in for the Kubernetes custom-objects API: returns the given statuses in turn."""
-
-    def __init__(self, statuses):
-        self.statuses, self.created = list(statuses), []
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.created.append((group, version, namespace, plural, body["metadata"]["name"]))
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        return {"status": self.statuses.pop(0)}
-
-
-def test_rayjob_is_followed_to_its_outcome():
-    assert rayjob.rayjob_outcome({}) is None
-    assert rayjob.rayjob_outcome({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}) is None
-    assert rayjob.rayjob_outcome({"jobStatus": "SUCCEEDED"}) == "SUCCEEDED"
-    assert "OOMKilled" in rayjob.rayjob_outcome({"jobStatus": "FAILED", "message": "OOMKilled"})
-    assert "ValidationFailed" in rayjob.rayjob_outcome({"jobDeploymentStatus": "ValidationFailed"})
-    job = rayjob.rayjob_manifest(
-        "kuberank-ft-a", image="i", dataset="d", out="s3://b/m", workers=1, gpus_per_worker=1
-    )
-    api = _ScriptedRayJobs(
-        [
-            {"jobDeploymentStatus": "Initializing"},
-            {"jobStatus": "RUNNING"},
-            {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
-        ]
-    )
-    lines = []
-    status = rayjob.run_rayjob(job, "ml", api=api, poll_s=0, echo=lines.append)
-    assert status["jobStatus"] == "SUCCEEDED"
-    assert api.created == [("ray.io", "v1", "ml", "rayjobs", "kuberank-ft-a")]
-    assert len(lines) == 4  # created + three state changes
-    api = _ScriptedRayJobs(
-        [{"jobStatus": "RUNNING"}, {"jobStatus": "FAILED", "message": "worker lost"}]
-    )
-    with pytest.raises(KuberankError, match="RayJob FAILED: worker lost"):
-        rayjob.run_rayjob(job, "ml", api=api, poll_s=0, echo=lambda _: None)
-
-
-def test_canary_values_fit_the_chart_schema():
-    import jsonschema
-
-    from kuberank.deploy.chart import deep_merge, load_values_files
-
-    values = load_values_files(CHART / "values.yaml")
-    deep_merge(values, release.canary_values("s3://kuberank-models/pipeline", 3, 10))
-    jsonschema.validate(values, json.loads((CHART / "values.schema.json").read_text()))
-    assert values["canary"]["modelStoreUri"] == "s3://kuberank-models/pipeline"
-    with pytest.raises(KuberankError, match="canary_weight"):
-        release.canary_values("s3://x", 1, 0)
 
 
 def test_parse_params_types_and_errors():
