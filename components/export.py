@@ -672,9 +672,9 @@ def tensorrt_op(store: str, fingerprint: str) -> str:
     is checked against the store. Returns the fingerprint."""
     from kuberank.components.export import export_tensorrt
     from kuberank.errors import KuberankError
-    from kuberank.store import read_manifest
+    from kuberank.store import ModelStore
 
-    found = read_manifest(store)["embedding"]["fingerprint"]
+    found = ModelStore(store).embedding_fingerprint
     if found != fingerprint:
         raise KuberankError(
             f"store {store}: holds embedding {found}, export produced {fingerprint}"

@@ -1,8 +1,8 @@
 """The model store's layout: what ``kuberank export`` writes and serving reads.
 
-The names live here, with :func:`store_path` (a part of a local or ``s3://`` store) and
-:func:`read_manifest` (issue 14 moves the reading of every part here too); every other module
-imports them instead of spelling them (tests/test_store.py checks)::
+The names live here, with :class:`ModelStore` (a store opened once: manifest, version,
+fingerprints, parts, the checked index), :func:`store_path` and :func:`read_manifest`; every
+other module imports them instead of spelling them (tests/test_store.py checks)::
 
     STORE/manifest.json   MANIFEST: format kuberank-store/N, version, model and embedding fingerprints
     STORE/onnx/           ONNX_DIR: the exported encoder (ENCODER_FILE fp32, INT8_FILE int8) and
@@ -68,6 +68,58 @@ def read_manifest(store: str | os.PathLike) -> dict:
         return json.loads(Path(path).read_text())
     except ValueError as exc:
         raise KuberankError(f"{store_path(store, MANIFEST)}: not valid JSON: {exc}") from exc
+
+
+class ModelStore:
+    """A model store opened once from a local path or an ``s3://`` URI: its manifest (read on
+    first use, then kept), version and fingerprints, where each part lives, and its index
+    checked against its encoder. What reads a store goes through this; what writes one
+    (export, index, policies) publishes to :meth:`uri_of` its parts."""
+
+    def __init__(self, uri: str | os.PathLike):
+        self.uri = str(uri)
+        self._manifest: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"ModelStore({self.uri!r})"
+
+    @property
+    def manifest(self) -> dict:
+        """STORE/manifest.json (a KuberankError if the store has none)."""
+        if self._manifest is None:
+            self._manifest = read_manifest(self.uri)
+        return self._manifest
+
+    @property
+    def version(self) -> str:
+        """The version the manifest records ("0" when none)."""
+        return str(self.manifest.get("version", "0"))
+
+    @property
+    def embedding_fingerprint(self) -> str | None:
+        return (self.manifest.get("embedding") or {}).get("fingerprint")
+
+    @property
+    def model_fingerprint(self) -> str | None:
+        return (self.manifest.get("model") or {}).get("fingerprint")
+
+    def uri_of(self, *parts: str) -> str:
+        """Where a part lives (``STORE/part/...``, or its key under the s3:// prefix)."""
+        return store_path(self.uri, *parts)
+
+    def local(self, *parts: str) -> Path:
+        """A part as a local path, downloaded first when the store is on S3."""
+        return Path(materialize(self.uri_of(*parts)))
+
+    def checked_index(self):
+        """STORE/index (kuberank/item_index.py), refused (IndexMismatchError) when another
+        encoder than the store's embedded it."""
+        # item_index imports this module's names: imported here to keep the import one-way
+        from kuberank.item_index import check_index, load_index
+
+        index = load_index(self.uri)
+        check_index(index.meta, self.manifest, where=self.uri_of(INDEX_DIR))
+        return index
 
 
 def is_store(path: str | os.PathLike) -> bool:

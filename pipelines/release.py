@@ -90,27 +90,24 @@ def publish_op(
     from pathlib import Path
 
     from kuberank.components.edge import BUNDLE_FILE
-    from kuberank.item_index import check_index, load_index
     from kuberank.pipelines.release import release_record, release_report
-    from kuberank.storage import materialize, publish
-    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS, read_manifest
+    from kuberank.storage import publish
+    from kuberank.store import EDGE_DIR, INDEX_DIR, RELEASE_FILE, TRITON_PARTS, ModelStore
 
-    manifest = read_manifest(store)
-    meta = load_index(store).meta
-    check_index(meta, manifest, where=f"{store}/{INDEX_DIR}")
+    opened = ModelStore(store)
+    manifest = opened.manifest
+    meta = opened.checked_index().meta
     if meta["embedding_fingerprint"] != index_fingerprint:
         raise ValueError(
-            f"{store}/{INDEX_DIR}: embedding {meta['embedding_fingerprint']}, the index step "
-            f"built {index_fingerprint}: another run wrote the store meanwhile"
+            f"{opened.uri_of(INDEX_DIR)}: embedding {meta['embedding_fingerprint']}, the index "
+            f"step built {index_fingerprint}: another run wrote the store meanwhile"
         )
     for part in TRITON_PARTS:
-        root = Path(materialize(f"{store.rstrip('/')}/{part}"))
-        if not (root / "query_encoder" / "config.pbtxt").is_file():
+        if not (opened.local(part) / "query_encoder" / "config.pbtxt").is_file():
             raise FileNotFoundError(
-                f"{store}/{part}: no query_encoder ensemble; export did not finish"
+                f"{opened.uri_of(part)}: no query_encoder ensemble; export did not finish"
             )
-    edge_dir = Path(materialize(f"{store.rstrip('/')}/{EDGE_DIR}"))
-    edge = json.loads((edge_dir / BUNDLE_FILE).read_text())
+    edge = json.loads((opened.local(EDGE_DIR) / BUNDLE_FILE).read_text())
     if edge.get("items") != meta["count"] or edge.get("fingerprint") != index_fingerprint:
         raise ValueError(
             f"{store}/{EDGE_DIR}: {edge.get('items')} items of embedding {edge.get('fingerprint')}, the "
@@ -121,7 +118,7 @@ def publish_op(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / RELEASE_FILE
         path.write_text(json.dumps(record, indent=2) + "\n")
-        publish(path, f"{store.rstrip('/')}/{RELEASE_FILE}")
+        publish(path, opened.uri_of(RELEASE_FILE))
     Path(release.path).write_text(json.dumps(record, indent=2) + "\n")
     release.metadata.update(
         {

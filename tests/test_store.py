@@ -121,3 +121,37 @@ def test_layout_names_are_distinct_and_the_triton_parts_are_exported():
     assert len(set(store.LAYOUT_NAMES)) == len(store.LAYOUT_NAMES)
     assert all("." not in part for part in store.EXPORT_PARTS)
     assert set(store.TRITON_PARTS) <= set(store.EXPORT_PARTS)
+
+
+def test_a_store_opened_once_gives_its_manifest_parts_and_checked_index(tmp_path_factory):
+    import json
+    import shutil
+
+    import pytest
+    from test_index import serving_store
+
+    from kuberank.errors import KuberankError
+    from kuberank.item_index import IndexMismatchError
+
+    root, _, _ = serving_store(tmp_path_factory)
+    opened = store.ModelStore(root)
+    manifest = json.loads((root / store.MANIFEST).read_text())
+    assert opened.manifest == manifest and opened.version == str(manifest.get("version", "0"))
+    index = opened.checked_index()
+    assert index.meta["embedding_fingerprint"] == opened.embedding_fingerprint
+    assert index.meta["model_fingerprint"] == opened.model_fingerprint
+    assert opened.local(store.INDEX_DIR) == root / store.INDEX_DIR
+    assert store.ModelStore("s3://b/p/").uri_of(store.INDEX_DIR, "x") == "s3://b/p/index/x"
+
+    copy = tmp_path_factory.mktemp("other") / "store"
+    shutil.copytree(root, copy, symlinks=True)
+    other = store.ModelStore(copy)
+    assert other.manifest == manifest  # read once: later writes do not change an opened store
+    (copy / store.MANIFEST).write_text(
+        json.dumps({**manifest, "embedding": {"fingerprint": "another"}})
+    )
+    assert other.embedding_fingerprint == manifest["embedding"]["fingerprint"]
+    with pytest.raises(IndexMismatchError, match="embedded by another encoder"):
+        store.ModelStore(copy).checked_index()
+    with pytest.raises(KuberankError):
+        _ = store.ModelStore(tmp_path_factory.mktemp("empty")).manifest
