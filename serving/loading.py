@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kuberank.errors import KuberankError
+from kuberank.serving import hybrid
 from kuberank.serving.policies import load_policy
 from kuberank.store import INDEX_DIR, MODEL_DIR
 
@@ -69,3 +70,32 @@ def load_checked_index(store: str):
     check_index(index.meta, manifest, where=f"{store}/{INDEX_DIR}")
     index.policy = load_policy(store, index)
     return manifest, index
+
+
+class OpenedStore:
+    """A store opened for one replica's load: each part (manifest, checked index, F's tables,
+    the lexical stage) read once, on first use, and shared by the stages that load from it."""
+
+    def __init__(self, uri: str):
+        self.uri, self._parts = uri, {}
+
+    def _once(self, read, *args):
+        """``read(uri, *args)``, the first time it is asked for."""
+        if read not in self._parts:
+            self._parts[read] = read(self.uri, *args)
+        return self._parts[read]
+
+    def manifest(self) -> dict:
+        if load_checked_index in self._parts:  # the manifest the index was checked against
+            return self._parts[load_checked_index][0]
+        return self._once(read_store_manifest)
+
+    def index(self):
+        return self._once(load_checked_index)[1]
+
+    def tables(self) -> tuple[ModelTables, Path | None]:
+        return self._once(read_model_tables, self.index().meta.get("kind", "search"))
+
+    def lexical(self):
+        """serving/hybrid.py's lexical stage (STORE/lexical), None without one."""
+        return self._once(hybrid.load_stage, self.index().ids)
