@@ -9,9 +9,9 @@ kuberank.serving.settings.Settings); the deployments are named ``Ingress``, ``Qu
 
 This module holds the Serve deployments and the builder; what they run lives beside it:
 settings.py (Settings, deployment names and options), loading.py (reading the store),
-encoders.py (Triton, in-process ONNX Runtime), stages.py (retrieve, rank), pipeline.py (the
-colocated path), split.py (the calls to the stage deployments) and http_api.py (schema, errors,
-middleware). Serve pickles the deployment classes by value: a function they use that is defined
+encoders.py (Triton, in-process ONNX Runtime), stages.py (STAGES: encode, retrieve, rank, and
+their core), pipeline.py (the colocated path), split.py (the calls to the stage deployments) and
+http_api.py (schema, errors, middleware). Serve pickles the deployment classes by value: a function they use that is defined
 here must be defined before them (an imported one is pickled by reference).
 
 HTTP API (OpenAPI schema at ``/openapi.json``):
@@ -29,7 +29,8 @@ Request path: colocated (``colocate``, the default for one node) the Ingress its
 encode + retrieve + rank, batched by worker threads (kuberank.serving.batching; one process, no
 handle hops; the three stage deployments stay in the application at 0 replicas), and JSON POSTs
 skip FastAPI's routing (kuberank.serving.json_routes); otherwise each stage is its own
-deployment:
+deployment, one ``StageDeployment`` per stage of ``STAGES`` named by the stage (the Ingress
+calls them in the list's order):
 
 - QueryEncoder: ``@serve.batch`` of query texts; Triton's ``query_encoder`` ensemble over gRPC
   (one ``tritonclient.grpc.aio`` client per replica, so the channel is reused) or in-process
@@ -54,17 +55,14 @@ import dataclasses
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from fastapi.responses import PlainTextResponse, Response
 
 from kuberank.errors import KuberankError
 from kuberank.serving import admission, hybrid, json_routes
 from kuberank.serving.admission import Admission, Overloaded
 from kuberank.serving.batching import BatcherStopped, DynamicBatcher
-from kuberank.serving.encoders import EncoderUnavailableError, InProcessEncoder, QueryEncoding
-from kuberank.serving.explain import explain_rows
+from kuberank.serving.encoders import EncoderUnavailableError, QueryEncoding
 from kuberank.serving.filters import attribute_table, served_schema
 from kuberank.serving.http_api import (
     ERRORS,
@@ -83,12 +81,7 @@ from kuberank.serving.http_api import (
     screen_query,
     unknown_items_problem,
 )
-from kuberank.serving.loading import (
-    load_checked_index,
-    model_version,
-    read_model_tables,
-    read_store_manifest,
-)
+from kuberank.serving.loading import OpenedStore, load_checked_index
 from kuberank.serving.metrics import replica_metrics
 from kuberank.serving.pipeline import (
     Pipeline,
@@ -100,23 +93,14 @@ from kuberank.serving.pipeline import (
 )
 from kuberank.serving.reranking import served_schema as reranking_schema
 from kuberank.serving.settings import (
-    ENCODER,
     INGRESS,
-    RANKER,
-    RETRIEVER,
     Settings,
     check_default_reranking,
     default_deployments,
     merge_options,
 )
 from kuberank.serving.split import StagePath
-from kuberank.serving.stages import (
-    RankerCore,
-    RankRequest,
-    RetrieveRequest,
-    UnknownItemsError,
-    retrieve_each,
-)
+from kuberank.serving.stages import STAGES, UnknownItemsError
 
 api = new_api()
 
@@ -136,135 +120,50 @@ except ImportError:  # pragma: no cover - ray is a dependency; keeps the pure co
 
 if serve is not None:
 
-    @serve.deployment(name=ENCODER)
-    class QueryEncoder:
-        def __init__(self, triton_url: str, settings: dict):
+    @serve.deployment
+    class StageDeployment:
+        """One stage of STAGES (serving/stages.py) as its own deployment, named by the stage
+        (``QueryEncoder``, ``Retriever``, ``Ranker``): Serve batches its calls with the stage's
+        batch setting, the stage runs each batch; a reconfigure loads the stage anew."""
+
+        def __init__(self, deployment: str, settings: dict, triton_url: str = ""):
             self.settings = Settings(**settings)
+            self.kind = next(s for s in STAGES if s.deployment == deployment)
             self.encoding = QueryEncoding(triton_url, self.settings)
-            self.local: InProcessEncoder | None = None
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-            self.state = None
-            set_batching(self._encode_batch, self.settings.encoder_batch)
+            self.stage = None
+            set_batching(self._run_batch, getattr(self.settings, self.kind.batch))
 
         async def reconfigure(self, config: dict):
-            # loads off the event loop: requests keep being served by the old state meanwhile
-            await asyncio.to_thread(self._load, config["model_store"])
-
-        def _load(self, store: str):
-            manifest = read_store_manifest(store)
-            local = self.encoding.load_local(store, manifest)
-            self.local, self.state = local, {"version": model_version(manifest)}
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
-        async def _encode_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
-            started = time.perf_counter()
-            texts = [t for t, _ in items]
-            vectors = await self.encoding.remote(texts)
-            fallback = 0
-            if vectors is None:
-                local = self.local
-                vectors = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, local.encode, texts
-                )
-                fallback = len(texts) if self.encoding.triton is not None else 0
-            return [
-                (
-                    vectors[i],
-                    {
-                        "batch": len(items),
-                        "queue_s": started - t0,
-                        "fallback": fallback / len(items),
-                    },
-                )
-                for i, (_, t0) in enumerate(items)
-            ]
-
-        async def encode(self, text: str) -> tuple[np.ndarray, dict]:
-            return await self._encode_batch((text, time.perf_counter()))
-
-    @serve.deployment(name=RETRIEVER)
-    class Retriever:
-        def __init__(self, settings: dict):
-            self.settings = Settings(**settings)
-            self.index, self.lexical = None, None
-            set_batching(self._retrieve_batch, self.settings.retriever_batch)
-
-        async def reconfigure(self, config: dict):
-            store = config["model_store"]
-            _, index = await asyncio.to_thread(load_checked_index, store)
-            lexical = await asyncio.to_thread(hybrid.load_stage, store, index.ids)
-            self.index, self.lexical = index, lexical
+            # loads off the event loop: requests keep being served by the old stage meanwhile
+            store = OpenedStore(config["model_store"])
+            self.stage = await asyncio.to_thread(
+                self.kind.load, store, self.settings, self.encoding
+            )
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-        async def _retrieve_batch(self, items: list[tuple[RetrieveRequest, float]]) -> list:
+        async def _run_batch(self, items: list[tuple[PipelineRequest, float]]) -> list:
             started = time.perf_counter()
-            index, timings = self.index, {"lexical": 0.0}
-            reqs = [r for r, _ in items]
-            args = (self.settings.rank_all_max, self.lexical, timings)
-            results = retrieve_each(index, reqs, *args)
-            out = []
-            for result, (req, t0) in zip(results, items, strict=True):
-                if isinstance(result, Exception):
-                    out.append(result)
-                else:
-                    meta = {
-                        "batch": len(items),
-                        "queue_s": started - t0,
-                        "policy_removed": req.policy_removed,
-                        **timings,
-                    }
-                    out.append((result[0], result[1], meta))
-            return out
+            extra = await self.stage.run_batch_async([r for r, _ in items], self.settings)
+            return [(r, {"batch": len(items), "queue_s": started - t0, **extra}) for r, t0 in items]
 
-        async def retrieve(self, req: RetrieveRequest):
-            result = await self._retrieve_batch((req, time.perf_counter()))
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-    @serve.deployment(name=RANKER)
-    class Ranker:
-        def __init__(self, settings: dict):
-            self.settings = Settings(**settings)
-            self.core = None
-            set_batching(self._rank_batch, self.settings.ranker_batch)
-
-        async def reconfigure(self, config: dict):
-            self.core, self.version = await asyncio.to_thread(self._load, config["model_store"])
-
-        @staticmethod
-        def _load(store: str):
-            manifest, index = load_checked_index(store)
-            tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
-            core = RankerCore(store, index, tables, model_dir)
-            return core, (model_version(manifest), manifest["embedding"]["fingerprint"])
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-        async def _rank_batch(self, items: list[tuple[RankRequest, float]]) -> list:
-            started = time.perf_counter()
-            core, version = self.core, self.version
-            out = []
-            for req, t0 in items:
-                rows, scores = core.rank(req)
-                meta = {"batch": len(items), "queue_s": started - t0, "capped": req.capped}
-                if req.explain:
-                    meta["explain"] = explain_rows(core, req, rows)
-                out.append(([core.index.ids[r] for r in rows], scores.tolist(), version, meta))
-            return out
-
-        async def rank(self, req: RankRequest):
-            return await self._rank_batch((req, time.perf_counter()))
+        async def run(self, request: PipelineRequest) -> tuple[PipelineRequest, dict]:
+            """The request with this stage's part filled in, and the batch's meta (its size,
+            this request's wait, the stage's extra seconds); a request's own error raised."""
+            request, meta = await self._run_batch((request, time.perf_counter()))
+            if request.error is not None:
+                raise request.error
+            return request, meta
 
     @serve.deployment(name=INGRESS)
     @serve.ingress(api)
     class Ingress:
-        def __init__(self, encoder, retriever, ranker, settings: dict, triton_url: str = ""):
+        def __init__(self, stages: dict, settings: dict, triton_url: str = ""):
             self.settings = Settings(**settings)
             # One registry per replica process, shared with the HTTP middleware (Serve pickles
             # this class by value, so a module global here would be a copy).
             self.metrics = replica_metrics()
-            # the split path: calls to the stage deployments (serving/split.py)
-            self.stages = StagePath(encoder, retriever, ranker, self.settings, self.metrics)
+            # the split path: calls to the stage deployments, {name: handle} (serving/split.py)
+            self.stages = StagePath(stages, self.settings, self.metrics)
             self.state: Pipeline | None = None
             # colocated: batches run side by side (0: the stages do the work)
             self.batch_workers = self.settings.batch_streams() if self.settings.colocate else 0
@@ -403,18 +302,15 @@ if serve is not None:
             if isinstance(result, UnknownItemsError):
                 raise unknown_items_problem(result.ids)
             timings, batch = meta["timings"], meta["batch"]
-            for stage in (
-                ("encode", "retrieve", "rank") if query is not None else ("retrieve", "rank")
-            ):
-                first = stage == "encode" or (query is None and stage == "retrieve")
-                self.metrics.observe_stage(
-                    stage,
-                    timings[stage] + (queue_s if first else 0.0),
-                    batch,
-                    queue_s if first else 0.0,
-                )
-            if request.retrieval != "dense":  # BM25 + fusion, a part of retrieve
-                self.metrics.observe_stage("lexical", timings["lexical"], batch)
+            first = True  # the first stage of the request's path also waited in the queue
+            for stage in STAGES:
+                if not stage.wants(request):
+                    continue
+                waited = queue_s if first else 0.0
+                self.metrics.observe_stage(stage.name, timings[stage.name] + waited, batch, waited)
+                for part in stage.extras(request):  # e.g. retrieve's BM25 + fusion
+                    self.metrics.observe_stage(part, timings[part], batch)
+                first = False
             if query is not None and meta["fallback"]:
                 self.metrics.encoder_fallbacks(1)
             self.metrics.policy_decisions(request.decisions)
@@ -533,10 +429,13 @@ def build_app(args: dict):
     def bind(deployment, name, *init):
         return deployment.options(user_config=user_config, **options[name]).bind(*init)
 
-    encoder = bind(QueryEncoder, ENCODER, triton_url, plain)
-    retriever = bind(Retriever, RETRIEVER, plain)
-    ranker = bind(Ranker, RANKER, plain)
-    return bind(Ingress, INGRESS, encoder, retriever, ranker, plain, triton_url)
+    stages = {
+        stage.deployment: StageDeployment.options(
+            name=stage.deployment, user_config=user_config, **options[stage.deployment]
+        ).bind(stage.deployment, plain, triton_url)
+        for stage in STAGES
+    }
+    return bind(Ingress, INGRESS, stages, plain, triton_url)
 
 
 def describe(args: dict) -> dict:

@@ -41,7 +41,8 @@ def in_process_limit(
     from kuberank.serving.pipeline import PipelineRequest, load_pipeline
     from kuberank.serving.settings import Settings
 
-    encoding = QueryEncoding("", Settings(onnx_precision=precision, onnx_threads=threads), streams)
+    settings = Settings(onnx_precision=precision, onnx_threads=threads, candidates=candidates)
+    encoding = QueryEncoding("", settings, streams)
     pipe = load_pipeline(store, encoding)
     intra = encoding.onnx_threads()
     totals: dict[str, float] = {}
@@ -50,7 +51,7 @@ def in_process_limit(
     def one_batch(start: int) -> None:
         texts = [queries[(start + j) % len(queries)] for j in range(batch_size)]
         reqs = [PipelineRequest(t, [], None, k, False, retrieval=retrieval) for t in texts]
-        results, timings = pipe.run(reqs, None, candidates, 5000)
+        results, timings = pipe.run(reqs, None, settings)
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
             raise failed

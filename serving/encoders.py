@@ -10,9 +10,8 @@ import numpy as np
 from kuberank.errors import KuberankError
 from kuberank.serving.admission import Overloaded
 from kuberank.serving.batching import run_on_loop
-from kuberank.serving.loading import store_part
 from kuberank.serving.settings import Settings, onnx_thread_count
-from kuberank.store import ENCODER_FILE, INT8_FILE, ONNX_DIR
+from kuberank.store import ENCODER_FILE, INT8_FILE, ONNX_DIR, ModelStore
 
 
 class EncoderUnavailableError(KuberankError):
@@ -26,7 +25,7 @@ class InProcessEncoder:
     def __init__(self, store: str, manifest: dict, precision: str = "int8", threads: int = 1):
         from kuberank.onnx_encoder import OnnxEncoder
 
-        onnx_dir = store_part(store, ONNX_DIR)
+        onnx_dir = ModelStore(store).local(ONNX_DIR)
         name = INT8_FILE if precision == "int8" else ENCODER_FILE
         self.encoder = OnnxEncoder(
             onnx_dir / name,

@@ -122,7 +122,7 @@ def explain_offline(
         from kuberank.serving.hybrid import choose
 
         request.retrieval = choose(None, pipe.lexical)
-    [(ids, scores, why)], _ = pipe.run([request], None, settings.candidates, settings.rank_all_max)
+    [(ids, scores, why)], _ = pipe.run([request], None, settings)
     return rank_response((pipe.version, pipe.fingerprint), pipe.kind, ids, scores, why)
 
 

@@ -1,6 +1,7 @@
-"""Reading a model store for serving: its manifest and version, a part materialised locally
-(s3:// or a path), F's tables (STORE/model/kuberank.json) and the index, checked against the
-store's encoder and served with the store's policy."""
+"""Reading a model store for serving: :class:`OpenedStore` is kuberank.store's
+:class:`~kuberank.store.ModelStore` (manifest, version, parts, the index checked against the
+store's encoder) plus what the stages share, each read once per load: the index with the
+store's policy, F's tables (STORE/model/kuberank.json) and the lexical stage."""
 
 import json
 from dataclasses import dataclass
@@ -8,29 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from kuberank.errors import KuberankError
-from kuberank.item_index import check_index, load_index
+from kuberank.serving import hybrid
 from kuberank.serving.policies import load_policy
-from kuberank.store import INDEX_DIR, MODEL_DIR, read_manifest
-
-
-def store_part(store: str, part: str) -> Path:
-    """``part`` of the store (a kuberank.store name) as a local path, downloaded when the
-    store is an s3:// URI."""
-    from kuberank.storage import is_s3, materialize
-
-    return materialize(
-        "/".join([store.rstrip("/"), part]) if is_s3(store) else str(Path(store) / part)
-    )
-
-
-def read_store_manifest(store: str) -> dict:
-    """The store's manifest (kuberank/store.py reads it)."""
-    return read_manifest(store)
-
-
-def model_version(manifest: dict) -> str:
-    """The version a store's manifest records ("0" when none)."""
-    return str(manifest.get("version", "0"))
+from kuberank.store import MODEL_DIR, ModelStore
 
 
 @dataclass
@@ -42,13 +23,13 @@ class ModelTables:
     info: Any | None  # kuberank.model.ModelInfo, None for a plain encoder (F = Q·I)
 
 
-def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | None]:
+def read_model_tables(store: ModelStore, index_kind: str) -> tuple[ModelTables, Path | None]:
     """F's tables and STORE/model, or (a plain encoder's tables of ``index_kind``, None) when
     the store has no kuberank model."""
     from kuberank.model import MANIFEST, MODEL_FORMAT, read_info
 
     try:
-        model_dir = store_part(store, MODEL_DIR)
+        model_dir = store.local(MODEL_DIR)
     except KuberankError:
         return ModelTables(index_kind, {}, None), None
     manifest = model_dir / MANIFEST
@@ -58,11 +39,41 @@ def read_model_tables(store: str, index_kind: str) -> tuple[ModelTables, Path | 
     return ModelTables(info.kind, {u: i for i, u in enumerate(info.user_ids)}, info), model_dir
 
 
+class OpenedStore(ModelStore):
+    """A store opened for one replica's load: each part read once, on first use, and shared
+    by the stages that load from it."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self._parts: dict = {}
+
+    def _once(self, name: str, read):
+        if name not in self._parts:
+            self._parts[name] = read()
+        return self._parts[name]
+
+    def _index(self):
+        index = self.checked_index()
+        index.policy = load_policy(self.uri, index)  # a policy it cannot serve refuses it
+        return index
+
+    def index(self):
+        """The checked index, with the store's policy."""
+        return self._once("checked index", self._index)
+
+    def tables(self) -> tuple[ModelTables, Path | None]:
+        return self._once(
+            "tables", lambda: read_model_tables(self, self.index().meta.get("kind", "search"))
+        )
+
+    def lexical(self):
+        """serving/hybrid.py's lexical stage (STORE/lexical), None without one."""
+        return self._once("lexical stage", lambda: hybrid.load_stage(self.uri, self.index().ids))
+
+
 def load_checked_index(store: str):
     """The store's manifest and index (with the store's policy), refusing an index made by
     another encoder or a policy that cannot be served."""
-    manifest = read_store_manifest(store)
-    index = load_index(store)
-    check_index(index.meta, manifest, where=f"{store}/{INDEX_DIR}")
-    index.policy = load_policy(store, index)
-    return manifest, index
+    opened = OpenedStore(store)
+    index = opened.index()
+    return opened.manifest, index

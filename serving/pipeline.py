@@ -1,40 +1,20 @@
-"""The colocated request path: one Ingress replica runs encode + retrieve + rank itself, a batch
-at a time on its batch workers (serving/batching.py), on a :class:`Pipeline` (everything it
-serves one model version with, swapped in one assignment on reload)."""
+"""The colocated request path: one Ingress replica runs the stages (serving/stages.py: encode,
+retrieve, rank) itself, a batch at a time on its batch workers (serving/batching.py), on a
+:class:`Pipeline` (everything it serves one model version with, swapped in one assignment on
+reload)."""
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from kuberank.serving import hybrid
 from kuberank.serving.admission import Admission, Overloaded
-from kuberank.serving.encoders import EncoderUnavailableError, InProcessEncoder, QueryEncoding
-from kuberank.serving.explain import explain_rows
-from kuberank.serving.filters import Filter
-from kuberank.serving.loading import load_checked_index, model_version, read_model_tables
-from kuberank.serving.policies import candidate_count, policy_decisions
+from kuberank.serving.encoders import EncoderUnavailableError, QueryEncoding
+from kuberank.serving.loading import OpenedStore
 from kuberank.serving.settings import Settings
-from kuberank.serving.stages import RankerCore, RankRequest, RetrieveRequest, retrieve_each
-
-
-@dataclass
-class PipelineRequest:
-    """One ranking request, as both request paths take it."""
-
-    query: str | None
-    history: list[str]
-    user_id: str | None
-    k: int
-    exclude_history: bool
-    explain: bool = False
-    filter: Filter | None = None
-    reranking: tuple[str, float] | None = None  # serving/reranking.py
-    # set by the request path: the policy's decisions on it, {(policy, action): count}
-    decisions: dict | None = None
-    retrieval: str = "dense"  # serving/hybrid.py
+from kuberank.serving.stages import STAGES, PipelineRequest, Stage
 
 
 def rank_response(
@@ -70,81 +50,48 @@ class Pipeline:
     items: dict[str, int]
     store: str
     index: Any = None
-    ranker: RankerCore | None = None
-    local: InProcessEncoder | None = None
     lexical: Any = None  # hybrid.LexicalStage: STORE/lexical, None without one
+    stages: list[Stage] = field(default_factory=list)  # STAGES, loaded (colocated only)
 
     def run(
-        self,
-        reqs: list[PipelineRequest],
-        vectors: np.ndarray | None,
-        candidates: int,
-        rank_all_max: int,
+        self, reqs: list[PipelineRequest], vectors: np.ndarray | None, settings: Settings
     ) -> tuple[list, dict]:
-        """Encode (unless ``vectors`` came from Triton) + retrieve + rank a batch; per request
-        (ids, scores) or the request's exception; and the seconds each stage took."""
-        timings = {"encode": 0.0, "retrieve": 0.0, "rank": 0.0, "lexical": 0.0}
-        texts = [r.query for r in reqs if r.query is not None]
-        t = time.perf_counter()
-        if texts and vectors is None:
-            vectors = self.local.encode(texts)
-        timings["encode"] = time.perf_counter() - t
-        queries, j = [], 0
-        for r in reqs:
-            if r.query is None:
-                queries.append(None)
-            else:
-                queries.append(vectors[j])
-                j += 1
-        t = time.perf_counter()
-        n = [candidate_count(self.index.policy, r.k, candidates) for r in reqs]
-        retrieve = [
-            RetrieveRequest(
-                q,
-                r.history,
-                m,
-                r.exclude_history,
-                r.filter,
-                text=r.query,
-                retrieval=r.retrieval,
-            )
-            for q, r, m in zip(queries, reqs, n, strict=True)
-        ]
-        found = retrieve_each(self.index, retrieve, rank_all_max, self.lexical, timings)
-        timings["retrieve"] = time.perf_counter() - t
-        t = time.perf_counter()
-        out: list = []
-        for q, r, f, one in zip(queries, reqs, found, retrieve, strict=True):
-            if isinstance(f, Exception):
-                out.append(f)
-                continue
-            fused = f[1] if r.retrieval != "dense" else None
-            ranked = RankRequest(q, f[0], r.history, r.user_id, r.k, r.explain, r.reranking, fused)
-            rows, scores = self.ranker.rank(ranked)
-            r.decisions = policy_decisions(one.policy_removed, ranked.capped)
-            why = explain_rows(self.ranker, ranked, rows) if r.explain else None
-            out.append(([self.index.ids[i] for i in rows], scores.tolist(), why))
-        timings["rank"] = time.perf_counter() - t
-        return out, timings
+        """Run a batch through the stages in order (``vectors``: Triton's, for the requests
+        with a query); per request (ids, scores, explain) or the request's exception; and the
+        seconds each stage took (and the extra ones a stage reports, e.g. lexical)."""
+        if vectors is not None:
+            for r, vector in zip([r for r in reqs if r.query is not None], vectors, strict=True):
+                r.vector = vector
+        timings = {"lexical": 0.0}
+        for stage in self.stages:
+            t = time.perf_counter()
+            for name, seconds in stage.run_batch(reqs, settings).items():
+                timings[name] = timings.get(name, 0.0) + seconds
+            timings[stage.name] = time.perf_counter() - t
+        return [r.result if r.error is None else r.error for r in reqs], timings
 
 
-def load_pipeline(store: str, encoding: QueryEncoding | None) -> Pipeline:
-    """The colocated replica's model: checked index, F, and the in-process encoder."""
-    manifest, index = load_checked_index(store)
-    tables, model_dir = read_model_tables(store, index.meta.get("kind", "search"))
+def load_pipeline(
+    store: str, encoding: QueryEncoding | None, stages: list[type[Stage]] = STAGES
+) -> Pipeline:
+    """The colocated replica's model: ``stages`` (the request path, :data:`STAGES`), loaded
+    from one opened store; without ``encoding`` (the split path's Ingress) only the index and
+    lexical stage its checks use."""
+    opened = OpenedStore(store)
+    index = opened.index()
+    tables, _ = opened.tables()
     pipe = Pipeline(
-        model_version(manifest),
-        manifest["embedding"]["fingerprint"],
+        opened.version,
+        opened.embedding_fingerprint,
         tables.kind,
         tables.user_row,
         index.row,
         store,
         index,
+        opened.lexical(),  # split path too: each request's default retrieval
     )
     if encoding is not None:
-        pipe.ranker = RankerCore(store, index, tables, model_dir)
-        pipe.local = encoding.load_local(store, manifest)
-    pipe.lexical = hybrid.load_stage(store, index.ids)  # split path too: each request's default
+        pipe.stages = [stage.load(opened, encoding.settings, encoding) for stage in stages]
     return pipe
 
 
@@ -176,7 +123,7 @@ def run_queued(
             vectors = encoding.remote_from_thread(texts, loop)
             remote_s = time.perf_counter() - started
             fallback = len(texts) if vectors is None else 0
-        results, timings = pipe.run(reqs, vectors, settings.candidates, settings.rank_all_max)
+        results, timings = pipe.run(reqs, vectors, settings)
     except (EncoderUnavailableError, Overloaded) as exc:  # Triton down or shedding
         results, timings = [exc] * len(batch), None
     admission.observe(len(batch), time.perf_counter() - started)

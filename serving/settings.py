@@ -13,9 +13,12 @@ from kuberank.errors import KuberankError
 from kuberank.serving.admission import DEFAULT_BUDGET_MS
 from kuberank.serving.reranking import KINDS as RERANKINGS
 from kuberank.serving.reranking import missing as reranking_missing
+from kuberank.serving.stages import STAGES
 
-INGRESS, ENCODER, RETRIEVER, RANKER = "Ingress", "QueryEncoder", "Retriever", "Ranker"
-DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, RANKER)
+INGRESS = "Ingress"
+# the Ingress and one deployment per stage (serving/stages.py): Ingress, QueryEncoder, Retriever,
+# Ranker
+DEPLOYMENTS = (INGRESS, *(stage.deployment for stage in STAGES))
 
 
 STAGE_ENV = {
@@ -37,9 +40,9 @@ def default_deployments(colocate: bool = True) -> dict[str, dict]:
     ``max_surge_percent`` 100: a restart (new code or builder args) starts the replacement
     before the old replica stops, so a rollout never leaves a stage without a replica.
 
-    Colocated (the default for one node): the Ingress runs encode + retrieve + rank itself, and
-    ``QueryEncoder``/``Retriever``/``Ranker`` stay in the application (the chart names them) at
-    0 replicas until something routes to them."""
+    Colocated (the default for one node): the Ingress runs the stages itself, and their
+    deployments (``QueryEncoder``, ``Retriever``, ``Ranker``; the chart names them) stay in the
+    application at 0 replicas until something routes to them."""
     scale = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 10, "downscale_delay_s": 60}
     actor = {"num_cpus": 0, "runtime_env": {"env_vars": dict(STAGE_ENV)}}
     # one log line per request costs the replica CPU; Serve builds the access-log record (caller
@@ -72,9 +75,7 @@ def default_deployments(colocate: bool = True) -> dict[str, dict]:
             "ray_actor_options": actor,
             "logging_config": quiet,
         },
-        ENCODER: stage,
-        RETRIEVER: stage,
-        RANKER: stage,
+        **{name: stage for name in DEPLOYMENTS[1:]},
     }
 
 

@@ -1,7 +1,8 @@
-"""The split request path: the Ingress calls the QueryEncoder, Retriever and Ranker deployments
-one after another, each call bounded by ``stage_timeout_s``, retried when its replica died, and
-its failures answered as the HTTP problems of serving/http_api.py (back-pressure and an
-unavailable stage: 503)."""
+"""The split request path: the Ingress calls the stage deployments (QueryEncoder, Retriever,
+Ranker: serving/stages.py's STAGES, each the generic StageDeployment of serving/app.py) one
+after another, passing the request from one to the next; each call bounded by
+``stage_timeout_s``, retried when its replica died, and its failures answered as the HTTP
+problems of serving/http_api.py (back-pressure and an unavailable stage: 503)."""
 
 import asyncio
 import time
@@ -10,9 +11,8 @@ from kuberank.serving.admission import Overloaded
 from kuberank.serving.encoders import EncoderUnavailableError
 from kuberank.serving.http_api import RequestProblem, unknown_items_problem
 from kuberank.serving.pipeline import Pipeline, PipelineRequest, rank_response
-from kuberank.serving.policies import candidate_count, policy_decisions
 from kuberank.serving.settings import Settings
-from kuberank.serving.stages import RankRequest, RetrieveRequest, UnknownItemsError
+from kuberank.serving.stages import STAGES, UnknownItemsError
 
 
 async def _await(response):
@@ -22,8 +22,8 @@ async def _await(response):
 class StagePath:
     """The Ingress's handles to the stage deployments, with its settings and metrics."""
 
-    def __init__(self, encoder, retriever, ranker, settings: Settings, metrics):
-        self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
+    def __init__(self, handles: dict, settings: Settings, metrics):
+        self.handles = handles  # {stage.deployment: its handle} for each of STAGES
         self.settings, self.metrics = settings, metrics
 
     async def call(self, stage: str, method, *args):
@@ -76,55 +76,20 @@ class StagePath:
                 raise unknown_items_problem(exc.ids) from None
 
     async def rank(self, state: Pipeline, request: PipelineRequest) -> dict:
-        """One request through the QueryEncoder (with a query), Retriever and Ranker
-        deployments; each stage's latency and the policy's decisions observed."""
-        query, history, k = request.query, request.history, request.k
-        vector = None
-        if query is not None:
+        """One request through the stage deployments, in STAGES order (each stage the request
+        goes through); each stage's latency and the policy's decisions observed."""
+        for stage in STAGES:
+            if not stage.wants(request):
+                continue
             t = time.perf_counter()
-            vector, meta = await self.call("encode", self.encoder.encode, query)
-            self.metrics.observe_stage(
-                "encode", time.perf_counter() - t, meta["batch"], meta["queue_s"]
-            )
-            if meta.get("fallback"):
-                self.metrics.encoder_fallbacks(1)
-        n = candidate_count(state.index.policy, k, self.settings.candidates)
-        mode = request.retrieval
-        t = time.perf_counter()
-        rows, found, meta = await self.call(
-            "retrieve",
-            self.retriever.retrieve,
-            RetrieveRequest(
-                vector,
-                history,
-                n,
-                request.exclude_history,
-                request.filter,
-                text=query,
-                retrieval=mode,
-            ),
-        )
-        removed = meta["policy_removed"]
-        self.metrics.observe_stage(
-            "retrieve", time.perf_counter() - t, meta["batch"], meta["queue_s"]
-        )
-        if mode != "dense":
-            self.metrics.observe_stage("lexical", meta["lexical"], meta["batch"])
-        t = time.perf_counter()
-        ids, scores, version, meta = await self.call(
-            "rank",
-            self.ranker.rank,
-            RankRequest(
-                vector,
-                rows,
-                history,
-                request.user_id,
-                k,
-                request.explain,
-                request.reranking,
-                found if mode != "dense" else None,
-            ),
-        )
-        self.metrics.observe_stage("rank", time.perf_counter() - t, meta["batch"], meta["queue_s"])
-        self.metrics.policy_decisions(policy_decisions(removed, meta["capped"]))
-        return rank_response(version, state.kind, ids, scores, meta.get("explain"))
+            handle = self.handles[stage.deployment]
+            request, meta = await self.call(stage.name, handle.run, request)
+            seconds = time.perf_counter() - t
+            self.metrics.observe_stage(stage.name, seconds, meta["batch"], meta["queue_s"])
+            for part in stage.extras(request):  # e.g. retrieve's BM25 + fusion
+                self.metrics.observe_stage(part, meta[part], meta["batch"])
+        if request.fallback:
+            self.metrics.encoder_fallbacks(1)
+        self.metrics.policy_decisions(request.decisions)
+        ids, scores, explained = request.result
+        return rank_response(request.version, state.kind, ids, scores, explained)

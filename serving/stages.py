@@ -1,9 +1,19 @@
-"""The request path's pure core: retrieval (top-n candidates over the item index, BM25 and hybrid
-through serving/hybrid.py, the policy's blocklist and a request's filter excluded) and ranking
-(F(Q, B, I) of the store's model over the candidates, then a re-ranking and the policy's caps).
-The colocated pipeline (serving/pipeline.py) and the Retriever and Ranker deployments
-(serving/app.py) run these."""
+"""The request path as a list of stages, and its pure core.
 
+:data:`STAGES` (encode, retrieve, rank) is the request path's order, in one place: the colocated
+path (serving/pipeline.py) runs ``for stage in stages: stage.run_batch(batch, settings)`` and
+the split path (serving/split.py) calls one deployment per stage in the same order, each one the
+generic ``StageDeployment`` of serving/app.py named by ``stage.deployment``. A :class:`Stage` is
+loaded from an opened store (``load``) and reads and fills the shared per-request object
+(:class:`PipelineRequest`) of a batch (``run_batch``).
+
+The core: retrieval (top-n candidates over the item index, BM25 and hybrid through
+serving/hybrid.py, the policy's blocklist and a request's filter excluded) and ranking
+(F(Q, B, I) of the store's model over the candidates, then a re-ranking and the policy's caps).
+"""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +22,10 @@ import numpy as np
 
 from kuberank.errors import KuberankError
 from kuberank.serving import hybrid
+from kuberank.serving.explain import explain_rows
 from kuberank.serving.filters import Filter, blocked_rows
-from kuberank.serving.loading import ModelTables
-from kuberank.serving.policies import CAP_DEPTH
+from kuberank.serving.loading import ModelTables, OpenedStore
+from kuberank.serving.policies import CAP_DEPTH, candidate_count, policy_decisions
 from kuberank.serving.reranking import Reranker
 
 
@@ -223,3 +234,186 @@ class RankerCore:
             "item_behaviour": None if self.item_behaviour is None else self.item_behaviour[cand_t],
         }
         return inputs, padded
+
+
+@dataclass
+class PipelineRequest:
+    """One ranking request, as both request paths take it; the stages read it and fill it in
+    (the split path sends it from deployment to deployment)."""
+
+    query: str | None
+    history: list[str]
+    user_id: str | None
+    k: int
+    exclude_history: bool
+    explain: bool = False
+    filter: Filter | None = None
+    reranking: tuple[str, float] | None = None  # serving/reranking.py
+    # set by the rank stage: the policy's decisions on it, {(policy, action): count}
+    decisions: dict | None = None
+    retrieval: str = "dense"  # serving/hybrid.py
+    # filled by the stages
+    vector: np.ndarray | None = None  # encode (or Triton, colocated): the query's vector
+    fallback: bool = False  # encode: encoded in process because Triton failed
+    candidates: np.ndarray | None = None  # retrieve: index rows
+    found: Any = None  # retrieve: their Q·I (or history-mean) scores, or a hybrid.Fused
+    policy_removed: int = 0  # retrieve: blocked items (policy) among the candidates
+    result: tuple | None = None  # rank: (ids, scores, each item's explain or None)
+    version: tuple[str, str] | None = None  # rank: (model version, fingerprint) it ranked with
+    error: Exception | None = None  # a stage's answer for this request alone (unknown items)
+
+
+class Stage:
+    """One step of the request path. ``load`` builds it from an opened store (each part read
+    once per replica, shared by the stages that use it); ``run_batch`` reads and fills a batch
+    of requests (skipping those with an ``error``) and returns extra seconds to report (e.g.
+    ``{"lexical": s}``), or ``{}``. ``run_batch_async`` is what its own deployment awaits."""
+
+    name = ""  # its metric stage label (serving/metrics.py)
+    deployment = ""  # its Serve deployment in the split path (the chart names it)
+    batch = "ranker_batch"  # the Settings field with its deployment's (max_batch_size, wait)
+
+    @classmethod
+    def load(cls, store: OpenedStore, settings, encoding) -> "Stage":
+        raise NotImplementedError
+
+    @staticmethod
+    def wants(request: PipelineRequest) -> bool:
+        """Whether ``request`` goes through this stage (its metric and its call)."""
+        return True
+
+    @staticmethod
+    def extras(request: PipelineRequest) -> tuple[str, ...]:
+        """The extra seconds of ``run_batch`` that concern ``request`` (each observed under
+        its own stage label)."""
+        return ()
+
+    def run_batch(self, requests: list[PipelineRequest], settings) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def run_batch_async(self, requests: list[PipelineRequest], settings) -> dict:
+        return self.run_batch(requests, settings)
+
+
+class Encode(Stage):
+    """Query texts -> vectors, in process (ONNX Runtime). Colocated, Triton's vectors come
+    before the stages run (serving/pipeline.py, on the event loop); the QueryEncoder deployment
+    awaits Triton here (``run_batch_async``), with the ``triton_fallback`` policy."""
+
+    name, deployment, batch = "encode", "QueryEncoder", "encoder_batch"
+    _pool: ThreadPoolExecutor | None = None  # the deployment's in-process encodes, one at a time
+
+    def __init__(self, encoding, local):
+        self.encoding, self.local = encoding, local
+
+    @classmethod
+    def load(cls, store, settings, encoding):
+        return cls(encoding, encoding.load_local(store.uri, store.manifest))
+
+    @staticmethod
+    def wants(request):
+        return request.query is not None
+
+    @staticmethod
+    def _todo(requests):
+        return [r for r in requests if r.error is None and r.query is not None and r.vector is None]
+
+    def run_batch(self, requests, settings):
+        todo = self._todo(requests)
+        if todo:
+            for r, vector in zip(todo, self.local.encode([r.query for r in todo]), strict=True):
+                r.vector = vector
+        return {}
+
+    async def run_batch_async(self, requests, settings):
+        todo = self._todo(requests)
+        texts = [r.query for r in todo]
+        vectors = await self.encoding.remote(texts)
+        if vectors is None:
+            if Encode._pool is None:
+                Encode._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+            loop = asyncio.get_running_loop()
+            vectors = await loop.run_in_executor(Encode._pool, self.local.encode, texts)
+            for r in todo:
+                r.fallback = self.encoding.triton is not None
+        for r, vector in zip(todo, vectors, strict=True):
+            r.vector = vector
+        return {}
+
+
+class Retrieve(Stage):
+    """Top-n candidates per request (:func:`retrieve_each`); a request naming unknown items
+    gets its UnknownItemsError as its ``error``."""
+
+    name, deployment, batch = "retrieve", "Retriever", "retriever_batch"
+
+    def __init__(self, index, lexical):
+        self.index, self.lexical = index, lexical
+
+    @classmethod
+    def load(cls, store, settings, encoding):
+        return cls(store.index(), store.lexical())
+
+    @staticmethod
+    def extras(request):
+        return ("lexical",) if request.retrieval != "dense" else ()  # BM25 + fusion
+
+    def run_batch(self, requests, settings):
+        live = [r for r in requests if r.error is None]
+        policy, timings = self.index.policy, {"lexical": 0.0}
+        asks = [
+            RetrieveRequest(
+                r.vector,
+                r.history,
+                candidate_count(policy, r.k, settings.candidates),
+                r.exclude_history,
+                r.filter,
+                text=r.query,
+                retrieval=r.retrieval,
+            )
+            for r in live
+        ]
+        args = (settings.rank_all_max, self.lexical, timings)
+        for r, ask, found in zip(live, asks, retrieve_each(self.index, asks, *args), strict=True):
+            if isinstance(found, Exception):
+                r.error = found
+            else:
+                r.candidates, r.found = found
+                r.policy_removed = ask.policy_removed
+        return timings
+
+
+class Rank(Stage):
+    """F(Q, B, I) over each request's candidates (:class:`RankerCore`), its explanation when
+    asked, and the policy's decisions."""
+
+    name, deployment, batch = "rank", "Ranker", "ranker_batch"
+
+    def __init__(self, core: "RankerCore", version: tuple[str, str]):
+        self.core, self.version = core, version
+
+    @classmethod
+    def load(cls, store, settings, encoding):
+        tables, model_dir = store.tables()
+        version = (store.version, store.embedding_fingerprint)
+        return cls(RankerCore(store.uri, store.index(), tables, model_dir), version)
+
+    def run_batch(self, requests, settings):
+        core = self.core
+        for r in requests:
+            if r.error is not None:
+                continue
+            fused = r.found if r.retrieval != "dense" else None
+            ask = RankRequest(
+                r.vector, r.candidates, r.history, r.user_id, r.k, r.explain, r.reranking, fused
+            )
+            rows, scores = core.rank(ask)
+            r.decisions = policy_decisions(r.policy_removed, ask.capped)
+            why = explain_rows(core, ask, rows) if r.explain else None
+            r.result = ([core.index.ids[i] for i in rows], scores.tolist(), why)
+            r.version = self.version
+        return {}
+
+
+# The request path, in order. A new stage: one Stage subclass and its entry here.
+STAGES: list[type[Stage]] = [Encode, Retrieve, Rank]

@@ -215,10 +215,10 @@ def in_process(store: Path):
     from kuberank.serving.encoders import InProcessEncoder
     from kuberank.serving.loading import load_checked_index, read_model_tables
     from kuberank.serving.stages import RankerCore
-    from kuberank.store import read_manifest
+    from kuberank.store import ModelStore, read_manifest
 
     manifest, index = load_checked_index(str(store))
-    tables, model_dir = read_model_tables(str(store), "search")
+    tables, model_dir = read_model_tables(ModelStore(str(store)), "search")
     return (
         InProcessEncoder(str(store), read_manifest(store)),
         index,

@@ -142,9 +142,10 @@ def attributed_store(tmp_path_factory):
 
 def _run(pipe, query, k, flt=None, history=(), explain=False):
     from kuberank.serving.pipeline import PipelineRequest
+    from kuberank.serving.settings import Settings
 
     request = PipelineRequest(query, list(history), None, k, query is None, explain, flt)
-    [result], _ = pipe.run([request], None, candidates=2, rank_all_max=5000)
+    [result], _ = pipe.run([request], None, Settings(candidates=2, rank_all_max=5000))
     return result
 
 

@@ -51,9 +51,10 @@ def _pipeline(store):
 
 def _served(pipe, query, retrieval, k=K, **kw):
     from kuberank.serving.pipeline import PipelineRequest
+    from kuberank.serving.settings import Settings
 
     request = PipelineRequest(query, [], None, k, False, True, retrieval=retrieval, **kw)
-    [result], timings = pipe.run([request], None, candidates=100, rank_all_max=5000)
+    [result], timings = pipe.run([request], None, Settings(candidates=100, rank_all_max=5000))
     return result, timings
 
 

@@ -142,10 +142,11 @@ def _with_policy(store, tmp_path, rules: dict, name="store"):
 
 def _run(pipe, query, k, history=(), mmr_lambda=None, retrieval="dense"):
     from kuberank.serving.pipeline import PipelineRequest
+    from kuberank.serving.settings import Settings
 
     request = PipelineRequest(query, list(history), None, k, query is None, retrieval=retrieval)
     request.reranking = None if mmr_lambda is None else ("mmr_lambda", mmr_lambda)
-    [result], _ = pipe.run([request], None, candidates=2, rank_all_max=5000)
+    [result], _ = pipe.run([request], None, Settings(candidates=2, rank_all_max=5000))
     return result[0], request.decisions
 
 

@@ -145,10 +145,11 @@ def stores(tmp_path_factory):
 
 def _run(pipe, query, history, k, kind=None, value=None):
     from kuberank.serving.pipeline import PipelineRequest
+    from kuberank.serving.settings import Settings
 
     request = PipelineRequest(query, list(history), None, k, query is None)
     request.reranking = None if kind is None else (kind, value)
-    [result], _ = pipe.run([request], None, candidates=100, rank_all_max=5000)
+    [result], _ = pipe.run([request], None, Settings(candidates=100, rank_all_max=5000))
     return result[0]
 
 
