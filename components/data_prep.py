@@ -11,7 +11,7 @@ Output directory (written to a temporary sibling, then renamed: never half-writt
     queries.parquet          query_id, text                      (search)
     qrels.parquet            query_id, item_id, relevance, split (search)
     interactions.parquet     user_id, item_id, timestamp, rating, query, split (recommendation)
-    manifest.json            format, name, kind, source, rows, content_hash, engine,
+    the manifest             format, name, kind, source, rows, content_hash, engine,
                              split (recommendation: the rule, tie-break, tied users)
 """
 

@@ -14,9 +14,10 @@ Pure core functions:
 
 Thin wrappers: the kfp component :func:`export_op` and ``kuberank export`` in the CLI.
 
-The model store (a local directory or an ``s3://`` prefix; serving reads only this)::
+The model store (a local directory or an ``s3://`` prefix; serving reads only this; its
+layout names live in kuberank/store.py)::
 
-    STORE/manifest.json      versions, embedding fingerprint, parity numbers, sizes
+    STORE/<manifest>         versions, embedding fingerprint, parity numbers, sizes
     STORE/onnx/              model.onnx (fp32, ORT-fused: the in-process encoder),
                              model.portable.onnx (fp32, standard ops only: input to TensorRT),
                              model.int8.onnx, tokenizer.json

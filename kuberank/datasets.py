@@ -50,9 +50,11 @@ import pandas as pd
 
 from kuberank import storage
 from kuberank.errors import DataError, KuberankError
+from kuberank.store import MANIFEST
 
 MANIFEST_FORMAT = "kuberank-dataset"
-PREPARED_MANIFEST = "manifest.json"  # a prepared dataset's manifest (not the model store's)
+# a prepared dataset's manifest: another file than the model store's, with the same name
+PREPARED_MANIFEST = MANIFEST
 SEARCH, RECOMMENDATION = "search", "recommendation"
 
 

@@ -398,7 +398,7 @@ def test_metric_names_match_the_chart_and_canary(serving):
     for path in [
         *root.joinpath("charts/kuberank").rglob("*.yaml"),
         *root.joinpath("charts/kuberank").rglob("*.json"),
-        root / "kuberank" / "canary.py",
+        root / "kuberank" / "deploy" / "canary.py",
     ]:
         used |= set(
             re.findall(r"\bkuberank_[a-z_]+(?:_total|_seconds_bucket|_seconds)\b", path.read_text())

@@ -32,8 +32,6 @@ NOT_LAYOUT = {
     ("pipelines/local.py", "_headline", "model"),
     ("pipelines/local.py", "_headline", "index"),
     ("pipelines/local.py", "run_local", "model"),
-    # the prepared dataset's manifest (datasets.PREPARED_MANIFEST), another layout
-    ("kuberank/datasets.py", "<module>", "manifest.json"),
     # serving's triton_fallback setting: "onnx" = encode in process (ONNX Runtime)
     ("serving/settings.py", "Settings", "onnx"),
     ("serving/settings.py", "Settings.__post_init__", "onnx"),
@@ -114,6 +112,18 @@ def test_no_layout_name_is_spelled_outside_the_store_module():
                     spelled.append(key)
     assert spelled == [], "use the kuberank.store constants instead"
     assert allowed_seen == NOT_LAYOUT, "stale NOT_LAYOUT entries"
+
+
+def test_only_the_store_module_spells_the_manifest_file_name():
+    # issue 14's acceptance: docstrings and help texts included
+    root = Path(__file__).resolve().parents[1]
+    spelled = [
+        str(path.relative_to(root))
+        for folder in ("kuberank", "components", "serving", "pipelines")
+        for path in (root / folder).rglob("*.py")
+        if store.MANIFEST in path.read_text()
+    ]
+    assert spelled == ["kuberank/store.py"]
 
 
 def test_layout_names_are_distinct_and_the_triton_parts_are_exported():

@@ -18,6 +18,7 @@ import sys
 
 from kuberank import __version__
 from kuberank.errors import KuberankError
+from kuberank.store import MANIFEST
 
 
 def _cmd_data_prep(args) -> int:
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a model to the model store (ONNX, Triton repositories, edge bundle)",
         description="ONNX with parity checks, int8 and fp16, Triton model repositories (production and "
-        "local), the edge bundle and manifest.json, into a directory or s3:// prefix.",
+        f"local), the edge bundle and {MANIFEST}, into a directory or s3:// prefix.",
     )
     ex.add_argument("--model", required=True, metavar="DIR", help="model directory")
     ex.add_argument("--out", required=True, metavar="STORE", help="model store (a path or s3://)")
