@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 from kfp import dsl
 
-from kuberank import beyond_accuracy, datasets, fusion, metrics, significance
+from kuberank import beyond_accuracy, datasets, fusion, longtail, metrics, significance
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.metrics import top_k
 from kuberank.progress import bar
+from kuberank.reranking import KINDS, Reranker
 from kuberank.store import LEXICAL_DIR, is_store
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
@@ -303,13 +304,12 @@ def load_ranker(model: str) -> Ranker:
     )
 
 
-RERANKINGS = ("mmr", "calibration", "tail_boost")
+RERANKINGS = KINDS  # the served API's names (kuberank/reranking.py)
 RERANK_OPTIONS = {
-    "mmr": "--mmr-lambda",
+    "mmr_lambda": "--mmr-lambda",
     "calibration": "--calibration",
     "tail_boost": "--tail-boost",
 }
-CALIBRATED_K = 10  # calibration picks the first 10 (the lists the metrics read) greedily
 
 
 def rank(
@@ -323,9 +323,7 @@ def rank(
     ``reranking``: one of :data:`RERANKINGS` with its parameter, re-ordering each list's top
     100 (:func:`reranker`)."""
     ranker.prepare(task)
-    from kuberank.diversity import RERANK_DEPTH
-
-    rerank = reranker(ranker, task, *reranking) if reranking is not None else None
+    rerank = reranker(ranker, task, reranking[0]) if reranking is not None else None
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}
     starts = range(0, len(task), batch_size)
@@ -335,48 +333,29 @@ def rank(
         for offset, row in enumerate(rows):
             top = top_k(block[offset], task.exclude[row], depth)
             if rerank is not None:
-                head = top[:RERANK_DEPTH]
-                order = rerank(head, np.asarray(block[offset])[head], row)
-                top = np.concatenate([head[order], top[RERANK_DEPTH:]])
+                scores = np.asarray(block[offset])[top]
+                kind, value = reranking
+                top = top[rerank.order(kind, value, top, scores, task.histories[row])]
             run[task.query_ids[row]] = item_ids[top].tolist()
     return run
 
 
-def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str, value: float):
-    """``(items, scores, row) -> order`` (positions into the items, the model's order given)
-    for one re-ranking, built after ``ranker.prepare``:
+def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str) -> Reranker:
+    """What the re-ranking ``kind`` (kuberank/reranking.py) needs of the items, built after
+    ``ranker.prepare``; it re-orders each list's top 100 (MMR all of them, calibration
+    greedily its first 10):
 
-    - ``mmr``: lambda, maximal marginal relevance over :func:`mmr_vectors`
-      (kuberank/diversity.py);
-    - ``calibration``: lambda, Steck's calibration to the genre shares of the row's history
-      (kuberank/calibration.py; the dataset needs a ``genres`` attribute);
-    - ``tail_boost``: beta, relevance mixed with each item's novelty (kuberank/longtail.py)."""
+    - ``mmr_lambda``: the item vectors of :func:`mmr_vectors`;
+    - ``calibration``: the genre distributions (the dataset needs a ``genres`` attribute);
+    - ``tail_boost``: each item's novelty in the training interactions."""
     data = task.dataset
-    if kind == "mmr":
-        from kuberank.diversity import mmr
-
-        vectors = mmr_vectors(ranker, data)
-        return lambda items, scores, row: mmr(scores, vectors[items], value)
+    if kind == "mmr_lambda":
+        return Reranker(vectors=mmr_vectors(ranker, data))
     if kind == "calibration":
-        from kuberank import calibration
-
-        groups = item_groups(data, "--calibration")
-        targets: dict[int, np.ndarray | None] = {}
-
-        def calibrated(items, scores, row):
-            if row not in targets:
-                targets[row] = calibration.target(groups, task.histories[row])
-            if targets[row] is None:  # no grouped history: nothing to calibrate to
-                return np.arange(len(items))
-            return calibration.calibrate(scores, groups[items], targets[row], value, CALIBRATED_K)
-
-        return calibrated
+        return Reranker(groups=item_groups(data, "--calibration"))
     if kind == "tail_boost":
-        from kuberank import longtail
-
         popularity, users = beyond_accuracy.train_popularity(data)
-        novelty = longtail.novelty(popularity, users)
-        return lambda items, scores, row: longtail.boosted_order(scores, novelty[items], value)
+        return Reranker(novelty=longtail.novelty(popularity, users))
     raise KuberankError(f"re-ranking: one of {', '.join(RERANKINGS)}, got {kind!r}")
 
 
@@ -497,7 +476,7 @@ def evaluate(
         dataset=data.name,
         split=split,
         items=len(data.items),
-        **{("mmr_lambda" if k == "mmr" else k): v for k, v in chosen.items()},
+        **chosen,
         seconds=round(time.perf_counter() - started, 2),
     )
     return result
