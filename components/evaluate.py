@@ -16,12 +16,17 @@ from pathlib import Path
 
 import numpy as np
 from kfp import dsl
+from scipy import sparse
 
 from kuberank import beyond_accuracy, datasets, fusion, longtail, metrics, significance
+from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix, miscalibration
+from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
+from kuberank.lexical import LexicalIndex
 from kuberank.metrics import top_k
 from kuberank.progress import bar
+from kuberank.report import QUALITY_COLUMNS, format_table
 from kuberank.reranking import KINDS, Reranker
 from kuberank.store import LEXICAL_DIR, is_store
 
@@ -58,8 +63,6 @@ class BM25Ranker(Ranker):
         self.stored, self.source = stored, None
 
     def prepare(self, task):
-        from kuberank.lexical import LexicalIndex
-
         data = task.dataset
         if self.stored is not None and self.stored.ids == [str(i) for i in data.item_ids]:
             self.index, self.source = self.stored, "store"
@@ -91,8 +94,6 @@ class PopularityRanker(Ranker):
 
 def _user_item_matrix(task: datasets.EvalTask):
     """Binary users x items matrix of the task's known interactions (CSR)."""
-    from scipy import sparse
-
     rows = np.repeat(np.arange(len(task)), [len(h) for h in task.histories])
     cols = np.concatenate(task.histories) if len(task) else np.zeros(0, dtype=np.int64)
     matrix = sparse.csr_matrix(
@@ -136,6 +137,7 @@ class ModelRanker(Ranker):
     history."""
 
     def __init__(self, path: str, name: str | None = None):
+        # kuberank.model and torch: heavy (torch); loaded only for a model directory
         from kuberank.model import ScorerConfig, load_scorer, resolve_model
 
         self.path = path
@@ -286,12 +288,11 @@ def load_ranker(model: str) -> Ranker:
     if model == "popularity":
         return PopularityRanker()
     if model == "zero-shot":
-        from kuberank.config import base_model_path
-
         return ModelRanker(base_model_path(), name="zero-shot")
     if model == "ease":
         return EASERanker()
     if model in PEERS:
+        # local: components/peers.py imports this module (Ranker, EASERanker)
         from kuberank.components.peers import RecBoleRanker
 
         return RecBoleRanker(model)
@@ -362,8 +363,6 @@ def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str) -> Reranker:
 def item_groups(data: datasets.Dataset, option: str) -> np.ndarray:
     """The items' genre distributions (kuberank/calibration.py), or a clear error naming
     ``option`` when the dataset has no ``genres`` attribute."""
-    from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix
-
     if CALIBRATION_ATTRIBUTE not in data.items:
         raise KuberankError(
             f"{option}: calibrates to the {CALIBRATION_ATTRIBUTE!r} of the user's history; "
@@ -392,8 +391,6 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
         raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
     stored, index = None, None
     if isinstance(model, str) and retrieval != "dense" and is_store(model):
-        from kuberank.lexical import LexicalIndex
-
         lexical = Path(model) / LEXICAL_DIR
         if lexical.is_dir() or retrieval == "hybrid":  # names `kuberank index` when absent
             index = LexicalIndex.load(lexical)
@@ -414,8 +411,6 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
 def calibration_metric(data: datasets.Dataset, task: datasets.EvalTask, run: dict) -> dict:
     """``miscalibration@10`` (kuberank/calibration.py) where the items have genres and the
     rows have histories, else nothing."""
-    from kuberank.calibration import CALIBRATION_ATTRIBUTE, miscalibration
-
     if CALIBRATION_ATTRIBUTE not in data.items or not any(len(h) for h in task.histories):
         return {}
     groups = item_groups(data, "miscalibration")
@@ -489,15 +484,13 @@ def parse_baselines(text: str) -> list[str]:
 
 def quality_report(rows: list[dict], split: str, dataset: str) -> str:
     """The evaluate step's Markdown: the fine-tuned model against the baselines."""
-    from kuberank import report
-
     return "\n".join(
         [
             f"# Quality on {dataset} ({split} split)",
             "",
             "Full ranking over all items; each user's seen items are excluded.",
             "",
-            report.format_table(rows, report.QUALITY_COLUMNS),
+            format_table(rows, QUALITY_COLUMNS),
             "",
         ]
     )
