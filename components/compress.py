@@ -39,6 +39,9 @@ import numpy as np
 from kfp import dsl
 
 from kuberank import datasets, storage
+from kuberank.components.evaluate import evaluate
+from kuberank.components.export import export_onnx, optimize_onnx, quantize_int8
+from kuberank.encoder import check_model_dir, mean_pool
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
 from kuberank.progress import bar, note
@@ -153,7 +156,7 @@ def student_layers(teacher_layers: int, keep: int) -> list[int]:
 
 def make_student(teacher, keep: int):
     """A copy of ``teacher`` with only the chosen layers (a smaller, valid BERT model)."""
-    from torch import nn
+    from torch import nn  # torch, transformers: heavy; loaded only when compressing
 
     chosen = student_layers(teacher.config.num_hidden_layers, keep)
     student = copy.deepcopy(teacher)
@@ -197,8 +200,6 @@ def distil(
     """Train ``student`` to reproduce ``teacher``'s embeddings and in-batch score
     distributions on ``texts``. Returns the mean loss per epoch."""
     import torch
-
-    from kuberank.encoder import mean_pool
 
     def embed(model, batch):
         hidden = model(**batch).last_hidden_state
@@ -265,9 +266,6 @@ def compress(config: CompressConfig) -> dict:
     """Distil, prune and quantise ``config.model``; write ``config.out`` only if the quality
     gate passes. Returns the report (sizes, layers, both nDCG@10 values, timings)."""
     from transformers import AutoModel, AutoTokenizer
-
-    from kuberank.components.evaluate import evaluate
-    from kuberank.encoder import check_model_dir
 
     started = time.perf_counter()
     teacher_dir = check_model_dir(config.model)
@@ -348,8 +346,6 @@ def _write_candidate(teacher_dir: Path, student, tokenizer, candidate: Path, int
         "student_bytes": _weights_bytes(candidate),
     }
     if int8:
-        from kuberank.components.export import export_onnx, optimize_onnx, quantize_int8
-
         onnx_dir = candidate / ONNX_DIR
         onnx_dir.mkdir()
         fp32 = export_onnx(candidate, onnx_dir / "model.fp32.onnx")
@@ -370,7 +366,7 @@ def _write_candidate(teacher_dir: Path, student, tokenizer, candidate: Path, int
 def _write_report(model_dir: Path, report: dict, teacher_dir: Path) -> None:
     """The gated compression report in the model's kuberank.json (with its nDCG@10), or
     compression.json for a plain transformers directory."""
-    from kuberank.model import MANIFEST, is_kuberank_model
+    from kuberank.model import MANIFEST, is_kuberank_model  # local: kuberank.model imports torch
 
     if is_kuberank_model(teacher_dir):
         doc = json.loads((teacher_dir / MANIFEST).read_text())

@@ -26,6 +26,7 @@ from kfp import dsl
 from kuberank import datasets, storage
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
+from kuberank.raycluster import ensure_ray
 
 RAY_THRESHOLD_ROWS = 2_000_000  # engine="auto" uses Ray Data above this many interactions
 ENGINES = ("auto", "local", "ray")
@@ -34,9 +35,7 @@ ENGINES = ("auto", "local", "ray")
 def split_on_ray(interactions: pd.DataFrame, ray_address: str | None = None) -> pd.DataFrame:
     """The leave-last-out split on Ray Data: Parquet in, one group per user, Parquet out.
     The rows' order in ``interactions`` is the log order (ties keep it, via ``_log_order``)."""
-    import ray
-
-    from kuberank.raycluster import ensure_ray
+    import ray  # ray: heavy; loaded only for a split on Ray Data
 
     ensure_ray(ray_address)
     with tempfile.TemporaryDirectory(prefix="kuberank-prep-") as tmp:

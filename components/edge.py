@@ -21,13 +21,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from kuberank.config import MAX_LENGTH
-from kuberank.errors import KuberankError
+from kuberank.errors import KuberankError, StorageError
+from kuberank.onnx_encoder import OnnxEncoder, load_session
+from kuberank.storage import is_s3, materialize, publish, write_json
 from kuberank.store import EDGE_DIR
 
 BUNDLE_FILE = "bundle.json"
@@ -56,8 +59,6 @@ def _read_bundle(bundle_dir: Path) -> dict:
 
 
 def _write_bundle(bundle_dir: Path, meta: dict) -> None:
-    from kuberank.storage import write_json
-
     meta["files"] = {
         p.name: p.stat().st_size for p in sorted(bundle_dir.iterdir()) if p.name != BUNDLE_FILE
     }
@@ -77,8 +78,6 @@ def write_edge_bundle(
     """Write the bundle's model and tokenizer (items come later, from the index step, via
     :func:`write_edge_items`). With ``ort_format`` the model is also saved in ONNX Runtime's
     ORT format (loads faster, for minimal ORT builds). Returns the bundle metadata."""
-    from kuberank.onnx_encoder import OnnxEncoder, load_session
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_onnx, out_dir / MODEL_FILE)
@@ -92,7 +91,7 @@ def write_edge_bundle(
         "model": MODEL_FILE,
     }
     if ort_format:
-        import onnxruntime as ort
+        import onnxruntime as ort  # onnxruntime: heavy; loaded only for the ORT format
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -144,11 +143,6 @@ def index_store_bundle(
     bundle that then replaces ``STORE/edge`` (a local path or an s3:// prefix). ``fingerprint``
     is the store's embedding fingerprint; a bundle from another export is refused. Returns the
     bundle metadata, or None for a store without an edge bundle."""
-    import tempfile
-
-    from kuberank.errors import StorageError
-    from kuberank.storage import is_s3, materialize, publish
-
     store = str(store)
     uri = f"{store.rstrip('/')}/{EDGE_DIR}" if is_s3(store) else str(Path(store) / EDGE_DIR)
     try:
@@ -175,8 +169,6 @@ class EdgeRanker:
     """A loaded bundle: single-threaded ONNX Runtime encoder plus int8 item embeddings."""
 
     def __init__(self, bundle_dir: str | os.PathLike, threads: int = 1):
-        from kuberank.onnx_encoder import OnnxEncoder
-
         self.bundle_dir = Path(bundle_dir)
         self.meta = _read_bundle(self.bundle_dir)
         self.encoder = OnnxEncoder(

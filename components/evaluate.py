@@ -16,12 +16,18 @@ from pathlib import Path
 
 import numpy as np
 from kfp import dsl
+from scipy import sparse
 
-from kuberank import beyond_accuracy, datasets, fusion, metrics, significance
+from kuberank import beyond_accuracy, datasets, fusion, longtail, metrics, significance
+from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix, miscalibration
+from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
+from kuberank.lexical import LexicalIndex
 from kuberank.metrics import top_k
 from kuberank.progress import bar
+from kuberank.report import QUALITY_COLUMNS, format_table
+from kuberank.reranking import KINDS, Reranker
 from kuberank.store import LEXICAL_DIR, is_store
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
@@ -57,8 +63,6 @@ class BM25Ranker(Ranker):
         self.stored, self.source = stored, None
 
     def prepare(self, task):
-        from kuberank.lexical import LexicalIndex
-
         data = task.dataset
         if self.stored is not None and self.stored.ids == [str(i) for i in data.item_ids]:
             self.index, self.source = self.stored, "store"
@@ -90,8 +94,6 @@ class PopularityRanker(Ranker):
 
 def _user_item_matrix(task: datasets.EvalTask):
     """Binary users x items matrix of the task's known interactions (CSR)."""
-    from scipy import sparse
-
     rows = np.repeat(np.arange(len(task)), [len(h) for h in task.histories])
     cols = np.concatenate(task.histories) if len(task) else np.zeros(0, dtype=np.int64)
     matrix = sparse.csr_matrix(
@@ -135,6 +137,7 @@ class ModelRanker(Ranker):
     history."""
 
     def __init__(self, path: str, name: str | None = None):
+        # kuberank.model and torch: heavy (torch); loaded only for a model directory
         from kuberank.model import ScorerConfig, load_scorer, resolve_model
 
         self.path = path
@@ -285,12 +288,11 @@ def load_ranker(model: str) -> Ranker:
     if model == "popularity":
         return PopularityRanker()
     if model == "zero-shot":
-        from kuberank.config import base_model_path
-
         return ModelRanker(base_model_path(), name="zero-shot")
     if model == "ease":
         return EASERanker()
     if model in PEERS:
+        # local: components/peers.py imports this module (Ranker, EASERanker)
         from kuberank.components.peers import RecBoleRanker
 
         return RecBoleRanker(model)
@@ -303,13 +305,12 @@ def load_ranker(model: str) -> Ranker:
     )
 
 
-RERANKINGS = ("mmr", "calibration", "tail_boost")
+RERANKINGS = KINDS  # the served API's names (kuberank/reranking.py)
 RERANK_OPTIONS = {
-    "mmr": "--mmr-lambda",
+    "mmr_lambda": "--mmr-lambda",
     "calibration": "--calibration",
     "tail_boost": "--tail-boost",
 }
-CALIBRATED_K = 10  # calibration picks the first 10 (the lists the metrics read) greedily
 
 
 def rank(
@@ -323,9 +324,7 @@ def rank(
     ``reranking``: one of :data:`RERANKINGS` with its parameter, re-ordering each list's top
     100 (:func:`reranker`)."""
     ranker.prepare(task)
-    from kuberank.diversity import RERANK_DEPTH
-
-    rerank = reranker(ranker, task, *reranking) if reranking is not None else None
+    rerank = reranker(ranker, task, reranking[0]) if reranking is not None else None
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}
     starts = range(0, len(task), batch_size)
@@ -335,56 +334,35 @@ def rank(
         for offset, row in enumerate(rows):
             top = top_k(block[offset], task.exclude[row], depth)
             if rerank is not None:
-                head = top[:RERANK_DEPTH]
-                order = rerank(head, np.asarray(block[offset])[head], row)
-                top = np.concatenate([head[order], top[RERANK_DEPTH:]])
+                scores = np.asarray(block[offset])[top]
+                kind, value = reranking
+                top = top[rerank.order(kind, value, top, scores, task.histories[row])]
             run[task.query_ids[row]] = item_ids[top].tolist()
     return run
 
 
-def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str, value: float):
-    """``(items, scores, row) -> order`` (positions into the items, the model's order given)
-    for one re-ranking, built after ``ranker.prepare``:
+def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str) -> Reranker:
+    """What the re-ranking ``kind`` (kuberank/reranking.py) needs of the items, built after
+    ``ranker.prepare``; it re-orders each list's top 100 (MMR all of them, calibration
+    greedily its first 10):
 
-    - ``mmr``: lambda, maximal marginal relevance over :func:`mmr_vectors`
-      (kuberank/diversity.py);
-    - ``calibration``: lambda, Steck's calibration to the genre shares of the row's history
-      (kuberank/calibration.py; the dataset needs a ``genres`` attribute);
-    - ``tail_boost``: beta, relevance mixed with each item's novelty (kuberank/longtail.py)."""
+    - ``mmr_lambda``: the item vectors of :func:`mmr_vectors`;
+    - ``calibration``: the genre distributions (the dataset needs a ``genres`` attribute);
+    - ``tail_boost``: each item's novelty in the training interactions."""
     data = task.dataset
-    if kind == "mmr":
-        from kuberank.diversity import mmr
-
-        vectors = mmr_vectors(ranker, data)
-        return lambda items, scores, row: mmr(scores, vectors[items], value)
+    if kind == "mmr_lambda":
+        return Reranker(vectors=mmr_vectors(ranker, data))
     if kind == "calibration":
-        from kuberank import calibration
-
-        groups = item_groups(data, "--calibration")
-        targets: dict[int, np.ndarray | None] = {}
-
-        def calibrated(items, scores, row):
-            if row not in targets:
-                targets[row] = calibration.target(groups, task.histories[row])
-            if targets[row] is None:  # no grouped history: nothing to calibrate to
-                return np.arange(len(items))
-            return calibration.calibrate(scores, groups[items], targets[row], value, CALIBRATED_K)
-
-        return calibrated
+        return Reranker(groups=item_groups(data, "--calibration"))
     if kind == "tail_boost":
-        from kuberank import longtail
-
         popularity, users = beyond_accuracy.train_popularity(data)
-        novelty = longtail.novelty(popularity, users)
-        return lambda items, scores, row: longtail.boosted_order(scores, novelty[items], value)
+        return Reranker(novelty=longtail.novelty(popularity, users))
     raise KuberankError(f"re-ranking: one of {', '.join(RERANKINGS)}, got {kind!r}")
 
 
 def item_groups(data: datasets.Dataset, option: str) -> np.ndarray:
     """The items' genre distributions (kuberank/calibration.py), or a clear error naming
     ``option`` when the dataset has no ``genres`` attribute."""
-    from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix
-
     if CALIBRATION_ATTRIBUTE not in data.items:
         raise KuberankError(
             f"{option}: calibrates to the {CALIBRATION_ATTRIBUTE!r} of the user's history; "
@@ -413,8 +391,6 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
         raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
     stored, index = None, None
     if isinstance(model, str) and retrieval != "dense" and is_store(model):
-        from kuberank.lexical import LexicalIndex
-
         lexical = Path(model) / LEXICAL_DIR
         if lexical.is_dir() or retrieval == "hybrid":  # names `kuberank index` when absent
             index = LexicalIndex.load(lexical)
@@ -435,8 +411,6 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
 def calibration_metric(data: datasets.Dataset, task: datasets.EvalTask, run: dict) -> dict:
     """``miscalibration@10`` (kuberank/calibration.py) where the items have genres and the
     rows have histories, else nothing."""
-    from kuberank.calibration import CALIBRATION_ATTRIBUTE, miscalibration
-
     if CALIBRATION_ATTRIBUTE not in data.items or not any(len(h) for h in task.histories):
         return {}
     groups = item_groups(data, "miscalibration")
@@ -497,7 +471,7 @@ def evaluate(
         dataset=data.name,
         split=split,
         items=len(data.items),
-        **{("mmr_lambda" if k == "mmr" else k): v for k, v in chosen.items()},
+        **chosen,
         seconds=round(time.perf_counter() - started, 2),
     )
     return result
@@ -510,15 +484,13 @@ def parse_baselines(text: str) -> list[str]:
 
 def quality_report(rows: list[dict], split: str, dataset: str) -> str:
     """The evaluate step's Markdown: the fine-tuned model against the baselines."""
-    from kuberank import report
-
     return "\n".join(
         [
             f"# Quality on {dataset} ({split} split)",
             "",
             "Full ranking over all items; each user's seen items are excluded.",
             "",
-            report.format_table(rows, report.QUALITY_COLUMNS),
+            format_table(rows, QUALITY_COLUMNS),
             "",
         ]
     )

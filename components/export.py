@@ -31,6 +31,7 @@ layout names live in kuberank/store.py)::
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -108,7 +109,7 @@ class ParityError(KuberankError):
 
 def _pooled_module(model, with_token_types: bool):
     """The encoder as ``(input_ids, attention_mask) -> normalised mean-pooled embedding``."""
-    import torch
+    import torch  # torch, transformers, onnx, onnxruntime, tensorrt: heavy; loaded when used
 
     class PooledEncoder(torch.nn.Module):
         def __init__(self):
@@ -200,8 +201,6 @@ def quantize_int8(
 ) -> Path:
     """Dynamic int8 quantisation of the weights (activations quantised at run time).
     Per-channel keeps the mean cosine to fp32 at ~0.994 on MiniLM; per-tensor fell to 0.91."""
-    import logging
-
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

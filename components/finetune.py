@@ -17,6 +17,7 @@ Ray cluster or submits to a Ray cluster address) and ``kuberank train`` in the C
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,8 +36,11 @@ from kuberank.components.finetune_recommendation import RecommendationTask
 from kuberank.components.finetune_search import SearchTask
 from kuberank.components.training import TrainingTask, build_towers, unwrap
 from kuberank.config import base_model_path
+from kuberank.encoder import check_model_dir
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
+from kuberank.progress import bar
+from kuberank.raycluster import ensure_ray
 
 # one implementation of the training interface per dataset kind (components/training.py)
 TASKS: dict[str, TrainingTask] = {task.kind: task for task in (SearchTask(), RecommendationTask())}
@@ -92,7 +96,7 @@ class TrainConfig:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (DDP is set up by ``prepare_model``)."""
-    import ray.train
+    import ray.train  # ray, torch, transformers: heavy; loaded only when training
     import ray.train.torch
     import torch
 
@@ -259,14 +263,9 @@ def train(config: TrainConfig) -> Path:
     import torch
     from ray.train.torch import TorchTrainer
 
-    from kuberank.progress import bar
-    from kuberank.raycluster import ensure_ray
-
     data = datasets.load(config.dataset)
     config = config.resolved(data.kind)
     init_model = config.warm_start or base_model_path()
-    from kuberank.encoder import check_model_dir
-
     check_model_dir(init_model)
     _check_tokenizer_matches(init_model, config.towers)
     loop_config, finalize = _prepare(data, config, init_model)
@@ -330,8 +329,6 @@ def train(config: TrainConfig) -> Path:
 def _run_name(data: datasets.Dataset, config: TrainConfig) -> str:
     """The same data and settings give the same run name, so re-running a crashed command
     resumes from its latest checkpoint; any change starts a fresh run."""
-    import hashlib
-
     settings = {
         k: v
         for k, v in dataclasses.asdict(config).items()
@@ -354,7 +351,7 @@ def _check_tokenizer_matches(model_dir: str, towers: str) -> None:
     """Separate towers must share one vocabulary: the query tower's tokenizer feeds both."""
     from transformers import AutoTokenizer
 
-    from kuberank.model import item_tower_path
+    from kuberank.model import item_tower_path  # local: kuberank.model imports torch
 
     if towers != "separate" or item_tower_path(model_dir) == Path(model_dir):
         return
@@ -473,8 +470,6 @@ def _write_model(data, config: TrainConfig, init_model: str, loop: dict, result)
 
 
 def _data_hash(data: datasets.Dataset) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for name, table in data.tables().items():
         digest.update(name.encode())

@@ -14,7 +14,9 @@ import pandas as pd
 
 from kuberank import datasets
 from kuberank.components.training import TrainingTask, replay_sample
+from kuberank.encoder import TextEncoder
 from kuberank.errors import KuberankError
+from kuberank.metrics import evaluate_run
 
 
 def recommendation_examples(data: datasets.Dataset, max_history: int) -> dict:
@@ -57,7 +59,7 @@ class RecommendationTask(TrainingTask):
     defaults = {"epochs": 4, "batch_size": 256, "lr": 3e-3}
 
     def prepare(self, data: datasets.Dataset, config, init_model: str) -> dict:
-        from kuberank.encoder import TextEncoder
+        # kuberank.model: heavy (torch); loaded only when training
         from kuberank.model import ScorerConfig, is_kuberank_model, item_tower_path
 
         train_data, replayed = data, 0
@@ -182,8 +184,6 @@ def _setup(config: dict):
         validation = config["validation"]
 
         def validate(model):
-            from kuberank import metrics as m
-
             model.eval()
             with torch.no_grad():
                 hist = torch.from_numpy(pad_histories(validation["histories"], cfg.max_history))
@@ -199,7 +199,7 @@ def _setup(config: dict):
                 scores[row, exclude] = -np.inf
                 run[str(row)] = [str(i) for i in np.argsort(-scores[row], kind="stable")[:100]]
             qrels = {str(row): {str(t): 1} for row, t in enumerate(validation["targets"])}
-            result = m.evaluate_run(run, qrels, cutoffs=(10,))
+            result = evaluate_run(run, qrels, cutoffs=(10,))
             model.train()
             return {"val_ndcg@10": result["ndcg@10"], "val_hit@10": result["hit@10"]}
 

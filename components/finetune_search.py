@@ -16,6 +16,8 @@ from kuberank import datasets
 from kuberank.components.training import TrainingTask, TwoTower, build_towers, replay_sample
 from kuberank.corpus_pairs import corpus_pairs
 from kuberank.errors import KuberankError
+from kuberank.lexical import LexicalIndex
+from kuberank.metrics import evaluate_run
 
 
 def search_examples(data: datasets.Dataset, split: str = "train") -> dict:
@@ -41,8 +43,6 @@ def bm25_hard_negatives(
     relevant to its query (``examples``: query texts and (query, document row) pairs);
     ``index``: ``data``'s :class:`kuberank.lexical.LexicalIndex` when one is built already.
     Only the queries of the pairs are scored."""
-    from kuberank.lexical import LexicalIndex
-
     if index is None:
         index = LexicalIndex.build(data.item_ids, data.item_texts)
     positives: dict[int, set[int]] = {}
@@ -79,8 +79,6 @@ class SearchTask(TrainingTask):
         doc_texts = list(data.item_texts)
         lexical = None
         if config.hard_negatives:  # one BM25 index of the documents for both kinds of pairs
-            from kuberank.lexical import LexicalIndex
-
             lexical = LexicalIndex.build(data.item_ids, data.item_texts)
         hard = bm25_hard_negatives(data, examples, index=lexical) if lexical is not None else None
         mask_pairs, adapted = [], {}
@@ -162,7 +160,7 @@ class SearchTask(TrainingTask):
 
 
 def _setup(config: dict):
-    import torch
+    import torch  # torch: heavy; loaded only when training
 
     tokenizer, query_tower, item_tower = build_towers(config)
     model = TwoTower.module(query_tower, item_tower)
@@ -212,8 +210,6 @@ def _setup(config: dict):
             return torch.cat(out)
 
         def validate(model):
-            from kuberank import metrics as m
-
             item_tower = model.item_tower if model.item_tower is not None else model.query_tower
             model.eval()
             with torch.no_grad():
@@ -230,7 +226,7 @@ def _setup(config: dict):
                 str(r): {str(i): rel for i, rel in relevant.items()}
                 for r, relevant in enumerate(validation["relevant"])
             }
-            result = m.evaluate_run(run, qrels, cutoffs=(10,))
+            result = evaluate_run(run, qrels, cutoffs=(10,))
             model.train()
             return {"val_ndcg@10": result["ndcg@10"], "val_hit@10": result["hit@10"]}
 

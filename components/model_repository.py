@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kuberank.config import DEFAULT_BUDGET_MS
 from kuberank.errors import KuberankError
+from kuberank.storage import atomic_dir
 
 TOKENIZER = "tokenizer"
 ENCODER = "encoder"
@@ -219,7 +220,7 @@ def render_configs(spec: RepositorySpec) -> dict[str, str]:
 def parse_config(text: str, where: str = "config.pbtxt"):
     """Parse config.pbtxt text with Triton's own ModelConfig protobuf (shipped in tritonclient);
     a syntax error or an unknown field is a KuberankError naming ``where``."""
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # tritonclient, protobuf: heavy; loaded to parse
     from tritonclient.grpc import model_config_pb2
 
     try:
@@ -387,8 +388,6 @@ def write_repository(
     ``encoder_file`` is the ONNX model (or the TensorRT plan for ``tensorrt_plan``) whose output
     ``embedding`` is the pooled, normalised vector; ``tokenizer_json`` the fast-tokenizer file.
     """
-    from kuberank.storage import atomic_dir
-
     encoder_file, tokenizer_json = Path(encoder_file), Path(tokenizer_json)
     for path in (encoder_file, tokenizer_json):
         if not path.is_file():

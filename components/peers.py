@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from kuberank import datasets
-from kuberank.components.evaluate import PEERS, Ranker
+from kuberank.components.evaluate import PEERS, EASERanker, Ranker
 from kuberank.errors import KuberankError
 
 # kuberank's name -> RecBole's class; the names are evaluate.PEERS (load_ranker's list).
@@ -51,7 +52,7 @@ MAX_HISTORY = 50  # RecBole's MAX_ITEM_LIST_LENGTH default
 
 def require_recbole(name: str) -> None:
     """Import RecBole's parts or fail with a message naming the extra to install."""
-    try:
+    try:  # recbole and torch: heavy and optional (the peers extra); loaded only for a peer
         import colorlog  # noqa: F401
         import recbole.config  # noqa: F401
         import texttable  # noqa: F401
@@ -111,8 +112,6 @@ def _recbole_compat():
       the dict update of the matrix's entries it always was.
 
     Every other call is untouched, and both are restored afterwards."""
-    from scipy import sparse
-
     original_agg = pd.Series.agg
 
     def agg(self, func=None, *args, **kwargs):
@@ -302,8 +301,6 @@ class RecBoleRanker(Ranker):
 def load_peer(name: str, max_epochs: int = MAX_EPOCHS, seed: int = 0) -> Ranker:
     """A peer by name: a RecBole model, or kuberank's EASE^R (closed form: no epochs, no seed)."""
     if name == "ease":
-        from kuberank.components.evaluate import EASERanker
-
         return EASERanker()
     return RecBoleRanker(name, max_epochs=max_epochs, seed=seed)
 

@@ -5,9 +5,11 @@ components/finetune_search.py, components/finetune_recommendation.py), the text 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from kuberank import datasets
+from kuberank.encoder import mean_pool
 
 
 class TrainingTask:
@@ -42,9 +44,7 @@ class TrainingTask:
 
 
 def build_towers(config: dict):
-    import copy
-
-    import torch
+    import torch  # torch, transformers, peft, kuberank.model (torch): heavy; when training
     from transformers import AutoModel, AutoTokenizer
 
     from kuberank.model import item_tower_path
@@ -82,8 +82,6 @@ class TwoTower:
     @staticmethod
     def module(query_tower, item_tower):
         from torch import nn
-
-        from kuberank.encoder import mean_pool
 
         class _TwoTower(nn.Module):
             def __init__(self):

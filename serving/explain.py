@@ -23,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field
 
+from kuberank.errors import KuberankError
+from kuberank.serving.policies import BlockedQuery
+
 TOP_HISTORY = 3
 FUSION_TERMS = ("dense", "lexical")  # a bm25/hybrid score's terms (kuberank.fusion.terms)
 
@@ -99,7 +102,6 @@ def explain_offline(
     """``kuberank explain``: the answer /search (with ``query``) or /recommend (without) gives
     with ``"explain": true``, computed in this process on the store's in-process encoder,
     index and F (no server)."""
-    from kuberank.errors import KuberankError
     from kuberank.serving.encoders import QueryEncoding
     from kuberank.serving.pipeline import PipelineRequest, load_pipeline, rank_response
     from kuberank.serving.settings import Settings
@@ -117,6 +119,10 @@ def explain_offline(
         raise KuberankError(f"--history: unknown item ids {unknown[:20]}")
     if user_id is not None and (pipe.users or query is None) and user_id not in pipe.users:
         raise KuberankError(f"--user-id: {user_id!r} is not a user of this model")
+    if query is not None:  # the store's policy screens the query as /search does
+        query = screened(pipe.index.policy, query)
+        if query is None:  # the policy cut every term of the query: nothing to search
+            return rank_response((pipe.version, pipe.fingerprint), pipe.kind, [], [])
     request = PipelineRequest(query, list(history), user_id, k, query is None, True)
     if query is not None:  # a search retrieves as /search does by default (serving/hybrid.py)
         from kuberank.serving.hybrid import choose
@@ -124,6 +130,21 @@ def explain_offline(
         request.retrieval = choose(None, pipe.lexical)
     [(ids, scores, why)], _ = pipe.run([request], None, settings)
     return rank_response((pipe.version, pipe.fingerprint), pipe.kind, ids, scores, why)
+
+
+def screened(policy, query: str) -> str | None:
+    """``query`` as the store's policy (serving/policies.py) lets /search through: unchanged,
+    with the blocked terms cut out (``filter``; None when nothing is left), or refused with a
+    CLI error naming the policy (``reject``, where /search answers 422 at ``query``)."""
+    if policy is None:
+        return query
+    try:
+        return policy.screen(query)[0]
+    except BlockedQuery as exc:
+        raise KuberankError(
+            f"--query: {exc} (policy {policy.version}, fingerprint {policy.fingerprint}, "
+            f"on_blocked_term: {policy.rules.on_blocked_term})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- response schema

@@ -1,6 +1,6 @@
 """The re-ranking stage of serving: one of MMR, calibration or the long-tail boost over F's
-ranked candidates, the same cores as ``kuberank evaluate --mmr-lambda / --calibration /
---tail-boost`` (kuberank/diversity.py, kuberank/calibration.py, kuberank/longtail.py).
+ranked candidates, through the same dispatch as ``kuberank evaluate --mmr-lambda /
+--calibration / --tail-boost`` (kuberank/reranking.py).
 
 A request names exactly one in its ``diversity`` object (``{"mmr_lambda": L}``,
 ``{"calibration": L}`` or ``{"tail_boost": B}``); the ``mmr_lambda``, ``calibration`` and
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from kuberank.calibration import CALIBRATION_ATTRIBUTE, calibrate, group_matrix, target
-from kuberank.diversity import RERANK_DEPTH, mmr
-from kuberank.longtail import boosted_order, novelty
-
-KINDS = ("mmr_lambda", "calibration", "tail_boost")
+from kuberank import reranking
+from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix
+from kuberank.diversity import RERANK_DEPTH
+from kuberank.longtail import novelty
+from kuberank.reranking import KINDS
 
 
 def missing(index, kind: str) -> str | None:
@@ -57,18 +57,20 @@ def served_schema(schema: dict, index) -> dict:
 
 
 class Reranker:
-    """What the index offers the re-rankings, computed once per loaded index."""
+    """What the index offers the re-rankings (kuberank/reranking.py), computed once per
+    loaded index."""
 
     def __init__(self, index):
         self.index = index
-        self.groups = None
+        groups = None
         values = (index.attributes or {}).get("values", {})
         if CALIBRATION_ATTRIBUTE in values:
-            self.groups = group_matrix(values[CALIBRATION_ATTRIBUTE])[1]
+            groups = group_matrix(values[CALIBRATION_ATTRIBUTE])[1]
         popularity = getattr(index, "popularity", None)
-        self.novelty = None
+        novel = None
         if popularity is not None:
-            self.novelty = novelty(np.asarray(popularity["counts"]), popularity["users"])
+            novel = novelty(np.asarray(popularity["counts"]), popularity["users"])
+        self.core = reranking.Reranker(index.embeddings, groups, novel)
 
     def order(
         self,
@@ -82,17 +84,13 @@ class Reranker:
         depth: int,
     ) -> np.ndarray:
         """``order`` (positions into ``cands``, F's order) re-ranked: at least its first
-        ``depth`` picks as the re-ranking makes them; with MMR only those (its picks are all
-        that is returned), otherwise the rest as they were."""
+        ``depth`` picks as the re-ranking makes them; with MMR (over all candidates) only
+        those (its picks are all that is returned), otherwise the rest as they were
+        (calibration picks ``max(k, depth)`` of the top ``max(RERANK_DEPTH, depth)``, the
+        boost re-orders those)."""
         if kind == "mmr_lambda":
-            vectors = self.index.embeddings[cands[order]]
-            return order[mmr(scores[order], vectors, value, depth)]
-        head = order[: max(RERANK_DEPTH, depth)]
-        if kind == "calibration":
-            p = target(self.groups, history_rows)
-            if p is None:  # no grouped history: nothing to calibrate to
-                return order
-            picks = calibrate(scores[head], self.groups[cands[head]], p, value, max(k, depth))
+            head, picks = None, depth
         else:
-            picks = boosted_order(scores[head], self.novelty[cands[head]], value)
-        return np.concatenate([head[picks], order[len(head) :]])
+            head, picks = max(RERANK_DEPTH, depth), max(k, depth)
+        ranked = cands[order]
+        return order[self.core.order(kind, value, ranked, scores[order], history_rows, picks, head)]

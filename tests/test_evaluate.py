@@ -90,7 +90,7 @@ def test_mmr_reranking_trades_relevance_for_diversity(collection, capsys):
     vectors = beyond_accuracy.item_embeddings(data)
     task = datasets.eval_task(data, "all")
     plain_run = rank(load_ranker("bm25"), task)
-    run = rank(load_ranker("bm25"), task, reranking=("mmr", 0.0))
+    run = rank(load_ranker("bm25"), task, reranking=("mmr_lambda", 0.0))
     row = {iid: i for i, iid in enumerate(data.item_ids)}
     for qid, ranked in run.items():
         assert ranked[0] == plain_run[qid][0] and sorted(ranked) == sorted(plain_run[qid])
@@ -119,7 +119,7 @@ def test_mmr_compares_a_dense_models_own_item_vectors_as_serving_does(collection
 
     monkeypatch.setattr(beyond_accuracy, "item_embeddings", no_base_vectors)
     dense = load_ranker("zero-shot")
-    run = rank(dense, task, reranking=("mmr", 0.0))
+    run = rank(dense, task, reranking=("mmr_lambda", 0.0))
     own = mmr_vectors(dense, data)
     assert own.shape == (len(data.item_ids), dense.item_text.shape[1])
     np.testing.assert_allclose(np.linalg.norm(own, axis=1), 1.0, atol=1e-5)

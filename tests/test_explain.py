@@ -6,6 +6,7 @@ of tests/test_app.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -104,6 +105,49 @@ def test_kuberank_explain_offline(stores, capsys):
     ]:
         assert main(["explain", "--model-store", rec, *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_kuberank_explain_screens_blocked_terms_as_search_does(stores, tmp_path, capsys):
+    """The store's policy screens the offline query as /search screens it
+    (http_api.screen_query): ``reject`` a CLI error naming the policy where /search answers
+    422, ``filter`` the answer to the query without the blocked terms (none left: no items)."""
+    from types import SimpleNamespace
+
+    from kuberank.cli import main
+    from kuberank.serving.http_api import RequestProblem, screen_query
+    from kuberank.serving.loading import load_checked_index
+    from kuberank.serving.metrics import AppMetrics
+
+    assert main(["explain", "--model-store", str(stores[0]), "--query", "pasta", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["items"]
+    assert plain[0]["id"] == "d2"
+    for action in ("reject", "filter"):
+        store = tmp_path / action
+        shutil.copytree(stores[0], store, symlinks=True)
+        rules = tmp_path / f"{action}.json"
+        rules.write_text(json.dumps({"blocked_terms": ["casino"], "on_blocked_term": action}))
+        assert main(["policy", "set", "--model-store", str(store), "--file", str(rules)]) == 0
+        capsys.readouterr()
+        served = SimpleNamespace(index=load_checked_index(str(store))[1])
+        args = ["explain", "--model-store", str(store), "--json", "--query"]
+        assert main([*args, "pasta"]) == 0  # no blocked term: as without a policy
+        assert json.loads(capsys.readouterr().out)["items"] == plain
+        if action == "reject":
+            with pytest.raises(RequestProblem) as refused:
+                screen_query(served, "Casino pasta", AppMetrics())
+            assert refused.value.status == 422
+            assert main([*args, "Casino pasta"]) == 2
+            err = capsys.readouterr().err
+            assert refused.value.details[0]["problem"] in err
+            assert "--query: " in err and "policy 1, fingerprint " in err
+            assert "on_blocked_term: reject" in err
+        else:
+            assert screen_query(served, "Casino pasta", AppMetrics()) == "pasta"
+            assert main([*args, "Casino pasta"]) == 0
+            assert json.loads(capsys.readouterr().out)["items"] == plain
+            assert screen_query(served, "casino", AppMetrics()) is None  # /search: no items
+            assert main([*args, "casino"]) == 0
+            assert json.loads(capsys.readouterr().out)["items"] == []
 
 
 def _check_sums(body):

@@ -200,3 +200,81 @@ def test_a_broken_rule_is_named(module, source, expected):
 )
 def test_an_allowed_import_passes(module, source):
     assert violations(module, source) == []
+
+
+# Function-level imports in components/ (issue 14): only inside a kfp op (kfp runs an op's
+# source on its own) or of a heavy optional dependency, which its module's first such import
+# names in a comment; everything else (stdlib, numpy, pandas, scipy, cheap kuberank core) sits
+# at module level.
+HEAVY = {
+    "torch",
+    "transformers",
+    "peft",
+    "onnx",
+    "onnxruntime",
+    "tensorrt",
+    "ray",
+    "recbole",
+    "colorlog",  # RecBole's own imports, checked with it (components/peers.py)
+    "texttable",
+    "tritonclient",
+    "google",  # protobuf, parsed with tritonclient's ModelConfig
+    "kuberank.model",  # imports torch
+}
+LOCAL_BY_NEED = {("kuberank.components.evaluate", "kuberank.components.peers")}  # circular
+
+
+def local_imports(module: str, source: str) -> list[str]:
+    """``module:line target`` for each function-level import of ``source`` outside a kfp op
+    (a ``@step_component`` function) that is neither heavy nor needed local; and a line per
+    module whose first local import gives no reason."""
+    out, first = [], None
+    lines = source.splitlines()
+
+    def is_op(fn) -> bool:
+        return any(
+            (isinstance(d, ast.Name) and d.id == "step_component")
+            or (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "step_component")
+            for d in fn.decorator_list
+        )
+
+    def walk(node, in_function: bool) -> None:
+        nonlocal first
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if not is_op(child):
+                    walk(child, True)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)) and in_function:
+                names = (
+                    [a.name for a in child.names]
+                    if isinstance(child, ast.Import)
+                    else [child.module or ""]
+                )
+                for name in names:
+                    heavy = any(name == h or name.startswith(h + ".") for h in HEAVY)
+                    if not heavy and (module, name) not in LOCAL_BY_NEED:
+                        out.append(f"{module}:{child.lineno} {name}")
+                if first is None:
+                    first = child.lineno
+            else:
+                walk(child, in_function)
+
+    walk(ast.parse(source), False)
+    if first is not None and "#" not in lines[first - 1] and "#" not in lines[first - 2]:
+        out.append(f"{module}:{first} the first local import gives no reason (a comment)")
+    return out
+
+
+def test_components_import_at_module_level_unless_heavy():
+    found = {m: p for m, p in modules().items() if layer_of(m) == "components"}
+    assert "kuberank.components.evaluate" in found
+    broken = [line for m, p in found.items() for line in local_imports(m, p.read_text())]
+    assert not broken, "local imports of light modules in components/:\n" + "\n".join(broken)
+    op = "@step_component()\ndef op():\n    import json\n"
+    assert local_imports("kuberank.components.fake", op) == []  # inside a kfp op: kept
+    light = "def f():\n    import torch  # heavy\n    import json\n"
+    assert local_imports("kuberank.components.fake", light) == ["kuberank.components.fake:3 json"]
+    silent = "def f():\n    import torch\n"
+    assert local_imports("kuberank.components.fake", silent) == [
+        "kuberank.components.fake:2 the first local import gives no reason (a comment)"
+    ]

@@ -78,6 +78,40 @@ def test_only_the_top_100_are_reordered():
     assert sorted(got.tolist()) == list(range(n))
 
 
+def test_one_dispatch_offline_and_served():
+    """kuberank/reranking.py maps each kind to its core once: offline (the top 100 of a ranked
+    list, MMR over all of it, calibration picking 10) and served (MMR picking ``depth`` of
+    all candidates) are the same calls with their own head and picks."""
+    from kuberank.components.evaluate import RERANKINGS
+    from kuberank.diversity import mmr
+    from kuberank.reranking import CALIBRATED_K, Reranker
+
+    assert RERANKINGS == reranking.KINDS == ("mmr_lambda", "calibration", "tail_boost")
+    n = 130
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(n, 4))
+    groups = group_matrix([["a"] if i % 3 else ["b"] for i in range(n)])[1]
+    nov = novelty(rng.integers(0, 50, size=n), 50)
+    core = Reranker(vectors, groups, nov)
+    items = rng.permutation(n)  # item rows in the model's order
+    scores = np.linspace(1.0, 0.0, n)
+    history = np.array([0, 3])  # all "b"
+    offline = core.order("mmr_lambda", 0.3, items, scores)
+    assert offline[:100].tolist() == mmr(scores[:100], vectors[items[:100]], 0.3).tolist()
+    assert offline[100:].tolist() == list(range(100, n))
+    served = core.order("mmr_lambda", 0.3, items, scores, picks=5, head=None)
+    assert served.tolist() == mmr(scores, vectors[items], 0.3, 5).tolist()
+    picked = core.order("calibration", 0.9, items, scores, history)
+    p = target(groups, history)
+    expected = calibrate(scores[:100], groups[items[:100]], p, 0.9, CALIBRATED_K)
+    assert picked.tolist() == [*expected.tolist(), *range(100, n)]
+    assert core.order("calibration", 0.9, items, scores, []).tolist() == list(range(n))
+    boosted = core.order("tail_boost", 0.4, items, scores, head=None)
+    assert boosted.tolist() == boosted_order(scores, nov[items], 0.4).tolist()
+    with pytest.raises(KuberankError, match="one of mmr_lambda, calibration, tail_boost"):
+        core.order("mmr", 0.3, items, scores)
+
+
 def test_a_request_names_exactly_one_reranking():
     from kuberank.serving.http_api import Diversity, SearchRequest
 

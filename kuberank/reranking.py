@@ -1,0 +1,79 @@
+"""The re-rankings of a ranked list, one dispatch for offline (``kuberank evaluate
+--mmr-lambda / --calibration / --tail-boost``, components/evaluate.py) and served (a request's
+``diversity``, serving/reranking.py): the kind names are the served API's.
+
+- ``mmr_lambda``: lambda of maximal marginal relevance over the items' vectors
+  (kuberank/diversity.py);
+- ``calibration``: lambda of Steck's calibration to the genre shares of the history
+  (kuberank/calibration.py);
+- ``tail_boost``: beta of the long-tail boost, relevance mixed with novelty
+  (kuberank/longtail.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kuberank.calibration import calibrate, target
+from kuberank.diversity import RERANK_DEPTH, mmr
+from kuberank.errors import KuberankError
+from kuberank.longtail import boosted_order
+
+KINDS = ("mmr_lambda", "calibration", "tail_boost")
+CALIBRATED_K = 10  # calibration's greedy picks unless told: the first 10, the lists metrics read
+
+
+class Reranker:
+    """What the re-rankings need of the items (rows of each array are item rows; None where
+    the items lack it): ``vectors`` (MMR), ``groups`` (calibration: the genre distributions,
+    :func:`kuberank.calibration.group_matrix`) and ``novelty`` (the long-tail boost,
+    :func:`kuberank.longtail.novelty`)."""
+
+    def __init__(
+        self,
+        vectors: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        novelty: np.ndarray | None = None,
+    ):
+        self.vectors = vectors
+        self.groups = groups
+        self.novelty = novelty
+
+    def order(
+        self,
+        kind: str,
+        value: float,
+        items: np.ndarray,
+        scores: np.ndarray,
+        history: Sequence[int] = (),
+        picks: int | None = None,
+        head: int | None = RERANK_DEPTH,
+    ) -> np.ndarray:
+        """The re-ranked order: positions into ``items`` (item rows in the model's order, with
+        their ``scores``). The re-ranking ``kind`` with its ``value`` re-orders the first
+        ``head`` items (None: all); the rest follow as they were. The greedy ones pick
+        ``picks`` first: MMR then returns only its picks (default: the whole head, then the
+        rest), calibration the rest of the head as it was (default :data:`CALIBRATED_K`).
+        Calibration to a ``history`` (item rows) without any grouped item keeps the order."""
+        items = np.asarray(items)
+        scores = np.asarray(scores)
+        n = len(items)
+        size = n if head is None else min(head, n)
+        top, rel = items[:size], scores[:size]
+        if kind == "mmr_lambda":
+            chosen = mmr(rel, self.vectors[top], value, picks)
+            if picks is not None:
+                return chosen
+        elif kind == "calibration":
+            p = target(self.groups, history)
+            if p is None:  # no grouped history: nothing to calibrate to
+                return np.arange(n)
+            k = CALIBRATED_K if picks is None else picks
+            chosen = calibrate(rel, self.groups[top], p, value, k)
+        elif kind == "tail_boost":
+            chosen = boosted_order(rel, self.novelty[top], value)
+        else:
+            raise KuberankError(f"re-ranking: one of {', '.join(KINDS)}, got {kind!r}")
+        return np.concatenate([chosen, np.arange(size, n)]).astype(np.int64)
