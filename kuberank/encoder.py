@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class TextEncoder:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, max_length: int = MAX_LENGTH):
-        import torch
+        import torch  # local: torch and transformers are heavy, loaded on first encoder
         import transformers
         from transformers import AutoModel, AutoTokenizer
 
@@ -92,8 +93,6 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     """Identity of an encoder: sha256 over its weights, tokenizer and config (and those of a
     separate item tower). An index records the fingerprint of the model that embedded its
     items; serving refuses an index whose fingerprint differs from its encoder's."""
-    import hashlib
-
     root = Path(path)
     digest = hashlib.sha256()
     for tower in (root, root / "item_tower"):

@@ -52,7 +52,7 @@ class IndexMismatchError(KuberankError):
 def load_faiss():
     """The faiss module (optional: only the ANN path needs it, so it is imported here)."""
     try:
-        import faiss
+        import faiss  # local: heavy optional, only the ANN path needs it
     except ImportError as exc:  # the ANN path needs the pinned faiss-cpu wheel
         raise KuberankError(
             "the ANN index needs faiss (pip install faiss-cpu==1.15.1); "

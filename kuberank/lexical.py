@@ -37,7 +37,7 @@ class LexicalIndex:
 
     @classmethod
     def build(cls, ids: list[str], texts: list[str]) -> LexicalIndex:
-        import bm25s
+        import bm25s  # local: heavy (~0.17 s), only the lexical path needs it
 
         if len(ids) != len(texts):
             raise KuberankError(f"lexical index: {len(ids)} ids for {len(texts)} texts")

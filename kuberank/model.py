@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kuberank.encoder import model_fingerprint
+from kuberank.encoder import TextEncoder, check_model_dir, model_fingerprint
+from kuberank.onnx_encoder import OnnxEncoder
 from kuberank.store import INT8_ENCODER, MODEL_DIR, ONNX_DIR, is_store
 
 MODEL_FORMAT = "kuberank-model"
@@ -177,8 +179,6 @@ def save_model(
     item_encoder=None,
 ) -> Path:
     """Write a model directory (see the module docstring)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder.save_pretrained(out, safe_serialization=True)
@@ -210,8 +210,6 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
 
 
 def load_scorer(path: str | os.PathLike, info: ModelInfo) -> Scorer:
-    from safetensors.torch import load_file
-
     scorer = Scorer(info.scorer)
     weights = Path(path) / SCORER_FILE
     if weights.is_file():
@@ -243,9 +241,6 @@ def resolve_model(path: str | os.PathLike, threads: int | None = None) -> Resolv
     - a model store from ``kuberank export`` (``onnx/model.onnx``, F's weights under ``model/``),
     - a plain transformers encoder directory.
     """
-    from kuberank.encoder import TextEncoder, check_model_dir
-    from kuberank.onnx_encoder import OnnxEncoder
-
     root = Path(path)
     if is_store(root):
         extras = root / MODEL_DIR

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from kuberank.config import MAX_LENGTH
 from kuberank.errors import KuberankError
@@ -70,8 +71,6 @@ def encoder_fingerprint(encoder) -> str:
 def load_tokenizer(path: str | os.PathLike, max_length: int = MAX_LENGTH):
     """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` (a file or a directory holding one),
     truncating to ``max_length`` and not padding (callers pad per batch)."""
-    from tokenizers import Tokenizer
-
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
@@ -103,7 +102,7 @@ def tokenize(
 def session_options(intra_op_threads: int | None = 1):
     """ORT session options for serving: no spinning threads (they starve other work under
     concurrency) and a bounded intra-op pool."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # local: heavy, only a session needs it
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

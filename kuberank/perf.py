@@ -29,7 +29,7 @@ def encoder_throughput(encoder, texts: list[str], batch: int, seconds: float = 6
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
     """This machine's fp32 matrix-multiply rate (FLOP/s) with torch, all threads."""
-    import torch
+    import torch  # local: heavy, only this measurement needs it
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)

@@ -17,7 +17,7 @@ def ensure_ray(
 ) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local cluster on
     127.0.0.1 with a capped object store and no dashboard. No-op when already connected."""
-    import ray
+    import ray  # local: heavy, only a Ray run needs it
 
     if ray.is_initialized():
         return

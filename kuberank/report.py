@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 QUALITY_COLUMNS = ("ndcg@10", "mrr@10", "recall@100", "hit@10", "queries")
 
 
@@ -23,11 +25,10 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], first: str = "mod
 
 def bar_plot(rows: Sequence[dict], metrics: Sequence[str], path: str | Path, title: str) -> Path:
     """Grouped bars: one group per metric, one bar per row (model)."""
-    import matplotlib
+    import matplotlib  # local: heavy, only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)

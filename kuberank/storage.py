@@ -36,7 +36,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_client():
-    import boto3
+    import boto3  # local: boto3/botocore/pyarrow are heavy, only s3:// URIs need them
     from botocore.config import Config
 
     endpoint = os.environ.get("KUBERANK_S3_ENDPOINT_URL") or None

@@ -22,6 +22,7 @@ from kuberank.store import MANIFEST
 
 
 def _cmd_data_prep(args) -> int:
+    # per-subcommand imports stay local: `kuberank --help` starts fast
     from kuberank.components.data_prep import prepare
 
     manifest = prepare(

@@ -66,7 +66,7 @@ def _run(console, run_dir: Path, stamp: str, split: str, pipeline: bool, serve: 
     sections: list[str] = []
     store = None
     if pipeline:
-        from kuberank.pipelines.local import run_local, step_headline
+        from kuberank.pipelines.local import run_local, step_headline  # local: loads kfp
 
         say(
             f"[1/3] the kuberank pipeline on kfp's local runner: prepare -> fine-tune (Ray Train, "

@@ -181,7 +181,7 @@ def render(
     namespace: str = "kuberank",
 ) -> list[dict[str, Any]]:
     """Render the chart offline and return its Kubernetes objects (NOTES.txt excluded)."""
-    import helm_python
+    import helm_python  # local: heavy, only rendering the chart needs it
 
     chart = helm_python.Chart.load(str(chart_dir))
     rendered = chart.render(values or {}, name=name, namespace=namespace, is_install=True)

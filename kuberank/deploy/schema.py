@@ -389,7 +389,7 @@ def is_custom(obj: dict[str, Any]) -> bool:
 
 def validate_core(obj: dict[str, Any], version: str = KUBERNETES_VERSION) -> None:
     """kubernetes-validate, strict, at ``version``."""
-    import kubernetes_validate
+    import kubernetes_validate  # local: heavy, loads the Kubernetes schemas
 
     try:
         kubernetes_validate.validate(obj, version, strict=True)
