@@ -57,6 +57,7 @@ import sys
 import time
 
 from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from kuberank.errors import KuberankError
 from kuberank.serving import admission, hybrid, json_routes
@@ -395,8 +396,6 @@ if serve is not None:
             responses={200: {"description": "Prometheus text exposition format"}},
         )
         async def metrics(self) -> Response:
-            from prometheus_client import CONTENT_TYPE_LATEST
-
             return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -10,7 +10,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+import httptools
 import numpy as np
 
 from kuberank.errors import KuberankError
@@ -118,8 +120,6 @@ class _Connection(asyncio.Protocol):
     with the server it measures."""
 
     def __init__(self):
-        import httptools
-
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future | None = None
@@ -176,8 +176,6 @@ def _raw_request(host: str, port: int, path: str, body: dict | None) -> bytes:
 
 
 async def _load(urls: list[str], make_body: Callable[[int], dict] | None, level: Level) -> dict:
-    from urllib.parse import urlsplit
-
     targets = []
     for url in urls:
         parts = urlsplit(url)

@@ -1,16 +1,21 @@
 """``kuberank bench`` under overload: open-loop rates past the app's limit and ``hey`` storms
 of closed-loop clients, before and after deadline-aware admission (serving/admission.py)."""
 
+import csv
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from kuberank.errors import KuberankError
 from kuberank.progress import bar
+from kuberank.serving.admission import DEFAULT_BUDGET_MS
 from kuberank.serving.bench_load import Level, bench_queries, request_factory, run_load
+from kuberank.serving.launcher import LocalServing
 
 OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -27,9 +32,6 @@ STORM_CLIENTS = (8, 32, 128, 512)  # hey's closed-loop clients (no think time, n
 def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
     """``hey`` (an independent load generator) with ``clients`` closed-loop clients POSTing
     ``body`` to ``url`` for ``seconds``; per status: count and p50/p99 latency."""
-    import shutil
-    import tempfile
-
     hey = shutil.which("hey")
     if hey is None:
         raise KuberankError("hey not found (Debian: apt-get install hey)")
@@ -56,7 +58,6 @@ def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
             check=True,
             timeout=seconds + 60,
         )
-        import csv
 
         rows = list(csv.DictReader(open(out.name)))  # noqa: SIM115
     by: dict[str, list[float]] = {}
@@ -91,11 +92,6 @@ def overload(
     admitted p50/p99, the 503s and their p99. The generator shares the cores: its
     ``offered_qps`` shows where it could not keep up. Storm: ``hey`` with ``storm`` closed-loop
     clients that never back off (skipped without hey)."""
-    import shutil
-
-    from kuberank.serving.admission import DEFAULT_BUDGET_MS
-    from kuberank.serving.launcher import LocalServing
-
     path, make_body = request_factory("search", [], bench_queries(200))
     runs: dict[str, list[dict]] = {}
     storms: dict[str, list[dict]] = {}
@@ -192,7 +188,7 @@ def format_overload(result: dict) -> str:
 
 def plot_overload(result: dict, path: str | os.PathLike) -> Path:
     """Goodput and admitted p50/p99 against offered load, admission on and off."""
-    import matplotlib
+    import matplotlib  # local: heavy, plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

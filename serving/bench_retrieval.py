@@ -6,6 +6,9 @@ import os
 from kuberank.errors import KuberankError
 from kuberank.serving.bench_load import Level, bench_queries, run_load
 from kuberank.serving.bench_targets import in_process_limit
+from kuberank.serving.hybrid import BUILD_HINT, load_stage
+from kuberank.serving.launcher import LocalServing
+from kuberank.serving.loading import load_checked_index
 
 RETRIEVAL_MODES = ("dense", "hybrid")
 RETRIEVAL_LEVELS = (1, 8, 32)
@@ -30,10 +33,6 @@ def retrieval_cost(
     hybrid, hybrid, dense, ...) and keeps each mode's best round (most answers per second; all
     rounds under ``rounds``), so drift of a shared host weighs on both alike. ``ratios``:
     hybrid / dense of throughput and latency."""
-    from kuberank.serving.hybrid import BUILD_HINT, load_stage
-    from kuberank.serving.launcher import LocalServing
-    from kuberank.serving.loading import load_checked_index
-
     store = str(store)
     _, index = load_checked_index(store)
     if load_stage(store, index.ids) is None:

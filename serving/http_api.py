@@ -5,6 +5,7 @@ middleware (body limits, admission's early 503, metrics per route and status).
 :func:`new_api` is the FastAPI app the Ingress serves its routes on (serving/app.py)."""
 
 import json
+import logging
 import re
 import time
 from typing import Annotated, Literal
@@ -480,8 +481,6 @@ class LimitsAndMetrics:
                 if not status:
                     await error_response(413, too_big)(scope, receive, counted_send)
             except Exception as exc:  # a bug, not the client's fault: JSON 500, counted, logged
-                import logging
-
                 logging.getLogger("ray.serve").exception("kuberank: request failed")
                 if not status:
                     problem = f"internal error: {type(exc).__name__}"

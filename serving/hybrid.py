@@ -27,8 +27,10 @@ import numpy as np
 
 from kuberank import fusion
 from kuberank.errors import KuberankError, StorageNotFound
+from kuberank.lexical import META_FILE, LexicalIndex
 from kuberank.metrics import top_k
 from kuberank.serving.policies import among_found
+from kuberank.storage import is_s3, materialize
 from kuberank.store import LEXICAL_DIR
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
@@ -74,9 +76,6 @@ class LexicalStage:
 
 def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     """STORE/lexical for the items ``ids`` (the dense index's), or None when the store has none."""
-    from kuberank.lexical import META_FILE, LexicalIndex
-    from kuberank.storage import is_s3, materialize
-
     part = f"{store.rstrip('/')}/{LEXICAL_DIR}" if is_s3(store) else str(Path(store) / LEXICAL_DIR)
     try:
         directory = Path(materialize(part))

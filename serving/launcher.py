@@ -15,7 +15,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import urllib.error
@@ -23,6 +25,14 @@ import urllib.request
 from contextlib import contextmanager
 
 from kuberank.errors import KuberankError
+from kuberank.raycluster import ensure_ray
+from kuberank.serving.admission import DEFAULT_BUDGET_MS
+from kuberank.serving.front import HAProxyFront
+from kuberank.serving.loading import load_checked_index
+from kuberank.serving.settings import INGRESS, Settings, usable_cores
+from kuberank.serving.triton import TritonServer, free_port
+from kuberank.serving.watchdog import Watchdog
+from kuberank.storage import is_s3, materialize
 from kuberank.store import TRITON_LOCAL_DIR
 
 HOST = "127.0.0.1"
@@ -148,8 +158,6 @@ class LocalServing:
         restart_ray: bool = False,
         ingress_replicas: int = 0,
     ):
-        from kuberank.serving.triton import free_port
-
         if ingress not in INGRESS_MODES:
             raise KuberankError(f"ingress: {ingress!r} is not one of {INGRESS_MODES}")
         if ingress_replicas < 0 or (ingress == "proxy" and ingress_replicas):
@@ -189,8 +197,6 @@ class LocalServing:
 
     def _cores(self) -> int:
         """The CPUs of the Ray cluster this object starts."""
-        from kuberank.serving.settings import usable_cores
-
         return self.num_cpus or usable_cores()
 
     @property
@@ -218,8 +224,6 @@ class LocalServing:
         return f"http://{HOST}:{self.proxy_port}"
 
     def app_args(self) -> dict:
-        from kuberank.serving.settings import INGRESS
-
         args = {
             "model_store": self.store,
             "triton_url": self.triton.grpc_url if self.triton else "",
@@ -245,9 +249,7 @@ class LocalServing:
         return args
 
     def _start_ray(self) -> None:
-        import ray
-
-        from kuberank.raycluster import ensure_ray
+        import ray  # local: heavy (Ray; kuberank.serving.app loads Ray Serve)
 
         direct = self.direct_replicas
         if ray.is_initialized():
@@ -274,10 +276,6 @@ class LocalServing:
         place and only read; an S3 store's is downloaded into a directory of this run under
         ``$TMPDIR``, removed by :meth:`stop` (not the shared cache, where another run's
         download would replace it under a running server)."""
-        import tempfile
-
-        from kuberank.storage import is_s3, materialize
-
         uri = f"{self.store.rstrip('/')}/{TRITON_LOCAL_DIR}"
         if not is_s3(uri):
             return materialize(uri)
@@ -286,17 +284,13 @@ class LocalServing:
 
     def start(self) -> LocalServing:
         from kuberank.serving.app import build_app
-        from kuberank.serving.loading import load_checked_index
 
         load_checked_index(self.store)  # fail before starting anything
-        from kuberank.serving.watchdog import Watchdog
 
         # ends what this start spawns (tritonserver, Ray's processes) if this process dies
         # without stop(): a SIGKILLed `kuberank serve` leaves nothing running
         self._watchdog = Watchdog()
         if self.use_triton:
-            from kuberank.serving.triton import TritonServer
-
             self.triton = TritonServer(self._triton_repository())
             self.triton.start()
             self._watchdog.guard_new()
@@ -318,11 +312,6 @@ class LocalServing:
         /readyz as this app."""
         if self.ingress != "haproxy":
             return
-        from kuberank.serving.admission import DEFAULT_BUDGET_MS
-        from kuberank.serving.front import HAProxyFront
-        from kuberank.serving.settings import Settings
-        from kuberank.serving.triton import free_port
-
         ports = [int(u.rsplit(":", 1)[1]) for u in self.urls]
         if self.front is not None:
             if self.front.servers == ports:
@@ -422,8 +411,6 @@ class LocalServing:
                 self.triton.stop()
                 self.triton = None
             if self._workdir is not None:
-                import shutil
-
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
             if self._watchdog is not None:

@@ -26,6 +26,7 @@ class ModelTables:
 def read_model_tables(store: ModelStore, index_kind: str) -> tuple[ModelTables, Path | None]:
     """F's tables and STORE/model, or (a plain encoder's tables of ``index_kind``, None) when
     the store has no kuberank model."""
+    # local: kuberank.model imports torch
     from kuberank.model import MANIFEST, MODEL_FORMAT, read_info
 
     try:

@@ -32,6 +32,7 @@ import os
 import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kuberank.serving.admission import SHED_REASONS
 from kuberank.serving.policies import DECISIONS
@@ -213,8 +214,6 @@ def replica_metrics() -> AppMetrics:
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {'name{label="v",...}': value} (labels sorted), for tests and the
     bench."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

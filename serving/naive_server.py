@@ -12,6 +12,9 @@ import numpy as np
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
+from kuberank.encoder import TextEncoder
+from kuberank.item_index import load_index
+
 HOST = "127.0.0.1"
 
 
@@ -23,9 +26,6 @@ class NaiveSearch(BaseModel):
 
 
 def make_app(model_dir: str, store: str, max_length: int = 256) -> FastAPI:
-    from kuberank.encoder import TextEncoder
-    from kuberank.item_index import load_index
-
     encoder = TextEncoder(model_dir, max_length=max_length)
     index = load_index(store)
     app = FastAPI(title="kuberank naive baseline")
@@ -48,7 +48,7 @@ def make_app(model_dir: str, store: str, max_length: int = 256) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
+    import uvicorn  # local: heavy, only running the server needs it
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)

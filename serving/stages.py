@@ -148,7 +148,7 @@ class RankerCore:
     """F(Q, B, I) over candidate rows; Q·I when the store has no kuberank model."""
 
     def __init__(self, store: str, index, tables: ModelTables, model_dir: Path | None):
-        import torch
+        import torch  # local: heavy, the PyTorch scorer only
 
         torch.set_num_threads(1)
         self.torch, self.index, self.tables = torch, index, tables

@@ -16,6 +16,7 @@ the bundled stub misreads string tensors under numpy 2.x) on PYTHONPATH.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -51,7 +52,7 @@ class TritonStartError(KuberankError):
 
 def _pytriton_root() -> Path | None:
     try:
-        import pytriton
+        import pytriton  # local: heavy (pytriton), only starting Triton needs it
     except ImportError:
         return None
     return Path(pytriton.__file__).resolve().parent
@@ -163,8 +164,6 @@ def parent_death_signal(sig: int = signal.SIGTERM):
     if threading.current_thread() is not threading.main_thread():
         return None
     try:
-        import ctypes
-
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
