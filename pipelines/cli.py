@@ -10,6 +10,7 @@ import sys
 
 
 def _cluster_settings(args):
+    # per-subcommand imports stay local: `kuberank --help` starts fast
     from kuberank.pipelines.pipeline import ClusterSettings
 
     return ClusterSettings(

@@ -6,9 +6,11 @@ IR YAML file -> the facts that must hold, or an error naming what is wrong). Thi
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
+from kfp import compiler, components
 
 from kuberank.errors import KuberankError
 from kuberank.pipelines.pipeline import (
@@ -26,10 +28,6 @@ def compile_pipeline(
 ) -> dict:
     """Write the IR YAML of the pipeline for ``target`` to ``out`` (atomically), load it back
     with kfp and check it. Returns the summary of :func:`check_package`."""
-    import tempfile
-
-    from kfp import compiler
-
     out = Path(out)
     if out.is_dir():
         raise KuberankError(f"--out: {out} is a directory; give a file name such as kuberank.yaml")
@@ -93,8 +91,6 @@ def check_package(
     the pipeline's name and parameters, every expected task, caching, retries and GPU
     settings where they belong (and nowhere else), the S3 secret on the cluster tasks.
     Returns a summary; raises KuberankError naming the first thing that is wrong."""
-    from kfp import components
-
     settings = cluster or ClusterSettings()
     try:
         loaded = components.load_component_from_file(str(path))

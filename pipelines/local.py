@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -17,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from kfp import local
+from kfp.local.orchestrator import task_executor
+
+from kuberank.errors import KuberankError
 from kuberank.pipelines.pipeline import (
     CANARY,
     COMPRESS,
@@ -42,10 +47,6 @@ def init_local_runner(pipeline_root: str | os.PathLike) -> Path:
     (started by the fine-tuning task or later in this process) puts UNIX sockets under TMPDIR
     and their paths may not exceed 107 bytes.
     """
-    import tempfile
-
-    from kfp import local
-
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(
@@ -133,8 +134,6 @@ def task_logs(
 
     It wraps kfp's ``task_executor.execute_single_task`` (kfp 2.17, pinned), through which both
     of kfp's local orchestrators run every task, one at a time."""
-    from kfp.local.orchestrator import task_executor
-
     original = task_executor.execute_single_task
     echo = sys.stdout if tee else None
     folder = Path(log_dir) if log_dir is not None else None
@@ -175,8 +174,6 @@ def run_logged(
 ) -> T:
     """``run()`` (a local pipeline run) under :func:`task_logs`; kfp's error for a failed task
     becomes a KuberankError naming the step, its time and its log."""
-    from kuberank.errors import KuberankError
-
     failed: list[StepResult] = []
 
     def step(result: StepResult) -> None:
@@ -217,8 +214,6 @@ def run_local(
     console too); ``on_start(name)`` and ``on_step(StepResult)`` follow the steps. A failed
     step raises KuberankError naming the step and its log. Returns the output artifacts' paths,
     the model store, the fine-tuned model's metrics and the release record."""
-    from pathlib import Path
-
     root = init_local_runner(pipeline_root)
     params.setdefault("model_store", str(root / "store"))
     started = time.perf_counter()

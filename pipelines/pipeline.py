@@ -28,10 +28,12 @@ machine.
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from kuberank.config import IMAGE
 from kuberank.errors import KuberankError
+from kuberank.pipelines.rayjob import finetune_rayjob_op
+from kuberank.pipelines.release import canary_op, publish_op
 
 PIPELINE_NAME = "kuberank"
 TARGETS = ("local", "cluster")
@@ -130,14 +132,13 @@ class PipelineOutputs(NamedTuple):
 
 def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None):
     """The ``@dsl.pipeline`` function for ``target`` (``local`` or ``cluster``)."""
+    # local: the components' modules add ~0.65 s to this module's import (python -c timing)
     from kuberank.components.compress import compress_op
     from kuberank.components.data_prep import data_prep_op
     from kuberank.components.evaluate import evaluate_model_op
     from kuberank.components.export import export_op, tensorrt_op
     from kuberank.components.finetune import finetune_prepared_op
     from kuberank.components.index import index_op
-    from kuberank.pipelines.rayjob import finetune_rayjob_op
-    from kuberank.pipelines.release import canary_op, publish_op
 
     if target not in TARGETS:
         raise KuberankError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")
@@ -150,7 +151,6 @@ def build_pipeline(target: str = "local", cluster: ClusterSettings | None = None
         task.set_caching_options(name in CACHED)
         if not on_cluster:
             return task
-        from kfp import kubernetes
 
         if name in RETRIED:
             task.set_retry(

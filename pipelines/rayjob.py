@@ -4,6 +4,7 @@ follows it to the end and copies the model into its output artifact
 (:func:`finetune_rayjob_op`); the manifest (:func:`rayjob_manifest`) has the shape and security
 settings of manifests/base/rayjob-finetune.yaml."""
 
+import shlex
 import time
 
 from kfp import dsl
@@ -42,8 +43,6 @@ def rayjob_manifest(
     """A KubeRay RayJob (ray.io/v1) running ``kuberank train`` on ``workers`` worker pods
     (one Ray Train worker each, ``gpus_per_worker`` GPUs per pod; 0 = CPU), deleted when the
     job finishes. Same shape and security settings as manifests/base/rayjob-finetune.yaml."""
-    import shlex
-
     if workers < 1:
         raise KuberankError("workers: must be at least 1")
     args = [
@@ -183,7 +182,7 @@ def run_rayjob(
     kuberank-pipeline-runner Role allows it), follow it until it ends and return its status.
     Raises KuberankError on failure or timeout."""
     if api is None:
-        from kubernetes import client, config
+        from kubernetes import client, config  # local: heavy (~0.3 s), the cluster path only
 
         config.load_incluster_config()
         api = client.CustomObjectsApi()

@@ -6,21 +6,22 @@ given, then ``create_run_from_pipeline_package``) and ``kuberank pipeline submit
 """
 
 import datetime as _dt
+import inspect
 import os
 import tempfile
 from pathlib import Path
 
+import kfp
+
 from kuberank.errors import KuberankError
+from kuberank.pipelines.compile import compile_pipeline
+from kuberank.pipelines.pipeline import build_pipeline
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 
 
 def pipeline_parameters() -> dict[str, type]:
     """The pipeline's parameters and their Python types (from the pipeline function)."""
-    import inspect
-
-    from kuberank.pipelines.pipeline import build_pipeline
-
     func = build_pipeline("local").pipeline_func
     return {name: p.annotation for name, p in inspect.signature(func).parameters.items()}
 
@@ -87,13 +88,9 @@ def submit(
     run_name = run_name or default_run_name()
     with tempfile.TemporaryDirectory(prefix="kuberank-submit-") as tmp:
         if not package:
-            from kuberank.pipelines.compile import compile_pipeline
-
             package = str(Path(tmp) / "kuberank.yaml")
             compile_pipeline(package, "cluster", cluster)
         if client is None:
-            import kfp
-
             client = kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
         result = client.create_run_from_pipeline_package(
             package,
