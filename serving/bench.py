@@ -58,9 +58,6 @@ from kuberank.serving.bench_targets import (
     wait_http,
 )
 from kuberank.serving.launcher import DEFAULT_INGRESS, LocalServing
-from kuberank.serving.loading import load_checked_index
-from kuberank.serving.metrics import scrape, triton_summary
-from kuberank.serving.triton import free_port
 
 KUBERANK_TARGETS = ("kuberank-triton", "kuberank-onnx")
 TARGETS = (*KUBERANK_TARGETS, "naive", "limit")
@@ -296,6 +293,8 @@ def serve_and_bench(
 
     ``open_at``: fractions of (d); after its closed-loop levels each kuberank target also gets
     fixed-rate levels at these fractions of the limit, which is then measured first."""
+    from kuberank.serving.loading import load_checked_index
+
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise KuberankError(f"bench: unknown targets {sorted(unknown)}; choose from {TARGETS}")
@@ -365,6 +364,7 @@ def serve_and_bench(
                 results["bare-triton"] = [
                     bare_triton(running.triton.grpc_url, texts, top, requests, max_seconds)
                 ]
+                from kuberank.serving.metrics import scrape, triton_summary
 
                 results["kuberank-triton"][-1]["triton"] = triton_summary(
                     scrape(running.triton.metrics_url)
@@ -373,6 +373,8 @@ def serve_and_bench(
         if kind != "search":
             results["naive"] = []
         else:
+            from kuberank.serving.triton import free_port
+
             port = free_port()
             cmd = [
                 sys.executable,

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httptools
 import numpy as np
 
 from kuberank.errors import KuberankError
@@ -120,6 +119,8 @@ class _Connection(asyncio.Protocol):
     with the server it measures."""
 
     def __init__(self):
+        import httptools  # local: the CLI's parser imports this module (see tests/test_layers.py)
+
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future | None = None

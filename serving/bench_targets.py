@@ -10,15 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.serving.bench_load import Level, stats
-from kuberank.serving.encoders import QueryEncoding
 from kuberank.serving.launcher import http_json
-from kuberank.serving.pipeline import PipelineRequest, load_pipeline
-from kuberank.serving.settings import Settings, usable_cores
 
 
 def in_process_limit(
@@ -40,6 +36,13 @@ def in_process_limit(
     after one untimed pass that warms ONNX Runtime up. ``retrieval``: the requests' (dense,
     bm25, hybrid; serving/hybrid.py); ``stage_ms``: each stage's mean milliseconds per query
     (``lexical`` is a part of ``retrieve``)."""
+    # local: the CLI's parser imports this module (see tests/test_layers.py)
+    from threadpoolctl import threadpool_limits
+
+    from kuberank.serving.encoders import QueryEncoding
+    from kuberank.serving.pipeline import PipelineRequest, load_pipeline
+    from kuberank.serving.settings import Settings
+
     settings = Settings(onnx_precision=precision, onnx_threads=threads, candidates=candidates)
     encoding = QueryEncoding("", settings, streams)
     pipe = load_pipeline(store, encoding)
@@ -104,6 +107,8 @@ def best_in_process_limit(store: str, queries: list[str], seconds: float = 10.0,
     side by side (one intra-op thread each), so the app is compared with the best the model
     does in this process, whichever way the app runs it. The other one is kept under
     ``other``."""
+    from kuberank.serving.settings import usable_cores
+
     cores = usable_cores()
     tried = [in_process_limit(store, queries, seconds=seconds / 2, streams=1, **kw)]
     if cores > 1:
@@ -123,7 +128,7 @@ def bare_triton(
     model: str = "query_encoder",
 ) -> dict:
     """The Triton ensemble alone (closed loop over gRPC): the serving peer to compare with."""
-    import tritonclient.grpc.aio as grpcclient  # local: heavy, the Triton target only
+    import tritonclient.grpc.aio as grpcclient
 
     async def main() -> dict:
         client = grpcclient.InferenceServerClient(grpc_url)

@@ -25,13 +25,6 @@ import urllib.request
 from contextlib import contextmanager
 
 from kuberank.errors import KuberankError
-from kuberank.raycluster import ensure_ray
-from kuberank.serving.admission import DEFAULT_BUDGET_MS
-from kuberank.serving.front import HAProxyFront
-from kuberank.serving.loading import load_checked_index
-from kuberank.serving.settings import INGRESS, Settings, usable_cores
-from kuberank.serving.triton import TritonServer, free_port
-from kuberank.serving.watchdog import Watchdog
 from kuberank.storage import is_s3, materialize
 from kuberank.store import TRITON_LOCAL_DIR
 
@@ -158,6 +151,9 @@ class LocalServing:
         restart_ray: bool = False,
         ingress_replicas: int = 0,
     ):
+        # local: the CLI's parser imports this module (see tests/test_layers.py)
+        from kuberank.serving.triton import free_port
+
         if ingress not in INGRESS_MODES:
             raise KuberankError(f"ingress: {ingress!r} is not one of {INGRESS_MODES}")
         if ingress_replicas < 0 or (ingress == "proxy" and ingress_replicas):
@@ -197,6 +193,8 @@ class LocalServing:
 
     def _cores(self) -> int:
         """The CPUs of the Ray cluster this object starts."""
+        from kuberank.serving.settings import usable_cores
+
         return self.num_cpus or usable_cores()
 
     @property
@@ -224,6 +222,8 @@ class LocalServing:
         return f"http://{HOST}:{self.proxy_port}"
 
     def app_args(self) -> dict:
+        from kuberank.serving.settings import INGRESS
+
         args = {
             "model_store": self.store,
             "triton_url": self.triton.grpc_url if self.triton else "",
@@ -249,7 +249,9 @@ class LocalServing:
         return args
 
     def _start_ray(self) -> None:
-        import ray  # local: heavy (Ray; kuberank.serving.app loads Ray Serve)
+        import ray
+
+        from kuberank.raycluster import ensure_ray
 
         direct = self.direct_replicas
         if ray.is_initialized():
@@ -284,13 +286,17 @@ class LocalServing:
 
     def start(self) -> LocalServing:
         from kuberank.serving.app import build_app
+        from kuberank.serving.loading import load_checked_index
 
         load_checked_index(self.store)  # fail before starting anything
+        from kuberank.serving.watchdog import Watchdog
 
         # ends what this start spawns (tritonserver, Ray's processes) if this process dies
         # without stop(): a SIGKILLed `kuberank serve` leaves nothing running
         self._watchdog = Watchdog()
         if self.use_triton:
+            from kuberank.serving.triton import TritonServer
+
             self.triton = TritonServer(self._triton_repository())
             self.triton.start()
             self._watchdog.guard_new()
@@ -312,6 +318,11 @@ class LocalServing:
         /readyz as this app."""
         if self.ingress != "haproxy":
             return
+        from kuberank.serving.admission import DEFAULT_BUDGET_MS
+        from kuberank.serving.front import HAProxyFront
+        from kuberank.serving.settings import Settings
+        from kuberank.serving.triton import free_port
+
         ports = [int(u.rsplit(":", 1)[1]) for u in self.urls]
         if self.front is not None:
             if self.front.servers == ports:
