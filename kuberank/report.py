@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _finish(fig, ax, path: Path, title: str) -> Path:
     """Title, legend and frame of a plot, then written to ``path`` and closed."""
     import matplotlib.pyplot as plt
 
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)))  # a long title wraps, never cut off
     ax.legend(fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
