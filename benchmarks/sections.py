@@ -298,7 +298,7 @@ def retrieval(out: Path, cisi: str | None):
 RERANK_GRIDS = {
     "mmr": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0),  # lambda: 1 = as ranked
     "calibration": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),  # lambda: 0 = as ranked
-    "tail_boost": (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),  # beta: 0 = as ranked
+    "tail_boost": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5),  # beta: 0 = as ranked
 }
 RERANK_PARAMETER = {"mmr": "mmr_lambda", "calibration": "calibration", "tail_boost": "tail_boost"}
 # what each re-ranking aims to move, for its plot
@@ -370,6 +370,14 @@ def diversity(out: Path, cisi: str | None):
                 f"{(after['ndcg@10'] / before['ndcg@10'] - 1) * 100:+.1f}% (goal: ILD +20%, "
                 f"tail x1.5, nDCG at most -{MAX_NDCG_LOSS:.0%})"
             )
+    for name, curve in curves["mmr"].items():  # the ceiling: lambda 0 ignores relevance
+        most = max(curve, key=lambda r: r["ild@10"])
+        lines.append(
+            f"- {name}: the most ILD@10 that MMR finds in the top 100 (validation, mmr "
+            f"{most['mmr_lambda']:g}; at 0 relevance only picks the first item): "
+            f"{ratio('ild@10', curve[0], most)} for nDCG@10 "
+            f"{(most['ndcg@10'] / curve[0]['ndcg@10'] - 1) * 100:+.1f}%"
+        )
     lines.append("")
     for kind, by_model in curves.items():
         plot = report.curve_plot(

@@ -348,15 +348,15 @@ def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str) -> Reranker:
 
     - ``mmr_lambda``: the item vectors of :func:`mmr_vectors`;
     - ``calibration``: the genre distributions (the dataset needs a ``genres`` attribute);
-    - ``tail_boost``: each item's novelty in the training interactions."""
+    - ``tail_boost``: whether each item is in the long tail of the training interactions."""
     data = task.dataset
     if kind == "mmr_lambda":
         return Reranker(vectors=mmr_vectors(ranker, data))
     if kind == "calibration":
         return Reranker(groups=item_groups(data, "--calibration"))
     if kind == "tail_boost":
-        popularity, users = beyond_accuracy.train_popularity(data)
-        return Reranker(novelty=longtail.novelty(popularity, users))
+        popularity, _ = beyond_accuracy.train_popularity(data)
+        return Reranker(tail=longtail.long_tail(popularity))
     raise KuberankError(f"re-ranking: one of {', '.join(RERANKINGS)}, got {kind!r}")
 
 

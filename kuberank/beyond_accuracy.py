@@ -13,8 +13,8 @@ Every metric looks at the top ``k`` of each ranked list (item indices into the c
 - ``ild@k``: intra-list diversity, the mean over lists of the mean pairwise cosine distance
   (1 - cos) of the listed items' embeddings (lists with fewer than two items are skipped).
 - ``exposure_head@k``, ``exposure_mid@k``, ``exposure_tail@k``: share of all recommended slots
-  that go to each popularity tercile of the catalogue (items sorted by popularity, most popular
-  first, ties by index, cut into three parts of equal size).
+  that go to each popularity tercile of the catalogue (kuberank/longtail.py: items sorted by
+  popularity, most popular first, ties by index, cut into three parts of equal size).
 
 Popularity comes from the training rows only (:func:`train_popularity`). The embeddings for ILD
 are one fixed source for every model and baseline: the dataset's item text encoded once by the
@@ -33,10 +33,9 @@ import numpy as np
 from kuberank.config import BASE_MODEL_NAME, MAX_LENGTH
 from kuberank.datasets import SEARCH
 from kuberank.encoder import TextEncoder
+from kuberank.longtail import TERCILES, popularity_terciles
 from kuberank.longtail import novelty as self_information
 from kuberank.storage import cache_dir
-
-TERCILES = ("head", "mid", "tail")
 
 
 def _top(lists: Sequence[Sequence[int]], k: int) -> list[np.ndarray]:
@@ -92,17 +91,6 @@ def ild(lists: Sequence[Sequence[int]], embeddings: np.ndarray, k: int) -> float
         pairs = (sims.sum() - np.trace(sims)) / 2
         values.append(1.0 - float(pairs) / (n * (n - 1) / 2))
     return _mean_over_lists(values)
-
-
-def popularity_terciles(popularity: np.ndarray) -> np.ndarray:
-    """Tercile of each item (0 head, 1 mid, 2 tail): the catalogue sorted by popularity (most
-    popular first, ties by index) and cut into three parts of (nearly) equal size."""
-    pop = np.asarray(popularity)
-    order = np.lexsort((np.arange(len(pop)), -pop))
-    tercile = np.zeros(len(pop), dtype=np.int64)
-    for t, part in enumerate(np.array_split(order, 3)):
-        tercile[part] = t
-    return tercile
 
 
 def tercile_exposure(

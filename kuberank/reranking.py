@@ -6,8 +6,8 @@
   (kuberank/diversity.py);
 - ``calibration``: lambda of Steck's calibration to the genre shares of the history
   (kuberank/calibration.py);
-- ``tail_boost``: beta of the long-tail boost, relevance mixed with novelty
-  (kuberank/longtail.py).
+- ``tail_boost``: beta of the long-tail boost, (1 - beta) relevance plus beta for the items in
+  the long tail (kuberank/longtail.py).
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ CALIBRATED_K = 10  # calibration's greedy picks unless told: the first 10, the l
 class Reranker:
     """What the re-rankings need of the items (rows of each array are item rows; None where
     the items lack it): ``vectors`` (MMR), ``groups`` (calibration: the genre distributions,
-    :func:`kuberank.calibration.group_matrix`) and ``novelty`` (the long-tail boost,
-    :func:`kuberank.longtail.novelty`)."""
+    :func:`kuberank.calibration.group_matrix`) and ``tail`` (the long-tail boost: whether each
+    item is in the long tail, :func:`kuberank.longtail.long_tail`)."""
 
     def __init__(
         self,
         vectors: np.ndarray | None = None,
         groups: np.ndarray | None = None,
-        novelty: np.ndarray | None = None,
+        tail: np.ndarray | None = None,
     ):
         self.vectors = vectors
         self.groups = groups
-        self.novelty = novelty
+        self.tail = tail
 
     def order(
         self,
@@ -52,11 +52,11 @@ class Reranker:
         head: int | None = RERANK_DEPTH,
     ) -> np.ndarray:
         """The re-ranked order: positions into ``items`` (item rows in the model's order, with
-        their ``scores``). The re-ranking ``kind`` with its ``value`` re-orders the first
-        ``head`` items (None: all); the rest follow as they were. The greedy ones pick
-        ``picks`` first: MMR then returns only its picks (default: the whole head, then the
-        rest), calibration the rest of the head as it was (default :data:`CALIBRATED_K`).
-        Calibration to a ``history`` (item rows) without any grouped item keeps the order."""
+        their ``scores``), every position once. The re-ranking ``kind`` with its ``value``
+        re-orders the first ``head`` items (None: all); the greedy ones pick ``picks`` of them
+        first (default: MMR the whole head, calibration :data:`CALIBRATED_K`). The rest of the
+        head follows as it was, then the items past it. Calibration to a ``history`` (item
+        rows) without any grouped item keeps the order."""
         items = np.asarray(items)
         scores = np.asarray(scores)
         n = len(items)
@@ -64,8 +64,6 @@ class Reranker:
         top, rel = items[:size], scores[:size]
         if kind == "mmr_lambda":
             chosen = mmr(rel, self.vectors[top], value, picks)
-            if picks is not None:
-                return chosen
         elif kind == "calibration":
             p = target(self.groups, history)
             if p is None:  # no grouped history: nothing to calibrate to
@@ -73,7 +71,8 @@ class Reranker:
             k = CALIBRATED_K if picks is None else picks
             chosen = calibrate(rel, self.groups[top], p, value, k)
         elif kind == "tail_boost":
-            chosen = boosted_order(rel, self.novelty[top], value)
+            chosen = boosted_order(rel, self.tail[top], value)
         else:
             raise KuberankError(f"re-ranking: one of {', '.join(KINDS)}, got {kind!r}")
-        return np.concatenate([chosen, np.arange(size, n)]).astype(np.int64)
+        rest = np.setdiff1d(np.arange(size), chosen)  # the head's unpicked, in their order
+        return np.concatenate([chosen, rest, np.arange(size, n)]).astype(np.int64)

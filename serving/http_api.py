@@ -99,7 +99,8 @@ class Diversity(BaseModel):
         None,
         ge=0.0,
         le=1.0,
-        description="long-tail boost: (1 - B) relevance + B novelty; 0 is F's order (needs an "
+        description="long-tail boost: (1 - B) relevance (min-max scaled) + B for the items in "
+        "the long tail (the least popular third); 0 is F's order, 1 the tail first (needs an "
         "index of an interaction log)",
     )
 

@@ -23,7 +23,7 @@ import numpy as np
 from kuberank import reranking
 from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix
 from kuberank.diversity import RERANK_DEPTH
-from kuberank.longtail import novelty
+from kuberank.longtail import long_tail
 from kuberank.reranking import KINDS
 
 
@@ -67,10 +67,10 @@ class Reranker:
         if CALIBRATION_ATTRIBUTE in values:
             groups = group_matrix(values[CALIBRATION_ATTRIBUTE])[1]
         popularity = getattr(index, "popularity", None)
-        novel = None
+        tail = None
         if popularity is not None:
-            novel = novelty(np.asarray(popularity["counts"]), popularity["users"])
-        self.core = reranking.Reranker(index.embeddings, groups, novel)
+            tail = long_tail(np.asarray(popularity["counts"]))
+        self.core = reranking.Reranker(index.embeddings, groups, tail)
 
     def order(
         self,
@@ -83,11 +83,10 @@ class Reranker:
         k: int,
         depth: int,
     ) -> np.ndarray:
-        """``order`` (positions into ``cands``, F's order) re-ranked: at least its first
-        ``depth`` picks as the re-ranking makes them; with MMR (over all candidates) only
-        those (its picks are all that is returned), otherwise the rest as they were
-        (calibration picks ``max(k, depth)`` of the top ``max(RERANK_DEPTH, depth)``, the
-        boost re-orders those)."""
+        """``order`` (positions into ``cands``, F's order) re-ranked, every position once: at
+        least its first ``depth`` picks as the re-ranking makes them, then the rest in F's
+        order (MMR picks ``depth`` of all candidates, calibration ``max(k, depth)`` of the top
+        ``max(RERANK_DEPTH, depth)``, the boost re-orders those)."""
         if kind == "mmr_lambda":
             head, picks = None, depth
         else:

@@ -191,14 +191,11 @@ class RankerCore:
         order = np.lexsort((cands, -scores))
         policy = getattr(self.index, "policy", None)
         caps = policy is not None and bool(policy.rules.caps)
-        if req.reranking is not None:  # serving/reranking.py: MMR's picks, or a new order
+        if req.reranking is not None:  # serving/reranking.py; the caps walk the new order
             kind, value = req.reranking
             depth = min(len(order), CAP_DEPTH * req.k) if caps else req.k
             history = self.index.rows_of(req.history)[0]
-            picked = self.reranker.order(kind, value, cands, order, scores, history, req.k, depth)
-            if kind == "mmr_lambda" and caps:  # the caps walk MMR's picks, then F's order
-                picked = np.concatenate([picked, order[~np.isin(order, picked)]])
-            order = picked
+            order = self.reranker.order(kind, value, cands, order, scores, history, req.k, depth)
         if caps:  # the policy's caps per group (serving/policies.py)
             top, req.capped = policy.cap(cands, order, req.k)
         else:

@@ -47,10 +47,7 @@ def test_ild_is_the_mean_pairwise_cosine_distance():
     assert ba.ild([[0], []], emb, 2) == 0.0  # no list with two items
 
 
-def test_terciles_and_their_exposure():
-    assert ba.popularity_terciles(POPULARITY).tolist() == [0, 0, 1, 2]
-    # ties go to the lower index: equal popularity keeps catalogue order
-    assert ba.popularity_terciles(np.zeros(6)).tolist() == [0, 0, 1, 1, 2, 2]
+def test_exposure_per_popularity_tercile():
     assert ba.tercile_exposure(LISTS, POPULARITY, 2) == {"head": 0.75, "mid": 0.25, "tail": 0.0}
     assert ba.tercile_exposure([[3]], POPULARITY, 1)["tail"] == 1.0
 

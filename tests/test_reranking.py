@@ -17,7 +17,7 @@ from test_export import exported_store
 from kuberank.calibration import calibrate, group_matrix, target
 from kuberank.errors import KuberankError
 from kuberank.item_index import POPULARITY_FILE
-from kuberank.longtail import boosted_order, novelty
+from kuberank.longtail import boosted_order, long_tail
 from kuberank.serving import reranking
 
 
@@ -57,8 +57,8 @@ def test_the_served_orders_are_the_offline_cores():
     assert got.tolist() == expected.tolist()
     assert {int(cands[p]) for p in got[:2]} & {3, 4, 5}  # towards the history's "b"
     boosted = reranker.order("tail_boost", 0.5, cands, order, scores, history, 2, 2)
-    nov = novelty(np.array(popularity["counts"]), 9)
-    assert boosted.tolist() == head[boosted_order(scores[head], nov[cands[head]], 0.5)].tolist()
+    tail = long_tail(np.array(popularity["counts"]))
+    assert boosted.tolist() == head[boosted_order(scores[head], tail[cands[head]], 0.5)].tolist()
     assert sorted(boosted.tolist()) == sorted(order.tolist())  # nothing lost
     # without a grouped history there is nothing to calibrate to: F's order
     same = reranker.order("calibration", 1.0, cands, order, scores, np.array([], int), 2, 2)
@@ -67,14 +67,15 @@ def test_the_served_orders_are_the_offline_cores():
 
 def test_only_the_top_100_are_reordered():
     n = 150
-    popularity = {"users": n, "counts": [n - r for r in range(n)]}  # row 0 the most seen
-    reranker = reranking.Reranker(_index(popularity=popularity, n=n))
+    unseen = [*range(75, 100), *range(125, n)]  # the long tail: 50 rows nobody saw
+    counts = [0 if r in unseen else 10 for r in range(n)]
+    reranker = reranking.Reranker(_index(popularity={"users": 10, "counts": counts}, n=n))
     cands = np.arange(n)
     scores = np.linspace(1.0, 0.0, n)  # F's order: row 0 first
     order = np.arange(n)
     got = reranker.order("tail_boost", 1.0, cands, order, scores, np.array([], int), 10, 10)
-    assert got[:100].tolist() == list(range(100))[::-1]  # the head: rarest first
-    assert got[100:].tolist() == list(range(100, n))  # the rest keep F's order
+    assert got[:100].tolist() == [*range(75, 100), *range(75)]  # the head's tail items first
+    assert got[100:].tolist() == list(range(100, n))  # the rest keep F's order, tail or not
     assert sorted(got.tolist()) == list(range(n))
 
 
@@ -91,8 +92,8 @@ def test_one_dispatch_offline_and_served():
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(n, 4))
     groups = group_matrix([["a"] if i % 3 else ["b"] for i in range(n)])[1]
-    nov = novelty(rng.integers(0, 50, size=n), 50)
-    core = Reranker(vectors, groups, nov)
+    tail = long_tail(rng.integers(0, 50, size=n))
+    core = Reranker(vectors, groups, tail)
     items = rng.permutation(n)  # item rows in the model's order
     scores = np.linspace(1.0, 0.0, n)
     history = np.array([0, 3])  # all "b"
@@ -100,14 +101,15 @@ def test_one_dispatch_offline_and_served():
     assert offline[:100].tolist() == mmr(scores[:100], vectors[items[:100]], 0.3).tolist()
     assert offline[100:].tolist() == list(range(100, n))
     served = core.order("mmr_lambda", 0.3, items, scores, picks=5, head=None)
-    assert served.tolist() == mmr(scores, vectors[items], 0.3, 5).tolist()
+    picks = mmr(scores, vectors[items], 0.3, 5).tolist()
+    assert served.tolist() == [*picks, *sorted(set(range(n)) - set(picks))]  # then the rest
     picked = core.order("calibration", 0.9, items, scores, history)
     p = target(groups, history)
     expected = calibrate(scores[:100], groups[items[:100]], p, 0.9, CALIBRATED_K)
     assert picked.tolist() == [*expected.tolist(), *range(100, n)]
     assert core.order("calibration", 0.9, items, scores, []).tolist() == list(range(n))
     boosted = core.order("tail_boost", 0.4, items, scores, head=None)
-    assert boosted.tolist() == boosted_order(scores, nov[items], 0.4).tolist()
+    assert boosted.tolist() == boosted_order(scores, tail[items], 0.4).tolist()
     with pytest.raises(KuberankError, match="one of mmr_lambda, calibration, tail_boost"):
         core.order("mmr", 0.3, items, scores)
 
@@ -202,18 +204,24 @@ def test_served_calibration_follows_the_history_genres(stores):
     assert _run(pipe, QUERIES["q1"], history, 2, "calibration", 0.0) == plain
 
 
-def test_served_tail_boost_favours_rarely_seen_items(stores):
+def test_served_tail_boost_puts_long_tail_items_first(stores):
     from kuberank.serving.encoders import QueryEncoding
     from kuberank.serving.pipeline import load_pipeline
     from kuberank.serving.settings import Settings
 
     pipe = load_pipeline(str(stores["log"]), QueryEncoding("", Settings()))
-    counts = dict(zip(pipe.index.ids, pipe.index.popularity["counts"], strict=True))
-    plain = _run(pipe, None, ["i5"], 3)
-    boosted = _run(pipe, None, ["i5"], 3, "tail_boost", 1.0)
-    assert [counts[i] for i in boosted] == sorted(counts[i] for i in boosted)  # rarest first
-    assert sum(counts[i] for i in boosted) <= sum(counts[i] for i in plain)
-    assert _run(pipe, None, ["i5"], 3, "tail_boost", 0.0) == plain
+    counts = np.array(pipe.index.popularity["counts"])
+    tail = dict(zip(pipe.index.ids, long_tail(counts), strict=True))
+    seen = dict(zip(pipe.index.ids, counts, strict=True))
+    plain = _run(pipe, None, ["i0"], 5)  # every other item: i4 and i5 are the long tail
+    boosted = _run(pipe, None, ["i0"], 5, "tail_boost", 1.0)
+    assert sorted(boosted) == sorted(plain)  # re-ordered, nothing lost
+    assert [tail[i] for i in boosted] == [True, True, False, False, False], (plain, boosted)
+    # each part keeps F's order
+    assert [i for i in boosted if tail[i]] == [i for i in plain if tail[i]]
+    assert [i for i in boosted if not tail[i]] == [i for i in plain if not tail[i]]
+    assert sum(seen[i] for i in boosted[:2]) < sum(seen[i] for i in plain[:2])
+    assert _run(pipe, None, ["i0"], 5, "tail_boost", 0.0) == plain
 
 
 def test_a_default_the_index_cannot_serve_refuses_the_store(stores):

@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tail-boost",
         type=float,
         metavar="B",
-        help="re-rank each list's top 100 by (1 - B) relevance + B novelty, B in [0, 1] "
-        "(0 = as ranked): more exposure for the long tail",
+        help="re-rank each list's top 100 by (1 - B) relevance (min-max scaled) + B for the "
+        "items in the long tail (the least popular third), B in [0, 1] (0 = as ranked; 1 = "
+        "the tail first): more exposure for the long tail",
     )
     ev.add_argument(
         "--max-epochs",
