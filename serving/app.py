@@ -94,6 +94,7 @@ from kuberank.serving.pipeline import (
 )
 from kuberank.serving.reranking import served_schema as reranking_schema
 from kuberank.serving.settings import (
+    BATCHES,
     INGRESS,
     Settings,
     check_default_reranking,
@@ -417,7 +418,7 @@ def build_app(args: dict):
     _, index = load_checked_index(store)  # refuse a mismatched index before any replica starts
     check_default_reranking(settings, index)
     plain = dataclasses.asdict(settings)
-    for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
+    for name in BATCHES:
         plain[name] = list(getattr(settings, name))
     user_config = {"model_store": store, "revision": settings.revision}
     options = {
