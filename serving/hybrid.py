@@ -30,8 +30,8 @@ from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.lexical import META_FILE, LexicalIndex
 from kuberank.metrics import top_k
 from kuberank.serving.policies import among_found
-from kuberank.storage import is_s3, materialize
-from kuberank.store import LEXICAL_DIR
+from kuberank.storage import materialize
+from kuberank.store import LEXICAL_DIR, store_path
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
 BUILD_HINT = "build it with `kuberank index --model DIR --dataset SPEC --out STORE`"
@@ -76,9 +76,8 @@ class LexicalStage:
 
 def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     """STORE/lexical for the items ``ids`` (the dense index's), or None when the store has none."""
-    part = f"{store.rstrip('/')}/{LEXICAL_DIR}" if is_s3(store) else str(Path(store) / LEXICAL_DIR)
     try:
-        directory = Path(materialize(part))
+        directory = Path(materialize(store_path(store, LEXICAL_DIR)))
     except StorageNotFound:  # any other error (denied, unreachable) refuses the load
         return None
     if not (directory / META_FILE).is_file():
