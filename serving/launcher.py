@@ -286,9 +286,9 @@ class LocalServing:
 
     def start(self) -> LocalServing:
         from kuberank.serving.app import build_app
-        from kuberank.serving.loading import load_checked_index
+        from kuberank.serving.loading import check_store
 
-        load_checked_index(self.store)  # fail before starting anything
+        check_store(self.store)  # fail before starting anything
         from kuberank.serving.watchdog import Watchdog
 
         # ends what this start spawns (tritonserver, Ray's processes) if this process dies

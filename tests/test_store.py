@@ -203,5 +203,8 @@ def test_a_store_opened_once_gives_its_manifest_parts_and_checked_index(tmp_path
     assert other.embedding_fingerprint == manifest["embedding"]["fingerprint"]
     with pytest.raises(IndexMismatchError, match="embedded by another encoder"):
         store.ModelStore(copy).checked_index()
+    with pytest.raises(IndexMismatchError, match="embedded by another encoder"):
+        store.ModelStore(copy).index_summary()  # the same refusal, from index.json alone
+    assert opened.index_summary().meta == index.meta
     with pytest.raises(KuberankError):
         _ = store.ModelStore(tmp_path_factory.mktemp("empty")).manifest
