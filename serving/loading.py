@@ -71,6 +71,11 @@ class OpenedStore(ModelStore):
         """serving/hybrid.py's lexical stage (STORE/lexical), None without one."""
         return self._once("lexical stage", lambda: hybrid.load_stage(self.uri, self.index().ids))
 
+    def lexical_info(self):
+        """What STORE/lexical says of itself (hybrid.LexicalInfo: the default retrieval),
+        without loading BM25; None without one."""
+        return self._once("lexical info", lambda: hybrid.load_info(self.uri))
+
 
 def check_store(store: str):
     """What a replica's load refuses (:meth:`OpenedStore.index`: an index made by another
