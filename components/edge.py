@@ -30,8 +30,8 @@ import numpy as np
 from kuberank.config import MAX_LENGTH
 from kuberank.errors import KuberankError, StorageError
 from kuberank.onnx_encoder import OnnxEncoder, load_session
-from kuberank.storage import is_s3, materialize, publish, write_json
-from kuberank.store import EDGE_DIR
+from kuberank.storage import materialize, publish, write_json
+from kuberank.store import EDGE_DIR, store_path
 
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.onnx"
@@ -144,7 +144,7 @@ def index_store_bundle(
     is the store's embedding fingerprint; a bundle from another export is refused. Returns the
     bundle metadata, or None for a store without an edge bundle."""
     store = str(store)
-    uri = f"{store.rstrip('/')}/{EDGE_DIR}" if is_s3(store) else str(Path(store) / EDGE_DIR)
+    uri = store_path(store, EDGE_DIR)
     try:
         local = materialize(uri)
     except StorageError:

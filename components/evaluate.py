@@ -23,12 +23,12 @@ from kuberank.calibration import CALIBRATION_ATTRIBUTE, group_matrix, miscalibra
 from kuberank.config import base_model_path
 from kuberank.errors import KuberankError
 from kuberank.kfp_component import step_component
-from kuberank.lexical import LexicalIndex
+from kuberank.lexical import META_FILE, LexicalIndex, read_meta
 from kuberank.metrics import top_k
 from kuberank.progress import bar
 from kuberank.report import QUALITY_COLUMNS, format_table
 from kuberank.reranking import KINDS, Reranker
-from kuberank.store import LEXICAL_DIR, is_store
+from kuberank.store import LEXICAL_DIR, is_store, store_path
 
 RUN_DEPTH = 1000  # ranked items kept per query (MAP and recall@100 need depth)
 BASELINES = ("bm25", "popularity", "zero-shot", "ease")
@@ -391,11 +391,12 @@ def retrieval_ranker(model: str | Ranker, retrieval: str | None, fusion_method: 
         raise KuberankError(f"--retrieval: one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
     stored, index = None, None
     if isinstance(model, str) and retrieval != "dense" and is_store(model):
-        lexical = Path(model) / LEXICAL_DIR
+        lexical = Path(store_path(model, LEXICAL_DIR))
         if lexical.is_dir() or retrieval == "hybrid":  # names `kuberank index` when absent
-            index = LexicalIndex.load(lexical)
-            stored = index.meta["fusion"]
+            stored = read_meta(lexical / META_FILE)["fusion"]
             retrieval = retrieval or stored["default"]
+            if retrieval != "dense":  # BM25 loaded only where it ranks
+                index = LexicalIndex.load(lexical)
     if retrieval == "bm25":
         return BM25Ranker(index)
     ranker = load_ranker(model) if isinstance(model, str) else model

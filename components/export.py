@@ -610,7 +610,7 @@ def export_model(
             write_json(work / MANIFEST, manifest)
             publish(work / MANIFEST, store_path(store, MANIFEST))
         else:
-            write_json(Path(store) / MANIFEST, manifest)
+            write_json(Path(store_path(store, MANIFEST)), manifest)
     return manifest
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kuberank.errors import KuberankError
+from kuberank.errors import KuberankError, StorageNotFound
 from kuberank.storage import materialize
 from kuberank.store import INDEX_DIR, store_path
 
@@ -138,10 +138,10 @@ class ItemIndex:
         return out_rows, out_scores
 
 
-def read_popularity(index_dir: Path, count: int) -> dict | None:
-    """STORE/index/popularity.json, checked against the item count (None: the index has none)."""
-    path = index_dir / POPULARITY_FILE
-    if not path.is_file():
+def read_popularity(path: Path | None, count: int) -> dict | None:
+    """STORE/index/popularity.json (at ``path``), checked against the item count (None: the
+    index has none)."""
+    if path is None or not path.is_file():
         return None
     popularity = json.loads(path.read_text())
     if len(popularity.get("counts", ())) != count:
@@ -149,13 +149,43 @@ def read_popularity(index_dir: Path, count: int) -> dict | None:
     return popularity
 
 
+def _read_meta(meta_file: Path | None, where) -> dict:
+    if meta_file is None or not meta_file.is_file():
+        raise KuberankError(f"{where}: no {META_FILE}; build it with `kuberank index`")
+    return json.loads(meta_file.read_text())
+
+
+def _index_file(store: str | os.PathLike, name: str) -> Path | None:
+    """One file of STORE/index as a local path (from S3, that file alone); None when absent."""
+    try:
+        return Path(materialize(store_path(store, INDEX_DIR, name)))
+    except StorageNotFound:
+        return None
+
+
+@dataclass
+class IndexSummary:
+    """What an index holds, read without its vectors, ids or ANN graph: its index.json, the
+    attribute fields it keeps and its popularity. Enough for the checks that refuse a store
+    before any replica loads it (kuberank/store.py ``ModelStore.index_summary``); it answers
+    ``attributes["fields"]`` and ``popularity`` like an :class:`ItemIndex`."""
+
+    meta: dict
+    attributes: dict  # {"fields": index.json's attribute fields}
+    popularity: dict | None
+
+
+def read_summary(store: str | os.PathLike) -> IndexSummary:
+    """STORE/index's :class:`IndexSummary` (index.json and popularity.json only)."""
+    meta = _read_meta(_index_file(store, META_FILE), store_path(store, INDEX_DIR))
+    popularity = read_popularity(_index_file(store, POPULARITY_FILE), meta.get("count"))
+    return IndexSummary(meta, {"fields": dict(meta.get("attributes") or {})}, popularity)
+
+
 def load_index(store: str | os.PathLike) -> ItemIndex:
     """Read STORE/index (local path or s3:// through materialize)."""
     root = Path(materialize(store_path(store, INDEX_DIR)))
-    meta_file = root / META_FILE
-    if not meta_file.is_file():
-        raise KuberankError(f"{root}: no {META_FILE}; build it with `kuberank index`")
-    meta = json.loads(meta_file.read_text())
+    meta = _read_meta(root / META_FILE, root)
     embeddings = np.load(root / EMBEDDINGS_FILE).astype(np.float32, copy=False)
     ids = json.loads((root / IDS_FILE).read_text())
     if embeddings.shape != (meta.get("count"), meta.get("dim")) or len(ids) != len(embeddings):
@@ -175,5 +205,5 @@ def load_index(store: str | os.PathLike) -> ItemIndex:
         embeddings=embeddings,
         ann=ann,
         attributes=attributes,
-        popularity=read_popularity(root, len(ids)),
+        popularity=read_popularity(root / POPULARITY_FILE, len(ids)),
     )

@@ -27,6 +27,23 @@ BM25_PARAMS = {"k1": 0.9, "b": 0.4}
 STOPWORDS = "en"
 
 
+def read_meta(meta_file: str | os.PathLike) -> dict:
+    """A lexical index's lexical.json alone (STORE/lexical/lexical.json), its format checked:
+    its size, BM25 parameters and the fusion ``kuberank index`` recorded
+    (``["fusion"]["default"]``: the store's default retrieval), without loading BM25."""
+    meta_file = Path(meta_file)
+    directory = meta_file.parent
+    if not meta_file.is_file():
+        raise KuberankError(
+            f"{directory}: no lexical index; build it with `kuberank index --model DIR "
+            "--dataset SPEC --out STORE`"
+        )
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != LEXICAL_FORMAT:
+        raise KuberankError(f"{directory}: not a kuberank lexical index ({meta.get('format')})")
+    return meta
+
+
 class LexicalIndex:
     """BM25 scores of every item for query texts."""
 
@@ -78,15 +95,7 @@ class LexicalIndex:
         import bm25s
 
         directory = Path(directory)
-        meta_file = directory / META_FILE
-        if not meta_file.is_file():
-            raise KuberankError(
-                f"{directory}: no lexical index; build it with `kuberank index --model DIR "
-                "--dataset SPEC --out STORE`"
-            )
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != LEXICAL_FORMAT:
-            raise KuberankError(f"{directory}: not a kuberank lexical index ({meta.get('format')})")
+        meta = read_meta(directory / META_FILE)
         ids = json.loads((directory / IDS_FILE).read_text())
         model = bm25s.BM25.load(str(directory), show_progress=False, verbosity=0)
         if len(ids) != meta["count"]:

@@ -1,8 +1,9 @@
 """The model store's layout: what ``kuberank export`` writes and serving reads.
 
 The names live here, with :class:`ModelStore` (a store opened once: manifest, version,
-fingerprints, parts, the checked index), :func:`store_path` and :func:`read_manifest`; every
-other module imports them instead of spelling them (tests/test_store.py checks)::
+fingerprints, parts, the checked index or its summary), :func:`store_path` and
+:func:`read_manifest`; every other module imports them instead of spelling them
+(tests/test_store.py checks)::
 
     STORE/manifest.json   MANIFEST: format kuberank-store/N, version, model and embedding fingerprints
     STORE/onnx/           ONNX_DIR: the exported encoder (ENCODER_FILE fp32, INT8_FILE int8) and
@@ -120,6 +121,15 @@ class ModelStore:
         index = load_index(self.uri)
         check_index(index.meta, self.manifest, where=self.uri_of(INDEX_DIR))
         return index
+
+    def index_summary(self):
+        """STORE/index read without its vectors (kuberank/item_index.py's IndexSummary),
+        refused like :meth:`checked_index`: what the deploy checks before replicas load it."""
+        from kuberank.item_index import check_index, read_summary  # one-way, as above
+
+        summary = read_summary(self.uri)
+        check_index(summary.meta, self.manifest, where=self.uri_of(INDEX_DIR))
+        return summary
 
 
 def is_store(path: str | os.PathLike) -> bool:

@@ -110,8 +110,9 @@ def publish_op(
     edge = json.loads((opened.local(EDGE_DIR) / BUNDLE_FILE).read_text())
     if edge.get("items") != meta["count"] or edge.get("fingerprint") != index_fingerprint:
         raise ValueError(
-            f"{store}/{EDGE_DIR}: {edge.get('items')} items of embedding {edge.get('fingerprint')}, the "
-            f"index holds {meta['count']} of {index_fingerprint}; the index step did not finish"
+            f"{opened.uri_of(EDGE_DIR)}: {edge.get('items')} items of embedding "
+            f"{edge.get('fingerprint')}, the index holds {meta['count']} of {index_fingerprint}; "
+            "the index step did not finish"
         )
     quality = {k: v for k, v in scores.metadata.items() if isinstance(v, (int, float))}
     record = release_record(manifest, meta, store, quality)

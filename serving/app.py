@@ -82,7 +82,7 @@ from kuberank.serving.http_api import (
     screen_query,
     unknown_items_problem,
 )
-from kuberank.serving.loading import OpenedStore, load_checked_index
+from kuberank.serving.loading import OpenedStore, check_store
 from kuberank.serving.metrics import replica_metrics
 from kuberank.serving.pipeline import (
     Pipeline,
@@ -94,6 +94,7 @@ from kuberank.serving.pipeline import (
 )
 from kuberank.serving.reranking import served_schema as reranking_schema
 from kuberank.serving.settings import (
+    BATCHES,
     INGRESS,
     Settings,
     check_default_reranking,
@@ -404,7 +405,8 @@ def build_app(args: dict):
 
     ``args``: ``model_store`` (required), ``triton_url`` ("" = in-process ONNX Runtime) and any
     Settings field (serving/settings.py). The store is checked here (manifest, index
-    fingerprints) so that a bad store fails the deploy, not the first request.
+    fingerprints, policy, default re-ranking: from the index's metadata, each replica loads
+    the index itself) so that a bad store fails the deploy, not the first request.
     """
     if serve is None:  # pragma: no cover
         raise KuberankError("ray[serve] is not installed")
@@ -414,10 +416,11 @@ def build_app(args: dict):
         raise KuberankError("build_app: model_store is required (a path or s3:// URI)")
     triton_url = str(args.get("triton_url") or "")
     settings = Settings.from_args(args)
-    _, index = load_checked_index(store)  # refuse a mismatched index before any replica starts
-    check_default_reranking(settings, index)
+    # refuse a mismatched store before any replica starts (from the index's metadata: each
+    # replica loads the index itself)
+    check_default_reranking(settings, check_store(store))
     plain = dataclasses.asdict(settings)
-    for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
+    for name in BATCHES:
         plain[name] = list(getattr(settings, name))
     user_config = {"model_store": store, "revision": settings.revision}
     options = {

@@ -27,11 +27,11 @@ import numpy as np
 
 from kuberank import fusion
 from kuberank.errors import KuberankError, StorageNotFound
-from kuberank.lexical import META_FILE, LexicalIndex
+from kuberank.lexical import META_FILE, LexicalIndex, read_meta
 from kuberank.metrics import top_k
 from kuberank.serving.policies import among_found
-from kuberank.storage import is_s3, materialize
-from kuberank.store import LEXICAL_DIR
+from kuberank.storage import materialize
+from kuberank.store import LEXICAL_DIR, store_path
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
 BUILD_HINT = "build it with `kuberank index --model DIR --dataset SPEC --out STORE`"
@@ -56,7 +56,17 @@ class Fused:
         return [{name: float(v[i]) for name, v in self.terms.items()} for i in picked]
 
 
-class LexicalStage:
+class LexicalInfo:
+    """What a store's lexical index says of itself (its lexical.json): the fusion ``kuberank
+    index`` recorded and the store's default retrieval. The split path's Ingress needs only
+    this (:func:`load_info`); the stage that retrieves loads BM25 too (:class:`LexicalStage`)."""
+
+    def __init__(self, meta: dict):
+        self.fusion = dict(meta.get("fusion") or {"method": "rrf", "default": "dense"})
+        self.default = self.fusion.get("default", "dense")
+
+
+class LexicalStage(LexicalInfo):
     """A store's lexical index, ready to serve: BM25 over the index's items (same order) and
     the fusion ``kuberank index`` recorded."""
 
@@ -66,9 +76,8 @@ class LexicalStage:
                 "STORE/lexical: its items are not the dense index's (same ids, same order); "
                 + BUILD_HINT
             )
+        super().__init__(lexical.meta)
         self.lexical = lexical
-        self.fusion = dict(lexical.meta.get("fusion") or {"method": "rrf", "default": "dense"})
-        self.default = self.fusion.get("default", "dense")
 
     def terms(self, dense: np.ndarray, lexical: np.ndarray) -> dict[str, np.ndarray]:
         return fusion.terms(dense, lexical, self.fusion["method"], self.fusion.get("weight"))
@@ -76,9 +85,8 @@ class LexicalStage:
 
 def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     """STORE/lexical for the items ``ids`` (the dense index's), or None when the store has none."""
-    part = f"{store.rstrip('/')}/{LEXICAL_DIR}" if is_s3(store) else str(Path(store) / LEXICAL_DIR)
     try:
-        directory = Path(materialize(part))
+        directory = Path(materialize(store_path(store, LEXICAL_DIR)))
     except StorageNotFound:  # any other error (denied, unreachable) refuses the load
         return None
     if not (directory / META_FILE).is_file():
@@ -86,7 +94,17 @@ def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     return LexicalStage(LexicalIndex.load(directory), ids)
 
 
-def served_schema(schema: dict, stage: LexicalStage | None) -> dict:
+def load_info(store: str) -> LexicalInfo | None:
+    """STORE/lexical's :class:`LexicalInfo` from its lexical.json alone (from S3, that file
+    alone), or None when the store has no lexical index."""
+    try:
+        meta_file = Path(materialize(store_path(store, LEXICAL_DIR, META_FILE)))
+    except StorageNotFound:  # any other error (denied, unreachable) refuses the load
+        return None
+    return LexicalInfo(read_meta(meta_file))
+
+
+def served_schema(schema: dict, stage: LexicalInfo | None) -> dict:
     """The OpenAPI schema of an app serving a store with (or without) a lexical index: without
     one, ``SearchRequest.retrieval`` offers ``dense`` only (bm25/hybrid are schema-invalid
     there, and answered 422)."""
@@ -99,7 +117,7 @@ def served_schema(schema: dict, stage: LexicalStage | None) -> dict:
     return schema
 
 
-def choose(requested: str | None, stage: LexicalStage | None) -> str:
+def choose(requested: str | None, stage: LexicalInfo | None) -> str:
     """A /search request's retrieval: the one it asked for, else the store's default."""
     if requested is None:
         return stage.default if stage is not None else "dense"

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 from kuberank.errors import KuberankError
 from kuberank.storage import is_s3, materialize
-from kuberank.store import TRITON_LOCAL_DIR
+from kuberank.store import TRITON_LOCAL_DIR, store_path
 
 HOST = "127.0.0.1"
 APP_NAME = "kuberank"
@@ -278,7 +278,7 @@ class LocalServing:
         place and only read; an S3 store's is downloaded into a directory of this run under
         ``$TMPDIR``, removed by :meth:`stop` (not the shared cache, where another run's
         download would replace it under a running server)."""
-        uri = f"{self.store.rstrip('/')}/{TRITON_LOCAL_DIR}"
+        uri = store_path(self.store, TRITON_LOCAL_DIR)
         if not is_s3(uri):
             return materialize(uri)
         self._workdir = tempfile.mkdtemp(prefix="kuberank-serve-")
@@ -286,9 +286,9 @@ class LocalServing:
 
     def start(self) -> LocalServing:
         from kuberank.serving.app import build_app
-        from kuberank.serving.loading import load_checked_index
+        from kuberank.serving.loading import check_store
 
-        load_checked_index(self.store)  # fail before starting anything
+        check_store(self.store)  # fail before starting anything
         from kuberank.serving.watchdog import Watchdog
 
         # ends what this start spawns (tritonserver, Ray's processes) if this process dies

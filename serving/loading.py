@@ -10,7 +10,7 @@ from typing import Any
 
 from kuberank.errors import KuberankError
 from kuberank.serving import hybrid
-from kuberank.serving.policies import load_policy
+from kuberank.serving.policies import check_policy, load_policy
 from kuberank.store import MODEL_DIR, ModelStore
 
 
@@ -70,6 +70,21 @@ class OpenedStore(ModelStore):
     def lexical(self):
         """serving/hybrid.py's lexical stage (STORE/lexical), None without one."""
         return self._once("lexical stage", lambda: hybrid.load_stage(self.uri, self.index().ids))
+
+    def lexical_info(self):
+        """What STORE/lexical says of itself (hybrid.LexicalInfo: the default retrieval),
+        without loading BM25; None without one."""
+        return self._once("lexical info", lambda: hybrid.load_info(self.uri))
+
+
+def check_store(store: str):
+    """What a replica's load refuses (:meth:`OpenedStore.index`: an index made by another
+    encoder, a policy that cannot be served), from the store's manifest and its index's
+    metadata, without reading the vectors: the deploy's check before any replica loads the
+    index. Returns the index's summary (kuberank/item_index.py's IndexSummary)."""
+    summary = ModelStore(store).index_summary()
+    check_policy(store, summary.attributes["fields"])
+    return summary
 
 
 def load_checked_index(store: str):

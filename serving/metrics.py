@@ -5,8 +5,9 @@ Names are a contract with the chart (PrometheusRule, Grafana dashboard) and the 
 
 - ``kuberank_requests_total{route,status}``            counter, status = HTTP code
 - ``kuberank_request_latency_seconds{route}``          histogram, buckets up to 2.5 s
-- ``kuberank_stage_latency_seconds{stage}``            histogram, stage = encode|retrieve|rank,
-  and lexical (BM25 + fusion of a bm25/hybrid /search, serving/hybrid.py; a part of retrieve)
+- ``kuberank_stage_latency_seconds{stage}``            histogram, stage = the name of each stage of
+  serving/stages.py's STAGES (encode|retrieve|rank) and its extras: lexical (BM25 + fusion of a
+  bm25/hybrid /search, serving/hybrid.py; a part of retrieve)
 - ``kuberank_batch_size{stage}``                       histogram, the batch each request ran in
 - ``kuberank_queue_seconds{stage}``                    histogram, wait in a replica before its batch
 - ``kuberank_errors_total{stage,kind}``                counter, failures per stage and cause
@@ -56,7 +57,6 @@ LATENCY_BUCKETS = (
     2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-STAGES = ("encode", "retrieve", "rank", "lexical")
 
 
 class AppMetrics:

@@ -50,7 +50,9 @@ class Pipeline:
     items: dict[str, int]
     store: str
     index: Any = None
-    lexical: Any = None  # hybrid.LexicalStage: STORE/lexical, None without one
+    # STORE/lexical, None without one: hybrid.LexicalStage, or on the split path's Ingress its
+    # hybrid.LexicalInfo (the default retrieval)
+    lexical: Any = None
     stages: list[Stage] = field(default_factory=list)  # STAGES, loaded (colocated only)
 
     def run(
@@ -75,8 +77,8 @@ def load_pipeline(
     store: str, encoding: QueryEncoding | None, stages: list[type[Stage]] = STAGES
 ) -> Pipeline:
     """The colocated replica's model: ``stages`` (the request path, :data:`STAGES`), loaded
-    from one opened store; without ``encoding`` (the split path's Ingress) only the index and
-    lexical stage its checks use."""
+    from one opened store; without ``encoding`` (the split path's Ingress) only what its checks
+    use: the index and the lexical index's metadata (the default retrieval, not BM25)."""
     opened = OpenedStore(store)
     index = opened.index()
     tables, _ = opened.tables()
@@ -88,7 +90,8 @@ def load_pipeline(
         index.row,
         store,
         index,
-        opened.lexical(),  # split path too: each request's default retrieval
+        # each request's default retrieval; the split path's Retriever loads BM25 itself
+        opened.lexical() if encoding is not None else opened.lexical_info(),
     )
     if encoding is not None:
         pipe.stages = [stage.load(opened, encoding.settings, encoding) for stage in stages]

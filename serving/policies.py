@@ -335,3 +335,12 @@ def load_policy(store: str, index) -> Policy | None:
         return None
     where = store_path(store, POLICY)
     return arrange(*parse_stored(text, where), index, where)
+
+
+def check_policy(store: str, fields: dict[str, str]) -> None:
+    """What :func:`load_policy` refuses, checked against the index's attribute ``fields``
+    alone (its index.json), without the loaded index."""
+    text = read_stored(store)
+    if text is not None:
+        where = store_path(store, POLICY)
+        check_rules(parse_stored(text, where)[0], fields, where)

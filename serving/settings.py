@@ -19,6 +19,9 @@ INGRESS = "Ingress"
 # the Ingress and one deployment per stage (serving/stages.py): Ingress, QueryEncoder, Retriever,
 # Ranker
 DEPLOYMENTS = (INGRESS, *(stage.deployment for stage in STAGES))
+# The Settings fields with a deployment's (max_batch_size, batch_wait_timeout_s): the colocated
+# path's and each stage's own (``Stage.batch``)
+BATCHES = ("pipeline_batch", *(stage.batch for stage in STAGES))
 
 
 STAGE_ENV = {
@@ -155,7 +158,7 @@ class Settings:
             )
         if self.onnx_precision not in ("int8", "fp32"):
             raise KuberankError(f"onnx_precision: {self.onnx_precision!r} is not 'int8' or 'fp32'")
-        for name in ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch"):
+        for name in BATCHES:
             size, wait = getattr(self, name)
             if int(size) < 1 or float(wait) < 0:
                 raise KuberankError(

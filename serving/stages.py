@@ -147,7 +147,7 @@ class RankRequest:
 class RankerCore:
     """F(Q, B, I) over candidate rows; Q·I when the store has no kuberank model."""
 
-    def __init__(self, store: str, index, tables: ModelTables, model_dir: Path | None):
+    def __init__(self, index, tables: ModelTables, model_dir: Path | None):
         import torch  # local: heavy, the PyTorch scorer only
 
         torch.set_num_threads(1)
@@ -393,7 +393,7 @@ class Rank(Stage):
     def load(cls, store, settings, encoding):
         tables, model_dir = store.tables()
         version = (store.version, store.embedding_fingerprint)
-        return cls(RankerCore(store.uri, store.index(), tables, model_dir), version)
+        return cls(RankerCore(store.index(), tables, model_dir), version)
 
     def run_batch(self, requests, settings):
         core = self.core

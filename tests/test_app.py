@@ -222,7 +222,7 @@ def in_process(store: Path):
     return (
         InProcessEncoder(str(store), read_manifest(store)),
         index,
-        RankerCore(str(store), index, tables, model_dir),
+        RankerCore(index, tables, model_dir),
     )
 
 

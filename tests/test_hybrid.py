@@ -118,6 +118,38 @@ def test_the_store_default_and_a_store_without_a_lexical_index(fitted, tmp_path)
             hybrid.choose(asked, None)
 
 
+def test_the_default_retrieval_is_read_from_the_lexical_metadata_alone(fitted, tmp_path):
+    """The split path's Ingress (no encoding) and `kuberank evaluate` on a store whose default is
+    dense learn the default from lexical.json; BM25 is loaded only where it ranks."""
+    from kuberank.components.evaluate import HybridRanker, retrieval_ranker
+    from kuberank.lexical import META_FILE
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.store import LEXICAL_DIR
+
+    store, _ = fitted
+    loaded = _pipeline(store).lexical
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, symlinks=True)
+    for path in (copy / LEXICAL_DIR).iterdir():  # BM25's files and ids gone
+        if path.name != META_FILE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    ingress = load_pipeline(str(copy), None).lexical
+    assert type(ingress) is hybrid.LexicalInfo
+    assert (ingress.fusion, ingress.default) == (loaded.fusion, loaded.default)
+    assert hybrid.choose(None, ingress) == hybrid.choose(None, loaded)
+    with pytest.raises(FileNotFoundError, match="ids.json"):  # the colocated path loads BM25
+        _pipeline(copy)
+    meta_file = copy / LEXICAL_DIR / META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "fusion": {**meta["fusion"], "default": "dense"}}))
+    assert not isinstance(retrieval_ranker(str(copy), None), HybridRanker)  # no BM25 read
+    meta_file.write_text(json.dumps({**meta, "fusion": {**meta["fusion"], "default": "hybrid"}}))
+    with pytest.raises(FileNotFoundError, match="ids.json"):  # a hybrid default loads BM25
+        retrieval_ranker(str(copy), None)
+    shutil.rmtree(copy / LEXICAL_DIR)
+    assert load_pipeline(str(copy), None).lexical is None
+
+
 def test_a_lexical_index_of_other_items_is_refused(fitted):
     from kuberank.errors import KuberankError
     from kuberank.lexical import LexicalIndex

@@ -37,7 +37,35 @@ def test_exact_search_is_brute_force_with_exclusions(indexed):
 
 
 def test_read_popularity_checks_its_length(tmp_path):
-    assert ix.read_popularity(tmp_path, 3) is None
-    (tmp_path / ix.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": [1, 2]}))
+    path = tmp_path / ix.POPULARITY_FILE
+    assert ix.read_popularity(path, 3) is None and ix.read_popularity(None, 3) is None
+    path.write_text(json.dumps({"users": 2, "counts": [1, 2]}))
     with pytest.raises(KuberankError, match="2 counts for 3 items"):
-        ix.read_popularity(tmp_path, 3)
+        ix.read_popularity(path, 3)
+
+
+def test_the_summary_holds_what_the_index_holds_without_its_vectors(indexed, tmp_path):
+    import shutil
+
+    from kuberank.store import INDEX_DIR
+
+    store = tmp_path / "store"
+    shutil.copytree(indexed[0], store, symlinks=True)
+    index, summary = ix.load_index(store), ix.read_summary(store)
+    assert summary.meta == index.meta and summary.popularity == index.popularity
+    assert summary.attributes["fields"] == index.attributes["fields"]
+    counts = [1] * len(index)
+    (store / INDEX_DIR / ix.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": counts}))
+    assert ix.read_summary(store).popularity == ix.load_index(store).popularity
+    # neither the vectors nor the ids are read
+    (store / INDEX_DIR / ix.EMBEDDINGS_FILE).unlink()
+    (store / INDEX_DIR / ix.IDS_FILE).unlink()
+    assert ix.read_summary(store).meta == index.meta
+    with pytest.raises(FileNotFoundError):
+        ix.load_index(store)
+    (store / INDEX_DIR / ix.POPULARITY_FILE).write_text(json.dumps({"users": 2, "counts": [1]}))
+    with pytest.raises(KuberankError, match=f"1 counts for {len(index)} items"):
+        ix.read_summary(store)
+    (store / INDEX_DIR / ix.META_FILE).unlink()
+    with pytest.raises(KuberankError, match="no index.json; build it with `kuberank index`"):
+        ix.read_summary(store)

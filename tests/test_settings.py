@@ -45,3 +45,10 @@ def test_batch_streams_and_onnx_threads(monkeypatch):
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(KuberankError, match=field):
         settings.Settings(**kwargs)
+
+
+@pytest.mark.parametrize("name", settings.BATCHES)
+def test_every_batch_setting_is_checked(name):
+    with pytest.raises(KuberankError, match=name):
+        settings.Settings(**{name: (32, -0.001)})
+    assert getattr(settings.Settings(**{name: ["8", "0.5"]}), name) == (8, 0.5)

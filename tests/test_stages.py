@@ -11,7 +11,13 @@ from test_index import serving_store
 
 from kuberank.serving.encoders import QueryEncoding
 from kuberank.serving.pipeline import PipelineRequest, load_pipeline
-from kuberank.serving.settings import DEPLOYMENTS, INGRESS, Settings, default_deployments
+from kuberank.serving.settings import (
+    BATCHES,
+    DEPLOYMENTS,
+    INGRESS,
+    Settings,
+    default_deployments,
+)
 from kuberank.serving.stages import STAGES, Encode, Rank, Retrieve, Stage
 
 
@@ -53,6 +59,9 @@ def test_the_request_path_is_one_list_of_stages():
     assert DEPLOYMENTS == (INGRESS, "QueryEncoder", "Retriever", "Ranker")
     assert list(default_deployments()) == list(DEPLOYMENTS)
     assert all(hasattr(Settings(), stage.batch) for stage in STAGES)
+    # the batch settings build_app hands to the deployments and Settings checks: the colocated
+    # path's and each stage's
+    assert BATCHES == ("pipeline_batch", "encoder_batch", "retriever_batch", "ranker_batch")
 
 
 def test_a_new_stage_is_one_class_and_one_list_entry(store):

@@ -114,6 +114,47 @@ def test_no_layout_name_is_spelled_outside_the_store_module():
     assert allowed_seen == NOT_LAYOUT, "stale NOT_LAYOUT entries"
 
 
+# the constants that name a layout entry (EDGE_DIR, MANIFEST, ...)
+LAYOUT_CONSTANTS = {
+    name
+    for name, value in vars(store).items()
+    if name.isupper() and isinstance(value, str) and value in store.LAYOUT_NAMES
+}
+
+
+def uri_joins(source: str) -> list[str]:
+    """The layout constants an f-string puts after a ``/`` (``f"{store}/{EDGE_DIR}"``): a
+    part's URI built by hand instead of with store_path (which knows local paths and s3://)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.JoinedStr):
+            continue
+        for before, part in zip(node.values, node.values[1:], strict=False):
+            if (
+                isinstance(before, ast.Constant)
+                and str(before.value).endswith("/")
+                and isinstance(part, ast.FormattedValue)
+                and isinstance(part.value, ast.Name)
+                and part.value.id in LAYOUT_CONSTANTS
+            ):
+                found.append(part.value.id)
+    return found
+
+
+def test_no_module_builds_a_store_part_uri_by_hand():
+    assert uri_joins(
+        'a = f"{store.rstrip(\'/\')}/{LEXICAL_DIR}"\nb = f"{ONNX_DIR}/x"\nc = root / EDGE_DIR\n'
+    ) == ["LEXICAL_DIR"]
+    found = {
+        path.relative_to(ROOT).as_posix(): joins
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path.relative_to(ROOT).as_posix() != "kuberank/store.py"
+        and (joins := uri_joins(path.read_text()))
+    }
+    assert found == {}, "use kuberank.store.store_path (or ModelStore.uri_of / local)"
+
+
 def test_only_the_store_module_spells_the_manifest_file_name():
     # issue 14's acceptance: docstrings and help texts included
     root = Path(__file__).resolve().parents[1]
@@ -162,5 +203,8 @@ def test_a_store_opened_once_gives_its_manifest_parts_and_checked_index(tmp_path
     assert other.embedding_fingerprint == manifest["embedding"]["fingerprint"]
     with pytest.raises(IndexMismatchError, match="embedded by another encoder"):
         store.ModelStore(copy).checked_index()
+    with pytest.raises(IndexMismatchError, match="embedded by another encoder"):
+        store.ModelStore(copy).index_summary()  # the same refusal, from index.json alone
+    assert opened.index_summary().meta == index.meta
     with pytest.raises(KuberankError):
         _ = store.ModelStore(tmp_path_factory.mktemp("empty")).manifest

@@ -26,7 +26,7 @@ from kuberank.encoder import TextEncoder
 from kuberank.onnx_encoder import OnnxEncoder
 from kuberank.perf import encoder_throughput
 from kuberank.serving.bench import format_table, serve_and_bench
-from kuberank.store import INT8_FILE, MODEL_DIR, ONNX_DIR
+from kuberank.store import INT8_FILE, MODEL_DIR, ONNX_DIR, store_path
 
 DEMO_DATASET = "movielens-100k"
 DEMO_BASELINES = ("popularity", "ease", "zero-shot")
@@ -191,7 +191,7 @@ def _bench_headline(result: dict) -> str:
 def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
     """Batch-32 encoder throughput: the fine-tuned PyTorch model against the served ONNX
     models (fp32 and int8) of the store, on the catalogue's texts."""
-    onnx_dir = Path(outputs["model_store"]) / ONNX_DIR
+    onnx_dir = Path(store_path(outputs["model_store"], ONNX_DIR))
     quality = {r["model"]: r["ndcg@10"] for r in rows}
     variants = [
         (
@@ -239,7 +239,7 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
 def _compression_section(outputs: dict, rows: list[dict], data) -> tuple[list[str], str]:
     """The report's fine-tuning and compression sections, and the encoder speed headline."""
     model_info = json.loads(
-        (Path(outputs["model_store"]) / MODEL_DIR / "kuberank.json").read_text()
+        Path(store_path(outputs["model_store"], MODEL_DIR, "kuberank.json")).read_text()
     )
     compression = model_info.get("compression") or {}
     training = model_info.get("training") or {}
