@@ -26,7 +26,6 @@ NOT_LAYOUT = {
     ("pipelines/rayjob.py", "finetune_rayjob_op", "/model"),
     # score terms and metric stage labels
     ("serving/explain.py", "<module>", "lexical"),
-    ("serving/metrics.py", "<module>", "lexical"),
     # kfp task and output artifact names of the pipeline graph
     ("pipelines/pipeline.py", "<module>", "index"),
     ("pipelines/local.py", "_headline", "model"),
