@@ -28,7 +28,7 @@ def _search(i: int) -> dict:
 def _load_with_statuses(
     url: str, make_body, concurrency: int, count: int
 ) -> list[tuple[int, float]]:
-    """Closed-loop load that keeps every (status, seconds)."""
+    """Closed-loop load that keeps every (status, seconds); ``make_body(i)`` None: a GET."""
     import asyncio
 
     import aiohttp
@@ -37,13 +37,18 @@ def _load_with_statuses(
 
     async def main():
         counter = iter(range(count))
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        # one connection per client: aiohttp's default pool (100) would starve the rest
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        timeout = aiohttp.ClientTimeout(total=20)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
             async def client():
                 for i in counter:
                     t = time.perf_counter()
                     try:
-                        async with session.post(url, json=make_body(i)) as resp:
+                        body = make_body(i)
+                        send = session.get(url) if body is None else session.post(url, json=body)
+                        async with send as resp:
                             await resp.read()
                             status = resp.status
                     except (TimeoutError, aiohttp.ClientError):
@@ -104,11 +109,18 @@ def test_overload_with_the_default_settings_sheds_fast_and_admits_in_budget(
         "admitted_p99": np.percentile(admitted, 99) if admitted else None,
     }
     assert admitted and shed, stats
-    # through Serve's proxy actor (this fixture) the proxy's own event loop is the bottleneck
-    # at this load, and every answer waits for it: the direct-ingress test (test_launcher) holds
-    # the tighter bounds; the numbers are in `make bench` (section overload)
-    assert stats["shed_p50"] < 10 * budget, stats
-    assert stats["admitted_p50"] < 10 * budget, stats
+    # Through Serve's proxy actor (this fixture) every answer first waits in the proxy's own
+    # event loop, which is the bottleneck at this load: with N closed-loop clients that wait is
+    # about N / the proxy's request rate, whatever the app answers, and the app's admission
+    # cannot see it. So the bounds are on what the app adds to that floor, measured in the
+    # same run with the same clients on the cheapest route (GET /healthz). The direct-ingress
+    # test (test_launcher) holds the absolute bounds; the numbers are in `make bench`
+    # (section overload).
+    floor = _load_with_statuses(url + "/healthz", lambda i: None, clients, 10 * clients)
+    assert {s for s, _ in floor} == {200}, sorted({s for s, _ in floor})
+    stats["floor_p50"] = np.percentile([t for _, t in floor], 50)
+    assert stats["shed_p50"] < stats["floor_p50"] + 5 * budget, stats
+    assert stats["admitted_p50"] < stats["floor_p50"] + 10 * budget, stats
     assert shed_by_queue() > before
     status, text = http_json("GET", url + "/metrics")
     assert metric_sum(parse_metrics(text), "kuberank_admitted_latency_seconds_count") > 0
