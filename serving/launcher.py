@@ -334,8 +334,11 @@ class LocalServing:
         self.front = HAProxyFront(
             self.front_port,
             ports,
-            # one batch running and one forming per worker: the workers never idle
+            # at most one batch running and one forming per worker (the workers never idle),
+            # fewer while the replica is slow (serving/front.py: the adaptive cap), at least
+            # one request per worker
             conns_per_server=2 * batch.pipeline_batch[0] * workers,
+            min_conns_per_server=workers,
             budget_ms=float(self.settings.get("latency_budget_ms", DEFAULT_BUDGET_MS)),
             metrics_port=free_port(),
         ).start()

@@ -21,9 +21,12 @@ from kuberank.serving.front import (
     SHED_FULL,
     SHED_WAITED,
     HAProxyFront,
+    adaptive_cap,
+    backend_stats,
     find_haproxy,
     max_connections,
     render_config,
+    runtime_api,
     shed_response,
 )
 
@@ -39,6 +42,41 @@ def test_config_bounds_each_replica_and_the_queue():
         render_config(8000, [], 32, 40, "/tmp/503.http", 2048)
     with pytest.raises(KuberankError, match="conns_per_server"):
         render_config(8000, [9001], 0, 40, "/tmp/503.http", 2048)
+
+
+def test_the_admin_socket_is_configured_only_when_asked_for():
+    assert "stats socket" not in render_config(8000, [9001], 32, 40, "/tmp/503.http", 2048)
+    text = render_config(8000, [9001], 32, 40, "/tmp/503.http", 2048, admin_socket="/tmp/a.sock")
+    assert "stats socket /tmp/a.sock mode 600 level admin" in text
+
+
+def test_adaptive_cap_is_littles_law_within_its_bounds():
+    # a saturated replica completing 100 requests/s answers each within 60 ms holding 6
+    assert adaptive_cap(100.0, 0.06, 32, True, 2, 32) == 6
+    # a cap that did not bind measured the offered load: it never shrinks on it
+    assert adaptive_cap(100.0, 0.06, 32, False, 2, 32) == 32
+    assert adaptive_cap(100.0, 0.06, 4, False, 2, 32) == 6
+    # a fast replica gets its full batches, a stalled one still one request per worker
+    assert adaptive_cap(5000.0, 0.06, 4, True, 2, 32) == 32
+    assert adaptive_cap(0.0, 0.06, 8, True, 2, 32) == 2
+    with pytest.raises(ValueError):
+        adaptive_cap(1.0, 0.06, 1, True, 0, 32)
+    with pytest.raises(ValueError):
+        adaptive_cap(1.0, 0.0, 1, True, 1, 32)
+
+
+def test_backend_stats_reads_show_stat():
+    text = (
+        "# pxname,svname,qcur,scur,slim,rate,\n"
+        "kuberank,FRONTEND,,3,2048,40,\n"
+        "ingress,replica0,0,4,8,120,\n"
+        "ingress,BACKEND,2,4,,120,\n"
+    )
+    rows = backend_stats(text)
+    assert set(rows) == {"replica0", "BACKEND"}
+    assert rows["replica0"]["slim"] == "8" and rows["BACKEND"]["qcur"] == "2"
+    with pytest.raises(ValueError, match="show stat"):
+        backend_stats("Unknown command.\n")
 
 
 def test_shed_response_is_the_apps_error_shape():
@@ -62,7 +100,7 @@ class _Slow(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - the stdlib's name
         if self.path != "/readyz":
-            time.sleep(self.delay)
+            time.sleep(getattr(self.server, "delay", self.delay))
         self.server.seen += 1
         body = json.dumps({"port": self.server.server_port}).encode()
         self.send_response(200)
@@ -146,3 +184,63 @@ def test_a_front_that_cannot_start_says_why(replicas):
     port = replicas[0].server_port  # taken
     with pytest.raises(KuberankError, match=f"port {port} is in use"):
         HAProxyFront(port, [replicas[1].server_port], 1, 100).start()
+
+
+def _caps(front: HAProxyFront) -> list[int]:
+    """Each replica's cap as haproxy holds it now."""
+    rows = backend_stats(runtime_api(front.caps.admin_socket, "show stat"))
+    return [int(rows[f"replica{i}"]["slim"]) for i in range(len(front.servers))]
+
+
+def _load_until(front: HAProxyFront, wanted: list[int], clients: int = 8, limit_s: float = 15):
+    """Closed-loop clients on /work until the caps are ``wanted`` (or ``limit_s`` passed)."""
+    done = threading.Event()
+
+    def client():
+        while not done.is_set():
+            _get(front.url + "/work")
+
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(client)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline and _caps(front) != wanted:
+            time.sleep(0.2)
+        done.set()
+    return _caps(front)
+
+
+@pytest.fixture
+def threaded_replicas():
+    """Two replicas that answer requests side by side (a thread each), 300 ms per request."""
+    servers = []
+    for _ in range(2):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Slow)
+        server.seen, server.delay, server.daemon_threads = 0, 0.3, True
+        threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_each_replicas_cap_follows_its_measured_speed(threaded_replicas):
+    replicas = threaded_replicas
+    ports = [s.server_port for s in replicas]
+    # caps between 1 and 4 requests per replica; 60 ms of the 100 ms budget in the replica
+    front = HAProxyFront(
+        free_port(), ports, conns_per_server=4, budget_ms=100, min_conns_per_server=1
+    ).start()
+    try:
+        assert _caps(front) == [4, 4]
+        # 300 ms a request: at most 13 requests/s a replica, which hold 1 within 60 ms; 8
+        # clients keep the caps binding
+        assert _load_until(front, [1, 1]) == [1, 1]
+        # the same replicas now answer at once: hundreds a second fill their 4 slots again
+        for server in replicas:
+            server.delay = 0.0
+        assert _load_until(front, [4, 4]) == [4, 4]
+    finally:
+        front.stop()
+    assert front.caps is None and front.process is None
