@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kuberank.errors import KuberankError, StorageNotFound
-from kuberank.storage import materialize
+from kuberank.errors import KuberankError
+from kuberank.storage import materialize, materialize_if_present
 from kuberank.store import INDEX_DIR, store_path
 
 INDEX_FORMAT = "kuberank-index/1"
@@ -157,10 +157,7 @@ def _read_meta(meta_file: Path | None, where) -> dict:
 
 def _index_file(store: str | os.PathLike, name: str) -> Path | None:
     """One file of STORE/index as a local path (from S3, that file alone); None when absent."""
-    try:
-        return Path(materialize(store_path(store, INDEX_DIR, name)))
-    except StorageNotFound:
-        return None
+    return materialize_if_present(store_path(store, INDEX_DIR, name))
 
 
 @dataclass
