@@ -195,7 +195,10 @@ class RankerCore:
             kind, value = req.reranking
             depth = min(len(order), CAP_DEPTH * req.k) if caps else req.k
             history = self.index.rows_of(req.history)[0]
-            order = self.reranker.order(kind, value, cands, order, scores, history, req.k, depth)
+            length = None if caps else req.k  # without caps only the first k are read
+            order = self.reranker.order(
+                kind, value, cands, order, scores, history, req.k, depth, length
+            )
         if caps:  # the policy's caps per group (serving/policies.py)
             top, req.capped = policy.cap(cands, order, req.k)
         else:
