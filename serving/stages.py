@@ -394,9 +394,10 @@ class Rank(Stage):
 
     @classmethod
     def load(cls, store, settings, encoding):
+        index = store.index()  # first: the tables then read its meta, not a catalogue
         tables, model_dir = store.tables()
         version = (store.version, store.embedding_fingerprint)
-        return cls(RankerCore(store.index(), tables, model_dir), version)
+        return cls(RankerCore(index, tables, model_dir), version)
 
     def run_batch(self, requests, settings):
         core = self.core
