@@ -319,12 +319,15 @@ def rank(
     depth: int = RUN_DEPTH,
     batch_size: int = 256,
     reranking: tuple[str, float] | None = None,
+    popularity: tuple[np.ndarray, int] | None = None,
 ) -> dict[str, list[str]]:
     """The run: query id -> ranked item ids (full ranking over all items, seen items excluded);
     ``reranking``: one of :data:`RERANKINGS` with its parameter, re-ordering each list's top
-    100 (:func:`reranker`)."""
+    100 (:func:`reranker`, with the training ``popularity`` where already counted)."""
     ranker.prepare(task)
-    rerank = reranker(ranker, task, reranking[0]) if reranking is not None else None
+    rerank = None
+    if reranking is not None:
+        rerank = reranker(ranker, task, reranking[0], popularity)
     item_ids = np.asarray(task.dataset.item_ids, dtype=object)
     run: dict[str, list[str]] = {}
     starts = range(0, len(task), batch_size)
@@ -341,22 +344,30 @@ def rank(
     return run
 
 
-def reranker(ranker: Ranker, task: datasets.EvalTask, kind: str) -> Reranker:
+def reranker(
+    ranker: Ranker,
+    task: datasets.EvalTask,
+    kind: str,
+    popularity: tuple[np.ndarray, int] | None = None,
+) -> Reranker:
     """What the re-ranking ``kind`` (kuberank/reranking.py) needs of the items, built after
     ``ranker.prepare``; it re-orders each list's top 100 (MMR all of them, calibration
     greedily its first 10):
 
     - ``mmr_lambda``: the item vectors of :func:`mmr_vectors`;
     - ``calibration``: the genre distributions (the dataset needs a ``genres`` attribute);
-    - ``tail_boost``: whether each item is in the long tail of the training interactions."""
+    - ``tail_boost``: whether each item is in the long tail of the training interactions
+      (``popularity``: :func:`kuberank.beyond_accuracy.train_popularity`, counted here when
+      not given)."""
     data = task.dataset
     if kind == "mmr_lambda":
         return Reranker(vectors=mmr_vectors(ranker, data))
     if kind == "calibration":
         return Reranker(groups=item_groups(data, "--calibration"))
     if kind == "tail_boost":
-        popularity, _ = beyond_accuracy.train_popularity(data)
-        return Reranker(tail=longtail.long_tail(popularity))
+        if popularity is None:
+            popularity = beyond_accuracy.train_popularity(data)
+        return Reranker(tail=longtail.long_tail(popularity[0]))
     raise KuberankError(f"re-ranking: one of {', '.join(RERANKINGS)}, got {kind!r}")
 
 
@@ -459,9 +470,11 @@ def evaluate(
     if "calibration" in chosen:
         item_groups(data, "--calibration")  # before any model work
     ranker = retrieval_ranker(model, retrieval, fusion_method)
-    run = rank(ranker, task, reranking=next(iter(chosen.items()), None))
+    popularity = beyond_accuracy.train_popularity(data)  # the boost's and the metrics' once
+    run = rank(ranker, task, reranking=next(iter(chosen.items()), None), popularity=popularity)
     result = metrics.evaluate_run(run, task.qrels)
-    result.update(beyond_accuracy.evaluate_run(data, run))  # coverage@10, gini@10, ild@10, ...
+    # coverage@10, gini@10, ild@10, ...
+    result.update(beyond_accuracy.evaluate_run(data, run, popularity=popularity))
     result.update(calibration_metric(data, task, run))
     if isinstance(ranker, HybridRanker):
         result["fusion"] = ranker.fusion

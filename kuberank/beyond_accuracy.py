@@ -181,10 +181,17 @@ def item_embeddings(dataset) -> np.ndarray:
     return vectors
 
 
-def evaluate_run(dataset, run: Mapping[str, Sequence[str]], k: int = 10) -> dict[str, float]:
+def evaluate_run(
+    dataset,
+    run: Mapping[str, Sequence[str]],
+    k: int = 10,
+    popularity: tuple[np.ndarray, int] | None = None,
+) -> dict[str, float]:
     """:func:`beyond_accuracy` of a run (query id -> ranked item ids, as
-    :func:`kuberank.metrics.evaluate_run` takes it) over ``dataset``'s catalogue."""
+    :func:`kuberank.metrics.evaluate_run` takes it) over ``dataset``'s catalogue;
+    ``popularity``: ``dataset``'s :func:`train_popularity` where the caller already counted it
+    (counted here otherwise)."""
     index_of = {iid: i for i, iid in enumerate(dataset.item_ids)}
     lists = [[index_of[i] for i in ranked[:k]] for ranked in run.values()]
-    popularity, users = train_popularity(dataset)
+    popularity, users = train_popularity(dataset) if popularity is None else popularity
     return beyond_accuracy(lists, popularity, users, item_embeddings(dataset), k)

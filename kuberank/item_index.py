@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kuberank.errors import KuberankError, StorageNotFound
-from kuberank.storage import materialize
+from kuberank.errors import KuberankError
+from kuberank.storage import materialize, materialize_if_present
 from kuberank.store import INDEX_DIR, store_path
 
 INDEX_FORMAT = "kuberank-index/1"
@@ -78,13 +78,14 @@ def check_index(meta: dict, manifest: dict, where: str = INDEX_DIR) -> None:
 
 
 @dataclass
-class ItemIndex:
-    """Item vectors with exact (matrix product) or ANN (faiss HNSW) top-n search."""
+class ItemCatalogue:
+    """The items of an index without their vectors or ANN graph: their ids (the row order),
+    attributes and popularity, with the store's policy. What a request is checked against
+    (known history ids, filters, re-rankings, the policy) where nothing is searched: the split
+    path's Ingress (serving/pipeline.py ``load_pipeline`` without an encoding)."""
 
     meta: dict
     ids: list[str]
-    embeddings: np.ndarray  # [N, D] float32
-    ann: object | None = None
     attributes: dict | None = None  # ATTRIBUTES_FILE: {"fields", "values"}; None: none kept
     policy: object | None = None  # the store's serving policy (serving/policies.py), if any
     # POPULARITY_FILE: {"users", "counts"} of an interaction log's training rows; None: none
@@ -96,10 +97,6 @@ class ItemIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
     def rows_of(self, ids: list[str]) -> tuple[np.ndarray, list[str]]:
         """(rows of the known ids, the unknown ids)."""
         rows = [self.row.get(i, -1) for i in ids]
@@ -107,6 +104,18 @@ class ItemIndex:
             np.array([r for r in rows if r >= 0], dtype=np.int64),
             [i for i, r in zip(ids, rows, strict=True) if r < 0],
         )
+
+
+@dataclass(kw_only=True)
+class ItemIndex(ItemCatalogue):
+    """Item vectors with exact (matrix product) or ANN (faiss HNSW) top-n search."""
+
+    embeddings: np.ndarray  # [N, D] float32
+    ann: object | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
 
     def search(
         self, queries: np.ndarray, n: int, exclude: list[np.ndarray] | None = None
@@ -157,10 +166,7 @@ def _read_meta(meta_file: Path | None, where) -> dict:
 
 def _index_file(store: str | os.PathLike, name: str) -> Path | None:
     """One file of STORE/index as a local path (from S3, that file alone); None when absent."""
-    try:
-        return Path(materialize(store_path(store, INDEX_DIR, name)))
-    except StorageNotFound:
-        return None
+    return materialize_if_present(store_path(store, INDEX_DIR, name))
 
 
 @dataclass
@@ -182,28 +188,46 @@ def read_summary(store: str | os.PathLike) -> IndexSummary:
     return IndexSummary(meta, {"fields": dict(meta.get("attributes") or {})}, popularity)
 
 
+def _read_items(meta: dict, file_of, where) -> dict:
+    """The fields of an :class:`ItemCatalogue` from STORE/index's files (``file_of(name)``: a
+    local path, or None when absent): ids.json, attributes.json, popularity.json."""
+    ids_file = file_of(IDS_FILE)
+    if ids_file is None:
+        raise FileNotFoundError(f"{where}: no {IDS_FILE}")
+    ids = json.loads(ids_file.read_text())
+    if len(ids) != meta.get("count"):
+        raise KuberankError(
+            f"{where}: inconsistent index ({len(ids)} ids, index.json says {meta.get('count')})"
+        )
+    attributes_file = file_of(ATTRIBUTES_FILE)  # indexes built before filters have none
+    attributes = None
+    if attributes_file is not None and attributes_file.is_file():
+        attributes = json.loads(attributes_file.read_text())
+    popularity = read_popularity(file_of(POPULARITY_FILE), len(ids))
+    return {"meta": meta, "ids": ids, "attributes": attributes, "popularity": popularity}
+
+
+def read_catalogue(store: str | os.PathLike) -> ItemCatalogue:
+    """STORE/index's :class:`ItemCatalogue`: index.json, ids.json, attributes.json and
+    popularity.json (from S3, those files alone), never the vectors or the ANN graph."""
+    where = store_path(store, INDEX_DIR)
+    meta = _read_meta(_index_file(store, META_FILE), where)
+    return ItemCatalogue(**_read_items(meta, lambda name: _index_file(store, name), where))
+
+
 def load_index(store: str | os.PathLike) -> ItemIndex:
     """Read STORE/index (local path or s3:// through materialize)."""
     root = Path(materialize(store_path(store, INDEX_DIR)))
     meta = _read_meta(root / META_FILE, root)
     embeddings = np.load(root / EMBEDDINGS_FILE).astype(np.float32, copy=False)
-    ids = json.loads((root / IDS_FILE).read_text())
-    if embeddings.shape != (meta.get("count"), meta.get("dim")) or len(ids) != len(embeddings):
+    if embeddings.shape != (meta.get("count"), meta.get("dim")):
         raise KuberankError(
-            f"{root}: inconsistent index ({embeddings.shape} embeddings, {len(ids)} ids, "
+            f"{root}: inconsistent index ({embeddings.shape} embeddings, "
             f"index.json says {meta.get('count')}x{meta.get('dim')})"
         )
+    items = _read_items(meta, lambda name: root / name, root)
     ann = None
     if meta.get("ann"):
         ann = load_faiss().read_index(str(root / meta["ann"]["file"]))
         ann.hnsw.efSearch = int(meta["ann"].get("ef_search", HNSW_EF_SEARCH))
-    attributes_file = root / ATTRIBUTES_FILE  # indexes built before filters have none
-    attributes = json.loads(attributes_file.read_text()) if attributes_file.is_file() else None
-    return ItemIndex(
-        meta=meta,
-        ids=ids,
-        embeddings=embeddings,
-        ann=ann,
-        attributes=attributes,
-        popularity=read_popularity(root / POPULARITY_FILE, len(ids)),
-    )
+    return ItemIndex(**items, embeddings=embeddings, ann=ann)

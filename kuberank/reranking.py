@@ -50,13 +50,16 @@ class Reranker:
         history: Sequence[int] = (),
         picks: int | None = None,
         head: int | None = RERANK_DEPTH,
+        length: int | None = None,
     ) -> np.ndarray:
         """The re-ranked order: positions into ``items`` (item rows in the model's order, with
         their ``scores``), every position once. The re-ranking ``kind`` with its ``value``
         re-orders the first ``head`` items (None: all); the greedy ones pick ``picks`` of them
         first (default: MMR the whole head, calibration :data:`CALIBRATED_K`). The rest of the
         head follows as it was, then the items past it. Calibration to a ``history`` (item
-        rows) without any grouped item keeps the order."""
+        rows) without any grouped item keeps the order. ``length``: only the first ``length``
+        positions of that order (None: all of them); the unpicked rest is worked out only when
+        the picks are fewer (a served list of k without caps reads its k picks alone)."""
         items = np.asarray(items)
         scores = np.asarray(scores)
         n = len(items)
@@ -67,12 +70,18 @@ class Reranker:
         elif kind == "calibration":
             p = target(self.groups, history)
             if p is None:  # no grouped history: nothing to calibrate to
-                return np.arange(n)
+                return np.arange(n if length is None else min(length, n))
             k = CALIBRATED_K if picks is None else picks
             chosen = calibrate(rel, self.groups[top], p, value, k)
         elif kind == "tail_boost":
             chosen = boosted_order(rel, self.tail[top], value)
         else:
             raise KuberankError(f"re-ranking: one of {', '.join(KINDS)}, got {kind!r}")
-        rest = np.setdiff1d(np.arange(size), chosen)  # the head's unpicked, in their order
-        return np.concatenate([chosen, rest, np.arange(size, n)]).astype(np.int64)
+        chosen = np.asarray(chosen, dtype=np.int64)
+        if length is not None and length <= len(chosen):
+            return chosen[:length]
+        unpicked = np.ones(size, dtype=bool)
+        unpicked[chosen] = False
+        rest = np.flatnonzero(unpicked)  # the head's unpicked, in their order
+        order = np.concatenate([chosen, rest, np.arange(size, n)]).astype(np.int64)
+        return order if length is None else order[:length]

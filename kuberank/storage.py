@@ -171,6 +171,18 @@ def materialize(uri: str | os.PathLike, cache: str | os.PathLike | None = None) 
         return dest_root / "tree"
 
 
+def materialize_if_present(
+    uri: str | os.PathLike, cache: str | os.PathLike | None = None
+) -> Path | None:
+    """:func:`materialize`, or None when ``uri`` is absent (an optional part of a store). Only
+    "not found" means absent: any other error (access denied, an unreachable endpoint) still
+    raises, so a store that cannot be read is refused rather than served without that part."""
+    try:
+        return materialize(uri, cache)
+    except StorageNotFound:
+        return None
+
+
 def _is_not_found(exc: Exception) -> bool:
     from botocore.exceptions import ClientError
 

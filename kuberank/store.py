@@ -122,6 +122,15 @@ class ModelStore:
         check_index(index.meta, self.manifest, where=self.uri_of(INDEX_DIR))
         return index
 
+    def checked_catalogue(self):
+        """STORE/index's items without their vectors (kuberank/item_index.py's
+        ItemCatalogue), refused like :meth:`checked_index`."""
+        from kuberank.item_index import check_index, read_catalogue  # one-way, as above
+
+        catalogue = read_catalogue(self.uri)
+        check_index(catalogue.meta, self.manifest, where=self.uri_of(INDEX_DIR))
+        return catalogue
+
     def index_summary(self):
         """STORE/index read without its vectors (kuberank/item_index.py's IndexSummary),
         refused like :meth:`checked_index`: what the deploy checks before replicas load it."""

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from kuberank import fusion
-from kuberank.errors import KuberankError, StorageNotFound
+from kuberank.errors import KuberankError
 from kuberank.lexical import META_FILE, LexicalIndex, read_meta
 from kuberank.metrics import top_k
 from kuberank.serving.policies import among_found
-from kuberank.storage import materialize
+from kuberank.storage import materialize_if_present
 from kuberank.store import LEXICAL_DIR, store_path
 
 RETRIEVALS = ("dense", "bm25", "hybrid")
@@ -85,11 +84,8 @@ class LexicalStage(LexicalInfo):
 
 def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
     """STORE/lexical for the items ``ids`` (the dense index's), or None when the store has none."""
-    try:
-        directory = Path(materialize(store_path(store, LEXICAL_DIR)))
-    except StorageNotFound:  # any other error (denied, unreachable) refuses the load
-        return None
-    if not (directory / META_FILE).is_file():
+    directory = materialize_if_present(store_path(store, LEXICAL_DIR))  # denied: raises
+    if directory is None or not (directory / META_FILE).is_file():
         return None
     return LexicalStage(LexicalIndex.load(directory), ids)
 
@@ -97,9 +93,8 @@ def load_stage(store: str, ids: list[str]) -> LexicalStage | None:
 def load_info(store: str) -> LexicalInfo | None:
     """STORE/lexical's :class:`LexicalInfo` from its lexical.json alone (from S3, that file
     alone), or None when the store has no lexical index."""
-    try:
-        meta_file = Path(materialize(store_path(store, LEXICAL_DIR, META_FILE)))
-    except StorageNotFound:  # any other error (denied, unreachable) refuses the load
+    meta_file = materialize_if_present(store_path(store, LEXICAL_DIR, META_FILE))
+    if meta_file is None:
         return None
     return LexicalInfo(read_meta(meta_file))
 

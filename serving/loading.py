@@ -1,7 +1,8 @@
 """Reading a model store for serving: :class:`OpenedStore` is kuberank.store's
 :class:`~kuberank.store.ModelStore` (manifest, version, parts, the index checked against the
-store's encoder) plus what the stages share, each read once per load: the index with the
-store's policy, F's tables (STORE/model/kuberank.json) and the lexical stage."""
+store's encoder) plus what the stages share, each read once per load: the index (or, for the
+split path's Ingress, its items without the vectors) with the store's policy, F's tables
+(STORE/model/kuberank.json) and the lexical stage."""
 
 import json
 from dataclasses import dataclass
@@ -53,18 +54,25 @@ class OpenedStore(ModelStore):
             self._parts[name] = read()
         return self._parts[name]
 
-    def _index(self):
-        index = self.checked_index()
-        index.policy = load_policy(self.uri, index)  # a policy it cannot serve refuses it
-        return index
+    def _with_policy(self, items):
+        items.policy = load_policy(self.uri, items)  # a policy it cannot serve refuses it
+        return items
 
     def index(self):
         """The checked index, with the store's policy."""
-        return self._once("checked index", self._index)
+        return self._once("checked index", lambda: self._with_policy(self.checked_index()))
+
+    def catalogue(self):
+        """The checked index's items without their vectors or ANN graph (item_index's
+        ItemCatalogue: ids, attributes, popularity), with the store's policy: what the split
+        path's Ingress checks requests against. The index itself where :meth:`index` read it."""
+        if "checked index" in self._parts:
+            return self._parts["checked index"]
+        return self._once("checked catalogue", lambda: self._with_policy(self.checked_catalogue()))
 
     def tables(self) -> tuple[ModelTables, Path | None]:
         return self._once(
-            "tables", lambda: read_model_tables(self, self.index().meta.get("kind", "search"))
+            "tables", lambda: read_model_tables(self, self.catalogue().meta.get("kind", "search"))
         )
 
     def lexical(self):

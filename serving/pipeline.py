@@ -49,7 +49,7 @@ class Pipeline:
     users: dict[str, int]
     items: dict[str, int]
     store: str
-    index: Any = None
+    index: Any = None  # item_index.ItemIndex; on the split path's Ingress its ItemCatalogue
     # STORE/lexical, None without one: hybrid.LexicalStage, or on the split path's Ingress its
     # hybrid.LexicalInfo (the default retrieval)
     lexical: Any = None
@@ -78,9 +78,10 @@ def load_pipeline(
 ) -> Pipeline:
     """The colocated replica's model: ``stages`` (the request path, :data:`STAGES`), loaded
     from one opened store; without ``encoding`` (the split path's Ingress) only what its checks
-    use: the index and the lexical index's metadata (the default retrieval, not BM25)."""
+    use: the index's items without their vectors (ids, attributes, popularity, the policy) and
+    the lexical index's metadata (the default retrieval, not BM25)."""
     opened = OpenedStore(store)
-    index = opened.index()
+    index = opened.index() if encoding is not None else opened.catalogue()
     tables, _ = opened.tables()
     pipe = Pipeline(
         opened.version,

@@ -43,9 +43,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kuberank.calibration import item_groups
-from kuberank.errors import KuberankError, StorageNotFound
+from kuberank.errors import KuberankError
 from kuberank.item_index import META_FILE
-from kuberank.storage import is_s3, materialize, publish, write_json
+from kuberank.storage import is_s3, materialize, materialize_if_present, publish, write_json
 from kuberank.store import INDEX_DIR, POLICY, store_path
 
 POLICY_FORMAT = "kuberank-policy/1"
@@ -152,10 +152,8 @@ def read_stored(store: str) -> str | None:
     if not is_s3(uri):
         path = Path(uri)
         return path.read_text() if path.is_file() else None
-    try:
-        return Path(materialize(uri)).read_text()
-    except StorageNotFound:  # any other error (denied, unreachable) refuses the load
-        return None
+    path = materialize_if_present(uri)  # a denied or unreachable store still raises
+    return None if path is None else path.read_text()
 
 
 def index_fields(store: str) -> dict[str, str]:

@@ -82,14 +82,19 @@ class Reranker:
         history_rows: np.ndarray,
         k: int,
         depth: int,
+        length: int | None = None,
     ) -> np.ndarray:
         """``order`` (positions into ``cands``, F's order) re-ranked, every position once: at
         least its first ``depth`` picks as the re-ranking makes them, then the rest in F's
         order (MMR picks ``depth`` of all candidates, calibration ``max(k, depth)`` of the top
-        ``max(RERANK_DEPTH, depth)``, the boost re-orders those)."""
+        ``max(RERANK_DEPTH, depth)``, the boost re-orders those). ``length``: only the first
+        ``length`` positions of it (None: all, what the caps walk)."""
         if kind == "mmr_lambda":
             head, picks = None, depth
         else:
             head, picks = max(RERANK_DEPTH, depth), max(k, depth)
         ranked = cands[order]
-        return order[self.core.order(kind, value, ranked, scores[order], history_rows, picks, head)]
+        positions = self.core.order(
+            kind, value, ranked, scores[order], history_rows, picks, head, length
+        )
+        return order[positions]

@@ -195,7 +195,10 @@ class RankerCore:
             kind, value = req.reranking
             depth = min(len(order), CAP_DEPTH * req.k) if caps else req.k
             history = self.index.rows_of(req.history)[0]
-            order = self.reranker.order(kind, value, cands, order, scores, history, req.k, depth)
+            length = None if caps else req.k  # without caps only the first k are read
+            order = self.reranker.order(
+                kind, value, cands, order, scores, history, req.k, depth, length
+            )
         if caps:  # the policy's caps per group (serving/policies.py)
             top, req.capped = policy.cap(cands, order, req.k)
         else:
@@ -391,9 +394,10 @@ class Rank(Stage):
 
     @classmethod
     def load(cls, store, settings, encoding):
+        index = store.index()  # first: the tables then read its meta, not a catalogue
         tables, model_dir = store.tables()
         version = (store.version, store.embedding_fingerprint)
-        return cls(RankerCore(store.index(), tables, model_dir), version)
+        return cls(RankerCore(index, tables, model_dir), version)
 
     def run_batch(self, requests, settings):
         core = self.core

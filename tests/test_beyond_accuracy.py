@@ -81,6 +81,18 @@ def test_train_popularity_counts_training_rows_only(tmp_path):
     assert counts[data.item_ids.index("7")] == 0  # only ever a validation/test item
 
 
+def test_evaluate_run_takes_the_training_popularity_a_caller_already_counted(tmp_path):
+    log = write_jsonl(tmp_path / "l.jsonl", interaction_rows(users=4, per_user=5))
+    data = datasets.load(f"interactions:{log}")
+    run = {"q0": ["0", "1"], "q1": ["2", "7"]}
+    counted = ba.train_popularity(data)
+    assert ba.evaluate_run(data, run, 2, popularity=counted) == ba.evaluate_run(data, run, 2)
+    # the one given is the one used: another popularity moves the popularity metrics
+    counts, users = counted
+    flat = ba.evaluate_run(data, run, 2, popularity=(np.ones_like(counts), users))
+    assert flat["arp@2"] != ba.evaluate_run(data, run, 2)["arp@2"]
+
+
 def test_item_embeddings_are_encoded_once_per_catalogue_and_read_back(tmp_path, monkeypatch):
     """ILD's base-encoder vectors: a later process on the same catalogue reads them from the
     cache instead of encoding every item again; other texts get their own entry; a damaged

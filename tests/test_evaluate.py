@@ -126,9 +126,21 @@ def test_mmr_compares_a_dense_models_own_item_vectors_as_serving_does(collection
     assert sorted(run) == sorted(task.query_ids)
 
 
-def test_calibration_and_tail_boost_rerank_towards_their_goals(tmp_path, collection, capsys):
+def test_calibration_and_tail_boost_rerank_towards_their_goals(
+    tmp_path, collection, capsys, monkeypatch
+):
     """Steck's calibration lowers miscalibration@10, the long-tail boost raises the long tail's
-    share of the lists; both re-order the same candidates, one at a time."""
+    share of the lists; both re-order the same candidates, one at a time. The boost and the
+    popularity metrics share one count of the training popularity."""
+    from kuberank import beyond_accuracy
+
+    real_count, counts = beyond_accuracy.train_popularity, []
+
+    def counted(data):
+        counts.append(data.name)
+        return real_count(data)
+
+    monkeypatch.setattr(beyond_accuracy, "train_popularity", counted)
     # 20 users; each watches 4 items of its own (group "a", seen by nobody else), then 2 of 12
     # shared items (group "b"): popularity ranks "b" first, the histories are 2/3 "a"
     rows = []
@@ -143,7 +155,9 @@ def test_calibration_and_tail_boost_rerank_towards_their_goals(tmp_path, collect
     calibrated = evaluate(data, "popularity", "test", calibration=1.0)
     assert calibrated["calibration"] == 1.0 and "calibration" not in plain
     assert calibrated["miscalibration@10"] < plain["miscalibration@10"]
+    counts.clear()
     boosted = evaluate(data, "popularity", "test", tail_boost=1.0)
+    assert len(counts) == 1  # once per evaluation, boost and metrics alike
     assert boosted["tail_boost"] == 1.0 and boosted["arp@10"] <= plain["arp@10"]
     assert boosted["exposure_tail@10"] == 1.0 > plain["exposure_tail@10"]  # the tail first
     assert evaluate(data, "popularity", "test", tail_boost=0.0)["arp@10"] == plain["arp@10"]

@@ -69,3 +69,41 @@ def test_the_summary_holds_what_the_index_holds_without_its_vectors(indexed, tmp
     (store / INDEX_DIR / ix.META_FILE).unlink()
     with pytest.raises(KuberankError, match="no index.json; build it with `kuberank index`"):
         ix.read_summary(store)
+
+
+def test_the_catalogue_holds_the_items_without_their_vectors(indexed, tmp_path):
+    """read_catalogue answers the ids, rows, attributes and popularity of load_index without
+    reading the vectors or an ANN graph; the split path's Ingress (load_pipeline without an
+    encoding) serves its checks from it, the store's policy arranged on its rows."""
+    import shutil
+
+    from kuberank.serving.loading import load_checked_index
+    from kuberank.serving.pipeline import load_pipeline
+    from kuberank.serving.policies import write_policy
+    from kuberank.store import INDEX_DIR
+
+    store = tmp_path / "store"
+    shutil.copytree(indexed[0], store, symlinks=True)
+    index = ix.load_index(store)
+    (tmp_path / "policy.json").write_text(json.dumps({"blocked_items": ["d2", "d1"]}))
+    write_policy(str(store), str(tmp_path / "policy.json"))
+    _, loaded = load_checked_index(str(store))  # the index the Retriever and Ranker load
+    for name in (ix.EMBEDDINGS_FILE, ix.ANN_FILE):  # neither is read from here on
+        (store / INDEX_DIR / name).unlink(missing_ok=True)
+    catalogue = ix.read_catalogue(store)
+    assert not isinstance(catalogue, ix.ItemIndex) and not hasattr(catalogue, "embeddings")
+    assert (catalogue.meta, catalogue.ids, catalogue.row) == (index.meta, index.ids, index.row)
+    assert catalogue.attributes == index.attributes and catalogue.popularity == index.popularity
+    assert catalogue.rows_of(["d2", "zzz"])[0].tolist() == index.rows_of(["d2", "zzz"])[0].tolist()
+    ingress = load_pipeline(str(store), None)
+    assert type(ingress.index) is ix.ItemCatalogue and ingress.items == index.row
+    assert ingress.index.policy.rows.tolist() == loaded.policy.rows.tolist() == [0, 1]
+    with pytest.raises(FileNotFoundError):
+        ix.load_index(store)
+    ids = store / INDEX_DIR / ix.IDS_FILE
+    ids.write_text(json.dumps(index.ids[:-1]))
+    with pytest.raises(KuberankError, match=f"{len(index) - 1} ids, index.json says"):
+        ix.read_catalogue(store)
+    ids.unlink()
+    with pytest.raises(FileNotFoundError, match="no ids.json"):
+        ix.read_catalogue(store)

@@ -114,6 +114,45 @@ def test_one_dispatch_offline_and_served():
         core.order("mmr", 0.3, items, scores)
 
 
+def test_the_order_holds_every_position_once_and_a_length_reads_its_start():
+    """The contract the caps walk (every position once: the picks, the rest of the head in
+    the model's order, then the items past the head) holds whole, and a ``length`` (a served
+    list without caps reads its first k) answers exactly the start of that same order."""
+    from kuberank.reranking import Reranker
+
+    n = 130
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(n, 4))
+    groups = group_matrix([["a"] if i % 3 else ["b"] for i in range(n)])[1]
+    tail = long_tail(rng.integers(0, 50, size=n))
+    core = Reranker(vectors, groups, tail)
+    items = rng.permutation(n)
+    scores = np.linspace(1.0, 0.0, n)
+    history = np.array([0, 3])
+    cases = [
+        ("mmr_lambda", 0.3, 7, None),  # served MMR: 7 picks of all, then the rest
+        ("mmr_lambda", 0.3, 7, 100),
+        ("calibration", 0.9, 10, 100),
+        ("calibration", 0.9, 10, 20),
+        ("tail_boost", 0.4, None, 100),
+    ]
+    for kind, value, picks, head in cases:
+        whole = core.order(kind, value, items, scores, history, picks, head)
+        assert sorted(whole.tolist()) == list(range(n)), kind
+        size = n if head is None else head
+        chosen = whole[: picks or size]
+        assert whole[len(chosen) : size].tolist() == sorted(set(range(size)) - set(chosen))
+        assert whole[size:].tolist() == list(range(size, n))
+        for length in (1, 5, 7, 10, 11, 40, size, n, n + 5):
+            got = core.order(kind, value, items, scores, history, picks, head, length)
+            assert got.dtype == np.int64 and got.tolist() == whole[:length].tolist(), (
+                kind,
+                length,
+            )
+    plain = core.order("calibration", 0.9, items, scores, [], length=4)
+    assert plain.tolist() == [0, 1, 2, 3]  # no grouped history: the model's order
+
+
 def test_a_request_names_exactly_one_reranking():
     from kuberank.serving.http_api import Diversity, SearchRequest
 

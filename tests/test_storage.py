@@ -69,3 +69,19 @@ def test_materialize_downloads_into_the_given_cache(s3_endpoint, tmp_path):
     storage.publish(write_beir(tmp_path / "collection"), "s3://cached/c")
     local = storage.materialize("s3://cached/c", cache=tmp_path / "run")
     assert local.is_relative_to(tmp_path / "run") and (local / "corpus.jsonl").is_file()
+
+
+def test_materialize_if_present_answers_none_only_when_absent(s3_endpoint, tmp_path, monkeypatch):
+    (tmp_path / "here.json").write_text("{}")
+    assert storage.materialize_if_present(tmp_path / "here.json") == tmp_path / "here.json"
+    assert storage.materialize_if_present(tmp_path / "gone.json") is None
+
+    storage.s3_client().create_bucket(Bucket="optional")
+    storage.publish(tmp_path / "here.json", "s3://optional/store/here.json")
+    local = storage.materialize_if_present("s3://optional/store/here.json")
+    assert local is not None and local.read_text() == "{}"
+    assert storage.materialize_if_present("s3://optional/store/gone.json") is None
+    # only "not found" means absent: an unreachable store is an error, never "no such part"
+    monkeypatch.setenv("KUBERANK_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(StorageError, match="s3://optional/store/gone.json"):
+        storage.materialize_if_present("s3://optional/store/gone.json")
