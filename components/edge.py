@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from kuberank.config import MAX_LENGTH
-from kuberank.errors import KuberankError, StorageError
+from kuberank.errors import KuberankError
 from kuberank.onnx_encoder import OnnxEncoder, load_session
-from kuberank.storage import materialize, publish, write_json
+from kuberank.storage import materialize_if_present, publish, write_json
 from kuberank.store import EDGE_DIR, store_path
 
 BUNDLE_FILE = "bundle.json"
@@ -145,11 +145,8 @@ def index_store_bundle(
     bundle metadata, or None for a store without an edge bundle."""
     store = str(store)
     uri = store_path(store, EDGE_DIR)
-    try:
-        local = materialize(uri)
-    except StorageError:
-        return None
-    if not (local / BUNDLE_FILE).is_file():
+    local = materialize_if_present(uri)  # denied or unreachable storage still raises
+    if local is None or not (local / BUNDLE_FILE).is_file():
         return None
     found = _read_bundle(local).get("fingerprint")
     if found and found != fingerprint:

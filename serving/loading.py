@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kuberank.errors import KuberankError
 from kuberank.serving import hybrid
 from kuberank.serving.policies import check_policy, load_policy
+from kuberank.storage import materialize_if_present
 from kuberank.store import MODEL_DIR, ModelStore
 
 
@@ -30,9 +30,10 @@ def read_model_tables(store: ModelStore, index_kind: str) -> tuple[ModelTables, 
     # local: kuberank.model imports torch
     from kuberank.model import MANIFEST, MODEL_FORMAT, read_info
 
-    try:
-        model_dir = store.local(MODEL_DIR)
-    except KuberankError:
+    # only an absent STORE/model means a plain encoder: a store that cannot be read (access
+    # denied, unreachable) is refused, not served without its model
+    model_dir = materialize_if_present(store.uri_of(MODEL_DIR))
+    if model_dir is None:
         return ModelTables(index_kind, {}, None), None
     manifest = model_dir / MANIFEST
     if not manifest.is_file() or json.loads(manifest.read_text()).get("format") != MODEL_FORMAT:
