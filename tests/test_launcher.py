@@ -211,6 +211,7 @@ def test_the_haproxy_front_and_direct_ingress_answer_like_the_proxy_and_shed_by_
 
     from kuberank.raycluster import ensure_ray
     from kuberank.serving.launcher import LocalServing
+    from kuberank.serving.settings import Settings
 
     store, _, _ = serving_store(tmp_path_factory)
     # direct ingress is switched on when Ray starts: a cluster already running without it (here
@@ -223,6 +224,10 @@ def test_the_haproxy_front_and_direct_ingress_answer_like_the_proxy_and_shed_by_
         # worker with one ONNX Runtime thread; the default ingress puts the HAProxy front on
         # the one URL
         assert running.ingress == "haproxy" and running.endpoints == [running.url]
+        # the front adapts each replica's cap (serving/front.py), from 1 to 2 batches a worker
+        assert running.front.caps is not None
+        batch = Settings().pipeline_batch[0]
+        assert (running.front.caps.lo, running.front.caps.hi) == (1, 2 * batch)
         assert len(running.urls) == 2 and running.url not in (*running.urls, running.proxy_url)
         for url in running.urls:
             ready = http_json("GET", url + "/readyz")[1]
