@@ -174,7 +174,8 @@ class IndexSummary:
     """What an index holds, read without its vectors, ids or ANN graph: its index.json, the
     attribute fields it keeps and its popularity. Enough for the checks that refuse a store
     before any replica loads it (kuberank/store.py ``ModelStore.index_summary``); it answers
-    ``attributes["fields"]`` and ``popularity`` like an :class:`ItemIndex`."""
+    ``attributes["fields"]`` and ``popularity`` like an :class:`ItemIndex`; the items
+    themselves without vectors are an :class:`ItemCatalogue`."""
 
     meta: dict
     attributes: dict  # {"fields": index.json's attribute fields}
@@ -193,7 +194,7 @@ def _read_items(meta: dict, file_of, where) -> dict:
     local path, or None when absent): ids.json, attributes.json, popularity.json."""
     ids_file = file_of(IDS_FILE)
     if ids_file is None:
-        raise FileNotFoundError(f"{where}: no {IDS_FILE}")
+        raise KuberankError(f"{where}: no {IDS_FILE}; rebuild the index with `kuberank index`")
     ids = json.loads(ids_file.read_text())
     if len(ids) != meta.get("count"):
         raise KuberankError(

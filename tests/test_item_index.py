@@ -105,5 +105,5 @@ def test_the_catalogue_holds_the_items_without_their_vectors(indexed, tmp_path):
     with pytest.raises(KuberankError, match=f"{len(index) - 1} ids, index.json says"):
         ix.read_catalogue(store)
     ids.unlink()
-    with pytest.raises(FileNotFoundError, match="no ids.json"):
+    with pytest.raises(KuberankError, match="no ids.json; rebuild the index with `kuberank index`"):
         ix.read_catalogue(store)
