@@ -124,11 +124,18 @@ def _get(url: str) -> tuple[int, dict, object]:
 
 @pytest.fixture
 def replicas():
+    yield from _two_replicas(http.server.HTTPServer, timeout=0.5)
+
+
+def _two_replicas(server_class, **attributes):
+    """Two _Slow servers of ``server_class`` on free ports, each serving in a thread of its
+    own, with ``attributes`` set; shut down after the test."""
     servers = []
     for _ in range(2):
-        server = http.server.HTTPServer(("127.0.0.1", free_port()), _Slow)
+        server = server_class(("127.0.0.1", free_port()), _Slow)
         server.seen = 0
-        server.timeout = 0.5
+        for name, value in attributes.items():
+            setattr(server, name, value)
         threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
         servers.append(server)
     yield servers
@@ -229,16 +236,7 @@ def _load_until(front: HAProxyFront, wanted: list[int], clients: int = 8, limit_
 @pytest.fixture
 def threaded_replicas():
     """Two replicas that answer requests side by side (a thread each), 300 ms per request."""
-    servers = []
-    for _ in range(2):
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Slow)
-        server.seen, server.delay, server.daemon_threads = 0, 0.3, True
-        threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
-        servers.append(server)
-    yield servers
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    yield from _two_replicas(http.server.ThreadingHTTPServer, delay=0.3, daemon_threads=True)
 
 
 def test_each_replicas_cap_follows_its_measured_speed(threaded_replicas):

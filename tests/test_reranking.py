@@ -79,6 +79,16 @@ def test_only_the_top_100_are_reordered():
     assert sorted(got.tolist()) == list(range(n))
 
 
+def _catalogue(seed: int, n: int = 130):
+    """``n`` random items: vectors, genre groups ("a"/"b"), the long tail of random counts, the
+    model's order of their rows and its descending scores."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, 4))
+    groups = group_matrix([["a"] if i % 3 else ["b"] for i in range(n)])[1]
+    tail = long_tail(rng.integers(0, 50, size=n))
+    return n, vectors, groups, tail, rng.permutation(n), np.linspace(1.0, 0.0, n)
+
+
 def test_one_dispatch_offline_and_served():
     """kuberank/reranking.py maps each kind to its core once: offline (the top 100 of a ranked
     list, MMR over all of it, calibration picking 10) and served (MMR picking ``depth`` of
@@ -88,14 +98,8 @@ def test_one_dispatch_offline_and_served():
     from kuberank.reranking import CALIBRATED_K, Reranker
 
     assert RERANKINGS == reranking.KINDS == ("mmr_lambda", "calibration", "tail_boost")
-    n = 130
-    rng = np.random.default_rng(1)
-    vectors = rng.normal(size=(n, 4))
-    groups = group_matrix([["a"] if i % 3 else ["b"] for i in range(n)])[1]
-    tail = long_tail(rng.integers(0, 50, size=n))
+    n, vectors, groups, tail, items, scores = _catalogue(1)
     core = Reranker(vectors, groups, tail)
-    items = rng.permutation(n)  # item rows in the model's order
-    scores = np.linspace(1.0, 0.0, n)
     history = np.array([0, 3])  # all "b"
     offline = core.order("mmr_lambda", 0.3, items, scores)
     assert offline[:100].tolist() == mmr(scores[:100], vectors[items[:100]], 0.3).tolist()
@@ -120,14 +124,8 @@ def test_the_order_holds_every_position_once_and_a_length_reads_its_start():
     list without caps reads its first k) answers exactly the start of that same order."""
     from kuberank.reranking import Reranker
 
-    n = 130
-    rng = np.random.default_rng(2)
-    vectors = rng.normal(size=(n, 4))
-    groups = group_matrix([["a"] if i % 3 else ["b"] for i in range(n)])[1]
-    tail = long_tail(rng.integers(0, 50, size=n))
+    n, vectors, groups, tail, items, scores = _catalogue(2)
     core = Reranker(vectors, groups, tail)
-    items = rng.permutation(n)
-    scores = np.linspace(1.0, 0.0, n)
     history = np.array([0, 3])
     cases = [
         ("mmr_lambda", 0.3, 7, None),  # served MMR: 7 picks of all, then the rest
