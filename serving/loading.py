@@ -72,9 +72,15 @@ class OpenedStore(ModelStore):
         return self._once("checked catalogue", lambda: self._with_policy(self.checked_catalogue()))
 
     def tables(self) -> tuple[ModelTables, Path | None]:
-        return self._once(
-            "tables", lambda: read_model_tables(self, self.catalogue().meta.get("kind", "search"))
-        )
+        """F's tables (read_model_tables), of the kind the index's metadata names: the
+        loaded index's or catalogue's, else index.json alone (whatever was loaded first)."""
+
+        def read():
+            loaded = self._parts.get("checked index") or self._parts.get("checked catalogue")
+            meta = loaded.meta if loaded is not None else self.index_summary().meta
+            return read_model_tables(self, meta.get("kind", "search"))
+
+        return self._once("tables", read)
 
     def lexical(self):
         """serving/hybrid.py's lexical stage (STORE/lexical), None without one."""

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from kuberank.calibration import item_groups
 from kuberank.errors import KuberankError
 from kuberank.item_index import META_FILE
-from kuberank.storage import is_s3, materialize, materialize_if_present, publish, write_json
+from kuberank.storage import materialize, materialize_if_present, publish, write_json
 from kuberank.store import INDEX_DIR, POLICY, store_path
 
 POLICY_FORMAT = "kuberank-policy/1"
@@ -148,12 +148,8 @@ def parse_stored(text: str, where: str) -> tuple[PolicyRules, int, str]:
 
 def read_stored(store: str) -> str | None:
     """The text of STORE/policy.json, or None when the store has no policy."""
-    uri = store_path(store, POLICY)
-    if not is_s3(uri):
-        path = Path(uri)
-        return path.read_text() if path.is_file() else None
-    path = materialize_if_present(uri)  # a denied or unreachable store still raises
-    return None if path is None else path.read_text()
+    path = materialize_if_present(store_path(store, POLICY))  # denied or unreachable: raises
+    return path.read_text() if path is not None and path.is_file() else None
 
 
 def index_fields(store: str) -> dict[str, str]:

@@ -394,7 +394,7 @@ class Rank(Stage):
 
     @classmethod
     def load(cls, store, settings, encoding):
-        index = store.index()  # first: the tables then read its meta, not a catalogue
+        index = store.index()
         tables, model_dir = store.tables()
         version = (store.version, store.embedding_fingerprint)
         return cls(RankerCore(index, tables, model_dir), version)
