@@ -112,33 +112,29 @@ class ModelStore:
         """A part as a local path, downloaded first when the store is on S3."""
         return Path(materialize(self.uri_of(*parts)))
 
-    def checked_index(self):
-        """STORE/index (kuberank/item_index.py), refused (IndexMismatchError) when another
-        encoder than the store's embedded it."""
+    def _checked(self, read: str):
+        """``kuberank.item_index.<read>(STORE)``, refused (IndexMismatchError) when another
+        encoder than the store's embedded its vectors."""
         # item_index imports this module's names: imported here to keep the import one-way
-        from kuberank.item_index import check_index, load_index
+        from kuberank import item_index
 
-        index = load_index(self.uri)
-        check_index(index.meta, self.manifest, where=self.uri_of(INDEX_DIR))
-        return index
+        part = getattr(item_index, read)(self.uri)
+        item_index.check_index(part.meta, self.manifest, where=self.uri_of(INDEX_DIR))
+        return part
+
+    def checked_index(self):
+        """STORE/index (kuberank/item_index.py's ItemIndex), checked."""
+        return self._checked("load_index")
 
     def checked_catalogue(self):
         """STORE/index's items without their vectors (kuberank/item_index.py's
-        ItemCatalogue), refused like :meth:`checked_index`."""
-        from kuberank.item_index import check_index, read_catalogue  # one-way, as above
-
-        catalogue = read_catalogue(self.uri)
-        check_index(catalogue.meta, self.manifest, where=self.uri_of(INDEX_DIR))
-        return catalogue
+        ItemCatalogue), checked like :meth:`checked_index`."""
+        return self._checked("read_catalogue")
 
     def index_summary(self):
         """STORE/index read without its vectors (kuberank/item_index.py's IndexSummary),
-        refused like :meth:`checked_index`: what the deploy checks before replicas load it."""
-        from kuberank.item_index import check_index, read_summary  # one-way, as above
-
-        summary = read_summary(self.uri)
-        check_index(summary.meta, self.manifest, where=self.uri_of(INDEX_DIR))
-        return summary
+        checked like :meth:`checked_index`: what the deploy checks before replicas load it."""
+        return self._checked("read_summary")
 
 
 def is_store(path: str | os.PathLike) -> bool:
