@@ -116,7 +116,7 @@ class ModelStore:
         """``kuberank.item_index.<read>(STORE)``, refused (IndexMismatchError) when another
         encoder than the store's embedded its vectors."""
         # item_index imports this module's names: imported here to keep the import one-way
-        from kuberank import item_index
+        import kuberank.item_index as item_index
 
         part = getattr(item_index, read)(self.uri)
         item_index.check_index(part.meta, self.manifest, where=self.uri_of(INDEX_DIR))
