@@ -353,6 +353,12 @@ class HAProxyFront:
         return f"http://{HOST}:{self.port}"
 
     @property
+    def directory(self) -> str | None:
+        """The front's temporary directory while it runs (configuration, error pages, admin
+        socket, log); :meth:`stop` removes it."""
+        return self._dir
+
+    @property
     def metrics_url(self) -> str | None:
         return None if self.metrics_port is None else f"http://{HOST}:{self.metrics_port}/metrics"
 

@@ -282,6 +282,8 @@ class LocalServing:
         if not is_s3(uri):
             return materialize(uri)
         self._workdir = tempfile.mkdtemp(prefix="kuberank-serve-")
+        if self._watchdog is not None:  # removed even if this process is killed
+            self._watchdog.guard_dir(self._workdir)
         return materialize(uri, cache=self._workdir)
 
     def start(self) -> LocalServing:
@@ -300,6 +302,7 @@ class LocalServing:
             self.triton = TritonServer(self._triton_repository())
             self.triton.start()
             self._watchdog.guard_new()
+            self._watchdog.guard_dir(self.triton.directory)
             self.triton.wait_ready()
         from ray import serve
 
@@ -342,6 +345,8 @@ class LocalServing:
             budget_ms=float(self.settings.get("latency_budget_ms", DEFAULT_BUDGET_MS)),
             metrics_port=free_port(),
         ).start()
+        if self._watchdog is not None:  # a killed serve leaves no kuberank-front-* behind
+            self._watchdog.guard_dir(self.front.directory)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             try:

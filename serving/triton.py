@@ -248,6 +248,12 @@ class TritonServer:
             cmd.append(f"--backend-directory={backend_dir}")
         return cmd
 
+    @property
+    def directory(self) -> Path | None:
+        """The server's temporary directory while it runs (backends, the served repository's
+        links, its log); :meth:`stop` removes it."""
+        return self._workdir
+
     def start(self) -> TritonServer:
         if self.process is not None:
             raise KuberankError("tritonserver already started")

@@ -7,7 +7,9 @@ death to the GCS, which died with it, for 60 s). :class:`Watchdog` is a small pr
 the read end of a pipe from the launcher, which writes it the processes it starts
 (``PID STARTTIME`` lines). When the pipe closes without ``stop`` (the launcher died), every
 listed process still running (same pid and start time: never a reused pid) gets SIGTERM and,
-after a grace period, SIGKILL. A clean stop writes ``stop`` and nothing is killed.
+after a grace period, SIGKILL; then the directories it was handed (``dir PATH`` lines: the
+front's configuration and admin socket, an S3 store's downloaded Triton repository) are
+removed. A clean stop writes ``stop`` and nothing is killed or removed.
 
     python -m kuberank.serving.watchdog      # stdin: the pipe; started by Watchdog()
 
@@ -17,6 +19,7 @@ Linux only (it reads /proc); elsewhere :class:`Watchdog` does nothing.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import time
 
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
 STOP = "stop"
+DIR = "dir "  # a line "dir PATH": a directory to remove after the processes ended
 
 
 def process_table() -> dict[int, tuple[int, str, str]]:
@@ -95,19 +99,26 @@ def main() -> int:
     # the launcher's terminal and process group are not ours (start_new_session): only the
     # pipe tells us when to act
     guarded: dict[int, str] = {}
+    directories: list[str] = []
     for line in sys.stdin:
+        if line.startswith(DIR):
+            directories.append(line[len(DIR) :].rstrip("\n"))
+            continue
         words = line.split()
         if words == [STOP]:
             return 0
         if len(words) == 2 and words[0].isdigit():
             guarded[int(words[0])] = words[1]
     end(guarded)
+    for directory in directories:  # after the processes that used them have ended
+        shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
 class Watchdog:
     """The launcher's side: ``guard_new()`` hands the watchdog every descendant of this process
-    started since the watchdog was made; ``release()`` after a clean stop."""
+    started since the watchdog was made, ``guard_dir(path)`` a directory of this run to
+    remove; ``release()`` after a clean stop."""
 
     def __init__(self):
         self.process: subprocess.Popen | None = None
@@ -130,14 +141,27 @@ class Watchdog:
         if self.process is None:
             return {}
         new = {p: t for p, t in descendants(os.getpid()).items() if p not in self._known}
-        if new:
-            try:
-                self.process.stdin.write("".join(f"{p} {t}\n" for p, t in new.items()))
-                self.process.stdin.flush()
-            except (OSError, ValueError):  # the watchdog died: nothing to tell
-                return {}
+        if new and self._tell("".join(f"{p} {t}\n" for p, t in new.items())):
             self._known.update(new)
-        return new
+            return new
+        return {}
+
+    def guard_dir(self, path: str | os.PathLike) -> None:
+        """Have the watchdog remove ``path`` (a temporary directory of this run) if this
+        process dies without :meth:`release`."""
+        path = os.path.abspath(path)
+        if "\n" in path:
+            raise ValueError(f"watchdog: a directory name with a newline: {path!r}")
+        if self.process is not None:
+            self._tell(f"{DIR}{path}\n")
+
+    def _tell(self, lines: str) -> bool:
+        try:
+            self.process.stdin.write(lines)
+            self.process.stdin.flush()
+            return True
+        except (OSError, ValueError):  # the watchdog died: nothing to tell
+            return False
 
     def release(self) -> None:
         """Everything was stopped cleanly: the watchdog exits without ending anything."""

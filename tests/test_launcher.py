@@ -168,9 +168,15 @@ def test_killed_serve_leaves_no_tritonserver_haproxy_or_ray_behind(tmp_path_fact
         triton = {p: t for p, t in children.items() if "tritonserver" in _cmdline(str(p))}
         stubs = {p: t for p, t in children.items() if "python_backend_stub" in _cmdline(str(p))}
         assert len(triton) == 1 and stubs, {p: _cmdline(str(p)) for p in children}
+        triton_dir = Path(os.readlink(f"/proc/{next(iter(triton))}/cwd"))  # its temporary dir
+        assert triton_dir.name.startswith("kuberank-triton-"), triton_dir
         assert any(_cmdline(str(p)).startswith("ray::") for p in children)  # Ray's workers
         front = {p: t for p, t in children.items() if "haproxy" in _cmdline(str(p))}
         assert len(front) == 1 and ready["ingress"] == "haproxy", ready  # the default front
+        # haproxy -db -f DIR/haproxy.cfg: the front's temporary directory
+        config = _cmdline(str(next(iter(front)))).split("\0")[-2]
+        front_dir = Path(config).parent
+        assert front_dir.name.startswith("kuberank-front-") and front_dir.is_dir(), config
         proc.kill()  # serve alone, not its process group
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
@@ -180,6 +186,8 @@ def test_killed_serve_leaves_no_tritonserver_haproxy_or_ray_behind(tmp_path_fact
             left = _alive(children)
         assert not _alive(triton) and not _alive(stubs), _alive({**triton, **stubs})
         assert not left, left
+        # removed by the watchdog once haproxy and tritonserver ended
+        assert not front_dir.exists() and not triton_dir.exists()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -329,6 +337,7 @@ stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); 
 children = [subprocess.Popen(["sleep", "300"]), subprocess.Popen([sys.executable, "-c", stubborn])]
 time.sleep(0.5)  # the stubborn child has set its handler
 dog.guard_new()
+dog.guard_dir(sys.argv[2])
 watchdog = dog.process.pid
 if sys.argv[1] == "release":
     dog.release()
@@ -338,14 +347,19 @@ time.sleep(300)
 
 
 @pytest.mark.parametrize("ending", ["killed", "release"])
-def test_watchdog_ends_what_a_killed_launcher_started_and_nothing_after_a_clean_stop(ending):
+def test_watchdog_ends_what_a_killed_launcher_started_and_nothing_after_a_clean_stop(
+    ending, tmp_path
+):
     """SIGKILL of the launcher: the processes it handed to its watchdog get SIGTERM, and
-    SIGKILL after the grace period when they ignore it; released after a clean stop, the
-    watchdog exits and ends nothing."""
+    SIGKILL after the grace period when they ignore it, and the directory it handed over is
+    removed; released after a clean stop, the watchdog exits and ends or removes nothing."""
     from kuberank.serving.watchdog import GRACE_S
 
+    workdir = tmp_path / "run dir"  # a space in the name, as a TMPDIR may have
+    (workdir / "sub").mkdir(parents=True)
+    (workdir / "sub" / "haproxy.cfg").write_text("x")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _GUARDED, ending],
+        [sys.executable, "-c", _GUARDED, ending, str(workdir)],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -364,8 +378,10 @@ def test_watchdog_ends_what_a_killed_launcher_started_and_nothing_after_a_clean_
         assert watchdog not in _alive(started)
         if ending == "killed":
             assert not _alive(children), _alive(children)
+            assert not workdir.exists()
         else:
             assert _alive(children).keys() == children.keys()
+            assert (workdir / "sub" / "haproxy.cfg").read_text() == "x"
     finally:
         if proc.poll() is None:
             proc.kill()
