@@ -176,7 +176,9 @@ def _raw_request(host: str, port: int, path: str, body: dict | None) -> bytes:
     ).encode() + data
 
 
-async def _load(urls: list[str], make_body: Callable[[int], dict] | None, level: Level) -> dict:
+async def _load(
+    urls: list[str], make_body: Callable[[int], dict] | None, level: Level
+) -> tuple[list[float], list[int], float]:
     targets = []
     for url in urls:
         parts = urlsplit(url)
@@ -262,7 +264,17 @@ async def _load(urls: list[str], make_body: Callable[[int], dict] | None, level:
     finally:
         for conn in opened:
             conn.close()
-    return stats(latencies, statuses, seconds, level)
+    return latencies, statuses, seconds
+
+
+def _targets(url: str | list[str]) -> list[str]:
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise KuberankError("bench: no target URL")
+    for one in urls:
+        if not one.startswith(f"http://{HOST}:"):
+            raise KuberankError(f"bench: only loopback targets (http://{HOST}:PORT), got {one}")
+    return urls
 
 
 def run_load(url: str | list[str], make_body: Callable[[int], dict] | None, level: Level) -> dict:
@@ -270,13 +282,17 @@ def run_load(url: str | list[str], make_body: Callable[[int], dict] | None, leve
     ``level.requests`` and ``level.max_seconds`` (plus the 10 s timeout of the requests in
     flight). Several URLs (the replicas of one app) share the load as a Kubernetes Service
     would: each closed-loop client keeps to one of them, open-loop arrivals go round-robin."""
-    urls = [url] if isinstance(url, str) else list(url)
-    if not urls:
-        raise KuberankError("bench: no target URL")
-    for one in urls:
-        if not one.startswith(f"http://{HOST}:"):
-            raise KuberankError(f"bench: only loopback targets (http://{HOST}:PORT), got {one}")
-    return asyncio.run(_load(urls, make_body, level))
+    latencies, statuses, seconds = asyncio.run(_load(_targets(url), make_body, level))
+    return stats(latencies, statuses, seconds, level)
+
+
+def run_samples(
+    url: str | list[str], make_body: Callable[[int], dict] | None, level: Level
+) -> list[tuple[int, float]]:
+    """:func:`run_load`'s requests one by one: (status, seconds) in the order they ended
+    (599: the generator's timeout or a refused connection)."""
+    latencies, statuses, _ = asyncio.run(_load(_targets(url), make_body, level))
+    return list(zip(statuses, latencies, strict=True))
 
 
 def sweep(

@@ -28,37 +28,11 @@ def _search(i: int) -> dict:
 def _load_with_statuses(
     url: str, make_body, concurrency: int, count: int
 ) -> list[tuple[int, float]]:
-    """Closed-loop load that keeps every (status, seconds); ``make_body(i)`` None: a GET."""
-    import asyncio
+    """Closed-loop load (the benchmark's generator) that keeps every (status, seconds);
+    ``make_body(i)`` None: a GET. Bounded: ``count`` requests or two minutes."""
+    from kuberank.serving.bench_load import Level, run_samples
 
-    import aiohttp
-
-    out: list[tuple[int, float]] = []
-
-    async def main():
-        counter = iter(range(count))
-        # one connection per client: aiohttp's default pool (100) would starve the rest
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        timeout = aiohttp.ClientTimeout(total=20)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-            async def client():
-                for i in counter:
-                    t = time.perf_counter()
-                    try:
-                        body = make_body(i)
-                        send = session.get(url) if body is None else session.post(url, json=body)
-                        async with send as resp:
-                            await resp.read()
-                            status = resp.status
-                    except (TimeoutError, aiohttp.ClientError):
-                        status = 599
-                    out.append((status, time.perf_counter() - t))
-
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-
-    asyncio.run(main())
-    return out
+    return run_samples(url, make_body, Level("closed", concurrency, count, 120.0))
 
 
 @pytest.mark.parametrize(
