@@ -238,7 +238,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_killed_parent_takes_the_server_and_its_stubs_with_it(store):
+def test_killed_parent_takes_the_server_and_its_stubs_with_it(store, tmp_path):
     """SIGKILL of the process that started the server (no stop(), no killpg of the server's
     own group): the parent-death signal ends the server, which ends its stubs and removes their
     shared memory."""
@@ -252,7 +252,13 @@ def test_killed_parent_takes_the_server_and_its_stubs_with_it(store):
         "time.sleep(300)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # the killed parent cannot remove the server's working directory (kuberank serve's
+        # watchdog does): keep it under the test's own directory
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     server = 0
     try:
