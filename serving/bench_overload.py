@@ -21,10 +21,17 @@ OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 # the before/after of deadline-aware admission: the former defaults (direct ingress, no
-# admission: Serve's 256 ongoing + 512 queued per replica) and the current ones
+# admission: Serve's 256 ongoing + 512 queued per replica), the current ones with the front's
+# former fixed cap (two batches a worker), and the current defaults (the adaptive cap)
 OVERLOAD_RUNS = {
     "before": {"ingress": "direct", "settings": {"admission": False}},
+    "fixed cap": {"ingress": "haproxy", "settings": {}, "adaptive_caps": False},
     "now": {"ingress": "haproxy", "settings": {}},
+}
+GOALS = {  # issue 19's goals up to 10x the capacity
+    "min_goodput_vs_capacity": (">=", 0.9),
+    "max_admitted_p99_vs_budget": ("<=", 2.0),
+    "max_shed_p99_ms": ("<=", 10.0),
 }
 STORM_CLIENTS = (8, 32, 128, 512)  # hey's closed-loop clients (no think time, no back-off)
 
@@ -102,6 +109,7 @@ def overload(
             use_triton=False,
             settings=how["settings"],
             ingress=how["ingress"],
+            adaptive_caps=how.get("adaptive_caps", True),
             restart_ray=True,
         ) as running:
             url = running.url + path
@@ -129,20 +137,50 @@ def overload(
         "runs": runs,
         "storm": storms,
     }
-    now = runs["now"]
-    result["summary"] = {
-        "min_goodput_vs_capacity": round(min(r["qps"] for r in now) / capacity, 3)
-        if capacity
-        else None,
-        "max_admitted_p99_ms": max((r["p99_ms"] or 0) for r in now),
-        "max_shed_p99_ms": max((r["shed_p99_ms"] or 0) for r in now),
-    }
+    result["summary"] = summarise(result)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "overload.json").write_text(json.dumps(result, indent=2))
         plot_overload(result, out / "overload.png")
     return result
+
+
+def summarise(result: dict) -> dict:
+    """The current defaults' worst level against the goals (:data:`GOALS`), and the adaptive
+    cap against the fixed one in the largest storm (ratios now / fixed cap: below 1 is
+    better for the latencies, above 1 for the 200s a second)."""
+    now = result["runs"]["now"]
+    capacity, budget = result["capacity_qps"], result["budget_ms"]
+    admitted_p99 = max((r["p99_ms"] or 0) for r in now)
+    summary = {
+        "min_goodput_vs_capacity": round(min(r["qps"] for r in now) / capacity, 3)
+        if capacity
+        else None,
+        "max_admitted_p99_ms": admitted_p99,
+        "max_admitted_p99_vs_budget": round(admitted_p99 / budget, 2),
+        "max_shed_p99_ms": max((r["shed_p99_ms"] or 0) for r in now),
+    }
+    summary["goals_met"] = {
+        name: value is not None and (value >= goal if op == ">=" else value <= goal)
+        for name, (op, goal) in GOALS.items()
+        for value in [summary[name]]
+    }
+    storms = result.get("storm") or {}
+    if storms.get("now") and storms.get("fixed cap"):
+        adaptive, fixed = storms["now"][-1], storms["fixed cap"][-1]
+
+        def ratio(status: str, key: str):
+            a, f = adaptive.get(status, {}).get(key), fixed.get(status, {}).get(key)
+            return round(a / f, 2) if a is not None and f else None
+
+        summary["storm_adaptive_vs_fixed"] = {
+            "clients": adaptive["clients"],
+            "200_p99": ratio("200", "p99_ms"),
+            "503_p99": ratio("503", "p99_ms"),
+            "200_per_s": ratio("200", "per_s"),
+        }
+    return summary
 
 
 def format_overload(result: dict) -> str:
@@ -183,6 +221,17 @@ def format_overload(result: dict) -> str:
                     f"| {ok.get('p99_ms', '-')} | {shed.get('per_s', 0)} | {shed.get('p50_ms', '-')} "
                     f"| {shed.get('p99_ms', '-')} | {other or '-'} |"
                 )
+    summary = result.get("summary") or summarise(result)
+    lines += ["", "Goals, the current defaults' worst open-loop level up to 10x capacity:", ""]
+    for name, (op, goal) in GOALS.items():
+        met = "met" if summary["goals_met"][name] else "NOT met"
+        lines.append(f"- {name}: {summary[name]} (goal {op} {goal:g}): {met}")
+    versus = summary.get("storm_adaptive_vs_fixed")
+    if versus:
+        lines.append(
+            f"- adaptive cap / fixed cap, hey with {versus['clients']} clients: 200 p99 "
+            f"{versus['200_p99']}x, 503 p99 {versus['503_p99']}x, 200/s {versus['200_per_s']}x"
+        )
     return "\n".join(lines)
 
 

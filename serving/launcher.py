@@ -150,6 +150,7 @@ class LocalServing:
         ingress: str = DEFAULT_INGRESS,
         restart_ray: bool = False,
         ingress_replicas: int = 0,
+        adaptive_caps: bool = True,
     ):
         # local: the CLI's parser imports this module (see tests/test_layers.py)
         from kuberank.serving.triton import free_port
@@ -162,6 +163,9 @@ class LocalServing:
                 "'direct' only"
             )
         self.ingress = ingress
+        # haproxy: each replica's cap adapts to its rate (serving/front.py); False keeps the
+        # fixed cap of two batches a worker (the overload benchmark's comparison)
+        self.adaptive_caps = adaptive_caps
         self.restart_ray = restart_ray
         self.urls: list[str] = []  # direct replicas: every Ingress replica's own URL
         self.store = str(store)
@@ -341,7 +345,7 @@ class LocalServing:
             # fewer while the replica is slow (serving/front.py: the adaptive cap), at least
             # one request per worker
             conns_per_server=2 * batch.pipeline_batch[0] * workers,
-            min_conns_per_server=workers,
+            min_conns_per_server=workers if self.adaptive_caps else None,
             budget_ms=float(self.settings.get("latency_budget_ms", DEFAULT_BUDGET_MS)),
             metrics_port=free_port(),
         ).start()

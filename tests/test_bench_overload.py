@@ -53,13 +53,33 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
         "shed_p99_ms": 5.0,
         "errors": {"503": 10},
     }
+    slower = {
+        **row,
+        "200": {**row["200"], "p99_ms": 2 * row["200"]["p99_ms"]},
+        "503": {**row["503"], "p99_ms": 4 * row["503"]["p99_ms"]},
+    }
     result = {
         "capacity_qps": 100.0,
         "budget_ms": 100.0,
         "seconds_per_level": 1,
-        "runs": {"before": [level], "now": [level]},
-        "storm": {"now": [row]},
+        "runs": {"before": [level], "fixed cap": [level], "now": [level]},
+        "storm": {"fixed cap": [slower], "now": [row]},
     }
+    summary = bench_overload.summarise(result)
+    # goodput 90/s of 100: met; admitted p99 of _row against the 100 ms budget; 503 p99 5 ms
+    assert summary["min_goodput_vs_capacity"] == 0.9
+    assert summary["goals_met"]["min_goodput_vs_capacity"]
+    assert summary["goals_met"]["max_shed_p99_ms"]
+    assert (
+        summary["max_admitted_p99_vs_budget"] == 0.1
+        and summary["goals_met"]["max_admitted_p99_vs_budget"]
+    )
+    versus = summary["storm_adaptive_vs_fixed"]
+    assert (versus["clients"], versus["200_p99"], versus["503_p99"]) == (4, 0.5, 0.25)
+    assert versus["200_per_s"] == 1.0
     table = bench_overload.format_overload(result)
     assert "| before | 1 | 100 |" in table and "| now | 1 | 100 |" in table
+    assert "| fixed cap | 1 | 100 |" in table
     assert f"| now | 4 | {row['200']['per_s']} |" in table
+    assert "- max_shed_p99_ms: 5.0 (goal <= 10): met" in table
+    assert "200 p99 0.5x, 503 p99 0.25x, 200/s 1.0x" in table
