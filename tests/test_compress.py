@@ -60,6 +60,8 @@ def test_cli_takes_a_ladder_or_one_level_not_both(capsys):
     argv = ["compress", "--model", "m", "--dataset", "d", "--out", "o", "--ladder", "2x0.5"]
     assert main([*argv, "--layers", "3"]) == 2  # refused before anything is loaded
     assert "--ladder and --layers/--prune-ratio both given" in capsys.readouterr().err
+    assert main([*argv, "--epochs", "0"]) == 2
+    assert "--epochs: 0 (need at least 1 distillation epoch)" in capsys.readouterr().err
 
 
 def test_default_ladder_fits_the_teacher_depth():
@@ -114,6 +116,17 @@ def test_compress_passes_the_gate_and_writes_an_int8_model(collection, tmp_path)
     assert config["num_hidden_layers"] == 3
     scored = evaluate(collection, str(out), "all")  # evaluated through ONNX Runtime int8
     assert scored["ndcg@10"] == pytest.approx(report["compressed_ndcg10"])
+
+
+def test_cli_epochs_are_the_distillation_epochs(collection, tmp_path, capsys):
+    from kuberank.cli import main
+
+    out = tmp_path / "two-epochs"
+    argv = ["compress", "--model", base_model_path(), "--dataset", collection, "--out", str(out)]
+    level = ["--layers", "2", "--prune-ratio", "0", "--no-int8", "--max-ndcg-drop", "1"]
+    assert main([*argv, *level, "--split", "all", "--epochs", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["distil_losses"]) == 2 and len(report["layers"]) == 2, report
 
 
 def test_gate_failure_reports_both_numbers_and_writes_nothing(collection, tmp_path):

@@ -132,6 +132,8 @@ def _cmd_compress(args) -> int:
     fixed = one_level(args.layers, args.prune_ratio)
     if fixed and args.ladder:
         raise KuberankError("--ladder and --layers/--prune-ratio both given: use one of them")
+    if args.epochs < 1:
+        raise KuberankError(f"--epochs: {args.epochs} (need at least 1 distillation epoch)")
     report = compress(
         CompressConfig(
             model=args.model,
@@ -141,6 +143,7 @@ def _cmd_compress(args) -> int:
             int8=args.int8,
             max_ndcg_drop=args.max_ndcg_drop,
             split=args.split,
+            epochs=args.epochs,
         )
     )
     print(json.dumps(report, indent=None if args.json else 2))
@@ -402,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-ratio",
         type=float,
         help="instead of --ladder, one level: share of neurons pruned (default 0.25)",
+    )
+    co.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="distillation epochs over the dataset's texts per student (default 1; a search "
+        "student may need more: docs/benchmarks.md, compression)",
     )
     co.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 quantisation")
     co.add_argument(
