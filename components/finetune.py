@@ -209,6 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
             break
     if writer is not None:
         writer.close()
+        shutil.rmtree(events_dir, ignore_errors=True)  # its events are in every checkpoint
 
 
 def _maybe_inject_fault(config: dict, epoch: int, rank: int) -> None:

@@ -71,11 +71,18 @@ def test_search_model_directory_and_manifest(search_model, collection):
 def test_search_keeps_the_best_epoch_on_validation_queries(ray_cluster, tmp_path):
     """With validation queries (here dev.tsv) every epoch is scored on them and the kept
     checkpoint is the best one; nothing is chosen on test."""
+    import glob
+    import os
+    import tempfile
+
     qrels = {"q1": "d1", "q2": "d2", "q3": "d3", "q4": "d5"}
     root = write_beir(
         tmp_path / "dev", {"train": qrels, "dev": {"q5": "d4", "q6": "d6"}, "test": {"q1": "d1"}}
     )
+    events = os.path.join(tempfile.gettempdir(), "kuberank-tensorboard-*")
+    before = set(glob.glob(events))
     model = train(small(f"beir:{root}", tmp_path / "m", epochs=3, lr=2e-4))
+    assert set(glob.glob(events)) == before  # the writer's directory went with the run
     info = read_info(model)
     scores = [row["val_ndcg@10"] for row in info.training["history"]]
     assert len(scores) == 3 and all(0.0 <= v <= 1.0 for v in scores)
