@@ -8,8 +8,8 @@ the read end of a pipe from the launcher, which writes it the processes it start
 (``PID STARTTIME`` lines). When the pipe closes without ``stop`` (the launcher died), every
 listed process still running (same pid and start time: never a reused pid) gets SIGTERM and,
 after a grace period, SIGKILL; then the directories it was handed (``dir PATH`` lines: the
-front's configuration and admin socket, an S3 store's downloaded Triton repository) are
-removed. A clean stop writes ``stop`` and nothing is killed or removed.
+HAProxy front's configuration and admin socket, tritonserver's working directory, an S3
+store's downloaded Triton repository) are removed. A clean stop writes ``stop`` and nothing is killed or removed.
 
     python -m kuberank.serving.watchdog      # stdin: the pipe; started by Watchdog()
 
