@@ -15,13 +15,24 @@ Scale (environment; the defaults are the full run):
 - ``KUBERANK_REC_PEERS_SEEDS`` (3): seeds of F and of each learned peer;
 - ``KUBERANK_REC_PEERS_MAX_EPOCHS`` (300, RecBole's default): epoch cap of the peers;
 - ``KUBERANK_REC_PEERS_F_EPOCHS`` (F's default): epoch cap of F;
-- ``KUBERANK_REC_PEERS_MODELS`` (all): comma-separated peers to run.
+- ``KUBERANK_REC_PEERS_MODELS`` (all): comma-separated peers to run;
+- ``KUBERANK_REC_PEERS_RUNS`` (``rec-peers-runs`` beside the bench's output directory): where
+  each RecBole peer run (one model, one seed) is kept as it finishes.
+
+A kept run is reused by a later invocation when its key matches: the model, the seed, the epoch
+cap, the prepared data (content hash and split rule) and the RecBole and torch versions. A run
+that takes an hour per seed (SASRec, GRU4Rec on a CPU) is therefore measured once, and the
+section can be run seed by seed, in several sittings, towards the full table. F and EASE^R
+(kuberank's own code, minutes) are measured afresh every time.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from kuberank import datasets, report, significance
@@ -40,7 +51,85 @@ def settings() -> dict:
         "max_epochs": int(env("KUBERANK_REC_PEERS_MAX_EPOCHS", "300")),
         "f_epochs": int(f_epochs) if f_epochs else None,
         "models": [m.strip() for m in models.split(",") if m.strip()],
+        "runs_dir": env("KUBERANK_REC_PEERS_RUNS"),
     }
+
+
+def run_key(name: str, seed: int, cfg: dict, manifest: dict) -> dict:
+    """What a kept peer run must match to be reused."""
+    return {
+        "model": name,
+        "seed": seed,
+        "max_epochs": cfg["max_epochs"] if name in LEARNED else None,
+        "data": manifest["content_hash"],
+        "split": {k: manifest["split"][k] for k in ("rule", "tie_break")},
+        "recbole": version("recbole"),
+        "torch": version("torch"),
+    }
+
+
+def _run_path(runs_dir: Path, key: dict) -> Path:
+    return runs_dir / f"{key['model']}-seed{key['seed']}.json"
+
+
+def kept_run(runs_dir: Path, key: dict) -> dict | None:
+    """The run kept under ``key``, or None (none kept, another key, or unreadable)."""
+    path = _run_path(runs_dir, key)
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return kept["run"] if isinstance(kept, dict) and kept.get("key") == key else None
+
+
+def keep_run(runs_dir: Path, key: dict, run: dict) -> Path:
+    """Write ``run`` under ``key`` (atomically: a killed writer leaves the old file or none)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = _run_path(runs_dir, key)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"key": key, "run": run}) + "\n")
+    partial.replace(path)
+    return path
+
+
+def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list[dict]]:
+    """Every peer of ``cfg`` over its seeds: RecBole's runs kept in (and reused from)
+    ``runs_dir``; each run has ``seed``, ``metrics``, ``per_user``, ``epochs``, ``training``,
+    ``seconds``, ``measured_at`` and ``reused``."""
+    from benchmarks.sections import scored
+    from kuberank.components.peers import load_peer
+
+    runs: dict[str, list[dict]] = {}
+    for name in cfg["models"]:
+        for seed in range(cfg["seeds"] if name in LEARNED else 1):
+            key = run_key(name, seed, cfg, manifest)
+            run = kept_run(runs_dir, key) if name != "ease" else None
+            if run is not None:
+                run["reused"] = True
+                print(f"{name} seed {seed}: kept run of {run['measured_at']} reused", flush=True)
+            else:
+                started = time.perf_counter()
+                ranker = load_peer(name, max_epochs=cfg["max_epochs"], seed=seed)
+                scores, per_user = scored(data, ranker, "test")
+                training = getattr(ranker, "training", {})
+                run = {
+                    "seed": seed,
+                    "metrics": scores,
+                    "per_user": per_user,
+                    "epochs": training.get("epochs_run") if name != "ease" else None,
+                    "training": training,
+                    "seconds": time.perf_counter() - started,
+                    "measured_at": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%dT%H:%M:%SZ}",
+                }
+                if name != "ease":
+                    keep_run(runs_dir, key, run)
+                run["reused"] = False
+            runs.setdefault(name, []).append(run)
+            print(
+                f"{name} seed {seed}: ndcg@10 {run['metrics']['ndcg@10']:.4f} {run['training']}",
+                flush=True,
+            )
+    return runs
 
 
 def _row(name: str, runs: list[dict]) -> dict:
@@ -65,7 +154,6 @@ def rec_peers(out: Path, cisi: str | None):
     from benchmarks.sections import ML, _train, scored
     from kuberank.components.data_prep import prepare
     from kuberank.components.evaluate import ModelRanker
-    from kuberank.components.peers import load_peer
     from kuberank.model import read_info
 
     cfg = settings()
@@ -94,23 +182,8 @@ def rec_peers(out: Path, cisi: str | None):
         )
         print(f"{F_NAME} seed {seed}: ndcg@10 {scores['ndcg@10']:.4f}", flush=True)
 
-    for name in cfg["models"]:
-        for seed in range(cfg["seeds"] if name in LEARNED else 1):
-            started = time.perf_counter()
-            ranker = load_peer(name, max_epochs=cfg["max_epochs"], seed=seed)
-            scores, per_user = scored(data, ranker, "test")
-            training = getattr(ranker, "training", {})
-            runs.setdefault(name, []).append(
-                {
-                    "seed": seed,
-                    "metrics": scores,
-                    "per_user": per_user,
-                    "epochs": training.get("epochs_run") if name != "ease" else None,
-                    "training": training,
-                    "seconds": time.perf_counter() - started,
-                }
-            )
-            print(f"{name} seed {seed}: ndcg@10 {scores['ndcg@10']:.4f} {training}", flush=True)
+    runs_dir = Path(cfg["runs_dir"]) if cfg["runs_dir"] else out.parent / "rec-peers-runs"
+    runs.update(peer_runs(data, manifest, cfg, runs_dir))
 
     rows = [_row(name, r) for name, r in runs.items()]
     peers = [row for row in rows if row["model"] != F_NAME]
@@ -126,6 +199,14 @@ def rec_peers(out: Path, cisi: str | None):
             rows, ("ndcg@10", "hit@10", "recall@100", "epochs", "seeds", "train s"), first="model"
         ),
     ]
+    reused = [
+        f"{name} seed {r['seed']} ({r['measured_at']})"
+        for name, model_runs in runs.items()
+        for r in model_runs
+        if r.get("reused")
+    ]
+    if reused:
+        lines += ["", f"Kept runs reused from {runs_dir}: " + ", ".join(reused) + "."]
     result = {
         "settings": cfg,
         "split": manifest["split"],
