@@ -16,6 +16,7 @@ Output directory (written to a temporary sibling, then renamed: never half-writt
 """
 
 import datetime as _dt
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -116,7 +117,10 @@ def prepare(
         }
         storage.write_json(tmp / datasets.PREPARED_MANIFEST, manifest)
     if storage.is_s3(out):
-        storage.publish(local_out, out)
+        try:
+            storage.publish(local_out, out)
+        finally:
+            shutil.rmtree(local_out.parent, ignore_errors=True)
     return manifest
 
 

@@ -5,10 +5,12 @@ and the whole pipeline run locally (:func:`run_local`) with a headline per finis
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +47,8 @@ def init_local_runner(pipeline_root: str | os.PathLike) -> Path:
     runs ``pip install kfp==<pinned> --no-deps``, a no-op since the pinned kfp is installed.
     Task scratch (TMPDIR) goes to one short-named directory of its own: short, because Ray
     (started by the fine-tuning task or later in this process) puts UNIX sockets under TMPDIR
-    and their paths may not exceed 107 bytes.
+    and their paths may not exceed 107 bytes. It is removed when this process exits (after Ray,
+    which registers its own shutdown later).
     """
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,7 @@ def init_local_runner(pipeline_root: str | os.PathLike) -> Path:
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     os.environ["TMPDIR"] = str(scratch)
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     return root
 

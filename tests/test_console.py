@@ -140,6 +140,19 @@ def local_root(tmp_path):
             os.environ[key] = value
 
 
+def test_the_task_scratch_goes_when_the_process_exits(tmp_path):
+    code = (
+        "import os, pathlib, tempfile\n"
+        "from kuberank.pipelines.local import init_local_runner\n"
+        f"init_local_runner({str(tmp_path / 'root')!r})\n"
+        "pathlib.Path(tempfile.mkdtemp(dir=os.environ['TMPDIR']), 'f').write_text('x')\n"
+        "print(os.environ['TMPDIR'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    scratch = Path(done.stdout.strip())
+    assert scratch.name.startswith("kuberank-kfp-") and not scratch.exists()
+
+
 def test_kfp_local_runner_writes_one_log_per_task_and_reports_each_step(
     local_root, tmp_path, capfd
 ):

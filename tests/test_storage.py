@@ -20,7 +20,12 @@ def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
 
 
-def test_s3_round_trip_prepare_from_and_to_s3(s3_endpoint, tmp_path):
+def test_s3_round_trip_prepare_from_and_to_s3(s3_endpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     client = storage.s3_client()
     client.create_bucket(Bucket="kuberank-test")
     storage.publish(write_beir(tmp_path / "collection"), "s3://kuberank-test/raw/collection")
@@ -33,6 +38,7 @@ def test_s3_round_trip_prepare_from_and_to_s3(s3_endpoint, tmp_path):
 
     manifest = prepare("beir:s3://kuberank-test/raw/collection", "s3://kuberank-test/prepared/c1")
     assert manifest["rows"] == {"items": 6, "queries": 6, "qrels": 6}
+    assert [p.name for p in scratch.iterdir()] == []  # the local copy is gone once uploaded
     back = datasets.load("prepared:s3://kuberank-test/prepared/c1")
     local = datasets.load(f"beir:{tmp_path / 'collection'}")
     assert back.item_ids == local.item_ids
