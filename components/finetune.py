@@ -134,8 +134,16 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        # Events travel inside every checkpoint, so they reach any storage (local or S3).
-        events_dir = Path(tempfile.mkdtemp(prefix="kuberank-tensorboard-"))
+        # Events travel inside every checkpoint, so they reach any storage (local or S3). On
+        # the driver's node they go under its scratch directory, which the driver removes
+        # even when this worker is killed.
+        scratch = config.get("scratch")
+        events_dir = Path(
+            tempfile.mkdtemp(
+                prefix="kuberank-tensorboard-",
+                dir=scratch if scratch and Path(scratch).is_dir() else None,
+            )
+        )
         if checkpoint:
             with checkpoint.as_directory() as ckpt:
                 if (Path(ckpt) / "tensorboard").is_dir():
@@ -284,6 +292,10 @@ def train(config: TrainConfig) -> Path:
     actor_name = f"kuberank-progress-{os.getpid()}-{time.time_ns()}"
     progress = Progress.options(name=actor_name).remote()
     loop_config["progress_actor"] = actor_name
+    # The workers' scratch on this node (their TensorBoard events), removed when fit returns:
+    # a worker killed mid-run cannot remove its own.
+    scratch = Path(tempfile.mkdtemp(prefix="kuberank-train-"))
+    loop_config["scratch"] = str(scratch)
     total_steps = (
         math.ceil(math.ceil(loop_config["n_rows"] / config.workers) / loop_config["batch_size"])
         * config.epochs
@@ -310,16 +322,19 @@ def train(config: TrainConfig) -> Path:
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     thread.start()
-    with bar(
-        desc=f"train ({data.name}, {config.workers} workers)", total=total_steps, unit="step"
-    ) as pbar:
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            try:
-                pbar.n = min(ray.get(progress.value.remote(), timeout=5), total_steps)
-                pbar.refresh()
-            except Exception:  # the progress actor is best effort
-                pass
+    try:
+        with bar(
+            desc=f"train ({data.name}, {config.workers} workers)", total=total_steps, unit="step"
+        ) as pbar:
+            while thread.is_alive():
+                thread.join(timeout=1.0)
+                try:
+                    pbar.n = min(ray.get(progress.value.remote(), timeout=5), total_steps)
+                    pbar.refresh()
+                except Exception:  # the progress actor is best effort
+                    pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     result = outcome.get("result")
     if isinstance(result, BaseException):
         raise KuberankError(f"training failed: {result}") from result

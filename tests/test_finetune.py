@@ -108,6 +108,15 @@ def test_corpus_pairs_are_mixed_in_and_recorded(ray_cluster, collection, tmp_pat
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, collection, tmp_path):
+    import glob
+    import os
+    import tempfile
+
+    scratch = [
+        os.path.join(tempfile.gettempdir(), f"kuberank-{kind}-*")
+        for kind in ("tensorboard", "train")
+    ]
+    before = [set(glob.glob(pattern)) for pattern in scratch]
     marker = tmp_path / "killed"
     out = train(
         small(
@@ -124,6 +133,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, collection, 
     )  # the new worker group started from the checkpoint
     assert [row["epoch"] for row in info.training["history"]][-1] == 2
     assert any(Path(f"{out}.checkpoints").rglob("state.pt")), "the last good checkpoint is kept"
+    # the killed worker's TensorBoard directory went with the driver's scratch
+    assert [set(glob.glob(pattern)) for pattern in scratch] == before
 
 
 def test_lora_trains_few_parameters_and_exports_a_plain_model(ray_cluster, collection, tmp_path):
