@@ -283,6 +283,11 @@ def _headline(step: str, outputs: dict) -> str:
         return text
     if step == COMPRESS:
         m = meta("compressed")
+        if m.get("compressed") is False:  # no level passed: the teacher went on unchanged
+            return (
+                f"no level within the gate on {m['split']} (teacher nDCG@10 "
+                f"{m['teacher_ndcg10']:.4f}): the teacher goes on uncompressed"
+            )
         return (
             f"level {len(m['layers'])}x{float(m['prune_ratio']):g} (layers "
             f"{[int(x) for x in m['layers']]}): nDCG@10 {m['compressed_ndcg10']:.4f} vs teacher "

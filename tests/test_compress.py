@@ -1,6 +1,7 @@
 """Compression: distillation into fewer layers, structured pruning, int8, the quality gate."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,27 @@ def test_gate_failure_reports_both_numbers_and_writes_nothing(collection, tmp_pa
     assert "levels tried (layers x prune ratio, nDCG@10): 1x0.9 " in str(err.value)
     assert err.value.teacher >= 0 and err.value.student >= 0
     assert not out.exists()
+
+
+def test_keep_teacher_writes_the_teacher_when_no_level_passes(collection, tmp_path, capsys):
+    from kuberank.cli import main
+
+    out = tmp_path / "kept"
+    argv = ["compress", "--model", base_model_path(), "--dataset", collection, "--out", str(out)]
+    refused = ["--ladder", "1x0.9", "--no-int8", "--max-ndcg-drop", "-1", "--split", "all"]
+    assert main([*argv, *refused, "--keep-teacher", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compressed"] is False and report["layers"] == list(range(6))
+    assert report["compressed_ndcg10"] == report["teacher_ndcg10"]
+    assert [t["layers"] for t in report["ladder"]] == [1] and "nothing written" in report["refused"]
+    teacher = Path(base_model_path())
+    assert (out / "model.safetensors").read_bytes() == (teacher / "model.safetensors").read_bytes()
+    assert json.loads((out / "compression.json").read_text())["compressed"] is False
+    assert not (out / "onnx" / "model.int8.onnx").exists()
+    # without --keep-teacher the same refusal fails the command and writes nothing
+    assert main([*argv[:-1], str(tmp_path / "refused"), *refused]) == 2
+    assert "quality gate failed" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def _word_overlap_collection(root):

@@ -257,6 +257,12 @@ def test_every_step_has_its_headline_number(tmp_path):
         pl.INDEX: "1682 items x 384, exact search; edge bundle 1682 items",
         pl.PUBLISH: "release 3 -> s/",
     }
+    kept = {"compressed": False, "teacher_ndcg10": 0.8899, "split": "validation"}
+    kept_out = {"compressed": _artifact(dsl.Model, tmp_path / "k", kept)}
+    assert local.step_headline(pl.COMPRESS, kept_out) == (
+        "no level within the gate on validation (teacher nDCG@10 0.8899): the teacher goes on "
+        "uncompressed"
+    )
     assert local.step_headline(pl.INDEX, {}) == ""  # an unexpected output never fails a run
 
 

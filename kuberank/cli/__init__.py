@@ -144,6 +144,7 @@ def _cmd_compress(args) -> int:
             max_ndcg_drop=args.max_ndcg_drop,
             split=args.split,
             epochs=args.epochs,
+            keep_teacher=args.keep_teacher,
         )
     )
     print(json.dumps(report, indent=None if args.json else 2))
@@ -419,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-ndcg-drop", type=float, default=0.01, help="quality gate (absolute nDCG@10)"
     )
     co.add_argument("--split", metavar="SPLIT", help="gate split (default: validation, else test)")
+    co.add_argument(
+        "--keep-teacher",
+        action="store_true",
+        help="when no level passes the gate, write the teacher unchanged (fp32, reported as "
+        '"compressed": false) instead of failing (the pipeline\'s behaviour)',
+    )
     co.add_argument("--json", action="store_true", help="one-line JSON report")
     co.set_defaults(func=_cmd_compress)
 
