@@ -24,3 +24,31 @@ def test_demo_writes_report_and_plot(tmp_path, capfd):
     assert f"report: {run_dir / 'report.md'}" in text
     assert capfd.readouterr() == ("", "")  # the work's own output went to its log
     assert (run_dir / "logs" / "baselines.log").is_file()
+
+
+def test_the_report_says_when_no_compression_level_passed():
+    from kuberank.cli.demo import compression_line
+
+    kept = {
+        "compressed": False,
+        "split": "validation",
+        "teacher_ndcg10": 0.8899,
+        "ladder": [{"layers": 2, "prune_ratio": 0.5, "ndcg10": 0.5216}],
+    }
+    assert compression_line(kept) == (
+        "No level passed the quality gate on validation (teacher nDCG@10 0.8899; levels tried: "
+        "2x0.5 0.5216): the teacher is served uncompressed."
+    )
+    passed = {
+        "split": "validation",
+        "compressed_ndcg10": 0.1133,
+        "teacher_ndcg10": 0.1188,
+        "layers": [2, 5],
+        "intermediate_size": 768,
+        "teacher_bytes": 90e6,
+        "int8_bytes": 9e6,
+    }
+    assert compression_line(passed).startswith(
+        "Quality gate on validation: compressed nDCG@10 0.1133"
+    )
+    assert compression_line({}) == "The served model is not compressed."

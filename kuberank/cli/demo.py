@@ -236,6 +236,27 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
     )
 
 
+def compression_line(compression: dict) -> str:
+    """The report's sentence on the compress step's outcome (the model's ``compression``)."""
+    if compression.get("compressed") is False:
+        tried = ", ".join(
+            f"{t['layers']}x{t['prune_ratio']:g} {t['ndcg10']:.4f}" for t in compression["ladder"]
+        )
+        return (
+            f"No level passed the quality gate on {compression['split']} (teacher nDCG@10 "
+            f"{compression['teacher_ndcg10']:.4f}; levels tried: {tried}): the teacher is served "
+            "uncompressed."
+        )
+    if compression:
+        return (
+            f"Quality gate on {compression['split']}: compressed nDCG@10 {compression['compressed_ndcg10']:.4f} vs "
+            f"teacher {compression['teacher_ndcg10']:.4f}; layers {compression['layers']}, feed-forward "
+            f"{compression['intermediate_size']}, weights {compression['teacher_bytes'] / 1e6:.0f} MB -> int8 ONNX "
+            f"{compression.get('int8_bytes', 0) / 1e6:.0f} MB."
+        )
+    return "The served model is not compressed."
+
+
 def _compression_section(outputs: dict, rows: list[dict], data) -> tuple[list[str], str]:
     """The report's fine-tuning and compression sections, and the encoder speed headline."""
     model_info = json.loads(
@@ -251,14 +272,6 @@ def _compression_section(outputs: dict, rows: list[dict], data) -> tuple[list[st
             "",
         ]
     lines += ["## Compression", ""]
-    if compression:
-        lines.append(
-            f"Quality gate on {compression['split']}: compressed nDCG@10 {compression['compressed_ndcg10']:.4f} vs "
-            f"teacher {compression['teacher_ndcg10']:.4f}; layers {compression['layers']}, feed-forward "
-            f"{compression['intermediate_size']}, weights {compression['teacher_bytes'] / 1e6:.0f} MB -> int8 ONNX "
-            f"{compression.get('int8_bytes', 0) / 1e6:.0f} MB."
-        )
-    else:
-        lines.append("The served model is not compressed.")
+    lines.append(compression_line(compression))
     speed, headline = _speed_table(outputs, rows, data)
     return lines + ["", speed, ""], headline
