@@ -32,7 +32,7 @@ import datetime as _dt
 import json
 import os
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from kuberank import datasets, report, significance
@@ -55,6 +55,13 @@ def settings() -> dict:
     }
 
 
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # the peer itself then names the extra to install
+        return None
+
+
 def run_key(name: str, seed: int, cfg: dict, manifest: dict) -> dict:
     """What a kept peer run must match to be reused."""
     return {
@@ -63,8 +70,8 @@ def run_key(name: str, seed: int, cfg: dict, manifest: dict) -> dict:
         "max_epochs": cfg["max_epochs"] if name in LEARNED else None,
         "data": manifest["content_hash"],
         "split": {k: manifest["split"][k] for k in ("rule", "tie_break")},
-        "recbole": version("recbole"),
-        "torch": version("torch"),
+        "recbole": _version("recbole"),
+        "torch": _version("torch"),
     }
 
 
@@ -102,8 +109,9 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
     runs: dict[str, list[dict]] = {}
     for name in cfg["models"]:
         for seed in range(cfg["seeds"] if name in LEARNED else 1):
-            key = run_key(name, seed, cfg, manifest)
-            run = kept_run(runs_dir, key) if name != "ease" else None
+            kept = name != "ease"  # kuberank's own code is measured afresh
+            key = run_key(name, seed, cfg, manifest) if kept else None
+            run = kept_run(runs_dir, key) if kept else None
             if run is not None:
                 run["reused"] = True
                 print(f"{name} seed {seed}: kept run of {run['measured_at']} reused", flush=True)
@@ -121,7 +129,7 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
                     "seconds": time.perf_counter() - started,
                     "measured_at": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%dT%H:%M:%SZ}",
                 }
-                if name != "ease":
+                if kept:
                     keep_run(runs_dir, key, run)
                 run["reused"] = False
             runs.setdefault(name, []).append(run)
