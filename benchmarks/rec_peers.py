@@ -35,7 +35,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from kuberank import datasets, report, significance
+from kuberank import datasets, report, significance, storage
 
 LEARNED = ("sasrec", "gru4rec", "lightgcn", "bpr")
 DETERMINISTIC = ("itemknn", "ease")
@@ -93,9 +93,7 @@ def keep_run(runs_dir: Path, key: dict, run: dict) -> Path:
     """Write ``run`` under ``key`` (atomically: a killed writer leaves the old file or none)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     path = _run_path(runs_dir, key)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"key": key, "run": run}) + "\n")
-    partial.replace(path)
+    storage.write_json(path, {"key": key, "run": run})
     return path
 
 
@@ -124,7 +122,7 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
                     "seed": seed,
                     "metrics": scores,
                     "per_user": per_user,
-                    "epochs": training.get("epochs_run") if name != "ease" else None,
+                    "epochs": training.get("epochs_run") if kept else None,
                     "training": training,
                     "seconds": time.perf_counter() - started,
                     "measured_at": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%dT%H:%M:%SZ}",

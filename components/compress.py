@@ -50,6 +50,11 @@ from kuberank.progress import bar, note
 from kuberank.store import INT8_FILE, ONNX_DIR
 
 
+def format_levels(tried: list[dict]) -> str:
+    """The levels a ladder tried, as "2x0.5 0.5216, 6x0 0.8726" (layers x prune ratio, nDCG@10)."""
+    return ", ".join(f"{t['layers']}x{t['prune_ratio']:g} {t['ndcg10']:.4f}" for t in tried)
+
+
 class QualityGateError(KuberankError):
     """The compressed model lost more quality than allowed."""
 
@@ -57,9 +62,7 @@ class QualityGateError(KuberankError):
         self, teacher: float, student: float, allowed: float, split: str, tried: list | None = None
     ):
         self.teacher, self.student, self.tried = teacher, student, list(tried or [])
-        levels = ", ".join(
-            f"{t['layers']}x{t['prune_ratio']:g} {t['ndcg10']:.4f}" for t in self.tried
-        )
+        levels = format_levels(self.tried)
         super().__init__(
             f"quality gate failed on the {split} split: compressed nDCG@10 {student:.4f} vs teacher "
             f"{teacher:.4f} (drop {teacher - student:.4f} > allowed {allowed:.4f})"

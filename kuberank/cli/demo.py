@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from kuberank import datasets, report
+from kuberank.components.compress import format_levels
 from kuberank.components.evaluate import evaluate
 from kuberank.console import StepConsole
 from kuberank.encoder import TextEncoder
@@ -239,13 +240,10 @@ def _speed_table(outputs: dict, rows: list[dict], data) -> tuple[str, str]:
 def compression_line(compression: dict) -> str:
     """The report's sentence on the compress step's outcome (the model's ``compression``)."""
     if compression.get("compressed") is False:
-        tried = ", ".join(
-            f"{t['layers']}x{t['prune_ratio']:g} {t['ndcg10']:.4f}" for t in compression["ladder"]
-        )
         return (
             f"No level passed the quality gate on {compression['split']} (teacher nDCG@10 "
-            f"{compression['teacher_ndcg10']:.4f}; levels tried: {tried}): the teacher is served "
-            "uncompressed."
+            f"{compression['teacher_ndcg10']:.4f}; levels tried: "
+            f"{format_levels(compression['ladder'])}): the teacher is served uncompressed."
         )
     if compression:
         return (
