@@ -2,10 +2,12 @@
 
 Pure core: :func:`compress` (teacher model directory + dataset -> compressed model directory).
 
-1. Distillation: the student keeps ``layers`` of the teacher's transformer layers (uniformly
-   spaced, the last one included: 3 of 6 -> layers 2, 4, 6), initialised from them, and learns
-   from the teacher on the dataset's own texts (items and queries): a cosine loss on the
-   embeddings plus a KL loss on the in-batch score distributions.
+1. Distillation: the student keeps ``layers`` of the teacher's transformer layers, initialised
+   from them: of the sets that keep the first and the last layer, the one whose untrained
+   student reproduces the teacher's embeddings best on the dataset's texts
+   (:func:`choose_layers`). It then learns from the teacher on the dataset's own texts (items
+   and queries): a cosine loss on the embeddings plus a KL loss on the in-batch score
+   distributions.
 2. Pruning: structured pruning of the feed-forward blocks (the intermediate neurons with the
    smallest weight norms go), followed by a short recovery round of the same distillation.
 3. int8: ONNX Runtime dynamic quantisation, per channel (components/export.py).
@@ -30,6 +32,7 @@ Thin wrappers: the kfp component :func:`compress_op` and ``kuberank compress``.
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -142,7 +145,7 @@ class CompressConfig:
         if not levels:
             raise KuberankError("--ladder: no compression level given")
         for layers, ratio in levels:
-            student_layers(depth, layers)
+            check_layers(depth, layers)
             if not 0 <= ratio < 1:
                 raise KuberankError(
                     f"--ladder/--prune-ratio: prune ratio {ratio} (need 0 <= ratio < 1)"
@@ -150,26 +153,93 @@ class CompressConfig:
         return levels
 
 
-def student_layers(teacher_layers: int, keep: int) -> list[int]:
-    """Uniformly spaced teacher layers, the last one always kept (6, 3 -> [1, 3, 5])."""
+MAX_LAYER_SUBSETS = 32  # more candidate layer sets than this: the uniformly spaced one
+FIDELITY_TEXTS = 256  # texts (a seeded sample) on which the candidate layer sets are compared
+
+
+def check_layers(teacher_layers: int, keep: int) -> None:
     if not 1 <= keep <= teacher_layers:
         raise KuberankError(
             f"--ladder/--layers: {keep} layers; must be between 1 and the teacher's "
             f"{teacher_layers} layers"
         )
-    step = teacher_layers / keep
-    return sorted({teacher_layers - 1 - int(round(i * step)) for i in range(keep)})
 
 
-def make_student(teacher, keep: int):
-    """A copy of ``teacher`` with only the chosen layers (a smaller, valid BERT model)."""
+def uniform_layers(teacher_layers: int, keep: int) -> list[int]:
+    """Uniformly spaced teacher layers from the first to the last (6, 3 -> [0, 2, 5]); one
+    layer: the last."""
+    check_layers(teacher_layers, keep)
+    if keep == 1:
+        return [teacher_layers - 1]
+    return sorted({int(round(x)) for x in np.linspace(0, teacher_layers - 1, keep)})
+
+
+def layer_candidates(teacher_layers: int, keep: int) -> list[list[int]]:
+    """The teacher layers a ``keep``-layer student may start from: every set that keeps the
+    first and the last layer (every single layer for a 1-layer student), or only the uniformly
+    spaced set where there would be more than :data:`MAX_LAYER_SUBSETS`."""
+    check_layers(teacher_layers, keep)
+    if keep == teacher_layers:
+        return [list(range(teacher_layers))]
+    if keep == 1:
+        return [[i] for i in range(teacher_layers)]
+    if math.comb(teacher_layers - 2, keep - 2) > MAX_LAYER_SUBSETS:
+        return [uniform_layers(teacher_layers, keep)]
+    inner = itertools.combinations(range(1, teacher_layers - 1), keep - 2)
+    return [[0, *middle, teacher_layers - 1] for middle in inner]
+
+
+def make_student(teacher, layers: list[int]):
+    """A copy of ``teacher`` with only the given layers (a smaller, valid BERT model)."""
     from torch import nn  # torch, transformers: heavy; loaded only when compressing
 
-    chosen = student_layers(teacher.config.num_hidden_layers, keep)
     student = copy.deepcopy(teacher)
-    student.encoder.layer = nn.ModuleList([copy.deepcopy(teacher.encoder.layer[i]) for i in chosen])
-    student.config.num_hidden_layers = len(chosen)
-    return student, chosen
+    student.encoder.layer = nn.ModuleList([copy.deepcopy(teacher.encoder.layer[i]) for i in layers])
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+def _embed(model, batch):
+    import torch
+
+    hidden = model(**batch).last_hidden_state
+    return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+
+def choose_layers(
+    teacher, tokenizer, texts: list[str], keep: int, config: "CompressConfig"
+) -> tuple[list[int], float | None]:
+    """The candidate layer set (:func:`layer_candidates`) whose student, before any training,
+    reproduces the teacher's embeddings best (mean cosine over a seeded sample of ``texts``),
+    and that cosine (None where there was one candidate). Which layers a student keeps decides
+    how much distillation has to mend: a measurement, not a rule, picks them."""
+    import torch
+
+    candidates = layer_candidates(teacher.config.num_hidden_layers, keep)
+    if len(candidates) == 1 or not texts:
+        return candidates[0], None
+    rng = np.random.default_rng(config.seed)
+    sample = [texts[i] for i in rng.permutation(len(texts))[:FIDELITY_TEXTS]]
+    batches = [
+        tokenizer(
+            sample[i : i + config.batch_size],
+            padding=True,
+            truncation=True,
+            max_length=config.max_length,
+            return_tensors="pt",
+        )
+        for i in range(0, len(sample), config.batch_size)
+    ]
+    teacher.eval()
+    with torch.no_grad():
+        targets = [_embed(teacher, b) for b in batches]
+        fidelity = []
+        for layers in candidates:
+            student = make_student(teacher, layers).eval()
+            cosine = torch.cat([(_embed(student, b) * t).sum(-1) for b, t in zip(batches, targets)])
+            fidelity.append(float(cosine.mean()))
+    best = int(np.argmax(fidelity))
+    return candidates[best], round(fidelity[best], 5)
 
 
 def prune_feed_forward(model, ratio: float) -> int:
@@ -208,10 +278,6 @@ def distil(
     distributions on ``texts``. Returns the mean loss per epoch."""
     import torch
 
-    def embed(model, batch):
-        hidden = model(**batch).last_hidden_state
-        return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
-
     torch.manual_seed(config.seed)
     teacher.eval()
     student.train()
@@ -236,8 +302,8 @@ def distil(
                 return_tensors="pt",
             )
             with torch.no_grad():
-                target = embed(teacher, batch)
-            output = embed(student, batch)
+                target = _embed(teacher, batch)
+            output = _embed(student, batch)
             cosine = (1 - (output * target).sum(-1)).mean()
             t_scores = target @ target.T / config.temperature
             s_scores = output @ output.T / config.temperature
@@ -288,14 +354,15 @@ def compress(config: CompressConfig) -> dict:
     tried: list[dict] = []
     for layers, ratio in levels:
         if layers not in distilled:
-            student, chosen = make_student(teacher, layers)
+            chosen, fidelity = choose_layers(teacher, tokenizer, texts, layers, config)
+            student = make_student(teacher, chosen)
             losses = []
             if layers < depth:  # the full depth starts as the teacher itself
                 losses = distil(
                     teacher, student, tokenizer, texts, config, config.epochs, f"distil {layers}L"
                 )
-            distilled[layers] = (student, chosen, losses)
-        base, chosen, losses = distilled[layers]
+            distilled[layers] = (student, chosen, fidelity, losses)
+        base, chosen, fidelity, losses = distilled[layers]
         student = copy.deepcopy(base)
         intermediate = prune_feed_forward(student, ratio)
         losses = list(losses)
@@ -305,6 +372,7 @@ def compress(config: CompressConfig) -> dict:
             )
         level = {
             "layers": chosen,
+            "initial_fidelity": fidelity,
             "intermediate_size": intermediate,
             "prune_ratio": ratio,
             "distil_losses": [round(x, 5) for x in losses],
