@@ -3,9 +3,9 @@
 Pure core: :func:`compress` (teacher model directory + dataset -> compressed model directory).
 
 1. Distillation: the student keeps ``layers`` of the teacher's transformer layers, initialised
-   from them: of the sets that keep the first and the last layer, the one whose untrained
-   student reproduces the teacher's embeddings best on the dataset's texts
-   (:func:`choose_layers`). It then learns from the teacher on the dataset's own texts (items
+   from them, chosen by backward elimination (drop the layer whose loss keeps the untrained
+   student's embeddings closest to the teacher's on the dataset's texts, repeat:
+   :func:`choose_layers`). It then learns from the teacher on the dataset's own texts (items
    and queries): a cosine loss on the embeddings plus a KL loss on the in-batch score
    distributions.
 2. Pruning: structured pruning of the feed-forward blocks (the intermediate neurons with the
@@ -32,7 +32,6 @@ Thin wrappers: the kfp component :func:`compress_op` and ``kuberank compress``.
 
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import shutil
@@ -153,7 +152,6 @@ class CompressConfig:
         return levels
 
 
-MAX_LAYER_SUBSETS = 32  # more candidate layer sets than this: the uniformly spaced one
 FIDELITY_TEXTS = 256  # texts (a seeded sample) on which the candidate layer sets are compared
 
 
@@ -163,30 +161,6 @@ def check_layers(teacher_layers: int, keep: int) -> None:
             f"--ladder/--layers: {keep} layers; must be between 1 and the teacher's "
             f"{teacher_layers} layers"
         )
-
-
-def uniform_layers(teacher_layers: int, keep: int) -> list[int]:
-    """Uniformly spaced teacher layers from the first to the last (6, 3 -> [0, 2, 5]); one
-    layer: the last."""
-    check_layers(teacher_layers, keep)
-    if keep == 1:
-        return [teacher_layers - 1]
-    return sorted({int(round(x)) for x in np.linspace(0, teacher_layers - 1, keep)})
-
-
-def layer_candidates(teacher_layers: int, keep: int) -> list[list[int]]:
-    """The teacher layers a ``keep``-layer student may start from: every set that keeps the
-    first and the last layer (every single layer for a 1-layer student), or only the uniformly
-    spaced set where there would be more than :data:`MAX_LAYER_SUBSETS`."""
-    check_layers(teacher_layers, keep)
-    if keep == teacher_layers:
-        return [list(range(teacher_layers))]
-    if keep == 1:
-        return [[i] for i in range(teacher_layers)]
-    if math.comb(teacher_layers - 2, keep - 2) > MAX_LAYER_SUBSETS:
-        return [uniform_layers(teacher_layers, keep)]
-    inner = itertools.combinations(range(1, teacher_layers - 1), keep - 2)
-    return [[0, *middle, teacher_layers - 1] for middle in inner]
 
 
 def make_student(teacher, layers: list[int]):
@@ -207,17 +181,19 @@ def _embed(model, batch):
 
 
 def choose_layers(
-    teacher, tokenizer, texts: list[str], keep: int, config: "CompressConfig"
-) -> tuple[list[int], float | None]:
-    """The candidate layer set (:func:`layer_candidates`) whose student, before any training,
-    reproduces the teacher's embeddings best (mean cosine over a seeded sample of ``texts``),
-    and that cosine (None where there was one candidate). Which layers a student keeps decides
-    how much distillation has to mend: a measurement, not a rule, picks them."""
+    teacher, tokenizer, texts: list[str], counts: list[int], config: "CompressConfig"
+) -> dict[int, tuple[list[int], float | None]]:
+    """For each layer count in ``counts``, the teacher layers its student starts from, and how
+    close that untrained student's embeddings are to the teacher's (mean cosine over a seeded
+    sample of ``texts``; None for the teacher's own depth). Backward elimination: from the
+    teacher's layers, drop one layer at a time, the one whose loss keeps the student closest to
+    the teacher, down to the smallest count. Which layers a student keeps decides how much
+    distillation has to mend, so a measurement picks them, not a spacing rule."""
     import torch
 
-    candidates = layer_candidates(teacher.config.num_hidden_layers, keep)
-    if len(candidates) == 1 or not texts:
-        return candidates[0], None
+    depth = teacher.config.num_hidden_layers
+    for keep in counts:
+        check_layers(depth, keep)
     rng = np.random.default_rng(config.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:FIDELITY_TEXTS]]
     batches = [
@@ -231,15 +207,23 @@ def choose_layers(
         for i in range(0, len(sample), config.batch_size)
     ]
     teacher.eval()
+    current = list(range(depth))
+    chosen: dict[int, tuple[list[int], float | None]] = {depth: (current, None)}
     with torch.no_grad():
         targets = [_embed(teacher, b) for b in batches]
-        fidelity = []
-        for layers in candidates:
+
+        def fidelity(layers: list[int]) -> float:
             student = make_student(teacher, layers).eval()
-            cosine = torch.cat([(_embed(student, b) * t).sum(-1) for b, t in zip(batches, targets)])
-            fidelity.append(float(cosine.mean()))
-    best = int(np.argmax(fidelity))
-    return candidates[best], round(fidelity[best], 5)
+            cosine = [(_embed(student, b) * t).sum(-1) for b, t in zip(batches, targets)]
+            return float(torch.cat(cosine).mean())
+
+        for size in range(depth - 1, min(counts) - 1, -1):
+            options = [[layer for layer in current if layer != drop] for drop in current]
+            scores = [fidelity(layers) for layers in options]
+            best = int(np.argmax(scores))
+            current = options[best]
+            chosen[size] = (current, round(scores[best], 5))
+    return {keep: chosen[keep] for keep in counts}
 
 
 def prune_feed_forward(model, ratio: float) -> int:
@@ -349,12 +333,13 @@ def compress(config: CompressConfig) -> dict:
     depth = teacher.config.num_hidden_layers
     levels = config.rungs(depth)  # a clear error before any training
     texts = training_texts(data)
+    starts = choose_layers(teacher, tokenizer, texts, sorted({n for n, _ in levels}), config)
     teacher_score = evaluate(data, str(teacher_dir), split)["ndcg@10"]
     distilled: dict[int, tuple] = {}  # layers -> (student, chosen teacher layers, losses)
     tried: list[dict] = []
     for layers, ratio in levels:
         if layers not in distilled:
-            chosen, fidelity = choose_layers(teacher, tokenizer, texts, layers, config)
+            chosen, fidelity = starts[layers]
             student = make_student(teacher, chosen)
             losses = []
             if layers < depth:  # the full depth starts as the teacher itself

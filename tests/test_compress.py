@@ -13,12 +13,10 @@ from kuberank.components.compress import (
     choose_layers,
     compress,
     fit_default_ladder,
-    layer_candidates,
     make_student,
     one_level,
     parse_ladder,
     prune_feed_forward,
-    uniform_layers,
 )
 from kuberank.components.evaluate import evaluate
 from kuberank.config import base_model_path
@@ -26,30 +24,20 @@ from kuberank.errors import KuberankError
 from tests.fixtures import write_beir, write_jsonl
 
 
-def test_layer_candidates_keep_the_first_and_the_last_layer():
-    assert layer_candidates(6, 3) == [[0, 1, 5], [0, 2, 5], [0, 3, 5], [0, 4, 5]]
-    assert len(layer_candidates(6, 4)) == 6 and all(c[0] == 0 for c in layer_candidates(6, 4))
-    assert layer_candidates(6, 2) == [[0, 5]]
-    assert layer_candidates(6, 6) == [[0, 1, 2, 3, 4, 5]]
-    assert layer_candidates(6, 1) == [[i] for i in range(6)]
-    # too many sets to compare (C(22, 10)): the uniformly spaced one
-    assert layer_candidates(24, 12) == [uniform_layers(24, 12)]
-    assert uniform_layers(6, 3) == [0, 2, 5] and uniform_layers(6, 1) == [5]
-    with pytest.raises(KuberankError, match="--layers"):
-        layer_candidates(6, 7)
-
-
-def test_chosen_layers_are_the_candidates_closest_to_the_teacher():
+def test_chosen_layers_are_a_backward_elimination_by_closeness_to_the_teacher():
     from transformers import AutoModel, AutoTokenizer
 
     teacher = AutoModel.from_pretrained(base_model_path(), add_pooling_layer=False)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path())
     texts = [f"a short text about topic number {i} and its details" for i in range(12)]
     config = CompressConfig(model="m", dataset="d", out="o", batch_size=4)
-    chosen, fidelity = choose_layers(teacher, tokenizer, texts, 4, config)
-    assert chosen in layer_candidates(6, 4) and 0 < fidelity < 1
-    # the score is the mean cosine of the untrained student's embeddings to the teacher's,
-    # and no other candidate scores higher
+    chosen = choose_layers(teacher, tokenizer, texts, [3, 6, 4], config)
+    assert chosen[6] == ([0, 1, 2, 3, 4, 5], None)
+    (four, f4), (three, f3) = chosen[4], chosen[3]
+    assert len(four) == 4 and len(three) == 3 and set(three) < set(four)  # nested: one path
+    assert 0 < f3 <= f4 < 1
+    # the score is the mean cosine of the untrained student's embeddings to the teacher's, and
+    # no other layer dropped from the 4 chosen keeps the student closer
     batch = tokenizer(texts, padding=True, return_tensors="pt")
 
     def cosine(layers):
@@ -57,10 +45,13 @@ def test_chosen_layers_are_the_candidates_closest_to_the_teacher():
             a = _pooled(make_student(teacher, layers), batch)
             return float((a * _pooled(teacher, batch)).sum(-1).mean())
 
-    scores = {tuple(c): cosine(c) for c in layer_candidates(6, 4)}
-    assert fidelity == pytest.approx(scores[tuple(chosen)], abs=1e-4)
-    assert scores[tuple(chosen)] == max(scores.values())
-    assert choose_layers(teacher, tokenizer, texts, 6, config) == ([0, 1, 2, 3, 4, 5], None)
+    scores = {
+        tuple(x for x in four if x != drop): cosine([x for x in four if x != drop]) for drop in four
+    }
+    assert f3 == pytest.approx(scores[tuple(three)], abs=1e-4)
+    assert scores[tuple(three)] == max(scores.values())
+    with pytest.raises(KuberankError, match="--layers: 7 layers"):
+        choose_layers(teacher, tokenizer, texts, [7], config)
 
 
 def _pooled(model, batch):
@@ -148,7 +139,7 @@ def test_compress_passes_the_gate_and_writes_an_int8_model(collection, tmp_path)
             split="all",
         )
     )
-    assert report["layers"] in layer_candidates(6, 3) and report["intermediate_size"] == 1152
+    assert len(report["layers"]) == 3 and report["intermediate_size"] == 1152
     assert 0 < report["initial_fidelity"] < 1
     assert (out / "onnx" / "model.int8.onnx").is_file()
     assert report["int8_bytes"] < report["teacher_bytes"] / 3
