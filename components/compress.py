@@ -173,6 +173,12 @@ def make_student(teacher, layers: list[int]):
     return student
 
 
+def _tokenize(tokenizer, texts: list[str], config: "CompressConfig"):
+    return tokenizer(
+        texts, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
+    )
+
+
 def _embed(model, batch):
     import torch
 
@@ -194,16 +200,12 @@ def choose_layers(
     depth = teacher.config.num_hidden_layers
     for keep in counts:
         check_layers(depth, keep)
+    if min(counts) == depth:  # the teacher's own depth only: nothing to choose
+        return {depth: (list(range(depth)), None)}
     rng = np.random.default_rng(config.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:FIDELITY_TEXTS]]
     batches = [
-        tokenizer(
-            sample[i : i + config.batch_size],
-            padding=True,
-            truncation=True,
-            max_length=config.max_length,
-            return_tensors="pt",
-        )
+        _tokenize(tokenizer, sample[i : i + config.batch_size], config)
         for i in range(0, len(sample), config.batch_size)
     ]
     teacher.eval()
@@ -278,13 +280,7 @@ def distil(
             unit="batch",
         ):
             chunk = [texts[i] for i in order[start : start + config.batch_size]]
-            batch = tokenizer(
-                chunk,
-                padding=True,
-                truncation=True,
-                max_length=config.max_length,
-                return_tensors="pt",
-            )
+            batch = _tokenize(tokenizer, chunk, config)
             with torch.no_grad():
                 target = _embed(teacher, batch)
             output = _embed(student, batch)
@@ -335,19 +331,19 @@ def compress(config: CompressConfig) -> dict:
     texts = training_texts(data)
     starts = choose_layers(teacher, tokenizer, texts, sorted({n for n, _ in levels}), config)
     teacher_score = evaluate(data, str(teacher_dir), split)["ndcg@10"]
-    distilled: dict[int, tuple] = {}  # layers -> (student, chosen teacher layers, losses)
+    distilled: dict[int, tuple] = {}  # layers -> (distilled student, its losses)
     tried: list[dict] = []
     for layers, ratio in levels:
+        chosen, fidelity = starts[layers]
         if layers not in distilled:
-            chosen, fidelity = starts[layers]
             student = make_student(teacher, chosen)
             losses = []
             if layers < depth:  # the full depth starts as the teacher itself
                 losses = distil(
                     teacher, student, tokenizer, texts, config, config.epochs, f"distil {layers}L"
                 )
-            distilled[layers] = (student, chosen, fidelity, losses)
-        base, chosen, fidelity, losses = distilled[layers]
+            distilled[layers] = (student, losses)
+        base, losses = distilled[layers]
         student = copy.deepcopy(base)
         intermediate = prune_feed_forward(student, ratio)
         losses = list(losses)
