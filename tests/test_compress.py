@@ -12,11 +12,13 @@ from kuberank.components.compress import (
     QualityGateError,
     choose_layers,
     compress,
+    drop_interval,
     fit_default_ladder,
     make_student,
     one_level,
     parse_ladder,
     prune_feed_forward,
+    resolution_note,
 )
 from kuberank.components.evaluate import evaluate
 from kuberank.config import base_model_path
@@ -145,8 +147,28 @@ def test_compress_passes_the_gate_and_writes_an_int8_model(collection, tmp_path)
     assert report["int8_bytes"] < report["teacher_bytes"] / 3
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3
-    scored = evaluate(collection, str(out), "all")  # evaluated through ONNX Runtime int8
+    # evaluated through ONNX Runtime int8
+    scored = evaluate(collection, str(out), "all", per_query=True)
     assert scored["ndcg@10"] == pytest.approx(report["compressed_ndcg10"])
+    (level,) = report["ladder"]
+    assert level["queries"] == len(scored["per_query_ndcg@10"]) > 1
+    low, high = level["drop_ci95"]
+    assert low <= report["teacher_ndcg10"] - report["compressed_ndcg10"] <= high
+
+
+def test_drop_interval_and_when_the_split_cannot_resolve_the_gate():
+    teacher = {"per_query_ndcg@10": {"a": 1.0, "b": 0.5, "c": 0.0, "d": 1.0}}
+    same = drop_interval(teacher, teacher)
+    assert same == {"queries": 4, "drop_ci95": [0.0, 0.0]}
+    assert resolution_note(same, 0.01, "validation") == ""
+    worse = {"per_query_ndcg@10": {"a": 0.0, "b": 0.5, "c": 0.0, "d": 1.0, "e": 1.0}}
+    interval = drop_interval(teacher, worse)  # only the 4 common queries; the drop is 0.25
+    low, high = interval["drop_ci95"]
+    assert interval["queries"] == 4 and low <= 0.25 <= high and high - low > 0.02
+    message = resolution_note(interval, 0.01, "validation")
+    assert f"[{low:+.4f}, {high:+.4f}] over 4 validation queries: too few to resolve" in message
+    assert resolution_note(interval, (high - low) / 2, "validation") == ""
+    assert drop_interval({"per_query_ndcg@10": {"a": 1.0}}, worse)["drop_ci95"] is None
 
 
 def test_cli_epochs_are_the_distillation_epochs(collection, tmp_path, capsys):
