@@ -35,6 +35,7 @@ evaluate --model DIR`` scores it through ONNX Runtime.
 Thin wrappers: the kfp component :func:`compress_op` and ``kuberank compress``.
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -66,7 +67,13 @@ class QualityGateError(KuberankError):
     """The compressed model lost more quality than allowed."""
 
     def __init__(
-        self, teacher: float, student: float, allowed: float, split: str, tried: list | None = None
+        self,
+        teacher: float,
+        student: float,
+        allowed: float,
+        split: str,
+        tried: list | None = None,
+        outcome: str = "nothing written",
     ):
         self.teacher, self.student, self.tried = teacher, student, list(tried or [])
         levels = format_levels(self.tried)
@@ -74,7 +81,7 @@ class QualityGateError(KuberankError):
             f"quality gate failed on the {split} split: compressed nDCG@10 {student:.4f} vs teacher "
             f"{teacher:.4f} (drop {teacher - student:.4f} > allowed {allowed:.4f})"
             + (f"; levels tried (layers x prune ratio, nDCG@10): {levels}" if levels else "")
-            + "; nothing written"
+            + f"; {outcome}"
         )
 
 
@@ -178,6 +185,20 @@ def make_student(teacher, layers: list[int]):
     return student
 
 
+@contextlib.contextmanager
+def _only_layers(model, layers: list[int]):
+    """``model`` running only the given layers for the duration (restored after)."""
+    from torch import nn
+
+    full, depth = model.encoder.layer, model.config.num_hidden_layers
+    model.encoder.layer = nn.ModuleList([full[i] for i in layers])
+    model.config.num_hidden_layers = len(layers)
+    try:
+        yield model
+    finally:
+        model.encoder.layer, model.config.num_hidden_layers = full, depth
+
+
 def _tokenize(tokenizer, texts: list[str], config: "CompressConfig"):
     return tokenizer(
         texts, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
@@ -220,8 +241,8 @@ def choose_layers(
         targets = [_embed(teacher, b) for b in batches]
 
         def fidelity(layers: list[int]) -> float:
-            student = make_student(teacher, layers).eval()
-            cosine = [(_embed(student, b) * t).sum(-1) for b, t in zip(batches, targets)]
+            with _only_layers(teacher, layers) as student:  # no copy: nothing is trained here
+                cosine = [(_embed(student, b) * t).sum(-1) for b, t in zip(batches, targets)]
             return float(torch.cat(cosine).mean())
 
         for size in range(depth - 1, min(counts) - 1, -1):
@@ -262,15 +283,36 @@ def prune_feed_forward(model, ratio: float) -> int:
     return keep
 
 
+def teacher_embeddings(teacher, tokenizer, texts: list[str], config: CompressConfig):
+    """The teacher's normalised embedding of every text, computed once for all the distillation
+    rounds of a ladder (mean pooling over the attention mask: a text's embedding does not
+    depend on the batch it was padded in)."""
+    import torch
+
+    teacher.eval()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                _embed(teacher, _tokenize(tokenizer, texts[i : i + config.batch_size], config))
+                for i in bar(
+                    range(0, len(texts), config.batch_size),
+                    desc="teacher embeddings",
+                    total=math.ceil(len(texts) / config.batch_size),
+                    unit="batch",
+                )
+            ]
+        )
+
+
 def distil(
-    teacher, student, tokenizer, texts: list[str], config: CompressConfig, epochs: int, desc: str
+    targets, student, tokenizer, texts: list[str], config: CompressConfig, epochs: int, desc: str
 ) -> list[float]:
-    """Train ``student`` to reproduce ``teacher``'s embeddings and in-batch score
-    distributions on ``texts``. Returns the mean loss per epoch."""
+    """Train ``student`` to reproduce the teacher's embeddings of ``texts`` (``targets``, row
+    per text: :func:`teacher_embeddings`) and their in-batch score distributions. Returns the
+    mean loss per epoch."""
     import torch
 
     torch.manual_seed(config.seed)
-    teacher.eval()
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
     batches = math.ceil(len(texts) / config.batch_size)
@@ -284,10 +326,9 @@ def distil(
             total=batches,
             unit="batch",
         ):
-            chunk = [texts[i] for i in order[start : start + config.batch_size]]
-            batch = _tokenize(tokenizer, chunk, config)
-            with torch.no_grad():
-                target = _embed(teacher, batch)
+            rows = order[start : start + config.batch_size]
+            batch = _tokenize(tokenizer, [texts[i] for i in rows], config)
+            target = targets[torch.as_tensor(rows)]
             output = _embed(student, batch)
             cosine = (1 - (output * target).sum(-1)).mean()
             t_scores = target @ target.T / config.temperature
@@ -364,15 +405,22 @@ def compress(config: CompressConfig) -> dict:
     teacher_eval = evaluate(data, str(teacher_dir), split, per_query=True)
     teacher_score = teacher_eval["ndcg@10"]
     distilled: dict[int, tuple] = {}  # layers -> (distilled student, its losses)
+    cache: list = []  # the teacher's embeddings of the texts, once a round needs them
+
+    def targets():
+        if not cache:
+            cache.append(teacher_embeddings(teacher, tokenizer, texts, config))
+        return cache[0]
+
     tried: list[dict] = []
     for layers, ratio in levels:
         chosen, fidelity = starts[layers]
         if layers not in distilled:
             student = make_student(teacher, chosen)
             losses = []
-            if layers < depth:  # the full depth starts as the teacher itself
+            if layers < depth and config.epochs > 0:  # the full depth is the teacher itself
                 losses = distil(
-                    teacher, student, tokenizer, texts, config, config.epochs, f"distil {layers}L"
+                    targets(), student, tokenizer, texts, config, config.epochs, f"distil {layers}L"
                 )
             distilled[layers] = (student, losses)
         base, losses = distilled[layers]
@@ -381,7 +429,7 @@ def compress(config: CompressConfig) -> dict:
         losses = list(losses)
         if ratio > 0 and config.recovery_epochs > 0:
             losses += distil(
-                teacher, student, tokenizer, texts, config, config.recovery_epochs, "recover"
+                targets(), student, tokenizer, texts, config, config.recovery_epochs, "recover"
             )
         level = {
             "layers": chosen,
@@ -419,10 +467,19 @@ def compress(config: CompressConfig) -> dict:
                 shutil.copytree(candidate, out, dirs_exist_ok=True)
             return report
     best = max(tried, key=lambda t: t["ndcg10"])
-    refused = QualityGateError(teacher_score, best["ndcg10"], config.max_ndcg_drop, split, tried)
+    refused = QualityGateError(
+        teacher_score,
+        best["ndcg10"],
+        config.max_ndcg_drop,
+        split,
+        tried,
+        f"the teacher is written unchanged (fp32, {depth} layers)"
+        if config.keep_teacher
+        else "nothing written",
+    )
     if not config.keep_teacher:
         raise refused
-    note(f"compress: {refused}; the teacher is written unchanged (fp32, {depth} layers)")
+    note(f"compress: {refused}")
     report = {
         "teacher": str(teacher_dir),
         "compressed": False,

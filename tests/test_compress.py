@@ -1,5 +1,6 @@
 """Compression: distillation into fewer layers, structured pruning, int8, the quality gate."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from kuberank.components.compress import (
     parse_ladder,
     prune_feed_forward,
     resolution_note,
+    teacher_embeddings,
 )
 from kuberank.components.evaluate import evaluate
 from kuberank.config import base_model_path
@@ -35,6 +37,7 @@ def test_chosen_layers_are_a_backward_elimination_by_closeness_to_the_teacher():
     config = CompressConfig(model="m", dataset="d", out="o", batch_size=4)
     chosen = choose_layers(teacher, tokenizer, texts, [3, 6, 4], config)
     assert chosen[6] == ([0, 1, 2, 3, 4, 5], None)
+    assert len(teacher.encoder.layer) == teacher.config.num_hidden_layers == 6  # restored
     (four, f4), (three, f3) = chosen[4], chosen[3]
     assert len(four) == 4 and len(three) == 3 and set(three) < set(four)  # nested: one path
     assert 0 < f3 <= f4 < 1
@@ -54,6 +57,19 @@ def test_chosen_layers_are_a_backward_elimination_by_closeness_to_the_teacher():
     assert scores[tuple(three)] == max(scores.values())
     with pytest.raises(KuberankError, match="--layers: 7 layers"):
         choose_layers(teacher, tokenizer, texts, [7], config)
+
+
+def test_teacher_embeddings_do_not_depend_on_the_batch_they_were_padded_in():
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(base_model_path(), add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path())
+    texts = ["short", "a much longer text that needs padding in a batch of three", "middle one"]
+    config = CompressConfig(model="m", dataset="d", out="o", batch_size=3)
+    together = teacher_embeddings(teacher, tokenizer, texts, config)
+    alone = teacher_embeddings(teacher, tokenizer, texts, dataclasses.replace(config, batch_size=1))
+    assert together.shape == (3, 384)
+    assert torch.allclose(together, alone, atol=1e-5)
 
 
 def _pooled(model, batch):
@@ -214,14 +230,16 @@ def test_keep_teacher_writes_the_teacher_when_no_level_passes(collection, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert report["compressed"] is False and report["layers"] == list(range(6))
     assert report["compressed_ndcg10"] == report["teacher_ndcg10"]
-    assert [t["layers"] for t in report["ladder"]] == [1] and "nothing written" in report["refused"]
+    assert [t["layers"] for t in report["ladder"]] == [1]
+    assert report["refused"].endswith("; the teacher is written unchanged (fp32, 6 layers)")
     teacher = Path(base_model_path())
     assert (out / "model.safetensors").read_bytes() == (teacher / "model.safetensors").read_bytes()
     assert json.loads((out / "compression.json").read_text())["compressed"] is False
     assert not (out / "onnx" / "model.int8.onnx").exists()
     # without --keep-teacher the same refusal fails the command and writes nothing
     assert main([*argv[:-1], str(tmp_path / "refused"), *refused]) == 2
-    assert "quality gate failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "quality gate failed" in err and "; nothing written" in err
     assert not (tmp_path / "refused").exists()
 
 
