@@ -378,6 +378,23 @@ def diversity(out: Path, cisi: str | None):
             f"{ratio('ild@10', curve[0], most)} for nDCG@10 "
             f"{(most['ndcg@10'] / curve[0]['ndcg@10'] - 1) * 100:+.1f}%"
         )
+    # the scale of the ILD goal: lists of k items drawn at random from the catalogue
+    from kuberank.beyond_accuracy import ild, item_embeddings
+
+    vectors = item_embeddings(data)
+    draw = np.random.default_rng(0)
+    users = len(datasets.eval_task(data, "test"))
+    random_ild = ild(
+        [draw.choice(len(vectors), 10, replace=False) for _ in range(users)], vectors, 10
+    )
+    for name in models:
+        plain = result[name]["test_plain"]["ild@10"]
+        lines.append(
+            f"- {name}: the ILD goal (+20%) is {1.2 * plain:.4f}, {1.2 * plain / random_ild:.2f}x "
+            f"the ILD@10 of 10 items drawn at random from the catalogue ({random_ild:.4f}, "
+            f"{users} lists, seed 0)"
+        )
+    result["random_lists_ild@10"] = random_ild
     lines.append("")
     for kind, by_model in curves.items():
         plot = report.curve_plot(
