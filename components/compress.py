@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from kfp import dsl
 
-from kuberank import datasets, storage
+from kuberank import datasets, significance, storage
 from kuberank.components.evaluate import evaluate
 from kuberank.components.export import export_onnx, optimize_onnx, quantize_int8
 from kuberank.encoder import check_model_dir, mean_pool
@@ -361,12 +361,10 @@ def drop_interval(teacher: dict, candidate: dict) -> dict:
     """How sure the gate can be of a drop: the judged queries it was measured on and the 95%
     paired bootstrap interval of teacher - candidate nDCG@10 over them
     (:func:`kuberank.significance.paired_test`; none for fewer than 2 queries)."""
-    from kuberank.significance import paired_test
-
     per_teacher, per_candidate = teacher["per_query_ndcg@10"], candidate["per_query_ndcg@10"]
     if len(set(per_teacher) & set(per_candidate)) < 2:
         return {"queries": len(per_teacher), "drop_ci95": None}
-    test = paired_test(per_teacher, per_candidate)
+    test = significance.paired_test(per_teacher, per_candidate)
     return {"queries": test["queries"], "drop_ci95": [round(x, 4) for x in test["bootstrap_ci95"]]}
 
 
