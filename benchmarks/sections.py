@@ -383,7 +383,7 @@ def diversity(out: Path, cisi: str | None):
 
     vectors = item_embeddings(data)
     draw = np.random.default_rng(0)
-    users = len(datasets.eval_task(data, "test"))
+    users = result["ease"]["test_plain"]["queries"]  # the test users every model ranked
     random_ild = ild(
         [draw.choice(len(vectors), 10, replace=False) for _ in range(users)], vectors, 10
     )

@@ -38,6 +38,7 @@ Thin wrappers: the kfp component :func:`compress_op` and ``kuberank compress``.
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -403,12 +404,8 @@ def compress(config: CompressConfig) -> dict:
     teacher_eval = evaluate(data, str(teacher_dir), split, per_query=True)
     teacher_score = teacher_eval["ndcg@10"]
     distilled: dict[int, tuple] = {}  # layers -> (distilled student, its losses)
-    cache: list = []  # the teacher's embeddings of the texts, once a round needs them
-
-    def targets():
-        if not cache:
-            cache.append(teacher_embeddings(teacher, tokenizer, texts, config))
-        return cache[0]
+    # the teacher's embeddings of the texts, computed when a round first needs them
+    targets = functools.cache(lambda: teacher_embeddings(teacher, tokenizer, texts, config))
 
     tried: list[dict] = []
     for layers, ratio in levels:
