@@ -83,10 +83,10 @@ def kept_run(runs_dir: Path, key: dict) -> dict | None:
     """The run kept under ``key``, or None (none kept, another key, or unreadable)."""
     path = _run_path(runs_dir, key)
     try:
-        kept = json.loads(path.read_text())
+        stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return kept["run"] if isinstance(kept, dict) and kept.get("key") == key else None
+    return stored["run"] if isinstance(stored, dict) and stored.get("key") == key else None
 
 
 def keep_run(runs_dir: Path, key: dict, run: dict) -> Path:
@@ -107,9 +107,9 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
     runs: dict[str, list[dict]] = {}
     for name in cfg["models"]:
         for seed in range(cfg["seeds"] if name in LEARNED else 1):
-            kept = name != "ease"  # kuberank's own code is measured afresh
-            key = run_key(name, seed, cfg, manifest) if kept else None
-            run = kept_run(runs_dir, key) if kept else None
+            recbole = name != "ease"  # kuberank's own code is measured afresh, never kept
+            key = run_key(name, seed, cfg, manifest) if recbole else None
+            run = kept_run(runs_dir, key) if recbole else None
             if run is not None:
                 run["reused"] = True
                 print(f"{name} seed {seed}: kept run of {run['measured_at']} reused", flush=True)
@@ -122,12 +122,12 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
                     "seed": seed,
                     "metrics": scores,
                     "per_user": per_user,
-                    "epochs": training.get("epochs_run") if kept else None,
+                    "epochs": training.get("epochs_run") if recbole else None,
                     "training": training,
                     "seconds": time.perf_counter() - started,
                     "measured_at": f"{_dt.datetime.now(_dt.UTC):%Y-%m-%dT%H:%M:%SZ}",
                 }
-                if kept:
+                if recbole:
                     keep_run(runs_dir, key, run)
                 run["reused"] = False
             runs.setdefault(name, []).append(run)
