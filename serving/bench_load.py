@@ -1,14 +1,17 @@
 """The load generator of ``kuberank bench``: request bodies (:func:`bench_queries`,
 :func:`request_factory`) and :func:`run_load`, one :class:`Level` of closed-loop clients or
 open-loop (Poisson) arrivals over kept-alive HTTP/1.1 connections -> latency percentiles, QPS
-and errors by status (:func:`stats`)."""
+and errors by status (:func:`stats`). :func:`split_cpus` and :func:`pinned` give the served app
+and the generator cores of their own."""
 
 import asyncio
+import contextlib
 import json
 import math
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -71,6 +74,61 @@ def bench_queries(count: int = 200, seed: int = 0) -> list[str]:
             seen.add(text)
             out.append(text)
     return out
+
+
+# cores the load generator gets of its own (0: it shares every core with the served app)
+GENERATOR_CPUS_ENV = "KUBERANK_BENCH_GENERATOR_CPUS"
+
+
+def split_cpus(
+    cpus: Iterable[int], generator: int | None = None
+) -> tuple[set[int], set[int]] | None:
+    """(the served app's cores, the load generator's): the generator gets the last
+    ``generator`` of ``cpus`` (default: a quarter, at least one) and the app the rest, so that
+    what is measured is the app, not the generator's share of the same cores. None (both
+    share every core) for one core or ``generator`` 0."""
+    cpus = sorted(set(cpus))
+    if generator is None:
+        generator = max(1, len(cpus) // 4)
+    if generator < 0:
+        raise KuberankError(f"{GENERATOR_CPUS_ENV}: {generator} cores; need 0 or more")
+    if generator == 0 or len(cpus) < 2:
+        return None
+    if generator >= len(cpus):
+        raise KuberankError(
+            f"{GENERATOR_CPUS_ENV}: {generator} cores for the load generator leaves none of "
+            f"the {len(cpus)} for the app"
+        )
+    return set(cpus[:-generator]), set(cpus[-generator:])
+
+
+def generator_split() -> tuple[set[int], set[int]] | None:
+    """:func:`split_cpus` of this thread's cores, the generator's share from
+    ``KUBERANK_BENCH_GENERATOR_CPUS`` when set."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None  # not Linux: no affinity to split
+    raw = os.environ.get(GENERATOR_CPUS_ENV, "").strip()
+    try:
+        generator = int(raw) if raw else None
+    except ValueError:
+        raise KuberankError(f"{GENERATOR_CPUS_ENV}: {raw!r} is not a number of cores") from None
+    return split_cpus(os.sched_getaffinity(0), generator)
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None):
+    """The block runs with this thread on ``cpus`` (what it starts, processes and threads,
+    inherits them: Ray's raylet and workers, HAProxy, hey); the thread's cores are restored
+    after. ``None``: unchanged."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """``kuberank bench`` under overload: open-loop rates past the app's limit and ``hey`` storms
 of closed-loop clients, before and after deadline-aware admission (serving/admission.py)."""
 
+import contextlib
 import csv
 import json
 import os
@@ -14,7 +15,14 @@ import numpy as np
 from kuberank.errors import KuberankError
 from kuberank.progress import bar
 from kuberank.serving.admission import DEFAULT_BUDGET_MS
-from kuberank.serving.bench_load import Level, bench_queries, request_factory, run_load
+from kuberank.serving.bench_load import (
+    Level,
+    bench_queries,
+    generator_split,
+    pinned,
+    request_factory,
+    run_load,
+)
 from kuberank.serving.launcher import LocalServing
 
 OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -96,22 +104,30 @@ def overload(
 
     Open loop: Poisson arrivals at ``factors`` x the capacity (the closed-loop throughput of
     32 clients, ``before``); per level the offered and achieved rate, goodput (200/s),
-    admitted p50/p99, the 503s and their p99. The generator shares the cores: its
-    ``offered_qps`` shows where it could not keep up. Storm: ``hey`` with ``storm`` closed-loop
-    clients that never back off (skipped without hey)."""
+    admitted p50/p99, the 503s and their p99; ``offered_qps`` shows where the generator could
+    not keep up. Storm: ``hey`` with ``storm`` closed-loop
+    clients that never back off (skipped without hey). With two cores or more the app and the
+    generators (the open loop, hey) run on cores of their own
+    (:func:`kuberank.serving.bench_load.generator_split`; ``cpus`` in the result)."""
     path, make_body = request_factory("search", [], bench_queries(200))
     runs: dict[str, list[dict]] = {}
     storms: dict[str, list[dict]] = {}
     capacity = 0.0
+    server_cpus, generator_cpus = generator_split() or (None, None)
     for label, how in OVERLOAD_RUNS.items():
-        with LocalServing(
-            store,
-            use_triton=False,
-            settings=how["settings"],
-            ingress=how["ingress"],
-            adaptive_caps=how.get("adaptive_caps", True),
-            restart_ray=True,
-        ) as running:
+        with contextlib.ExitStack() as stack:
+            with pinned(server_cpus):  # Ray, the replicas and HAProxy inherit the app's cores
+                running = stack.enter_context(
+                    LocalServing(
+                        store,
+                        use_triton=False,
+                        settings=how["settings"],
+                        ingress=how["ingress"],
+                        adaptive_caps=how.get("adaptive_caps", True),
+                        restart_ray=True,
+                    )
+                )
+            stack.enter_context(pinned(generator_cpus))
             url = running.url + path
             run_load(url, make_body, Level("closed", 8, 400, 30))  # warm every replica
             if label == "before":
@@ -131,6 +147,10 @@ def overload(
                     for clients in bar(storm, desc=f"storm, {label}", unit="level")
                 ]
     result = {
+        "cpus": {
+            "app": sorted(server_cpus) if server_cpus else "all",
+            "generator": sorted(generator_cpus) if generator_cpus else "all",
+        },
         "capacity_qps": capacity,
         "budget_ms": DEFAULT_BUDGET_MS,
         "seconds_per_level": seconds,
@@ -183,10 +203,17 @@ def summarise(result: dict) -> dict:
     return summary
 
 
+def _cpus_line(cpus: dict | None) -> str:
+    if not cpus or cpus.get("app") == "all":
+        return "app and generators share every core"
+    return f"app on cores {cpus['app']}, generators (open loop, hey) on {cpus['generator']}"
+
+
 def format_overload(result: dict) -> str:
     lines = [
         f"capacity (closed loop, 32 clients, before): {result['capacity_qps']:.0f} req/s; "
-        f"budget {result['budget_ms']:.0f} ms; {result['seconds_per_level']:g} s per level",
+        f"budget {result['budget_ms']:.0f} ms; {result['seconds_per_level']:g} s per level; "
+        f"{_cpus_line(result.get('cpus'))}",
         "",
         "| defaults | offered (x capacity) | offered req/s | goodput req/s | goodput / capacity "
         "| admitted p50 ms | admitted p99 ms | 503s | 503 p99 ms | other errors |",

@@ -28,6 +28,50 @@ def test_loopback_only():
         )
 
 
+def test_split_cpus_gives_the_generator_cores_of_its_own():
+    assert bench_load.split_cpus([0, 1]) == ({0}, {1})
+    assert bench_load.split_cpus(range(16)) == (set(range(12)), set(range(12, 16)))
+    assert bench_load.split_cpus([3, 1, 2, 0], generator=2) == ({0, 1}, {2, 3})
+    assert bench_load.split_cpus([0]) is None  # one core: nothing to split
+    assert bench_load.split_cpus([0, 1], generator=0) is None  # asked to share
+    with pytest.raises(KuberankError, match="leaves none"):
+        bench_load.split_cpus([0, 1], generator=2)
+    with pytest.raises(KuberankError, match="0 or more"):
+        bench_load.split_cpus([0, 1], generator=-1)
+
+
+def test_generator_split_reads_the_environment(monkeypatch):
+    import os
+
+    cores = os.sched_getaffinity(0)
+    monkeypatch.setenv(bench_load.GENERATOR_CPUS_ENV, "0")
+    assert bench_load.generator_split() is None
+    monkeypatch.setenv(bench_load.GENERATOR_CPUS_ENV, "two")
+    with pytest.raises(KuberankError, match="KUBERANK_BENCH_GENERATOR_CPUS: 'two'"):
+        bench_load.generator_split()
+    monkeypatch.delenv(bench_load.GENERATOR_CPUS_ENV)
+    assert bench_load.generator_split() == bench_load.split_cpus(cores)
+
+
+def test_pinned_places_started_processes_and_restores_the_thread():
+    """A process started inside the block runs on the block's cores; the thread gets its
+    own cores back after it."""
+    import os
+    import subprocess
+    import sys
+
+    before = os.sched_getaffinity(0)
+    one = {min(before)}
+    probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    with bench_load.pinned(one):
+        assert os.sched_getaffinity(0) == one
+        child = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+    assert child.strip() == str(sorted(one))
+    assert os.sched_getaffinity(0) == before
+    with bench_load.pinned(None):
+        assert os.sched_getaffinity(0) == before
+
+
 @contextmanager
 def raw_http_server(answer):
     """A loopback TCP server in its own thread and event loop; ``answer(reader, writer)``
