@@ -8,19 +8,25 @@ batch worker of the GIL (docs/serving.md, "Admission"). HAProxy bounds what reac
 replica and sheds the rest without Python:
 
 - each replica (``server``) gets at most its cap of requests at once. The cap adapts to the
-  replica's measured speed (:class:`CapController`, every ``CONTROL_INTERVAL_S``): by Little's
-  law a replica that completes ``rate`` requests a second while it holds ``cap`` answers each in
-  about ``cap / rate`` seconds, so the cap that keeps that within the budget's in-replica share
-  (``target_s``: what the queue's share leaves, 0.6 x the budget) is ``rate x target_s``,
-  between one request per worker and ``conns_per_server`` (twice the batches its workers run:
-  one running, one forming, so the workers never idle). A replica slowed by a noisy neighbour
-  (on two cores: the load generator, HAProxy answering 503s) holds fewer requests, and the rest
-  wait or are shed in C instead of queueing in Python; a fast one gets its full batches. The
-  rate is of the replica's answers other than 503 over the last second (HAProxy's counters,
-  ``show stat`` on the admin socket), and the cap is set with ``set maxconn server``; a
-  restarted front starts again from the largest cap. A fixed cap does not fit both loads: on 2
-  cores a cap of 4 kept the 512-client storm's answers within 140 ms but shed at 32 clients,
-  where 32 fills every batch (docs/benchmarks.md, "overload");
+  replica's measured speed (:class:`CapController`, every ``CONTROL_INTERVAL_S``), between one
+  request per worker and ``conns_per_server`` (twice the batches its workers run: one running,
+  one forming, so the workers never idle). By Little's law a replica that held ``held``
+  requests on average while answering ``rate`` a second kept each ``held / rate`` seconds; the
+  cap moves by the ratio of the budget's in-replica share (``target_s``: what the queue's
+  share leaves, 0.6 x the budget) to that time (:func:`adaptive_cap`, a gradient in the manner
+  of Envoy's adaptive concurrency filter). Where the cap binds it settles at ``rate x
+  target_s``; where it does not, the replica answers within the target and the cap grows. A
+  replica slowed by a noisy neighbour (on two cores: the load generator, HAProxy answering
+  503s) holds fewer requests, and the rest wait or are shed in C instead of queueing in
+  Python; a fast one gets its full batches. The rate is of the replica's answers other than
+  5xx and ``held`` the mean of its ``scur`` over the last second (HAProxy's ``show stat`` on
+  the admin socket), and the cap is set with ``set maxconn server``; a restarted front starts
+  again from the largest cap. A fixed cap does not fit both loads: on 2 cores a cap of 4 kept
+  the 512-client storm's answers within 140 ms but shed at 32 clients, where 32 fills every
+  batch (docs/benchmarks.md, "overload"). Nor does a cap that shrinks to ``rate x target_s``
+  whenever a look finds it full: under Poisson arrivals at half the capacity a look finds a
+  burst, the rate is the offered load's, and the cap shrinks to that load's mean and sheds
+  the next burst (docs/benchmarks.md, "overload");
 - a request beyond that waits in HAProxy's queue, which holds at most one more round of every
   replica's largest cap (``max_queue``, fixed: while the caps are lower, more of the queue waits
   out its timeout); a request that finds it full is answered 503 at once, in C, and one that
@@ -118,17 +124,28 @@ def max_connections(hard_limit: int | None = None) -> int:
     return max(64, min(4096, (int(hard_limit) - 200) // 2))
 
 
-def adaptive_cap(rate: float, target_s: float, cap: int, saturated: bool, lo: int, hi: int) -> int:
-    """A replica's next cap on requests in flight: ``rate x target_s`` (Little's law, see the
-    module's docstring), within ``[lo, hi]``. A cap that did not bind (the replica held fewer
-    than ``cap`` and nothing waited: not ``saturated``) measured the offered load, not the
-    replica, so it only grows."""
-    if lo < 1 or hi < lo or target_s <= 0:
-        raise ValueError("need 1 <= lo <= hi and target_s > 0")
-    wanted = math.ceil(max(0.0, rate) * target_s)
-    if not saturated:
-        wanted = max(wanted, cap)
-    return max(lo, min(hi, wanted))
+def adaptive_cap(
+    cap: float, held: float, rate: float, target_s: float, lo: int, hi: int, step: float = 1.0
+) -> float:
+    """A replica's next cap on requests in flight (a float; HAProxy gets it rounded up).
+
+    By Little's law a replica that held ``held`` requests on average while answering ``rate``
+    a second kept each ``held / rate`` seconds. The cap moves by the ratio of ``target_s`` to
+    that time (a gradient, as Envoy's adaptive concurrency filter and Netflix's Gradient limit
+    move theirs): up while the replica answers within the target, down while it does not, at
+    most 4x either way per window. Where the cap binds (``held`` = ``cap``, ``rate`` = what the
+    replica can do) one full move lands on ``rate x target_s``; where it does not bind the
+    replica's answers are within the target and the cap only grows, so a burst of a load the
+    replica keeps up with does not shrink it. ``step`` (0-1]: the share of a measurement window
+    since the last move; the ratio applies in that power, so looking more often than once a
+    window does not move the cap further. Nothing held: unchanged (nothing was measured)."""
+    if lo < 1 or hi < lo or target_s <= 0 or not 0 < step <= 1:
+        raise ValueError("need 1 <= lo <= hi, target_s > 0 and 0 < step <= 1")
+    if held <= 0:
+        return float(min(hi, max(lo, cap)))
+    ratio = target_s * max(0.0, rate) / held
+    ratio = min(4.0, max(0.25, ratio))
+    return float(min(hi, max(lo, cap * ratio**step)))
 
 
 def render_config(
@@ -229,12 +246,17 @@ def served(row: dict[str, str]) -> int:
     return sum(_count(row, f"hrsp_{k}xx") for k in (1, 2, 3, 4))
 
 
+def _whole(level: float) -> int:
+    """A cap as HAProxy takes it: whole requests, rounded up (6.0000001 is 6)."""
+    return math.ceil(level - 1e-6)
+
+
 class CapController:
-    """Keeps each replica's cap at :func:`adaptive_cap` of its measured rate: a thread reads
-    ``show stat`` every ``interval_s`` and sets the caps that changed. The rate is of the
-    responses the replica gave other than 503s over the last ``RATE_WINDOW_S`` (a replica that
-    sheds fast is not fast). Stopped with the front; a failed step (haproxy restarting or
-    stopping) is logged once and skipped."""
+    """Keeps each replica's cap at :func:`adaptive_cap`: a thread reads ``show stat`` every
+    ``interval_s``, measures each replica over the last ``RATE_WINDOW_S`` (the responses it gave
+    other than 5xx a second, as a replica that sheds fast is not fast; the requests it held, the
+    mean of ``scur`` over the looks) and sets the caps that changed. Stopped with the front; a
+    failed step (haproxy restarting or stopping) is logged once and skipped."""
 
     def __init__(
         self,
@@ -244,41 +266,50 @@ class CapController:
         hi: int,
         interval_s: float = CONTROL_INTERVAL_S,
     ):
-        adaptive_cap(0.0, target_s, lo, False, lo, hi)  # the same checks, at once
+        adaptive_cap(lo, 0.0, 0.0, target_s, lo, hi)  # the same checks, at once
         self.admin_socket, self.target_s = admin_socket, float(target_s)
         self.lo, self.hi, self.interval_s = int(lo), int(hi), float(interval_s)
+        self.step_share = min(1.0, self.interval_s / RATE_WINDOW_S)
         self.caps: dict[str, int] = {}  # server name -> its cap now
-        self._served: dict[str, collections.deque] = {}  # name -> (time, served) samples
+        self._levels: dict[str, float] = {}  # server name -> its cap before rounding
+        self._looks: dict[str, collections.deque] = {}  # name -> (time, served, held) looks
         self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _rate(self, name: str, now: float, count: int) -> float | None:
-        """Responses a second over the last RATE_WINDOW_S (None until two samples)."""
-        history = self._served.setdefault(name, collections.deque())
-        history.append((now, count))
-        while len(history) > 2 and now - history[1][0] >= RATE_WINDOW_S:
-            history.popleft()
-        if len(history) < 2:
+    def _measure(self, name: str, now: float, count: int, held: int) -> tuple[float, float] | None:
+        """(responses a second, mean requests held) over the last RATE_WINDOW_S; None until
+        two looks."""
+        looks = self._looks.setdefault(name, collections.deque())
+        looks.append((now, count, held))
+        while len(looks) > 2 and now - looks[1][0] >= RATE_WINDOW_S:
+            looks.popleft()
+        if len(looks) < 2:
             return None
-        then, before = history[0]
-        return max(0, count - before) / max(now - then, 1e-3)
+        then, before, _ = looks[0]
+        rate = max(0, count - before) / max(now - then, 1e-3)
+        return rate, sum(h for _, _, h in looks) / len(looks)
 
     def step(self, now: float | None = None) -> dict[str, int]:
         """One look at the replicas; the caps as set."""
         now = time.monotonic() if now is None else now
         rows = backend_stats(runtime_api(self.admin_socket, "show stat"))
-        waiting = _count(rows.get("BACKEND", {}), "qcur") > 0
         changes = []
         for name, row in rows.items():
             if name == "BACKEND":
                 continue
             cap = _count(row, "slim") or self.hi
-            rate = self._rate(name, now, served(row))
-            new = cap
-            if rate is not None:
-                saturated = waiting or _count(row, "scur") >= cap
-                new = adaptive_cap(rate, self.target_s, cap, saturated, self.lo, self.hi)
+            level = self._levels.get(name, float(cap))
+            if _whole(level) != cap:  # set by someone else (a restarted front): follow it
+                level = float(cap)
+            measured = self._measure(name, now, served(row), _count(row, "scur"))
+            if measured is not None:
+                rate, held = measured
+                level = adaptive_cap(
+                    level, held, rate, self.target_s, self.lo, self.hi, self.step_share
+                )
+            self._levels[name] = level
+            new = _whole(level)
             if new != cap:
                 changes.append(f"set maxconn server ingress/{name} {new}")
             self.caps[name] = new

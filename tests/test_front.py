@@ -51,19 +51,25 @@ def test_the_admin_socket_is_configured_only_when_asked_for():
     assert "stats socket /tmp/a.sock mode 600 level admin" in text
 
 
-def test_adaptive_cap_is_littles_law_within_its_bounds():
-    # a saturated replica completing 100 requests/s answers each within 60 ms holding 6
-    assert adaptive_cap(100.0, 0.06, 32, True, 2, 32) == 6
-    # a cap that did not bind measured the offered load: it never shrinks on it
-    assert adaptive_cap(100.0, 0.06, 32, False, 2, 32) == 32
-    assert adaptive_cap(100.0, 0.06, 4, False, 2, 32) == 6
-    # a fast replica gets its full batches, a stalled one still one request per worker
-    assert adaptive_cap(5000.0, 0.06, 4, True, 2, 32) == 32
-    assert adaptive_cap(0.0, 0.06, 8, True, 2, 32) == 2
-    with pytest.raises(ValueError):
-        adaptive_cap(1.0, 0.06, 1, True, 0, 32)
-    with pytest.raises(ValueError):
-        adaptive_cap(1.0, 0.0, 1, True, 1, 32)
+def test_adaptive_cap_moves_by_the_target_over_the_measured_time():
+    # a replica holding its 32 while answering 100 a second keeps each 320 ms: the cap falls
+    # by at most 4x a window, and settles where 100 a second answer within 60 ms (6)
+    assert adaptive_cap(32, 32, 100.0, 0.06, 2, 32) == 8
+    assert adaptive_cap(8, 8, 100.0, 0.06, 2, 32) == pytest.approx(6)
+    # a cap that does not bind: 5 held at 100 a second is 50 ms, within 60: it grows
+    assert adaptive_cap(8, 5, 100.0, 0.06, 2, 32) == pytest.approx(8 * 1.2)
+    # a burst at half the capacity does not shrink it (the old rule cut it to rate x target)
+    assert adaptive_cap(32, 12, 262.0, 0.06, 2, 32) == 32
+    # a quarter of a window moves it by the ratio's fourth root
+    assert adaptive_cap(32, 32, 100.0, 0.06, 2, 32, step=0.25) == pytest.approx(32 * 0.25**0.25)
+    # a fast replica gets its full batches, a stalled one one request per worker; idle: kept
+    assert adaptive_cap(4, 4, 5000.0, 0.06, 2, 32) == 16
+    assert adaptive_cap(8, 8, 0.0, 0.06, 2, 32) == 2
+    assert adaptive_cap(7, 0, 0.0, 0.06, 2, 32) == 7
+    for bad in ({"lo": 0}, {"target_s": 0.0}, {"step": 0.0}, {"step": 1.5}):
+        args = {"cap": 1, "held": 1, "rate": 1.0, "target_s": 0.06, "lo": 1, "hi": 32, **bad}
+        with pytest.raises(ValueError):
+            adaptive_cap(**args)
 
 
 def test_backend_stats_reads_show_stat():
