@@ -14,7 +14,7 @@ replica and sheds the rest without Python:
   requests on average while answering ``rate`` a second kept each ``held / rate`` seconds; the
   cap moves by the ratio of the budget's in-replica share (``target_s``: what the queue's
   share leaves, 0.6 x the budget) to that time (:func:`adaptive_cap`, a gradient in the manner
-  of Envoy's adaptive concurrency filter). Where the cap binds it settles at ``rate x
+  of Envoy's adaptive concurrency filter, against the absolute target). Where the cap binds it settles at ``rate x
   target_s``; where it does not, the replica answers within the target and the cap grows. A
   replica slowed by a noisy neighbour (on two cores: the load generator, HAProxy answering
   503s) holds fewer requests, and the rest wait or are shed in C instead of queueing in
@@ -132,7 +132,8 @@ def adaptive_cap(
     By Little's law a replica that held ``held`` requests on average while answering ``rate``
     a second kept each ``held / rate`` seconds. The cap moves by the ratio of ``target_s`` to
     that time (a gradient, as Envoy's adaptive concurrency filter and Netflix's Gradient limit
-    move theirs): up while the replica answers within the target, down while it does not, at
+    move theirs, but against the request's absolute target instead of a minimum RTT sampled in
+    probe windows, see :mod:`kuberank.serving.admission`): up while the replica answers within the target, down while it does not, at
     most 4x either way per window. Where the cap binds (``held`` = ``cap``, ``rate`` = what the
     replica can do) one full move lands on ``rate x target_s``; where it does not bind the
     replica's answers are within the target and the cap only grows, so a burst of a load the
