@@ -174,7 +174,10 @@ def summarise(result: dict) -> dict:
     capacity, budget = result["capacity_qps"], result["budget_ms"]
     admitted_p99 = max((r["p99_ms"] or 0) for r in now)
     summary = {
-        "min_goodput_vs_capacity": round(min(r["qps"] for r in now) / capacity, 3)
+        # of what could be served: a level offered less than the capacity can serve only that
+        "min_goodput_vs_capacity": round(
+            min(r["qps"] / max(min(r["offered_qps"], capacity), 1e-9) for r in now), 3
+        )
         if capacity
         else None,
         "max_admitted_p99_ms": admitted_p99,

@@ -53,6 +53,8 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
         "shed_p99_ms": 5.0,
         "errors": {"503": 10},
     }
+    # half the capacity offered, all of it served: not a shortfall of goodput
+    half = {**level, "factor": 0.5, "offered_qps": 50.0, "qps": 50.0, "shed": 0}
     slower = {
         **row,
         "200": {**row["200"], "p99_ms": 2 * row["200"]["p99_ms"]},
@@ -62,7 +64,7 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
         "capacity_qps": 100.0,
         "budget_ms": 100.0,
         "seconds_per_level": 1,
-        "runs": {"before": [level], "fixed cap": [level], "now": [level]},
+        "runs": {"before": [level], "fixed cap": [level], "now": [half, level]},
         "storm": {"fixed cap": [slower], "now": [row]},
     }
     summary = bench_overload.summarise(result)
