@@ -363,10 +363,9 @@ def drop_interval(teacher: dict, candidate: dict) -> dict:
     paired bootstrap interval of teacher - candidate nDCG@10 over them
     (:func:`kuberank.significance.paired_test`; none for fewer than 2 queries)."""
     per_teacher, per_candidate = teacher["per_query_ndcg@10"], candidate["per_query_ndcg@10"]
-    try:
-        test = significance.paired_test(per_teacher, per_candidate)
-    except ValueError:  # fewer than 2 queries in common
+    if len(set(per_teacher) & set(per_candidate)) < 2:  # paired_test would refuse
         return {"queries": len(per_teacher), "drop_ci95": None}
+    test = significance.paired_test(per_teacher, per_candidate)
     return {"queries": test["queries"], "drop_ci95": [round(x, 4) for x in test["bootstrap_ci95"]]}
 
 

@@ -13,17 +13,18 @@ replica and sheds the rest without Python:
   one forming, so the workers never idle). By Little's law a replica that held ``held``
   requests on average while answering ``rate`` a second kept each ``held / rate`` seconds; the
   cap moves by the ratio of the budget's in-replica share (``target_s``: what the queue's
-  share leaves, 0.6 x the budget) to that time (:func:`adaptive_cap`, a gradient in the manner
-  of Envoy's adaptive concurrency filter, against the absolute target). Where the cap binds it settles at ``rate x
-  target_s``; where it does not, the replica answers within the target and the cap grows. A
-  replica slowed by a noisy neighbour (on two cores: the load generator, HAProxy answering
-  503s) holds fewer requests, and the rest wait or are shed in C instead of queueing in
-  Python; a fast one gets its full batches. The rate is of the replica's answers other than
-  5xx and ``held`` the mean of its ``scur`` over the last second (HAProxy's ``show stat`` on
-  the admin socket), and the cap is set with ``set maxconn server``; a restarted front starts
-  again from the largest cap. A fixed cap does not fit both loads: on 2 cores a cap of 4 kept
-  the 512-client storm's answers within 140 ms but shed at 32 clients, where 32 fills every
-  batch (docs/benchmarks.md, "overload"). Nor does a cap that shrinks to ``rate x target_s``
+  share leaves, 0.6 x the budget) to that time (:func:`adaptive_cap`, a gradient in the
+  manner of Envoy's adaptive concurrency filter, against the absolute target), down only
+  while the cap binds. Where it binds it settles at ``rate x target_s``; where the replica
+  answers within the target the cap grows. A replica slowed by a noisy neighbour (on shared
+  cores: a load generator, HAProxy answering 503s) holds fewer requests, and the rest wait or
+  are shed in C instead of queueing in Python; a fast one gets its full batches. The rate is
+  of the replica's answers other than 5xx and ``held`` the mean of its ``scur`` at the looks
+  of the last second (HAProxy's ``show stat`` on the admin socket), and the cap is set with
+  ``set maxconn server``; a restarted front starts again from the largest cap. A fixed cap
+  does not fit both loads: on 2 cores a cap of 4 kept the 512-client storm's answers within
+  140 ms but shed at 32 clients, where 32 fills every batch (docs/benchmarks.md,
+  "overload"). Nor does a cap that shrinks to ``rate x target_s``
   whenever a look finds it full: under Poisson arrivals at half the capacity a look finds a
   burst, the rate is the offered load's, and the cap shrinks to that load's mean and sheds
   the next burst (docs/benchmarks.md, "overload");
@@ -125,27 +126,40 @@ def max_connections(hard_limit: int | None = None) -> int:
 
 
 def adaptive_cap(
-    cap: float, held: float, rate: float, target_s: float, lo: int, hi: int, step: float = 1.0
+    cap: float,
+    held: float,
+    rate: float,
+    target_s: float,
+    lo: int,
+    hi: int,
+    step: float = 1.0,
+    bound: bool = True,
 ) -> float:
     """A replica's next cap on requests in flight (a float; HAProxy gets it rounded up).
 
     By Little's law a replica that held ``held`` requests on average while answering ``rate``
     a second kept each ``held / rate`` seconds. The cap moves by the ratio of ``target_s`` to
-    that time (a gradient, as Envoy's adaptive concurrency filter and Netflix's Gradient limit
-    move theirs, but against the request's absolute target instead of a minimum RTT sampled in
-    probe windows, see :mod:`kuberank.serving.admission`): up while the replica answers within the target, down while it does not, at
-    most 4x either way per window. Where the cap binds (``held`` = ``cap``, ``rate`` = what the
-    replica can do) one full move lands on ``rate x target_s``; where it does not bind the
-    replica's answers are within the target and the cap only grows, so a burst of a load the
-    replica keeps up with does not shrink it. ``step`` (0-1]: the share of a measurement window
-    since the last move; the ratio applies in that power, so looking more often than once a
-    window does not move the cap further. Nothing held: unchanged (nothing was measured)."""
+    that time, at most 4x either way per window (a gradient, as Envoy's adaptive concurrency
+    filter and Netflix's Gradient limit move theirs, but against the request's absolute target
+    instead of a minimum RTT sampled in probe windows; see :mod:`kuberank.serving.admission`):
+    up while the replica answers within the target; down while it does not, but only if the
+    cap ``bound`` in the window (it was full, or requests waited in the front's queue), since
+    shrinking a cap that holds nothing back lowers no latency. Where the cap binds (``held`` =
+    ``cap``, ``rate`` = what the replica can do) one full move lands on ``rate x target_s``.
+    A burst of a load the replica keeps up with does not shrink it (its answers stay within the
+    target). A replica whose answers take longer than the target even unloaded (a fixed cost
+    per batch) shrinks to ``lo`` whenever its cap binds. ``step`` (0-1]: the share of a
+    measurement window since the last move; the ratio applies in that power, so looking more
+    often than once a window does not move the cap further. Nothing held: unchanged (nothing
+    was measured); requests held and none answered: down 4x a window (if bound)."""
     if lo < 1 or hi < lo or target_s <= 0 or not 0 < step <= 1:
         raise ValueError("need 1 <= lo <= hi, target_s > 0 and 0 < step <= 1")
     if held <= 0:
         return float(min(hi, max(lo, cap)))
     ratio = target_s * max(0.0, rate) / held
     ratio = min(4.0, max(0.25, ratio))
+    if ratio < 1 and not bound:
+        ratio = 1.0
     return float(min(hi, max(lo, cap * ratio**step)))
 
 
@@ -256,7 +270,8 @@ class CapController:
     """Keeps each replica's cap at :func:`adaptive_cap`: a thread reads ``show stat`` every
     ``interval_s``, measures each replica over the last ``RATE_WINDOW_S`` (the responses it gave
     other than 5xx a second, as a replica that sheds fast is not fast; the requests it held, the
-    mean of ``scur`` over the looks) and sets the caps that changed. Stopped with the front; a
+    mean of ``scur`` over the looks, about five point samples; whether a look found its cap full
+    or requests queued) and sets the caps that changed. Stopped with the front; a
     failed step (haproxy restarting or stopping) is logged once and skipped."""
 
     def __init__(
@@ -267,10 +282,10 @@ class CapController:
         hi: int,
         interval_s: float = CONTROL_INTERVAL_S,
     ):
-        adaptive_cap(lo, 0.0, 0.0, target_s, lo, hi)  # the same checks, at once
+        self.step_share = min(1.0, float(interval_s) / RATE_WINDOW_S)
+        adaptive_cap(lo, 0.0, 0.0, target_s, lo, hi, self.step_share)  # the same checks, at once
         self.admin_socket, self.target_s = admin_socket, float(target_s)
         self.lo, self.hi, self.interval_s = int(lo), int(hi), float(interval_s)
-        self.step_share = min(1.0, self.interval_s / RATE_WINDOW_S)
         self.caps: dict[str, int] = {}  # server name -> its cap now
         self._levels: dict[str, float] = {}  # server name -> its cap before rounding
         self._looks: dict[str, collections.deque] = {}  # name -> (time, served, held) looks
@@ -278,36 +293,43 @@ class CapController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _measure(self, name: str, now: float, count: int, held: int) -> tuple[float, float] | None:
-        """(responses a second, mean requests held) over the last RATE_WINDOW_S; None until
-        two looks."""
+    def _measure(
+        self, name: str, now: float, count: int, held: int, bound: bool
+    ) -> tuple[float, float, bool] | None:
+        """(responses a second, mean of the looks' requests held, whether any look found the
+        cap bound) over the last RATE_WINDOW_S; None until two looks. Counters that went back
+        (HAProxy's were reset) start the window again."""
         looks = self._looks.setdefault(name, collections.deque())
-        looks.append((now, count, held))
+        if looks and count < looks[-1][1]:
+            looks.clear()
+        looks.append((now, count, held, bound))
         while len(looks) > 2 and now - looks[1][0] >= RATE_WINDOW_S:
             looks.popleft()
         if len(looks) < 2:
             return None
-        then, before, _ = looks[0]
+        then, before = looks[0][0], looks[0][1]
         rate = max(0, count - before) / max(now - then, 1e-3)
-        return rate, sum(h for _, _, h in looks) / len(looks)
+        return rate, sum(look[2] for look in looks) / len(looks), any(look[3] for look in looks)
 
     def step(self, now: float | None = None) -> dict[str, int]:
         """One look at the replicas; the caps as set."""
         now = time.monotonic() if now is None else now
         rows = backend_stats(runtime_api(self.admin_socket, "show stat"))
+        waiting = _count(rows.get("BACKEND", {}), "qcur") > 0
         changes = []
         for name, row in rows.items():
             if name == "BACKEND":
                 continue
             cap = _count(row, "slim") or self.hi
             level = self._levels.get(name, float(cap))
-            if _whole(level) != cap:  # set by someone else (a restarted front): follow it
+            if _whole(level) != cap:  # set by hand on the runtime API, or a set refused
                 level = float(cap)
-            measured = self._measure(name, now, served(row), _count(row, "scur"))
+            held = _count(row, "scur")
+            measured = self._measure(name, now, served(row), held, waiting or held >= cap)
             if measured is not None:
-                rate, held = measured
+                rate, mean_held, bound = measured
                 level = adaptive_cap(
-                    level, held, rate, self.target_s, self.lo, self.hi, self.step_share
+                    level, mean_held, rate, self.target_s, self.lo, self.hi, self.step_share, bound
                 )
             self._levels[name] = level
             new = _whole(level)

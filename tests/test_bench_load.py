@@ -61,6 +61,8 @@ def test_pinned_places_started_processes_and_restores_the_thread():
     import sys
 
     before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("one core: nothing to pin apart")  # CI machines have two or more
     one = {min(before)}
     probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
     with bench_load.pinned(one):

@@ -69,8 +69,8 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
     }
     summary = bench_overload.summarise(result)
     # goodput 90/s of 100: met; admitted p99 of _row against the 100 ms budget; 503 p99 5 ms
-    assert summary["min_goodput_vs_capacity"] == 0.9
-    assert summary["goals_met"]["min_goodput_vs_capacity"]
+    assert summary["min_goodput_vs_servable"] == 0.9
+    assert summary["goals_met"]["min_goodput_vs_servable"]
     assert summary["goals_met"]["max_shed_p99_ms"]
     assert (
         summary["max_admitted_p99_vs_budget"] == 0.1

@@ -58,15 +58,19 @@ def test_adaptive_cap_moves_by_the_target_over_the_measured_time():
     assert adaptive_cap(8, 8, 100.0, 0.06, 2, 32) == pytest.approx(6)
     # a cap that does not bind: 5 held at 100 a second is 50 ms, within 60: it grows
     assert adaptive_cap(8, 5, 100.0, 0.06, 2, 32) == pytest.approx(8 * 1.2)
-    # a burst at half the capacity does not shrink it (the old rule cut it to rate x target)
-    assert adaptive_cap(32, 12, 262.0, 0.06, 2, 32) == 32
+    # a burst at half the capacity does not shrink it (the old rule cut it to rate x target,
+    # 16 here): 12 held at 262 a second is 46 ms
+    assert adaptive_cap(16, 12, 262.0, 0.06, 2, 32) == pytest.approx(16 * 0.06 * 262 / 12)
+    # over the target but never full (nothing held back): shrinking would lower no latency
+    assert adaptive_cap(16, 10, 100.0, 0.06, 2, 32, bound=False) == 16
+    assert adaptive_cap(16, 10, 100.0, 0.06, 2, 32, bound=True) == pytest.approx(9.6)
     # a quarter of a window moves it by the ratio's fourth root
     assert adaptive_cap(32, 32, 100.0, 0.06, 2, 32, step=0.25) == pytest.approx(32 * 0.25**0.25)
     # a fast replica gets its full batches, a stalled one one request per worker; idle: kept
     assert adaptive_cap(4, 4, 5000.0, 0.06, 2, 32) == 16
     assert adaptive_cap(8, 8, 0.0, 0.06, 2, 32) == 2
     assert adaptive_cap(7, 0, 0.0, 0.06, 2, 32) == 7
-    for bad in ({"lo": 0}, {"target_s": 0.0}, {"step": 0.0}, {"step": 1.5}):
+    for bad in ({"lo": 0}, {"hi": 1, "lo": 2}, {"target_s": 0.0}, {"step": 0.0}, {"step": 1.5}):
         args = {"cap": 1, "held": 1, "rate": 1.0, "target_s": 0.06, "lo": 1, "hi": 32, **bad}
         with pytest.raises(ValueError):
             adaptive_cap(**args)
