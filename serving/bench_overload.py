@@ -105,15 +105,16 @@ def overload(
     Open loop: Poisson arrivals at ``factors`` x the capacity (the closed-loop throughput of
     32 clients, ``before``); per level the offered and achieved rate, goodput (200/s),
     admitted p50/p99, the 503s and their p99; ``offered_qps`` shows where the generator could
-    not keep up. Storm: ``hey`` with ``storm`` closed-loop
-    clients that never back off (skipped without hey). With two cores or more the app and the
-    generators (the open loop, hey) run on cores of their own
-    (:func:`kuberank.serving.bench_load.generator_split`; ``cpus`` in the result)."""
+    not keep up. Storm: ``hey`` with ``storm`` closed-loop clients that never back off
+    (skipped without hey). With two cores or more the app and the generators (the open loop,
+    hey) run on cores of their own (:func:`kuberank.serving.bench_load.generator_split`;
+    ``cpus`` in the result, None where they share)."""
     path, make_body = request_factory("search", [], bench_queries(200))
     runs: dict[str, list[dict]] = {}
     storms: dict[str, list[dict]] = {}
     capacity = 0.0
-    server_cpus, generator_cpus = generator_split() or (None, None)
+    split = generator_split()
+    server_cpus, generator_cpus = split or (None, None)
     for label, how in OVERLOAD_RUNS.items():
         with contextlib.ExitStack() as stack:
             with pinned(server_cpus):  # Ray, the replicas and HAProxy inherit the app's cores
@@ -147,10 +148,7 @@ def overload(
                     for clients in bar(storm, desc=f"storm, {label}", unit="level")
                 ]
     result = {
-        "cpus": {
-            "app": sorted(server_cpus) if server_cpus else "all",
-            "generator": sorted(generator_cpus) if generator_cpus else "all",
-        },
+        "cpus": {"app": sorted(split[0]), "generator": sorted(split[1])} if split else None,
         "capacity_qps": capacity,
         "budget_ms": DEFAULT_BUDGET_MS,
         "seconds_per_level": seconds,
@@ -208,7 +206,7 @@ def summarise(result: dict) -> dict:
 
 
 def _cpus_line(cpus: dict | None) -> str:
-    if not cpus or cpus.get("app") == "all":
+    if not cpus:
         return "app and generators share every core"
     return f"app on cores {cpus['app']}, generators (open loop, hey) on {cpus['generator']}"
 

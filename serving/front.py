@@ -271,8 +271,8 @@ class CapController:
     ``interval_s``, measures each replica over the last ``RATE_WINDOW_S`` (the responses it gave
     other than 5xx a second, as a replica that sheds fast is not fast; the requests it held, the
     mean of ``scur`` over the looks, about five point samples; whether a look found its cap full
-    or requests queued) and sets the caps that changed. Stopped with the front; a
-    failed step (haproxy restarting or stopping) is logged once and skipped."""
+    or requests queued) and sets the caps that changed. Stopped with the front; a failed step
+    (haproxy restarting or stopping) is logged once and skipped."""
 
     def __init__(
         self,
@@ -288,7 +288,8 @@ class CapController:
         self.lo, self.hi, self.interval_s = int(lo), int(hi), float(interval_s)
         self.caps: dict[str, int] = {}  # server name -> its cap now
         self._levels: dict[str, float] = {}  # server name -> its cap before rounding
-        self._looks: dict[str, collections.deque] = {}  # name -> (time, served, held) looks
+        # name -> its looks: (time, served so far, requests held, cap bound)
+        self._looks: dict[str, collections.deque] = {}
         self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
