@@ -22,7 +22,9 @@ Scale (environment; the defaults are the full run):
 A kept run is reused by a later invocation when its key matches: the model, the seed, the epoch
 cap, the prepared data (content hash and split rule) and the RecBole and torch versions. A run
 that takes an hour per seed (SASRec, GRU4Rec on a CPU) is therefore measured once, and the
-section can be run seed by seed, in several sittings, towards the full table. F and EASE^R
+section can be run seed by seed, in several sittings, towards the full table. A run stopped
+midway resumes after its last finished epoch: its training state is saved after every epoch
+under ``partial/<model>-seed<N>`` of the same directory (removed once the run is kept). F and EASE^R
 (kuberank's own code, minutes) are measured afresh every time.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -79,6 +82,10 @@ def _run_path(runs_dir: Path, key: dict) -> Path:
     return runs_dir / f"{key['model']}-seed{key['seed']}.json"
 
 
+def _partial_path(runs_dir: Path, key: dict) -> Path:
+    return runs_dir / "partial" / _run_path(runs_dir, key).stem
+
+
 def kept_run(runs_dir: Path, key: dict) -> dict | None:
     """The run kept under ``key``, or None (none kept, another key, or unreadable)."""
     path = _run_path(runs_dir, key)
@@ -115,7 +122,10 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
                 print(f"{name} seed {seed}: kept run of {run['measured_at']} reused", flush=True)
             else:
                 started = time.perf_counter()
-                ranker = load_peer(name, max_epochs=cfg["max_epochs"], seed=seed)
+                partial = _partial_path(runs_dir, key) if recbole else None
+                ranker = load_peer(
+                    name, max_epochs=cfg["max_epochs"], seed=seed, checkpoint_dir=partial
+                )
                 scores, per_user = scored(data, ranker, "test")
                 training = getattr(ranker, "training", {})
                 run = {
@@ -129,6 +139,7 @@ def peer_runs(data, manifest: dict, cfg: dict, runs_dir: Path) -> dict[str, list
                 }
                 if recbole:
                     keep_run(runs_dir, key, run)
+                    shutil.rmtree(partial, ignore_errors=True)
                 run["reused"] = False
             runs.setdefault(name, []).append(run)
             print(

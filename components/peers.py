@@ -18,6 +18,13 @@ trained by RecBole's own code; kuberank only writes their input and reads their 
   the full catalogue with seen items excluded and :mod:`kuberank.metrics` scores it, as for
   every other model. Items RecBole never saw (no train or validation row) rank last.
 
+Training can be resumed (``checkpoint_dir``): after every epoch's validation the trainer's
+whole state (weights, optimizer, early-stopping counter, the best epoch's weights, and the
+random states of Python, NumPy, torch and RecBole's training loader) is written atomically to
+``checkpoint_dir/resume.pt``; a later run with the same model, configuration and data
+continues after that epoch and ends as the uninterrupted run would (same batches, same
+dropout). An hour-long SASRec run on a CPU thus survives being stopped.
+
 EASE^R is kuberank's closed form (:class:`kuberank.components.evaluate.EASERanker`).
 RecBole is installed with ``pip install --no-deps recbole==1.2.1`` (its metadata pins an old
 Ray) plus the ``peers`` extra (its runtime dependencies): ``pip install 'kuberank[peers]'``.
@@ -26,7 +33,11 @@ Ray) plus the ``peers`` extra (its runtime dependencies): ``pip install 'kuberan
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
+import json
 import logging
+import random
 import sys
 import tempfile
 import time
@@ -48,6 +59,8 @@ INSTALL = "pip install 'kuberank[peers]' && pip install --no-deps recbole==1.2.1
 MAX_EPOCHS = 300  # RecBole's default; early stopping ends training long before on ML-100K
 STOPPING_STEP = 10  # RecBole's default patience (validation evaluations without improvement)
 MAX_HISTORY = 50  # RecBole's MAX_ITEM_LIST_LENGTH default
+RESUME_FILE = "resume.pt"
+log = logging.getLogger(__name__)
 
 
 def require_recbole(name: str) -> None:
@@ -141,6 +154,7 @@ class RecBoleRanker(Ranker):
         max_epochs: int = MAX_EPOCHS,
         seed: int = 0,
         stopping_step: int = STOPPING_STEP,
+        checkpoint_dir: str | Path | None = None,
         **params,
     ):
         if name not in RECBOLE_MODELS:
@@ -150,6 +164,7 @@ class RecBoleRanker(Ranker):
         self.max_epochs, self.seed, self.stopping_step = int(max_epochs), int(seed), stopping_step
         self.params = params
         self.sequential = name in SEQUENTIAL
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.training: dict = {}
 
     def config_dict(self, data_root: Path) -> dict:
@@ -195,7 +210,6 @@ class RecBoleRanker(Ranker):
             raise KuberankError(
                 f"--model {self.name}: a recommendation peer; this dataset is a search collection"
             )
-        import torch
         from recbole.config import Config
         from recbole.data import create_dataset, data_preparation
         from recbole.utils import get_model, get_trainer, init_seed
@@ -229,20 +243,21 @@ class RecBoleRanker(Ranker):
                 init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
                 model = get_model(model_name)(config, train_data._dataset).to(config["device"])
                 trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-                epochs: list[tuple[int, float]] = []
-                best, _ = trainer.fit(
-                    train_data,
-                    valid_data,
-                    verbose=False,
-                    saved=True,
-                    callback_fn=lambda epoch, score: epochs.append((epoch, float(score))),
-                )
-                # RecBole's checkpoint (pickled, written just now into our own temp dir).
-                state = torch.load(
-                    trainer.saved_model_file, map_location=config["device"], weights_only=False
-                )
-                model.load_state_dict(state["state_dict"])
-                model.load_other_parameter(state.get("other_parameter"))
+                state = _Progress(self._fingerprint(root), self.checkpoint_dir)
+                state.restore(trainer, train_data, self.name, self.seed)
+                if not state.done:
+                    before = state.seconds  # trained in earlier sittings
+
+                    def after_epoch(epoch: int, score: float) -> None:
+                        state.seconds = before + time.perf_counter() - started
+                        state.record(trainer, train_data, epoch, score)
+
+                    trainer.fit(
+                        train_data, valid_data, verbose=False, saved=False, callback_fn=after_epoch
+                    )
+                    state.finish()
+                model.load_state_dict(state.best["state_dict"])
+                model.load_other_parameter(state.best["other_parameter"])
             finally:
                 quiet.setLevel(level)
         model.eval()
@@ -250,23 +265,51 @@ class RecBoleRanker(Ranker):
             if hasattr(model, cached):
                 setattr(model, cached, None)
         self.model, self.config, self.dataset = model, config, dataset
-        best_epoch = max(epochs, key=lambda e: e[1])[0] if epochs else 0
+        epochs = state.epochs
         self.training = {
             "library": "recbole 1.2.1",
             "recbole_model": model_name,
             "epochs_run": len(epochs),
-            "best_epoch": best_epoch + 1,
+            "best_epoch": state.best["epoch"] + 1,
             "max_epochs": trainer.epochs,
             "stopped_early": len(epochs) < trainer.epochs,
-            "valid_ndcg@10": round(float(best), 6),
+            "valid_ndcg@10": round(float(state.best["score"]), 6),
             "seed": self.seed,
-            "train_seconds": round(time.perf_counter() - started, 2),
+            "train_seconds": round(state.seconds, 2),
+            "resumed_after_epochs": [e + 1 for e in state.resumed],
         }
+
         # kuberank item index -> RecBole internal id (0: never seen by RecBole).
         token_id = dataset.field2token_id["item_id"]
         self.internal = np.array([token_id.get(i, 0) for i in task.dataset.item_ids], np.int64)
         users = dataset.field2token_id["user_id"]
         self.user_ids = np.array([users.get(u, 0) if u else 0 for u in task.users], np.int64)
+
+    def _fingerprint(self, root: Path) -> str:
+        """What a saved training state must match to be resumed: the model, its configuration
+        (paths aside), the data RecBole reads, and the library versions."""
+        from importlib.metadata import version
+
+        config = {
+            k: v
+            for k, v in self.config_dict(root).items()
+            if k not in ("data_path", "checkpoint_dir")
+        }
+        digest = hashlib.sha256(
+            json.dumps(
+                {
+                    "model": self.name,
+                    "config": config,
+                    "recbole": version("recbole"),
+                    "torch": version("torch"),
+                },
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
+        for part in sorted((root / "kuberank").glob("*.inter")):
+            digest.update(part.name.encode() + part.read_bytes())
+        return digest.hexdigest()
 
     def scores(self, task, rows):
         import torch
@@ -298,11 +341,148 @@ class RecBoleRanker(Ranker):
         return out
 
 
-def load_peer(name: str, max_epochs: int = MAX_EPOCHS, seed: int = 0) -> Ranker:
-    """A peer by name: a RecBole model, or kuberank's EASE^R (closed form: no epochs, no seed)."""
+LAST = (
+    "epoch",
+    "cur_step",
+    "best_valid_score",
+    "state_dict",
+    "other_parameter",
+    "optimizer",
+    "rng",
+)
+
+
+class _Progress:
+    """A RecBole training's progress: the validation score of every epoch, the best epoch's
+    weights, seconds trained, and (with a checkpoint directory) the resumable state after the
+    last epoch, written atomically after each one."""
+
+    def __init__(self, fingerprint: str, directory: Path | None):
+        self.fingerprint, self.directory = fingerprint, directory
+        self.epochs: list[tuple[int, float]] = []
+        self.best: dict = {}
+        self._last: dict = {}  # the trainer's state after the last epoch
+        self.seconds = 0.0
+        self.resumed: list[int] = []
+        self.done = False
+
+    @property
+    def path(self) -> Path | None:
+        return self.directory / RESUME_FILE if self.directory is not None else None
+
+    def restore(self, trainer, train_data, name: str, seed: int) -> None:
+        """Continue from the saved state when it matches; a state of another run is replaced.
+        The file is a pickle (torch.save): resume only from a directory you trust."""
+        import torch
+
+        if self.path is None or not self.path.exists():
+            return
+        saved = torch.load(self.path, map_location=trainer.device, weights_only=False)
+        if saved.get("fingerprint") != self.fingerprint:
+            log.warning(
+                "%s seed %d: %s holds another run's state (other model, settings or "
+                "data); training from the start",
+                name,
+                seed,
+                self.path,
+            )
+            return
+        self.epochs = [tuple(e) for e in saved["epochs"]]
+        self.best, self.seconds = saved["best"], saved["seconds"]
+        self.resumed, self._last = saved["resumed"], {k: saved[k] for k in LAST}
+        # a run killed after its last epoch was saved but before it was marked finished is done
+        stopped = saved["cur_step"] > trainer.stopping_step or saved["epoch"] + 1 >= trainer.epochs
+        self.done = saved["done"] or stopped
+        if self.done:
+            log.warning(
+                "%s seed %d: training finished earlier (%s); its best epoch is used",
+                name,
+                seed,
+                self.path,
+            )
+            return
+        self.resumed.append(saved["epoch"])
+        trainer.start_epoch = saved["epoch"] + 1
+        trainer.cur_step = saved["cur_step"]
+        trainer.best_valid_score = saved["best_valid_score"]
+        trainer.model.load_state_dict(saved["state_dict"])
+        trainer.model.load_other_parameter(saved["other_parameter"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        rng = saved["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        train_data.generator.set_state(rng["loader"])
+        log.warning(
+            "%s seed %d: resuming after epoch %d of %d (%s)",
+            name,
+            seed,
+            saved["epoch"] + 1,
+            trainer.epochs,
+            self.path,
+        )
+
+    def record(self, trainer, train_data, epoch: int, score: float) -> None:
+        """After an epoch's validation (RecBole's callback): keep its score, the weights when
+        it is the best so far (RecBole's early stopping reset its counter), and save."""
+        import torch
+
+        self.epochs.append((epoch, float(score)))
+        if trainer.cur_step == 0:
+            self.best = {
+                "epoch": epoch,
+                "score": float(score),
+                "state_dict": copy.deepcopy(trainer.model.state_dict()),
+                "other_parameter": copy.deepcopy(trainer.model.other_parameter()),
+            }
+        self._last = {
+            "epoch": epoch,
+            "cur_step": trainer.cur_step,
+            "best_valid_score": trainer.best_valid_score,
+            "state_dict": trainer.model.state_dict(),
+            "other_parameter": trainer.model.other_parameter(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "loader": train_data.generator.get_state(),
+            },
+        }
+        self.save()
+
+    def finish(self) -> None:
+        self.done = True
+        self.save()
+
+    def save(self) -> None:
+        import torch
+
+        if self.path is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            **self._last,
+            "fingerprint": self.fingerprint,
+            "epochs": self.epochs,
+            "best": self.best,
+            "seconds": self.seconds,
+            "resumed": self.resumed,
+            "done": self.done,
+        }
+        partial = self.path.with_name(self.path.name + ".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+
+def load_peer(
+    name: str, max_epochs: int = MAX_EPOCHS, seed: int = 0, checkpoint_dir: Path | None = None
+) -> Ranker:
+    """A peer by name: a RecBole model (resumable with ``checkpoint_dir``), or kuberank's
+    EASE^R (closed form: no epochs, no seed, nothing to resume)."""
     if name == "ease":
         return EASERanker()
-    return RecBoleRanker(name, max_epochs=max_epochs, seed=seed)
+    return RecBoleRanker(name, max_epochs=max_epochs, seed=seed, checkpoint_dir=checkpoint_dir)
 
 
 EVERY_PEER = (*PEERS, "ease")

@@ -58,3 +58,27 @@ def test_another_split_or_a_damaged_file_is_not_reused(prepared, tmp_path):
     (tmp_path / "bpr-seed0.json").write_text('{"key": ')
     assert rec_peers.kept_run(tmp_path, key) is None
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_stopped_run_resumes_from_its_partial_state(prepared, tmp_path, monkeypatch):
+    from kuberank.components import peers
+
+    data, manifest = prepared
+    cfg = _cfg(max_epochs=3, models=["bpr"])
+    save = peers._Progress.save
+
+    def stopped_after_epoch_one(progress):
+        save(progress)
+        if not progress.done and progress.epochs[-1][0] == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(peers._Progress, "save", stopped_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        rec_peers.peer_runs(data, manifest, cfg, tmp_path)
+    partial = tmp_path / "partial" / "bpr-seed0"
+    assert (partial / "resume.pt").exists() and not (tmp_path / "bpr-seed0.json").exists()
+    monkeypatch.setattr(peers._Progress, "save", save)
+
+    run = rec_peers.peer_runs(data, manifest, cfg, tmp_path)["bpr"][0]
+    assert run["training"]["resumed_after_epochs"] == [1] and run["epochs"] == 3
+    assert (tmp_path / "bpr-seed0.json").exists() and not partial.exists()

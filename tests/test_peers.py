@@ -9,6 +9,7 @@ import pytest
 
 from kuberank import datasets
 from kuberank.cli import main
+from kuberank.components import peers
 from kuberank.components.evaluate import evaluate, rank
 from kuberank.components.peers import RecBoleRanker, atomic_files
 from kuberank.errors import KuberankError
@@ -90,6 +91,51 @@ def test_same_seed_same_scores(walks):
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
 
 
+def _trained(walks, **kw):
+    task = datasets.eval_task(walks, "test")
+    peer = RecBoleRanker("sasrec", max_epochs=4, stopping_step=10, **kw)
+    peer.prepare(task)
+    return peer, peer.scores(task, np.arange(len(task)))
+
+
+def test_an_interrupted_training_resumes_where_it_stopped(walks, tmp_path, monkeypatch, caplog):
+    whole, expected = _trained(walks, seed=3)
+    assert whole.training["resumed_after_epochs"] == []
+    save = peers._Progress.save
+
+    def killed_after_epoch_two(progress):
+        save(progress)
+        if progress.epochs and progress.epochs[-1][0] == 1:
+            raise KeyboardInterrupt  # as if the process were stopped right after the save
+
+    monkeypatch.setattr(peers._Progress, "save", killed_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _trained(walks, seed=3, checkpoint_dir=tmp_path)
+    assert (tmp_path / "resume.pt").exists()
+    monkeypatch.setattr(peers._Progress, "save", save)
+
+    resumed, scores = _trained(walks, seed=3, checkpoint_dir=tmp_path)
+    assert "resuming after epoch 2 of 4" in caplog.text
+    assert resumed.training["resumed_after_epochs"] == [2]
+    # the same batches and dropout as the uninterrupted run: the same epochs, best and scores
+    for key in ("epochs_run", "best_epoch", "valid_ndcg@10", "stopped_early"):
+        assert resumed.training[key] == whole.training[key], key
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+    # a finished run is not trained again: its best epoch is used as it was
+    caplog.clear()
+    again, scores = _trained(walks, seed=3, checkpoint_dir=tmp_path)
+    assert "training finished earlier" in caplog.text
+    assert again.training == resumed.training
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+    # another seed does not read this run's state: it trains from the start and replaces it
+    caplog.clear()
+    other, _ = _trained(walks, seed=4, checkpoint_dir=tmp_path)
+    assert "holds another run's state" in caplog.text
+    assert other.training["resumed_after_epochs"] == [] and other.training["epochs_run"] == 4
+
+
 def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys):
     from kuberank.components.data_prep import prepare
 
@@ -100,6 +146,13 @@ def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["queries"] == 60 and 0 <= out["ndcg@10"] <= 1
     assert out["training"]["epochs_run"] == 1 and out["training"]["recbole_model"] == "LightGCN"
+    saved = tmp_path / "lightgcn"
+    assert main([*args, "--json", "--max-epochs", "1", "--checkpoint-dir", str(saved)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (saved / "resume.pt").exists()
+    assert main([*args, "--json", "--max-epochs", "1", "--checkpoint-dir", str(saved)]) == 0
+    again = json.loads(capsys.readouterr().out)  # finished: the saved best epoch, not retrained
+    assert again["training"] == first["training"] and again["ndcg@10"] == first["ndcg@10"]
     assert (
         main(
             [
@@ -114,7 +167,7 @@ def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys):
         )
         == 2
     )
-    assert "--max-epochs/--seed: only for the peers" in capsys.readouterr().err
+    assert "--max-epochs/--seed/--checkpoint-dir: only for the peers" in capsys.readouterr().err
 
 
 def test_a_missing_recbole_names_the_extra(monkeypatch):

@@ -58,15 +58,21 @@ def _cmd_evaluate(args) -> int:
     from kuberank import report
     from kuberank.components.evaluate import PEERS, evaluate
 
-    if args.model not in PEERS and (args.max_epochs is not None or args.seed is not None):
+    peer_only = (args.max_epochs, args.seed, args.checkpoint_dir)
+    if args.model not in PEERS and any(v is not None for v in peer_only):
         raise KuberankError(
-            f"--max-epochs/--seed: only for the peers ({', '.join(PEERS)}), not {args.model!r}"
+            f"--max-epochs/--seed/--checkpoint-dir: only for the peers ({', '.join(PEERS)}), "
+            f"not {args.model!r}"
         )
     model = args.model
     if model in PEERS:
         from kuberank.components.peers import RecBoleRanker
 
-        given = {"max_epochs": args.max_epochs, "seed": args.seed}
+        given = {
+            "max_epochs": args.max_epochs,
+            "seed": args.seed,
+            "checkpoint_dir": args.checkpoint_dir,
+        }
         model = RecBoleRanker(model, **{k: v for k, v in given.items() if v is not None})
     result = evaluate(
         args.dataset,
@@ -318,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         "validation NDCG@10 has not improved for 10 epochs)",
     )
     ev.add_argument("--seed", type=int, metavar="N", help="peers: training seed (default 0)")
+    ev.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="peers: save the training state there after every epoch; a run stopped midway "
+        "resumes from it with the same command, a finished one is not trained again",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)
 
