@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -288,8 +289,6 @@ class RecBoleRanker(Ranker):
     def _fingerprint(self, root: Path) -> str:
         """What a saved training state must match to be resumed: the model, its configuration
         (paths aside), the data RecBole reads, and the library versions."""
-        from importlib.metadata import version
-
         config = {
             k: v
             for k, v in self.config_dict(root).items()
