@@ -60,6 +60,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from kuberank.errors import KuberankError
 from kuberank.serving.triton import parent_death_signal
@@ -266,6 +267,16 @@ def _whole(level: float) -> int:
     return math.ceil(level - 1e-6)
 
 
+class Look(NamedTuple):
+    """One look at a replica: when, its responses other than 5xx so far, the requests it held
+    (``scur``), whether its cap bound (full, or requests queued)."""
+
+    time: float
+    served: int
+    held: int
+    bound: bool
+
+
 class CapController:
     """Keeps each replica's cap at :func:`adaptive_cap`: a thread reads ``show stat`` every
     ``interval_s``, measures each replica over the last ``RATE_WINDOW_S`` (the responses it gave
@@ -288,8 +299,7 @@ class CapController:
         self.lo, self.hi, self.interval_s = int(lo), int(hi), float(interval_s)
         self.caps: dict[str, int] = {}  # server name -> its cap now
         self._levels: dict[str, float] = {}  # server name -> its cap before rounding
-        # name -> its looks: (time, served so far, requests held, cap bound)
-        self._looks: dict[str, collections.deque] = {}
+        self._looks: dict[str, collections.deque[Look]] = {}  # server name -> its looks
         self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -301,21 +311,32 @@ class CapController:
         cap bound) over the last RATE_WINDOW_S; None until two looks. Counters that went back
         (HAProxy's were reset) start the window again."""
         looks = self._looks.setdefault(name, collections.deque())
-        if looks and count < looks[-1][1]:
+        if looks and count < looks[-1].served:
             looks.clear()
-        looks.append((now, count, held, bound))
-        while len(looks) > 2 and now - looks[1][0] >= RATE_WINDOW_S:
+        looks.append(Look(now, count, held, bound))
+        while len(looks) > 2 and now - looks[1].time >= RATE_WINDOW_S:
             looks.popleft()
         if len(looks) < 2:
             return None
-        then, before = looks[0][0], looks[0][1]
-        rate = max(0, count - before) / max(now - then, 1e-3)
-        return rate, sum(look[2] for look in looks) / len(looks), any(look[3] for look in looks)
+        first = looks[0]
+        rate = max(0, count - first.served) / max(now - first.time, 1e-3)
+        held_mean = sum(look.held for look in looks) / len(looks)
+        return rate, held_mean, any(look.bound for look in looks)
 
     def step(self, now: float | None = None) -> dict[str, int]:
-        """One look at the replicas; the caps as set."""
+        """One look at the replicas through the admin socket; the caps as set."""
         now = time.monotonic() if now is None else now
-        rows = backend_stats(runtime_api(self.admin_socket, "show stat"))
+        changes = self.decide(backend_stats(runtime_api(self.admin_socket, "show stat")), now)
+        if changes:
+            reply = runtime_api(self.admin_socket, "; ".join(changes)).strip()
+            if reply:  # success is silent
+                raise KuberankError(f"haproxy refused {changes}: {reply}")
+        return dict(self.caps)
+
+    def decide(self, rows: dict[str, dict[str, str]], now: float) -> list[str]:
+        """The pure core of a step: from one look (``show stat``'s rows, as
+        :func:`backend_stats` reads them, at ``now``) the runtime API commands that set the caps
+        that changed; ``caps`` holds every replica's cap after them."""
         waiting = _count(rows.get("BACKEND", {}), "qcur") > 0
         changes = []
         for name, row in rows.items():
@@ -337,11 +358,7 @@ class CapController:
             if new != cap:
                 changes.append(f"set maxconn server ingress/{name} {new}")
             self.caps[name] = new
-        if changes:
-            reply = runtime_api(self.admin_socket, "; ".join(changes)).strip()
-            if reply:  # success is silent
-                raise KuberankError(f"haproxy refused {changes}: {reply}")
-        return dict(self.caps)
+        return changes
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

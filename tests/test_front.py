@@ -20,6 +20,7 @@ from kuberank.errors import KuberankError
 from kuberank.serving.front import (
     SHED_FULL,
     SHED_WAITED,
+    CapController,
     HAProxyFront,
     _check_free,
     adaptive_cap,
@@ -74,6 +75,46 @@ def test_adaptive_cap_moves_by_the_target_over_the_measured_time():
         args = {"cap": 1, "held": 1, "rate": 1.0, "target_s": 0.06, "lo": 1, "hi": 32, **bad}
         with pytest.raises(ValueError):
             adaptive_cap(**args)
+
+
+def _look(queued=0, **servers):
+    """``show stat``'s rows as backend_stats reads them: server -> (cap, held, answered)."""
+    rows = {"BACKEND": {"qcur": str(queued)}}
+    for name, (cap, held, answered) in servers.items():
+        rows[name] = {"slim": str(cap), "scur": str(held), "hrsp_2xx": str(answered)}
+    return rows
+
+
+def test_cap_controller_decides_from_each_replicas_looks():
+    caps = CapController("unused", target_s=0.06, lo=2, hi=32)
+    assert caps.step_share == 0.25
+    # one look measures nothing: the caps stay as HAProxy has them
+    assert caps.decide(_look(r0=(32, 32, 0), r1=(32, 2, 0)), now=0.0) == []
+    assert caps.caps == {"r0": 32, "r1": 32}
+    # a quarter of a second later r0 is full answering 100 a second (32 held: 320 ms each):
+    # down by the 4x limit's fourth root; r1 answers 100 a second holding 2 (20 ms): it would
+    # grow, and is at the ceiling already
+    changes = caps.decide(_look(r0=(32, 32, 25), r1=(32, 2, 25)), now=0.25)
+    assert changes == ["set maxconn server ingress/r0 23"]  # 32 x 0.25 ** 0.25 = 22.6
+    assert caps.caps == {"r0": 23, "r1": 32}
+    # r1 over the target (20 held at 100 a second; 8 on average over the window) but not full
+    # and nothing queued: kept
+    caps.decide(_look(r0=(23, 23, 50), r1=(32, 20, 50)), now=0.5)
+    assert caps.caps["r1"] == 32
+    # ... and shrunk once requests wait in the front's queue (its cap holds them back):
+    # 11 held on average at 100 a second is 110 ms, 0.55 of the target: 32 x 0.55 ** 0.25
+    changes = caps.decide(_look(queued=5, r0=(23, 23, 75), r1=(32, 20, 75)), now=0.75)
+    assert "set maxconn server ingress/r1 28" in changes and caps.caps["r1"] == 28
+    # HAProxy restarted (counters back near 0): r0's window starts again, nothing is decided
+    r0 = caps.caps["r0"]
+    changes = caps.decide(_look(r0=(r0, 5, 3), r1=(28, 1, 100)), now=1.0)
+    assert not [c for c in changes if "/r0 " in c] and caps.caps["r0"] == r0
+    # a cap set by hand on the runtime API (4) is where the next move starts from: 2 held on
+    # average at 74 a second is well within the target, so it grows from 4, not from r0's
+    caps.decide(_look(r0=(4, 1, 10), r1=(28, 1, 125)), now=1.25)
+    assert caps.caps["r0"] == 4
+    changes = caps.decide(_look(r0=(4, 1, 40), r1=(28, 1, 150)), now=1.5)
+    assert "set maxconn server ingress/r0 5" in changes and caps.caps["r0"] == 5
 
 
 def test_backend_stats_reads_show_stat():
