@@ -165,7 +165,8 @@ class RecBoleRanker(Ranker):
         self.max_epochs, self.seed, self.stopping_step = int(max_epochs), int(seed), stopping_step
         self.params = params
         self.sequential = name in SEQUENTIAL
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        # absolute: RecBole runs in a working directory of its own
+        self.checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir else None
         self.training: dict = {}
 
     def config_dict(self, data_root: Path) -> dict:

@@ -136,7 +136,7 @@ def test_an_interrupted_training_resumes_where_it_stopped(walks, tmp_path, monke
     assert other.training["resumed_after_epochs"] == [] and other.training["epochs_run"] == 4
 
 
-def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys):
+def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys, monkeypatch):
     from kuberank.components.data_prep import prepare
 
     prepared = tmp_path / "p"
@@ -146,11 +146,11 @@ def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["queries"] == 60 and 0 <= out["ndcg@10"] <= 1
     assert out["training"]["epochs_run"] == 1 and out["training"]["recbole_model"] == "LightGCN"
-    saved = tmp_path / "lightgcn"
-    assert main([*args, "--json", "--max-epochs", "1", "--checkpoint-dir", str(saved)]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative directory is the caller's, not RecBole's
+    assert main([*args, "--json", "--max-epochs", "1", "--checkpoint-dir", "saved"]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert (saved / "resume.pt").exists()
-    assert main([*args, "--json", "--max-epochs", "1", "--checkpoint-dir", str(saved)]) == 0
+    assert (tmp_path / "saved" / "resume.pt").exists()
+    assert main([*args, "--json", "--max-epochs", "1", "--checkpoint-dir", "saved"]) == 0
     again = json.loads(capsys.readouterr().out)  # finished: the saved best epoch, not retrained
     assert again["training"] == first["training"] and again["ndcg@10"] == first["ndcg@10"]
     assert (
