@@ -3,11 +3,15 @@ of closed-loop clients, before and after deadline-aware admission (serving/admis
 
 import contextlib
 import csv
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from kuberank.serving.bench_load import (
     request_factory,
     run_load,
 )
+from kuberank.serving.front import SHED_FULL, SHED_WAITED
 from kuberank.serving.launcher import LocalServing
 
 OVERLOAD_FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -42,14 +47,86 @@ GOALS = {  # issue 19's goals up to 10x the capacity
     "max_shed_p99_ms": ("<=", 10.0),
 }
 STORM_CLIENTS = (8, 32, 128, 512)  # hey's closed-loop clients (no think time, no back-off)
+# beside each storm: a few keep-alive clients that pause between requests, timing each answer
+# by who gave it (a light client's view, apart from hey's own wait for its core)
+PROBE_CLIENTS, PROBE_PAUSE_S = 2, 0.01
+
+
+def shed_kind(status: int, body: bytes) -> str:
+    """Who answered and why, from a response's status and the app's error body: ``200``,
+    ``503 front: queue full`` / ``503 front: waited`` (HAProxy), ``503 replica: estimated
+    wait`` / ``503 replica: waited`` (the replica's admission), else the status."""
+    if status != 503:
+        return str(status)
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return "503"
+    if message == SHED_FULL:
+        return "503 front: queue full"
+    if message == SHED_WAITED:
+        return "503 front: waited"
+    for start in ("estimated wait", "waited"):
+        if message.startswith(f"overloaded: {start} "):
+            return f"503 replica: {start}"
+    return "503"
+
+
+def probe(url: str, body: dict, seconds: float, clients: int = PROBE_CLIENTS) -> dict:
+    """``clients`` keep-alive clients POSTing ``body`` to ``url`` for ``seconds``, each pausing
+    :data:`PROBE_PAUSE_S` between requests; per :func:`shed_kind`: count, p50/p99 latency."""
+    parts = urllib.parse.urlsplit(url)
+    data = json.dumps(body)
+    times: dict[str, list[float]] = {}
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        try:
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                try:
+                    conn.request("POST", parts.path, data, {"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    kind = shed_kind(response.status, response.read())
+                except (OSError, http.client.HTTPException):
+                    kind = "connection error"
+                    conn.close()
+                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+                with lock:
+                    times.setdefault(kind, []).append(time.perf_counter() - started)
+                time.sleep(PROBE_PAUSE_S)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 30)
+    return {kind: _latencies(t) for kind, t in sorted(times.items())}
+
+
+def _latencies(seconds: list[float]) -> dict:
+    t = np.array(seconds) * 1000
+    return {
+        "count": len(t),
+        "p50_ms": round(float(np.percentile(t, 50)), 1),
+        "p99_ms": round(float(np.percentile(t, 99)), 1),
+    }
 
 
 def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
     """``hey`` (an independent load generator) with ``clients`` closed-loop clients POSTing
-    ``body`` to ``url`` for ``seconds``; per status: count and p50/p99 latency."""
+    ``body`` to ``url`` for ``seconds``; per status: count and p50/p99 latency. ``probe``:
+    what :func:`probe`'s light clients saw meanwhile, by who answered."""
     hey = shutil.which("hey")
     if hey is None:
         raise KuberankError("hey not found (Debian: apt-get install hey)")
+    seen: dict = {}
+    beside = threading.Thread(target=lambda: seen.update(probe(url, body, seconds)), daemon=True)
+    beside.start()
     with tempfile.NamedTemporaryFile("r", suffix=".csv") as out:
         subprocess.run(
             [
@@ -75,18 +152,14 @@ def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
         )
 
         rows = list(csv.DictReader(open(out.name)))  # noqa: SIM115
+    beside.join(seconds + 60)
     by: dict[str, list[float]] = {}
     for row in rows:
         by.setdefault(row["status-code"], []).append(float(row["response-time"]))
     row = {"clients": clients, "requests": len(rows), "seconds": seconds}
     for status, times in sorted(by.items()):
-        t = np.array(times) * 1000
-        row[status] = {
-            "count": len(t),
-            "per_s": round(len(t) / seconds, 1),
-            "p50_ms": round(float(np.percentile(t, 50)), 1),
-            "p99_ms": round(float(np.percentile(t, 99)), 1),
-        }
+        row[status] = {"per_s": round(len(times) / seconds, 1), **_latencies(times)}
+    row["probe"] = seen
     return row
 
 
@@ -250,6 +323,26 @@ def format_overload(result: dict) -> str:
                     f"| {ok.get('p99_ms', '-')} | {shed.get('per_s', 0)} | {shed.get('p50_ms', '-')} "
                     f"| {shed.get('p99_ms', '-')} | {other or '-'} |"
                 )
+        probed = [
+            (label, r["clients"], kind, seen)
+            for label, rows in result["storm"].items()
+            for r in rows
+            for kind, seen in (r.get("probe") or {}).items()
+        ]
+        if probed:
+            lines += [
+                "",
+                f"Meanwhile, {PROBE_CLIENTS} light keep-alive clients ({PROBE_PAUSE_S * 1000:g} ms "
+                "between requests), by who answered:",
+                "",
+                "| defaults | hey clients | answer | count | p50 ms | p99 ms |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {label} | {clients} | {kind} | {seen['count']} | {seen['p50_ms']} "
+                f"| {seen['p99_ms']} |"
+                for label, clients, kind, seen in probed
+            ]
     summary = result.get("summary") or summarise(result)
     lines += ["", "Goals, the current defaults' worst open-loop level up to 10x capacity:", ""]
     for name, (op, goal) in GOALS.items():

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 from test_bench import _row
 
 from kuberank.serving import bench_overload
+from kuberank.serving.admission import Overloaded
+from kuberank.serving.front import SHED_FULL, SHED_WAITED, shed_body
+
+
+def test_shed_kind_names_who_answered_from_the_body():
+    kind = bench_overload.shed_kind
+    assert kind(503, shed_body(SHED_FULL).encode()) == "503 front: queue full"
+    assert kind(503, shed_body(SHED_WAITED).encode()) == "503 front: waited"
+    for reason, named in (("queue", "estimated wait"), ("expired", "waited")):
+        message = str(Overloaded(reason, 0.12, 0.1))
+        body = json.dumps({"error": {"status": 503, "message": message}}).encode()
+        assert kind(503, body) == f"503 replica: {named}"
+    assert kind(200, b"{}") == "200" and kind(502, b"") == "502"
+    assert kind(503, b"Service Unavailable") == "503"
 
 
 def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults():
@@ -25,10 +40,11 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
             self.rfile.read(int(self.headers["Content-Length"]))
             Half.n += 1
             status = 200 if Half.n % 2 else 503
+            body = b"{}" if status == 200 else shed_body(SHED_FULL).encode()
             self.send_response(status)
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
@@ -44,6 +60,11 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
     assert row["clients"] == 4 and row["requests"] == row["200"]["count"] + row["503"]["count"]
     assert abs(row["200"]["count"] - row["503"]["count"]) <= 4
     assert row["200"]["p99_ms"] >= row["200"]["p50_ms"] > 0
+    # the light clients beside hey: both answers, the 503s named by their body
+    assert set(row["probe"]) == {"200", "503 front: queue full"}
+    assert all(
+        seen["count"] > 0 and seen["p99_ms"] >= seen["p50_ms"] > 0 for seen in row["probe"].values()
+    )
     level = {
         **_row("open", 100, 90, 10),
         "factor": 1.0,
@@ -86,5 +107,6 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
     assert f"| now | 4 | {row['200']['per_s']} |" in table
     assert "- max_shed_p99_ms: 5.0 (goal <= 10): met" in table
     assert "200 p99 0.5x, 503 p99 0.25x, 200/s 1.0x" in table
+    assert "| now | 4 | 503 front: queue full |" in table
     split = bench_overload.format_overload({**result, "cpus": {"app": [0], "generator": [1]}})
     assert "app on cores [0], generators (open loop, hey) on [1]" in split
