@@ -161,6 +161,8 @@ class RecBoleRanker(Ranker):
         if name not in RECBOLE_MODELS:
             raise KuberankError(f"--model: {name!r} is not one of {', '.join(RECBOLE_MODELS)}")
         require_recbole(name)
+        if int(max_epochs) < 1:
+            raise KuberankError(f"--max-epochs: need at least 1 epoch, not {max_epochs}")
         self.name = name
         self.max_epochs, self.seed, self.stopping_step = int(max_epochs), int(seed), stopping_step
         self.params = params
@@ -341,6 +343,7 @@ class RecBoleRanker(Ranker):
         return out
 
 
+KEPT = ("fingerprint", "epochs", "best", "seconds", "resumed", "done")
 LAST = (
     "epoch",
     "cur_step",
@@ -377,7 +380,20 @@ class _Progress:
 
         if self.path is None or not self.path.exists():
             return
-        saved = torch.load(self.path, map_location=trainer.device, weights_only=False)
+        try:  # on the CPU: random states must stay there; weights are copied into place
+            saved = torch.load(self.path, map_location="cpu", weights_only=False)
+            complete = isinstance(saved, dict) and all(k in saved for k in (*LAST, *KEPT))
+        except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, another format
+            saved, complete = {}, False
+            log.warning("%s seed %d: %s unreadable (%s)", name, seed, self.path, exc)
+        if not complete:
+            log.warning(
+                "%s seed %d: %s is not a saved training state; training from the start",
+                name,
+                seed,
+                self.path,
+            )
+            return
         if saved.get("fingerprint") != self.fingerprint:
             log.warning(
                 "%s seed %d: %s holds another run's state (other model, settings or "
@@ -413,6 +429,8 @@ class _Progress:
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         train_data.generator.set_state(rng["loader"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         log.warning(
             "%s seed %d: resuming after epoch %d of %d (%s)",
             name,
@@ -447,6 +465,7 @@ class _Progress:
                 "numpy": np.random.get_state(),
                 "torch": torch.get_rng_state(),
                 "loader": train_data.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
         self.save()

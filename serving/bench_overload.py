@@ -105,7 +105,8 @@ def probe(url: str, body: dict, seconds: float, clients: int = PROBE_CLIENTS) ->
         thread.start()
     for thread in threads:
         thread.join(seconds + 30)
-    return {kind: _latencies(t) for kind, t in sorted(times.items())}
+    with lock:  # a client past its join (a 10 s timeout at most) adds nothing to this copy
+        return {kind: _latencies(list(t)) for kind, t in sorted(times.items())}
 
 
 def _latencies(seconds: list[float]) -> dict:
@@ -124,7 +125,7 @@ def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
     hey = shutil.which("hey")
     if hey is None:
         raise KuberankError("hey not found (Debian: apt-get install hey)")
-    seen: dict = {}
+    seen: dict = {}  # the probe's answers; none if it failed (the table then has no rows)
     beside = threading.Thread(target=lambda: seen.update(probe(url, body, seconds)), daemon=True)
     beside.start()
     with tempfile.NamedTemporaryFile("r", suffix=".csv") as out:
@@ -159,7 +160,7 @@ def hey_storm(url: str, body: dict, clients: int, seconds: float) -> dict:
     row = {"clients": clients, "requests": len(rows), "seconds": seconds}
     for status, times in sorted(by.items()):
         row[status] = {"per_s": round(len(times) / seconds, 1), **_latencies(times)}
-    row["probe"] = seen
+    row["probe"] = dict(seen)
     return row
 
 

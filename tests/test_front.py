@@ -99,17 +99,18 @@ def test_cap_controller_decides_from_each_replicas_looks():
     assert caps.caps == {"r0": 23, "r1": 32}
     # r1 over the target (20 held at 100 a second; 8 on average over the window) but not full
     # and nothing queued: kept
-    caps.decide(_look(r0=(23, 23, 50), r1=(32, 20, 50)), now=0.5)
+    caps.decide(_look(r0=(caps.caps["r0"], 23, 50), r1=(32, 20, 50)), now=0.5)
     assert caps.caps["r1"] == 32
     # ... and shrunk once requests wait in the front's queue (its cap holds them back):
     # 11 held on average at 100 a second is 110 ms, 0.55 of the target: 32 x 0.55 ** 0.25
-    changes = caps.decide(_look(queued=5, r0=(23, 23, 75), r1=(32, 20, 75)), now=0.75)
+    r0 = caps.caps["r0"]
+    changes = caps.decide(_look(queued=5, r0=(r0, r0, 75), r1=(32, 20, 75)), now=0.75)
     assert "set maxconn server ingress/r1 28" in changes and caps.caps["r1"] == 28
     # HAProxy restarted (counters back near 0): r0's window starts again, nothing is decided
     r0 = caps.caps["r0"]
     changes = caps.decide(_look(r0=(r0, 5, 3), r1=(28, 1, 100)), now=1.0)
     assert not [c for c in changes if "/r0 " in c] and caps.caps["r0"] == r0
-    # a cap set by hand on the runtime API (4) is where the next move starts from: 2 held on
+    # a cap set by hand on the runtime API (4) is where the next move starts from: 2.3 held on
     # average at 74 a second is well within the target, so it grows from 4, not from r0's
     caps.decide(_look(r0=(4, 1, 10), r1=(28, 1, 125)), now=1.25)
     assert caps.caps["r0"] == 4

@@ -129,6 +129,14 @@ def test_an_interrupted_training_resumes_where_it_stopped(walks, tmp_path, monke
     assert again.training == resumed.training
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 
+    # an unreadable state (a truncated file) is not read either: trained from the start
+    caplog.clear()
+    (tmp_path / "resume.pt").write_bytes(b"\x80\x02truncated")
+    again, scores = _trained(walks, seed=3, checkpoint_dir=tmp_path)
+    assert "not a saved training state" in caplog.text
+    assert again.training["resumed_after_epochs"] == [] and again.training["epochs_run"] == 4
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
     # another seed does not read this run's state: it trains from the start and replaces it
     caplog.clear()
     other, _ = _trained(walks, seed=4, checkpoint_dir=tmp_path)
@@ -168,6 +176,11 @@ def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys, monkeyp
         == 2
     )
     assert "--max-epochs/--seed/--checkpoint-dir: only for the peers" in capsys.readouterr().err
+
+
+def test_a_peer_needs_one_epoch_at_least():
+    with pytest.raises(KuberankError, match="--max-epochs: need at least 1 epoch"):
+        RecBoleRanker("bpr", max_epochs=0)
 
 
 def test_a_missing_recbole_names_the_extra(monkeypatch):
