@@ -139,6 +139,11 @@ class Level:
     max_seconds: float
 
 
+def percentile_ms(seconds, p: float) -> float | None:
+    """The ``p``-th percentile of latencies in seconds, in milliseconds (None for none)."""
+    return round(float(np.percentile(seconds, p)) * 1000, 2) if len(seconds) else None
+
+
 def stats(latencies: list[float], statuses: list[int], seconds: float, level: Level) -> dict:
     ok = np.array([s for s, st in zip(latencies, statuses, strict=True) if st == 200])
     errors: dict[str, int] = {}
@@ -147,7 +152,7 @@ def stats(latencies: list[float], statuses: list[int], seconds: float, level: Le
             errors[str(st)] = errors.get(str(st), 0) + 1
 
     def q(p):
-        return round(float(np.percentile(ok, p)) * 1000, 2) if len(ok) else None
+        return percentile_ms(ok, p)
 
     shed = np.array([s for s, st in zip(latencies, statuses, strict=True) if st == 503])
     return {
@@ -157,8 +162,8 @@ def stats(latencies: list[float], statuses: list[int], seconds: float, level: Le
         "ok": int(len(ok)),
         # the 503s (admission's fast refusals) and how fast they came
         "shed": int(len(shed)),
-        "shed_p50_ms": round(float(np.percentile(shed, 50)) * 1000, 2) if len(shed) else None,
-        "shed_p99_ms": round(float(np.percentile(shed, 99)) * 1000, 2) if len(shed) else None,
+        "shed_p50_ms": percentile_ms(shed, 50),
+        "shed_p99_ms": percentile_ms(shed, 99),
         "errors": errors,
         "error_rate": round(1 - len(ok) / max(1, len(statuses)), 4),
         "seconds": round(seconds, 3),
@@ -183,6 +188,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future | None = None
         self.keep_alive = True
+        self.body: bytearray | None = None  # the response's body, when send keeps it
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -199,6 +205,10 @@ class _Connection(asyncio.Protocol):
         self._fail(ConnectionError("connection closed"))
 
     # httptools callbacks
+    def on_body(self, chunk: bytes):
+        if self.body is not None:
+            self.body += chunk
+
     def on_message_complete(self):
         self.keep_alive = self.parser.should_keep_alive()
         if self.waiter is not None and not self.waiter.done():
@@ -212,7 +222,9 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return self.transport is not None and self.keep_alive
 
-    async def send(self, raw: bytes) -> int:
+    async def send(self, raw: bytes, keep_body: bool = False) -> int:
+        """The response's status (its body in :attr:`body` when ``keep_body``)."""
+        self.body = bytearray() if keep_body else None
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(raw)
         return await self.waiter
@@ -235,8 +247,12 @@ def _raw_request(host: str, port: int, path: str, body: dict | None) -> bytes:
 
 
 async def _load(
-    urls: list[str], make_body: Callable[[int], dict] | None, level: Level
-) -> tuple[list[float], list[int], float]:
+    urls: list[str],
+    make_body: Callable[[int], dict] | None,
+    level: Level,
+    pause_s: float = 0.0,
+    answer: Callable[[int, bytes], str] | None = None,
+) -> tuple[list[float], list, float]:
     targets = []
     for url in urls:
         parts = urlsplit(url)
@@ -263,7 +279,8 @@ async def _load(
                         if conn is None or not conn.usable:
                             _, conn = await loop.create_connection(_Connection, host, port)
                             opened.append(conn)
-                        status = await conn.send(raw)
+                        status = await conn.send(raw, keep_body=answer is not None)
+                        body = bytes(conn.body) if answer is not None else b""
                     except BaseException:
                         if conn is not None:
                             conn.close()
@@ -272,9 +289,9 @@ async def _load(
                     if conn.usable:
                         idle[t].append(conn)
         except (TimeoutError, OSError):
-            status = 599
+            status, body = 599, b""
         latencies.append(time.perf_counter() - scheduled)
-        statuses.append(status)
+        statuses.append(status if answer is None else answer(status, body))
 
     try:
         if level.mode == "open":
@@ -299,6 +316,8 @@ async def _load(
                     if time.perf_counter() >= deadline:
                         return
                     await one(i, time.perf_counter(), t)
+                    if pause_s:
+                        await asyncio.sleep(pause_s)
 
             clients = int(level.value)
             await asyncio.gather(*(client(c % len(targets)) for c in range(clients)))
@@ -345,11 +364,19 @@ def run_load(url: str | list[str], make_body: Callable[[int], dict] | None, leve
 
 
 def run_samples(
-    url: str | list[str], make_body: Callable[[int], dict] | None, level: Level
-) -> list[tuple[int, float]]:
+    url: str | list[str],
+    make_body: Callable[[int], dict] | None,
+    level: Level,
+    pause_s: float = 0.0,
+    answer: Callable[[int, bytes], str] | None = None,
+) -> list[tuple[int | str, float]]:
     """:func:`run_load`'s requests one by one: (status, seconds) in the order they ended
-    (599: the generator's timeout or a refused connection)."""
-    latencies, statuses, _ = asyncio.run(_load(_targets(url), make_body, level))
+    (599: the generator's timeout or a refused connection). ``pause_s``: each closed-loop
+    client waits this long between its requests. ``answer``: (status, body) -> the name each
+    request is given in place of its status."""
+    latencies, statuses, _ = asyncio.run(
+        _load(_targets(url), make_body, level, pause_s=pause_s, answer=answer)
+    )
     return list(zip(statuses, latencies, strict=True))
 
 

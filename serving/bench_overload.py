@@ -3,18 +3,13 @@ of closed-loop clients, before and after deadline-aware admission (serving/admis
 
 import contextlib
 import csv
-import http.client
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
-import time
-import urllib.parse
 from pathlib import Path
-
-import numpy as np
 
 from kuberank.errors import KuberankError
 from kuberank.progress import bar
@@ -23,9 +18,11 @@ from kuberank.serving.bench_load import (
     Level,
     bench_queries,
     generator_split,
+    percentile_ms,
     pinned,
     request_factory,
     run_load,
+    run_samples,
 )
 from kuberank.serving.front import SHED_FULL, SHED_WAITED
 from kuberank.serving.launcher import LocalServing
@@ -74,47 +71,22 @@ def shed_kind(status: int, body: bytes) -> str:
 
 def probe(url: str, body: dict, seconds: float, clients: int = PROBE_CLIENTS) -> dict:
     """``clients`` keep-alive clients POSTing ``body`` to ``url`` for ``seconds``, each pausing
-    :data:`PROBE_PAUSE_S` between requests; per :func:`shed_kind`: count, p50/p99 latency."""
-    parts = urllib.parse.urlsplit(url)
-    data = json.dumps(body)
+    :data:`PROBE_PAUSE_S` between requests; per :func:`shed_kind`: count, p50/p99 latency
+    (``599``: a refused connection or no answer in 10 s)."""
+    level = Level("closed", clients, requests=10**9, max_seconds=seconds)
     times: dict[str, list[float]] = {}
-    lock = threading.Lock()
-    end = time.monotonic() + seconds
-
-    def client() -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-        try:
-            while time.monotonic() < end:
-                started = time.perf_counter()
-                try:
-                    conn.request("POST", parts.path, data, {"Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    kind = shed_kind(response.status, response.read())
-                except (OSError, http.client.HTTPException):
-                    kind = "connection error"
-                    conn.close()
-                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-                with lock:
-                    times.setdefault(kind, []).append(time.perf_counter() - started)
-                time.sleep(PROBE_PAUSE_S)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(seconds + 30)
-    with lock:  # a client past its join (a 10 s timeout at most) adds nothing to this copy
-        return {kind: _latencies(list(t)) for kind, t in sorted(times.items())}
+    for kind, took in run_samples(
+        url, lambda _: body, level, pause_s=PROBE_PAUSE_S, answer=shed_kind
+    ):
+        times.setdefault(kind, []).append(took)
+    return {kind: _latencies(t) for kind, t in sorted(times.items())}
 
 
 def _latencies(seconds: list[float]) -> dict:
-    t = np.array(seconds) * 1000
     return {
-        "count": len(t),
-        "p50_ms": round(float(np.percentile(t, 50)), 1),
-        "p99_ms": round(float(np.percentile(t, 99)), 1),
+        "count": len(seconds),
+        "p50_ms": percentile_ms(seconds, 50),
+        "p99_ms": percentile_ms(seconds, 99),
     }
 
 

@@ -197,6 +197,43 @@ def test_load_generator_spreads_over_replicas_and_opens_its_pool_first():
         bench_load.run_load([], None, bench_load.Level("closed", 1, 1, 1))
 
 
+def test_samples_name_each_answer_from_its_body_and_clients_pause():
+    """``answer`` sees each response's status and whole body (split over writes, and a body
+    from the previous response not left over); each closed-loop client pauses ``pause_s``."""
+    served: list[float] = []
+
+    async def alternate(reader, writer):
+        while True:
+            await read_request(reader)
+            served.append(time.perf_counter())
+            body = b'{"n": %d, "pad": "%s"}' % (len(served), b"x" * 3000)
+            status = b"200 OK" if len(served) % 2 else b"503 Busy"
+            writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(body)))
+            for start in range(0, len(body), 1000):
+                writer.write(body[start : start + 1000])
+                await writer.drain()
+
+    def answer(status, body):
+        import json
+
+        seen = json.loads(body)
+        assert len(seen["pad"]) == 3000
+        return f"{status} {seen['n'] % 2}"
+
+    with raw_http_server(alternate) as (port, state):
+        samples = bench_load.run_samples(
+            f"http://127.0.0.1:{port}/search",
+            lambda i: {"query": "x"},
+            bench_load.Level("closed", 1, 6, 30),
+            pause_s=0.05,
+            answer=answer,
+        )
+    assert [kind for kind, _ in samples] == ["200 1", "503 0"] * 3
+    assert state["connections"] == 1
+    gaps = [b - a for a, b in zip(served, served[1:])]
+    assert min(gaps) >= 0.05  # the client's pause between one answer and its next request
+
+
 @pytest.mark.slow
 def test_load_levels_against_the_app(serving):  # noqa: F811
     url = serving["base"] + "/search"
