@@ -247,8 +247,10 @@ class RecBoleRanker(Ranker):
                 init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
                 model = get_model(model_name)(config, train_data._dataset).to(config["device"])
                 trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-                state = _Progress(self._fingerprint(root), self.checkpoint_dir)
-                state.restore(trainer, train_data, self.name, self.seed)
+                state = _Progress(
+                    self._fingerprint(root), self.checkpoint_dir, f"{self.name} seed {self.seed}"
+                )
+                state.restore(trainer, train_data)
                 if not state.done:
                     before = state.seconds  # trained in earlier sittings
 
@@ -360,8 +362,9 @@ class _Progress:
     weights, seconds trained, and (with a checkpoint directory) the resumable state after the
     last epoch, written atomically after each one."""
 
-    def __init__(self, fingerprint: str, directory: Path | None):
+    def __init__(self, fingerprint: str, directory: Path | None, label: str):
         self.fingerprint, self.directory = fingerprint, directory
+        self.label = label  # the run, as the log names it ("sasrec seed 0")
         self.epochs: list[tuple[int, float]] = []
         self.best: dict = {}
         self._last: dict = {}  # the trainer's state after the last epoch
@@ -373,7 +376,7 @@ class _Progress:
     def path(self) -> Path | None:
         return self.directory / RESUME_FILE if self.directory is not None else None
 
-    def restore(self, trainer, train_data, name: str, seed: int) -> None:
+    def restore(self, trainer, train_data) -> None:
         """Continue from the saved state when it matches; a state of another run is replaced.
         The file is a pickle (torch.save): resume only from a directory you trust."""
         import torch
@@ -385,35 +388,35 @@ class _Progress:
             complete = isinstance(saved, dict) and all(k in saved for k in (*LAST, *KEPT))
         except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, another format
             saved, complete = {}, False
-            log.warning("%s seed %d: %s unreadable (%s)", name, seed, self.path, exc)
+            log.warning("%s: %s unreadable (%s)", self.label, self.path, exc)
         if not complete:
             log.warning(
-                "%s seed %d: %s is not a saved training state; training from the start",
-                name,
-                seed,
+                "%s: %s is not a saved training state; training from the start",
+                self.label,
                 self.path,
             )
             return
         if saved.get("fingerprint") != self.fingerprint:
             log.warning(
-                "%s seed %d: %s holds another run's state (other model, settings or "
-                "data); training from the start",
-                name,
-                seed,
+                "%s: %s holds another run's state (other model, settings or data); "
+                "training from the start",
+                self.label,
                 self.path,
             )
             return
         self.epochs = [tuple(e) for e in saved["epochs"]]
         self.best, self.seconds = saved["best"], saved["seconds"]
         self.resumed, self._last = saved["resumed"], {k: saved[k] for k in LAST}
-        # a run killed after its last epoch was saved but before it was marked finished is done
+        # a run killed after its last epoch was saved but before it was marked finished is done.
+        # States are saved after validations only (RecBole's callback); with an eval_step over 1
+        # the epochs after the last validated one change no kept result (the best epoch's
+        # weights and scores), so a state saved before them resumes as the same run
         stopped = saved["cur_step"] > trainer.stopping_step or saved["epoch"] + 1 >= trainer.epochs
         self.done = saved["done"] or stopped
         if self.done:
             log.warning(
-                "%s seed %d: training finished earlier (%s); its best epoch is used",
-                name,
-                seed,
+                "%s: training finished earlier (%s); its best epoch is used",
+                self.label,
                 self.path,
             )
             return
@@ -432,9 +435,8 @@ class _Progress:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         log.warning(
-            "%s seed %d: resuming after epoch %d of %d (%s)",
-            name,
-            seed,
+            "%s: resuming after epoch %d of %d (%s)",
+            self.label,
             saved["epoch"] + 1,
             trainer.epochs,
             self.path,
