@@ -210,6 +210,7 @@ def serving(out: Path, cisi: str | None):
     from kuberank.components.index import build_index
     from kuberank.config import base_model_path
     from kuberank.serving.bench import format_table, serve_and_bench
+    from kuberank.serving.bench_load import generator_split
 
     if cisi:
         model, spec = Path(base_model_path()), cisi
@@ -228,6 +229,7 @@ def serving(out: Path, cisi: str | None):
         out_dir=out / "serving",
         model_dir=str(model),
         open_at=(0.3, 0.4, 0.5) if cisi else (),  # (d) is measured on search queries
+        split=generator_split(),  # the load generator on a core of its own (2 cores: one each)
     )
     table = format_table(result)
     print(table, flush=True)
@@ -282,13 +284,14 @@ def retrieval(out: Path, cisi: str | None):
     from kuberank.components.export import export_model
     from kuberank.components.index import build_index
     from kuberank.config import base_model_path
+    from kuberank.serving.bench_load import generator_split
     from kuberank.serving.bench_retrieval import format_retrieval_cost, retrieval_cost
 
     model = Path(base_model_path())
     store = out / "retrieval-store"
     export_model(model, store, fp16=False)
     build_index(model, cisi or ML, store)  # STORE/index and STORE/lexical
-    result = retrieval_cost(str(store))
+    result = retrieval_cost(str(store), split=generator_split())
     table = format_retrieval_cost(result)
     print(table, flush=True)
     return result, table

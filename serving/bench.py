@@ -34,6 +34,7 @@ serving/bench_overload.py (past the limit, before and after admission) and
 serving/bench_retrieval.py (dense versus hybrid retrieval).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +48,8 @@ from kuberank.serving.bench_load import (
     P99_BUDGET_S,
     Level,
     bench_queries,
+    cores_note,
+    pinned,
     request_factory,
     run_load,
     sweep,
@@ -229,6 +232,12 @@ def format_table(result: dict) -> str:
                 f"  {s['fastest_vs_bare_triton']:.0%} of bare Triton {s['bare_triton_qps']} req/s "
                 f"(p99 {s['bare_triton_p99_ms']} ms), {_gap(s['bare_triton_qps'], f['qps'])}"
             )
+    cores = (result.get("config") or {}).get("cores")
+    if cores and result["results"]:
+        lines.append(
+            f"app (targets, their servers, the in-process limit) on cores {cores['app']}, "
+            f"load generator on {cores['generator']}"
+        )
     return "\n".join(lines)
 
 
@@ -286,13 +295,18 @@ def serve_and_bench(
     ingress: str = DEFAULT_INGRESS,
     open_at: tuple[float, ...] = (),
     ingress_replicas: int = 0,
+    split: tuple[set[int], set[int]] | None = None,
 ) -> dict:
     """Start each target in turn on 127.0.0.1, load it at each level, stop it; return
     ``{"config", "results": {target: [level stats]}, "summary", "plot"?}``. The demo calls this
     and prints :func:`format_table` of the result.
 
     ``open_at``: fractions of (d); after its closed-loop levels each kuberank target also gets
-    fixed-rate levels at these fractions of the limit, which is then measured first."""
+    fixed-rate levels at these fractions of the limit, which is then measured first.
+
+    ``split``: (the app's cores, the load generator's), e.g.
+    :func:`kuberank.serving.bench_load.generator_split`: the targets, their servers and (d)
+    run on the first, the load generator on the second. None: both share every core."""
     from kuberank.serving.loading import load_checked_index
 
     unknown = set(targets) - set(TARGETS)
@@ -319,8 +333,11 @@ def serve_and_bench(
     plan = [Level(mode, float(v), requests, max_seconds) for v in levels]
     results: dict[str, list[dict]] = {}
     replicas = None  # Ingress replicas the kuberank targets ran with
+    app_cpus, generator_cpus = split or (None, None)
     if "limit" in targets and kind == "search":  # first: the open-loop rates are shares of it
-        results["limit"] = [best_in_process_limit(store, texts, seconds=min(max_seconds, 10.0))]
+        with pinned(app_cpus):
+            limit = best_in_process_limit(store, texts, seconds=min(max_seconds, 10.0))
+        results["limit"] = [limit]
     open_plan = []
     for share in open_at:  # each fixed rate runs at least OPEN_MIN_SECONDS (bounded as ever)
         rate = round(share * results["limit"][0]["qps"], 1)
@@ -329,14 +346,19 @@ def serve_and_bench(
     for name in KUBERANK_TARGETS:
         if name not in targets:
             continue
-        with LocalServing(
-            store,
-            use_triton=name == "kuberank-triton",
-            settings=settings,
-            ingress=ingress,
-            ingress_replicas=ingress_replicas,
-            restart_ray=True,  # the demo calls this after training on a Ray cluster of its own
-        ) as running:
+        with contextlib.ExitStack() as stack:
+            with pinned(app_cpus):  # Ray, the replicas, HAProxy and Triton inherit the app's
+                running = stack.enter_context(
+                    LocalServing(
+                        store,
+                        use_triton=name == "kuberank-triton",
+                        settings=settings,
+                        ingress=ingress,
+                        ingress_replicas=ingress_replicas,
+                        restart_ray=True,  # the demo calls this after training on its own Ray
+                    )
+                )
+            stack.enter_context(pinned(generator_cpus))
             replicas = len(running.urls)
             endpoints = [url + route for url in running.endpoints]  # the front, or each replica
             results[name] = sweep(name, endpoints, make_body, plan)
@@ -390,10 +412,16 @@ def serve_and_bench(
                 str(manifest["embedding"]["max_length"]),
             ]
             env = {**os.environ, "KUBERANK_PROGRESS": "0"}
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            with pinned(app_cpus):
+                proc = subprocess.Popen(
+                    cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
             try:
                 wait_http(f"http://{HOST}:{port}/readyz", proc, 120)
-                results["naive"] = sweep("naive", f"http://{HOST}:{port}/search", make_body, plan)
+                with pinned(generator_cpus):
+                    results["naive"] = sweep(
+                        "naive", f"http://{HOST}:{port}/search", make_body, plan
+                    )
             finally:
                 proc.terminate()
                 try:
@@ -414,6 +442,7 @@ def serve_and_bench(
             "items": len(index),
             "model_version": manifest.get("version"),
             "cpus": os.cpu_count(),
+            "cores": cores_note(split),  # None: the app and the load generator share them
             "ingress": ingress,
             "ingress_replicas": replicas,
             "open_at": list(open_at),

@@ -131,6 +131,12 @@ def pinned(cpus: set[int] | None):
         os.sched_setaffinity(0, before)
 
 
+def cores_note(split: tuple[set[int], set[int]] | None) -> dict | None:
+    """A result's record of :func:`split_cpus`: ``{"app": [...], "generator": [...]}``, None
+    where both share every core."""
+    return {"app": sorted(split[0]), "generator": sorted(split[1])} if split else None
+
+
 @dataclass
 class Level:
     mode: str  # "closed" | "open"

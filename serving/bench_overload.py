@@ -17,6 +17,7 @@ from kuberank.serving.admission import DEFAULT_BUDGET_MS
 from kuberank.serving.bench_load import (
     Level,
     bench_queries,
+    cores_note,
     generator_split,
     percentile_ms,
     pinned,
@@ -194,7 +195,7 @@ def overload(
                     for clients in bar(storm, desc=f"storm, {label}", unit="level")
                 ]
     result = {
-        "cpus": {"app": sorted(split[0]), "generator": sorted(split[1])} if split else None,
+        "cpus": cores_note(split),
         "capacity_qps": capacity,
         "budget_ms": DEFAULT_BUDGET_MS,
         "seconds_per_level": seconds,

@@ -1,10 +1,11 @@
 """``kuberank bench`` of retrieval's cost: the same app loaded with ``retrieval: dense`` and
 ``hybrid`` requests in the same run (serving/hybrid.py), and the in-process limit of each."""
 
+import contextlib
 import os
 
 from kuberank.errors import KuberankError
-from kuberank.serving.bench_load import Level, bench_queries, run_load
+from kuberank.serving.bench_load import Level, bench_queries, cores_note, pinned, run_load
 from kuberank.serving.bench_targets import in_process_limit
 from kuberank.serving.hybrid import BUILD_HINT, load_stage
 from kuberank.serving.launcher import LocalServing
@@ -24,6 +25,7 @@ def retrieval_cost(
     limit_seconds: float = 5.0,
     settings: dict | None = None,
     rounds: int = 2,
+    split: tuple[set[int], set[int]] | None = None,
 ) -> dict:
     """The lexical stage's cost (serving/hybrid.py): one store with a lexical index served once
     (``kuberank serve``'s defaults, in-process ONNX Runtime), loaded at each closed-loop level
@@ -32,7 +34,8 @@ def retrieval_cost(
     milliseconds per query. Each level runs ``rounds`` times in alternating order (dense,
     hybrid, hybrid, dense, ...) and keeps each mode's best round (most answers per second; all
     rounds under ``rounds``), so drift of a shared host weighs on both alike. ``ratios``:
-    hybrid / dense of throughput and latency."""
+    hybrid / dense of throughput and latency. ``split``: (the app's cores, the load
+    generator's), as in :func:`kuberank.serving.bench.serve_and_bench`; None: shared."""
     store = str(store)
     _, index = load_checked_index(store)
     if load_stage(store, index.ids) is None:
@@ -42,13 +45,18 @@ def retrieval_cost(
     def body(mode: str):
         return lambda i: {"query": texts[i % len(texts)], "k": 10, "retrieval": mode}
 
-    limit = {
-        mode: in_process_limit(store, texts, seconds=limit_seconds, retrieval=mode)
-        for mode in RETRIEVAL_MODES
-    }
+    app_cpus, generator_cpus = split or (None, None)
+    with pinned(app_cpus):
+        limit = {
+            mode: in_process_limit(store, texts, seconds=limit_seconds, retrieval=mode)
+            for mode in RETRIEVAL_MODES
+        }
     served: dict[str, list[dict]] = {mode: [] for mode in RETRIEVAL_MODES}
     every: list[dict] = []
-    with LocalServing(store, settings=settings, restart_ray=True) as running:
+    with contextlib.ExitStack() as stack:
+        with pinned(app_cpus):  # Ray, the replicas and HAProxy inherit the app's cores
+            running = stack.enter_context(LocalServing(store, settings=settings, restart_ray=True))
+        stack.enter_context(pinned(generator_cpus))
         endpoints = [url + "/search" for url in running.endpoints]
         for mode in RETRIEVAL_MODES:  # warm both paths up, untimed
             run_load(endpoints, body(mode), Level("closed", 4, 40, 30))
@@ -85,6 +93,7 @@ def retrieval_cost(
             "max_seconds_per_level": max_seconds,
             "rounds": max(1, rounds),
             "cpus": os.cpu_count(),
+            "cores": cores_note(split),  # None: the app and the load generator share them
         },
         "limit": limit,
         "served": served,
@@ -99,10 +108,14 @@ def retrieval_cost(
 def format_retrieval_cost(result: dict) -> str:
     """Markdown: (d) and each served level, dense beside hybrid, and the ratios."""
     cfg, limit, served = result["config"], result["limit"], result["served"]
+    cores = cfg.get("cores")
+    where = (
+        f" (app on cores {cores['app']}, load generator on {cores['generator']})" if cores else ""
+    )
     lines = [
         f"The lexical stage's cost: {cfg['items']} items, {cfg['queries']} queries, "
-        f"{cfg['cpus']} CPUs; hybrid / dense in the same run (served: each mode's best of "
-        f"{cfg.get('rounds', 1)} alternating rounds per level).",
+        f"{cfg['cpus']} CPUs{where}; hybrid / dense in the same run (served: each mode's best "
+        f"of {cfg.get('rounds', 1)} alternating rounds per level).",
         "",
         "| path | dense q/s | hybrid q/s | q/s ratio | dense p50 / p99 ms | "
         "hybrid p50 / p99 ms | p99 ratio |",

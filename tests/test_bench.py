@@ -126,7 +126,15 @@ def test_bench_cli_names_a_bad_number_list(capsys):
 
 @pytest.mark.slow
 def test_serve_and_bench_naive_and_limit(tmp_path_factory, tmp_path):
+    """With the cores split (two or more), the run records the split, names it under the
+    table, and gives this thread its cores back."""
+    import os
+
+    from kuberank.serving.bench_load import split_cpus
+
     store, _, _ = serving_store(tmp_path_factory)
+    before = os.sched_getaffinity(0)
+    split = split_cpus(before)
     result = bench.serve_and_bench(
         str(store),
         targets=("naive", "limit"),
@@ -135,7 +143,13 @@ def test_serve_and_bench_naive_and_limit(tmp_path_factory, tmp_path):
         max_seconds=20,
         queries=20,
         out_dir=tmp_path,
+        split=split,
     )
+    assert os.sched_getaffinity(0) == before
+    if split is not None:
+        app, generator = sorted(split[0]), sorted(split[1])
+        assert result["config"]["cores"] == {"app": app, "generator": generator}
+        assert f"on cores {app}, load generator on {generator}" in bench.format_table(result)
     naive = result["results"]["naive"][0]
     assert naive["ok"] == 20 and naive["qps"] > 0
     assert result["results"]["limit"][0]["qps"] > 0

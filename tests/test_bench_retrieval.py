@@ -23,10 +23,29 @@ def test_retrieval_cost_needs_a_lexical_index(tmp_path_factory, tmp_path):
 
 @pytest.mark.slow
 def test_retrieval_cost_serves_dense_and_hybrid_in_one_run(tmp_path_factory):
+    """On the cores split as the bench section splits them (two or more): recorded, named."""
+    import os
+
+    from kuberank.serving.bench_load import split_cpus
+
     store, _, _ = serving_store(tmp_path_factory)
+    before = os.sched_getaffinity(0)
+    split = split_cpus(before)
     result = bench_retrieval.retrieval_cost(
-        str(store), levels=(2,), requests=20, max_seconds=20, queries=20, limit_seconds=0.2
+        str(store),
+        levels=(2,),
+        requests=20,
+        max_seconds=20,
+        queries=20,
+        limit_seconds=0.2,
+        split=split,
     )
+    assert os.sched_getaffinity(0) == before
+    if split is not None:
+        app, generator = sorted(split[0]), sorted(split[1])
+        assert result["config"]["cores"] == {"app": app, "generator": generator}
+        where = f"(app on cores {app}, load generator on {generator})"
+        assert where in bench_retrieval.format_retrieval_cost(result)
     served = result["served"]
     assert [r["target"] for r in served["dense"] + served["hybrid"]] == ["dense", "hybrid"]
     assert [r["target"] for r in result["rounds"]] == ["dense", "hybrid", "hybrid", "dense"]
