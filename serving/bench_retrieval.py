@@ -28,10 +28,10 @@ def retrieval_cost(
     split: tuple[set[int], set[int]] | None = None,
 ) -> dict:
     """The lexical stage's cost (serving/hybrid.py): one store with a lexical index served once
-    (``kuberank serve``'s defaults, in-process ONNX Runtime), loaded at each closed-loop level
-    with the same queries asking ``retrieval: dense`` and then ``hybrid``; and the app's batch
-    step in this process ((d), batches of 32, one stream) with each, with its stages' mean
-    milliseconds per query. Each level runs ``rounds`` times in alternating order (dense,
+    (``kuberank serve --no-triton``'s defaults: the in-process ONNX Runtime encoder, as in
+    (d)), loaded at each closed-loop level with the same queries asking ``retrieval: dense``
+    and then ``hybrid``; and the app's batch step in this process ((d), batches of 32, one
+    stream) with each, with its stages' mean milliseconds per query. Each level runs ``rounds`` times in alternating order (dense,
     hybrid, hybrid, dense, ...) and keeps each mode's best round (most answers per second; all
     rounds under ``rounds``), so drift of a shared host weighs on both alike. ``ratios``:
     hybrid / dense of throughput and latency. ``split``: (the app's cores, the load
@@ -55,7 +55,9 @@ def retrieval_cost(
     every: list[dict] = []
     with contextlib.ExitStack() as stack:
         with pinned(app_cpus):  # Ray, the replicas and HAProxy inherit the app's cores
-            running = stack.enter_context(LocalServing(store, settings=settings, restart_ray=True))
+            running = stack.enter_context(
+                LocalServing(store, use_triton=False, settings=settings, restart_ray=True)
+            )
         stack.enter_context(pinned(generator_cpus))
         endpoints = [url + "/search" for url in running.endpoints]
         for mode in RETRIEVAL_MODES:  # warm both paths up, untimed
@@ -118,18 +120,19 @@ def format_retrieval_cost(result: dict) -> str:
         f"of {cfg.get('rounds', 1)} alternating rounds per level).",
         "",
         "| path | dense q/s | hybrid q/s | q/s ratio | dense p50 / p99 ms | "
-        "hybrid p50 / p99 ms | p99 ratio |",
-        "|---|---|---|---|---|---|---|",
+        "hybrid p50 / p99 ms | p99 ratio | dense / hybrid 503s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     d, h = limit["dense"], limit["hybrid"]
     lines.append(
         f"| (d) in process, batch {d['level']} | {d['qps']} | {h['qps']} | "
-        f"{result['ratios']['limit_qps']} | - | - | - |"
+        f"{result['ratios']['limit_qps']} | - | - | - | - |"
     )
     for d, h, r in zip(served["dense"], served["hybrid"], result["ratios"]["served"], strict=True):
         lines.append(
             f"| served, c={d['level']:g} | {d['qps']} | {h['qps']} | {r['qps']} | "
-            f"{d['p50_ms']} / {d['p99_ms']} | {h['p50_ms']} / {h['p99_ms']} | {r['p99']} |"
+            f"{d['p50_ms']} / {d['p99_ms']} | {h['p50_ms']} / {h['p99_ms']} | {r['p99']} | "
+            f"{d.get('shed', 0)} of {d['requests']} / {h.get('shed', 0)} of {h['requests']} |"
         )
     for mode in RETRIEVAL_MODES:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in limit[mode]["stage_ms"].items())
