@@ -264,6 +264,7 @@ def overload(out: Path, cisi: str | None):
     from kuberank.components.export import export_model
     from kuberank.components.index import build_index
     from kuberank.config import base_model_path
+    from kuberank.serving.bench_load import generator_split
     from kuberank.serving.bench_overload import format_overload
     from kuberank.serving.bench_overload import overload as run_overload
 
@@ -271,7 +272,7 @@ def overload(out: Path, cisi: str | None):
     store = out / "overload-store"
     export_model(model, store, fp16=False)
     build_index(model, cisi or ML, store)
-    result = run_overload(str(store), out_dir=out / "overload")
+    result = run_overload(str(store), out_dir=out / "overload", split=generator_split())
     table = format_overload(result)
     print(table, flush=True)
     return result, table + "\n\n![overload](overload/overload.png)"

@@ -34,7 +34,6 @@ serving/bench_overload.py (past the limit, before and after admission) and
 serving/bench_retrieval.py (dense versus hybrid retrieval).
 """
 
-import contextlib
 import json
 import math
 import os
@@ -48,10 +47,12 @@ from kuberank.serving.bench_load import (
     P99_BUDGET_S,
     Level,
     bench_queries,
+    cores_line,
     cores_note,
     pinned,
     request_factory,
     run_load,
+    started_apart,
     sweep,
 )
 from kuberank.serving.bench_targets import (
@@ -232,12 +233,9 @@ def format_table(result: dict) -> str:
                 f"  {s['fastest_vs_bare_triton']:.0%} of bare Triton {s['bare_triton_qps']} req/s "
                 f"(p99 {s['bare_triton_p99_ms']} ms), {_gap(s['bare_triton_qps'], f['qps'])}"
             )
-    cores = (result.get("config") or {}).get("cores")
-    if cores and result["results"]:
-        lines.append(
-            f"app (targets, their servers, the in-process limit) on cores {cores['app']}, "
-            f"load generator on {cores['generator']}"
-        )
+    config = result.get("config") or {}
+    if "cores" in config and result["results"]:
+        lines.append(cores_line(config["cores"]) + " (the app: the targets, (d), their servers)")
     return "\n".join(lines)
 
 
@@ -346,19 +344,15 @@ def serve_and_bench(
     for name in KUBERANK_TARGETS:
         if name not in targets:
             continue
-        with contextlib.ExitStack() as stack:
-            with pinned(app_cpus):  # Ray, the replicas, HAProxy and Triton inherit the app's
-                running = stack.enter_context(
-                    LocalServing(
-                        store,
-                        use_triton=name == "kuberank-triton",
-                        settings=settings,
-                        ingress=ingress,
-                        ingress_replicas=ingress_replicas,
-                        restart_ray=True,  # the demo calls this after training on its own Ray
-                    )
-                )
-            stack.enter_context(pinned(generator_cpus))
+        serving = LocalServing(
+            store,
+            use_triton=name == "kuberank-triton",
+            settings=settings,
+            ingress=ingress,
+            ingress_replicas=ingress_replicas,
+            restart_ray=True,  # the demo calls this after training on a Ray cluster of its own
+        )
+        with started_apart(serving, split) as running:  # Ray, replicas, HAProxy, Triton: app's
             replicas = len(running.urls)
             endpoints = [url + route for url in running.endpoints]  # the front, or each replica
             results[name] = sweep(name, endpoints, make_body, plan)

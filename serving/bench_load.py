@@ -131,10 +131,31 @@ def pinned(cpus: set[int] | None):
         os.sched_setaffinity(0, before)
 
 
+@contextlib.contextmanager
+def started_apart(app, split: tuple[set[int], set[int]] | None):
+    """Enter ``app`` (a context manager: the served app, e.g. ``LocalServing``) on the app's
+    cores of ``split`` (what it starts inherits them), then run the block on the load
+    generator's cores; yields what ``app`` yields. The thread's cores are restored after, and
+    ``app`` is left after the block. ``split`` None: both share every core."""
+    app_cpus, generator_cpus = split or (None, None)
+    with contextlib.ExitStack() as stack:
+        with pinned(app_cpus):
+            running = stack.enter_context(app)
+        stack.enter_context(pinned(generator_cpus))
+        yield running
+
+
 def cores_note(split: tuple[set[int], set[int]] | None) -> dict | None:
-    """A result's record of :func:`split_cpus`: ``{"app": [...], "generator": [...]}``, None
-    where both share every core."""
+    """A result's record of :func:`split_cpus` (its ``cores``): ``{"app": [...],
+    "generator": [...]}``, None where both share every core."""
     return {"app": sorted(split[0]), "generator": sorted(split[1])} if split else None
+
+
+def cores_line(note: dict | None, generator: str = "load generator") -> str:
+    """How a report names :func:`cores_note`'s record."""
+    if not note:
+        return f"app and {generator} share every core"
+    return f"app on cores {note['app']}, {generator} on {note['generator']}"
 
 
 @dataclass
@@ -286,7 +307,8 @@ async def _load(
                             _, conn = await loop.create_connection(_Connection, host, port)
                             opened.append(conn)
                         status = await conn.send(raw, keep_body=answer is not None)
-                        body = bytes(conn.body) if answer is not None else b""
+                        if answer is not None:
+                            status = answer(status, bytes(conn.body))
                     except BaseException:
                         if conn is not None:
                             conn.close()
@@ -295,9 +317,9 @@ async def _load(
                     if conn.usable:
                         idle[t].append(conn)
         except (TimeoutError, OSError):
-            status, body = 599, b""
+            status = 599 if answer is None else "599"
         latencies.append(time.perf_counter() - scheduled)
-        statuses.append(status if answer is None else answer(status, body))
+        statuses.append(status)
 
     try:
         if level.mode == "open":
@@ -377,9 +399,10 @@ def run_samples(
     answer: Callable[[int, bytes], str] | None = None,
 ) -> list[tuple[int | str, float]]:
     """:func:`run_load`'s requests one by one: (status, seconds) in the order they ended
-    (599: the generator's timeout or a refused connection). ``pause_s``: each closed-loop
-    client waits this long between its requests. ``answer``: (status, body) -> the name each
-    request is given in place of its status."""
+    (599: the generator's timeout, a refused, closed or malformed connection). ``pause_s``:
+    each closed-loop client waits this long between its requests. ``answer``: (status, body)
+    of an answered request -> the name it is given in place of its status (``"599"`` for the
+    rest)."""
     latencies, statuses, _ = asyncio.run(
         _load(_targets(url), make_body, level, pause_s=pause_s, answer=answer)
     )

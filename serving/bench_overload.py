@@ -1,7 +1,6 @@
 """``kuberank bench`` under overload: open-loop rates past the app's limit and ``hey`` storms
 of closed-loop clients, before and after deadline-aware admission (serving/admission.py)."""
 
-import contextlib
 import csv
 import json
 import os
@@ -17,13 +16,13 @@ from kuberank.serving.admission import DEFAULT_BUDGET_MS
 from kuberank.serving.bench_load import (
     Level,
     bench_queries,
+    cores_line,
     cores_note,
-    generator_split,
     percentile_ms,
-    pinned,
     request_factory,
     run_load,
     run_samples,
+    started_apart,
 )
 from kuberank.serving.front import SHED_FULL, SHED_WAITED
 from kuberank.serving.launcher import LocalServing
@@ -143,6 +142,7 @@ def overload(
     seconds: float = 6.0,
     out_dir: str | os.PathLike | None = None,
     storm: tuple[int, ...] = STORM_CLIENTS,
+    split: tuple[set[int], set[int]] | None = None,
 ) -> dict:
     """``kuberank serve`` of ``store`` (search traffic, in-process encoder) under overload, with
     the former defaults (``before``: direct ingress, no admission) and the current ones
@@ -153,29 +153,23 @@ def overload(
     32 clients, ``before``); per level the offered and achieved rate, goodput (200/s),
     admitted p50/p99, the 503s and their p99; ``offered_qps`` shows where the generator could
     not keep up. Storm: ``hey`` with ``storm`` closed-loop clients that never back off
-    (skipped without hey). With two cores or more the app and the generators (the open loop,
-    hey) run on cores of their own (:func:`kuberank.serving.bench_load.generator_split`;
-    ``cpus`` in the result, None where they share)."""
+    (skipped without hey). ``split``: the app's cores and the generators' (the open loop, hey;
+    :func:`kuberank.serving.bench_load.generator_split`, as the bench section passes; ``cores``
+    in the result), None: they share every core."""
     path, make_body = request_factory("search", [], bench_queries(200))
     runs: dict[str, list[dict]] = {}
     storms: dict[str, list[dict]] = {}
     capacity = 0.0
-    split = generator_split()
-    server_cpus, generator_cpus = split or (None, None)
     for label, how in OVERLOAD_RUNS.items():
-        with contextlib.ExitStack() as stack:
-            with pinned(server_cpus):  # Ray, the replicas and HAProxy inherit the app's cores
-                running = stack.enter_context(
-                    LocalServing(
-                        store,
-                        use_triton=False,
-                        settings=how["settings"],
-                        ingress=how["ingress"],
-                        adaptive_caps=how.get("adaptive_caps", True),
-                        restart_ray=True,
-                    )
-                )
-            stack.enter_context(pinned(generator_cpus))
+        serving = LocalServing(
+            store,
+            use_triton=False,
+            settings=how["settings"],
+            ingress=how["ingress"],
+            adaptive_caps=how.get("adaptive_caps", True),
+            restart_ray=True,
+        )
+        with started_apart(serving, split) as running:
             url = running.url + path
             run_load(url, make_body, Level("closed", 8, 400, 30))  # warm every replica
             if label == "before":
@@ -195,7 +189,7 @@ def overload(
                     for clients in bar(storm, desc=f"storm, {label}", unit="level")
                 ]
     result = {
-        "cpus": cores_note(split),
+        "cores": cores_note(split),
         "capacity_qps": capacity,
         "budget_ms": DEFAULT_BUDGET_MS,
         "seconds_per_level": seconds,
@@ -252,17 +246,11 @@ def summarise(result: dict) -> dict:
     return summary
 
 
-def _cpus_line(cpus: dict | None) -> str:
-    if not cpus:
-        return "app and generators share every core"
-    return f"app on cores {cpus['app']}, generators (open loop, hey) on {cpus['generator']}"
-
-
 def format_overload(result: dict) -> str:
     lines = [
         f"capacity (closed loop, 32 clients, before): {result['capacity_qps']:.0f} req/s; "
         f"budget {result['budget_ms']:.0f} ms; {result['seconds_per_level']:g} s per level; "
-        f"{_cpus_line(result.get('cpus'))}",
+        f"{cores_line(result.get('cores'), 'generators (open loop, hey)')}",
         "",
         "| defaults | offered (x capacity) | offered req/s | goodput req/s | goodput / capacity "
         "| admitted p50 ms | admitted p99 ms | 503s | 503 p99 ms | other errors |",

@@ -1,11 +1,18 @@
 """``kuberank bench`` of retrieval's cost: the same app loaded with ``retrieval: dense`` and
 ``hybrid`` requests in the same run (serving/hybrid.py), and the in-process limit of each."""
 
-import contextlib
 import os
 
 from kuberank.errors import KuberankError
-from kuberank.serving.bench_load import Level, bench_queries, cores_note, pinned, run_load
+from kuberank.serving.bench_load import (
+    Level,
+    bench_queries,
+    cores_line,
+    cores_note,
+    pinned,
+    run_load,
+    started_apart,
+)
 from kuberank.serving.bench_targets import in_process_limit
 from kuberank.serving.hybrid import BUILD_HINT, load_stage
 from kuberank.serving.launcher import LocalServing
@@ -31,9 +38,10 @@ def retrieval_cost(
     (``kuberank serve --no-triton``'s defaults: the in-process ONNX Runtime encoder, as in
     (d)), loaded at each closed-loop level with the same queries asking ``retrieval: dense``
     and then ``hybrid``; and the app's batch step in this process ((d), batches of 32, one
-    stream) with each, with its stages' mean milliseconds per query. Each level runs ``rounds`` times in alternating order (dense,
-    hybrid, hybrid, dense, ...) and keeps each mode's best round (most answers per second; all
-    rounds under ``rounds``), so drift of a shared host weighs on both alike. ``ratios``:
+    stream) with each, with its stages' mean milliseconds per query. Each level runs
+    ``rounds`` times in alternating order (dense, hybrid, hybrid, dense, ...) and keeps each
+    mode's best round (most answers per second; all rounds under ``rounds``), so drift of a
+    shared host weighs on both alike. ``ratios``:
     hybrid / dense of throughput and latency. ``split``: (the app's cores, the load
     generator's), as in :func:`kuberank.serving.bench.serve_and_bench`; None: shared."""
     store = str(store)
@@ -45,20 +53,15 @@ def retrieval_cost(
     def body(mode: str):
         return lambda i: {"query": texts[i % len(texts)], "k": 10, "retrieval": mode}
 
-    app_cpus, generator_cpus = split or (None, None)
-    with pinned(app_cpus):
+    with pinned(split[0] if split else None):
         limit = {
             mode: in_process_limit(store, texts, seconds=limit_seconds, retrieval=mode)
             for mode in RETRIEVAL_MODES
         }
     served: dict[str, list[dict]] = {mode: [] for mode in RETRIEVAL_MODES}
     every: list[dict] = []
-    with contextlib.ExitStack() as stack:
-        with pinned(app_cpus):  # Ray, the replicas and HAProxy inherit the app's cores
-            running = stack.enter_context(
-                LocalServing(store, use_triton=False, settings=settings, restart_ray=True)
-            )
-        stack.enter_context(pinned(generator_cpus))
+    serving = LocalServing(store, use_triton=False, settings=settings, restart_ray=True)
+    with started_apart(serving, split) as running:
         endpoints = [url + "/search" for url in running.endpoints]
         for mode in RETRIEVAL_MODES:  # warm both paths up, untimed
             run_load(endpoints, body(mode), Level("closed", 4, 40, 30))
@@ -110,10 +113,7 @@ def retrieval_cost(
 def format_retrieval_cost(result: dict) -> str:
     """Markdown: (d) and each served level, dense beside hybrid, and the ratios."""
     cfg, limit, served = result["config"], result["limit"], result["served"]
-    cores = cfg.get("cores")
-    where = (
-        f" (app on cores {cores['app']}, load generator on {cores['generator']})" if cores else ""
-    )
+    where = f" ({cores_line(cfg['cores'])})" if "cores" in cfg else ""
     lines = [
         f"The lexical stage's cost: {cfg['items']} items, {cfg['queries']} queries, "
         f"{cfg['cpus']} CPUs{where}; hybrid / dense in the same run (served: each mode's best "

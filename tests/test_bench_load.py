@@ -72,6 +72,39 @@ def test_pinned_places_started_processes_and_restores_the_thread():
     assert os.sched_getaffinity(0) == before
     with bench_load.pinned(None):
         assert os.sched_getaffinity(0) == before
+    with pytest.raises(RuntimeError, match="inside"), bench_load.pinned(one):
+        raise RuntimeError("inside")
+    assert os.sched_getaffinity(0) == before
+
+
+def test_started_apart_enters_the_app_on_its_cores_and_runs_the_block_on_the_others():
+    import os
+
+    before = os.sched_getaffinity(0)
+    split = bench_load.split_cpus(before)
+    if split is None:
+        pytest.skip("one core: nothing to split")  # CI machines have two or more
+    seen = {}
+
+    @contextmanager
+    def app():
+        seen["entered on"] = os.sched_getaffinity(0)
+        yield "running"
+        seen["left on"] = os.sched_getaffinity(0)
+
+    with bench_load.started_apart(app(), split) as running:
+        assert running == "running" and os.sched_getaffinity(0) == split[1]
+    assert seen == {"entered on": split[0], "left on": before}
+    assert os.sched_getaffinity(0) == before
+    with pytest.raises(RuntimeError, match="block"), bench_load.started_apart(app(), split):
+        raise RuntimeError("block")
+    assert os.sched_getaffinity(0) == before
+    with bench_load.started_apart(app(), None):
+        assert os.sched_getaffinity(0) == before
+    assert bench_load.cores_line(bench_load.cores_note(split)) == (
+        f"app on cores {sorted(split[0])}, load generator on {sorted(split[1])}"
+    )
+    assert bench_load.cores_line(None, "generators") == "app and generators share every core"
 
 
 @contextmanager

@@ -101,12 +101,12 @@ def test_hey_storm_counts_each_status_and_the_overload_table_shows_both_defaults
     assert (versus["clients"], versus["200_p99"], versus["503_p99"]) == (4, 0.5, 0.25)
     assert versus["200_per_s"] == 1.0
     table = bench_overload.format_overload(result)
-    assert "app and generators share every core" in table  # a result without "cpus"
+    assert "app and generators (open loop, hey) share every core" in table  # no "cores"
     assert "| before | 1 | 100 |" in table and "| now | 1 | 100 |" in table
     assert "| fixed cap | 1 | 100 |" in table
     assert f"| now | 4 | {row['200']['per_s']} |" in table
     assert "- max_shed_p99_ms: 5.0 (goal <= 10): met" in table
     assert "200 p99 0.5x, 503 p99 0.25x, 200/s 1.0x" in table
     assert "| now | 4 | 503 front: queue full |" in table
-    split = bench_overload.format_overload({**result, "cpus": {"app": [0], "generator": [1]}})
+    split = bench_overload.format_overload({**result, "cores": {"app": [0], "generator": [1]}})
     assert "app on cores [0], generators (open loop, hey) on [1]" in split

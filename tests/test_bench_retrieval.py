@@ -56,4 +56,5 @@ def test_retrieval_cost_serves_dense_and_hybrid_in_one_run(tmp_path_factory):
     table = bench_retrieval.format_retrieval_cost(result)
     assert "| served, c=2 |" in table and "(d) hybrid, ms per query by stage" in table
     dense, hybrid = served["dense"][0], served["hybrid"][0]
-    assert f"| {dense['shed']} of 20 / {hybrid['shed']} of 20 |" in table
+    counts = f"{dense['shed']} of {dense['requests']} / {hybrid['shed']} of {hybrid['requests']}"
+    assert f"| {counts} |" in table
