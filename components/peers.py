@@ -163,6 +163,11 @@ class RecBoleRanker(Ranker):
         require_recbole(name)
         if int(max_epochs) < 1:
             raise KuberankError(f"--max-epochs: need at least 1 epoch, not {max_epochs}")
+        if params.get("eval_step", 1) != 1:
+            # the saved state, epochs_run and early stopping count validated epochs
+            raise KuberankError(
+                f"eval_step: the peers validate after every epoch; got {params['eval_step']}"
+            )
         self.name = name
         self.max_epochs, self.seed, self.stopping_step = int(max_epochs), int(seed), stopping_step
         self.params = params
@@ -407,10 +412,8 @@ class _Progress:
         self.epochs = [tuple(e) for e in saved["epochs"]]
         self.best, self.seconds = saved["best"], saved["seconds"]
         self.resumed, self._last = saved["resumed"], {k: saved[k] for k in LAST}
-        # a run killed after its last epoch was saved but before it was marked finished is done.
-        # States are saved after validations only (RecBole's callback); with an eval_step over 1
-        # the epochs after the last validated one change no kept result (the best epoch's
-        # weights and scores), so a state saved before them resumes as the same run
+        # a run killed after its last epoch was saved but before it was marked finished is done
+        # (a state is saved after each epoch's validation: eval_step is 1, see __init__)
         stopped = saved["cur_step"] > trainer.stopping_step or saved["epoch"] + 1 >= trainer.epochs
         self.done = saved["done"] or stopped
         if self.done:

@@ -178,9 +178,11 @@ def test_cli_evaluates_a_peer_with_an_epoch_cap(walks, tmp_path, capsys, monkeyp
     assert "--max-epochs/--seed/--checkpoint-dir: only for the peers" in capsys.readouterr().err
 
 
-def test_a_peer_needs_one_epoch_at_least():
+def test_a_peer_needs_one_epoch_at_least_and_validates_after_each():
     with pytest.raises(KuberankError, match="--max-epochs: need at least 1 epoch"):
         RecBoleRanker("bpr", max_epochs=0)
+    with pytest.raises(KuberankError, match="eval_step: .* every epoch; got 2"):
+        RecBoleRanker("bpr", eval_step=2)
 
 
 def test_a_missing_recbole_names_the_extra(monkeypatch):
